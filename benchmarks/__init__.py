@@ -1,0 +1,1 @@
+"""Benchmarks of the kernels and layers (installed as moe_restore.benchmarks)."""

@@ -1,0 +1,5 @@
+"""moe_restore.kernels: Triton kernels for MoE routing, grouped expert MLPs and gated scans.
+
+Each op has a Triton implementation (forward and backward, behind an autograd Function) and a
+vectorised eager PyTorch implementation; ``backend=`` chooses (see ``_backend``).
+"""
