@@ -9,6 +9,9 @@ BENCH_SUITES = ("moe", "nested", "scan")
 
 
 def _bench(args: argparse.Namespace) -> int:
+    unknown = sorted(set(args.suites) - set(BENCH_SUITES))
+    if unknown:
+        raise SystemExit(f"moe-restore bench: unknown suite(s) {unknown}; choose from {list(BENCH_SUITES)}")
     status = 0
     for name in args.suites or BENCH_SUITES:
         suite = importlib.import_module(f"moe_restore.benchmarks.{name}")
@@ -21,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser("bench", help="time the kernels against eager PyTorch (GPU for kernel speeds)")
-    bench.add_argument("suites", nargs="*", choices=[*BENCH_SUITES, []], metavar="SUITE",
+    bench.add_argument("suites", nargs="*", metavar="SUITE",
                        help=f"which suites to run, of {', '.join(BENCH_SUITES)} (default: all)")
     bench.add_argument("--quick", action="store_true", help="small shapes only")
     bench.set_defaults(run=_bench)
