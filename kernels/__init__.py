@@ -3,3 +3,7 @@
 Each op has a Triton implementation (forward and backward, behind an autograd Function) and a
 vectorised eager PyTorch implementation; ``backend=`` chooses (see ``_backend``).
 """
+from .moe_mlp import moe_mlp
+from .routing import Routing, topk_route
+
+__all__ = ["Routing", "moe_mlp", "topk_route"]

@@ -1,0 +1,430 @@
+"""Triton kernels of the sigmoid-gated selective scan, and its autograd Function.
+
+Per batch row, with a_t = sigmoid(f_t) and x_t = (1 - a_t) u_t Bm_t^T (a [D, N] outer product):
+
+    h_t   = a_t * h_{t-1} + x_t                     h_{-1} = h0 (or 0); state in float32
+    y_t   = h_t Cm_t + d_skip * u_t
+    out_t = y_t * sigmoid(z_t)                      (y_t when z is absent)
+
+Gates are computed in the kernels from the logits, in log space:
+log a = -softplus(-f), log(1 - a) = -softplus(f), so neither a -> 1 nor a -> 0 loses precision.
+
+Tokens are visited in "sequence order" k = 0..L-1 over a [B, H, W, C] grid: row-major
+(k -> (k // W, k % W)) or column-major (k -> (k % H, k // H)), optionally reversed
+(k -> L-1-k). Every kernel turns k into a memory offset through the strides, so 1-D
+sequences ([B, 1, L, C]) and all four 2-D orders run on the same kernels with no permuted copy.
+
+Forward: the sequence is cut into chunks of CHUNK tokens.
+  1. ``_chunk_state_kernel``: per (chunk, channel block, batch), the chunk's state from zero,
+     S_c = sum_{t in c} (prod_{s in c, s > t} a_s) x_t, and its log decay G_c = sum_{t in c} log a_t.
+  2. ``_chunk_carry_kernel``: the state at the end of every chunk, H_c = exp(G_c) H_{c-1} + S_c,
+     an associative scan of the affine maps h -> exp(G_c) h + S_c over blocks of chunks.
+  3. ``_chunk_output_kernel``: per chunk, the recurrence again from H_{c-1}, with the output,
+     d_skip and the z gate fused into the store.
+
+Backward (adjoint lambda_t = dL/dh_t, lambda_t = a_{t+1} lambda_{t+1} + dy_t Cm_t):
+  4. ``_chunk_adjoint_kernel``: per chunk, mu = a_s lambda_s at the chunk's first token s,
+     from zero at its end (the adjoint twin of step 1).
+  5. ``_chunk_carry_kernel`` over the chunks in reverse: M_c = exp(G_c) M_{c+1} + R_c, the
+     adjoint flowing out of chunk c into the state before it (M_{NC} = dL/dh_final; M_0 = dh0).
+  6. ``_chunk_backward_kernel``: per chunk, a forward sweep from H_{c-1} (dz, dCm, d_skip terms
+     and prefix sums of Q_t = dy_t (h_t Cm_t)), then a reverse sweep from M_{c+1} (du, dBm, df).
+
+The decay gradient needs lambda_t . h_{t-1}, a product of a forward and a reverse quantity.
+Counting pairs (r, s), r < t <= s, of "written at r, read at s" gives, with the chunk's
+boundary state H_{c-1} as a virtual write before it and M_{c+1} as a virtual read after it,
+
+    dL/dlog a_t = sum_{s=t}^{e-1} Q_s + M_{c+1} . h_{e-1} - sum_{r=t}^{e-1} K_r,
+    K_r = (1 - a_r) u_r (lambda_r Bm_r),
+
+so the forward sweep hands only a per-token prefix of Q to the reverse sweep (through the df
+buffer, float32), and no [B, L, D, N] state is stored: the forward saves the chunk states H only.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import INTERPRET, kernel_configs
+
+# Under the interpreter every program runs in numpy on the CPU: small chunks and carry blocks
+# make the short test sequences cross several chunks and several carry blocks.
+_INTERPRET_CHUNK = 16
+_CARRY_BLOCK_C = 8 if INTERPRET else 32
+
+
+def chunk_length(length: int) -> int:
+    """Tokens per chunk: enough chunks to fill a GPU, long enough that the chunk states
+    (4 * D * N float32 per chunk, written and read twice) stay small beside the inputs."""
+    if INTERPRET:
+        return _INTERPRET_CHUNK
+    return min(256, max(64, triton.next_power_of_2(triton.cdiv(length, 512))))
+
+
+@triton.jit
+def _log_sigmoid(x):
+    # log sigmoid(x) = -softplus(-x) = min(x, 0) - log(1 + exp(-|x|)): no overflow either way.
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _token_offset(k, L, INNER, s_outer, s_inner, REVERSE: tl.constexpr):
+    """Memory offset (int64) of the k-th visited token of a [H, W] grid read with strides."""
+    if REVERSE:
+        k = L - 1 - k
+    k = k.to(tl.int64)
+    return (k // INNER) * s_outer + (k % INNER) * s_inner
+
+
+@triton.jit
+def _affine_compose(a1, b1, a2, b2):
+    # (h -> a2 h + b2) after (h -> a1 h + b1)
+    return a1 * a2, a2 * b1 + b2
+
+
+def _configs(name: str, block_d: int):
+    return kernel_configs(name, {"BLOCK_D": block_d, "num_warps": 2},
+                          [{"BLOCK_D": 16, "num_warps": 1}, {"BLOCK_D": 32, "num_warps": 4},
+                           {"BLOCK_D": 64, "num_warps": 4}])
+
+
+@triton.autotune(configs=_configs("gated_scan_chunk_state", 32), key=["D", "BLOCK_N", "CHUNK"])
+@triton.jit
+def _chunk_state_kernel(U, F, BM, S, G,
+                        L, INNER, D, N, NC,
+                        sx_b, sx_o, sx_i, sn_b, sn_o, sn_i,
+                        REVERSE: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d, mask_n = offs_d < D, offs_n < N
+    base_x, base_n = b.to(tl.int64) * sx_b, b.to(tl.int64) * sn_b
+
+    h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    log_decay = tl.zeros([BLOCK_D], tl.float32)
+    for k in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L)):
+        ox = base_x + _token_offset(k, L, INNER, sx_o, sx_i, REVERSE)
+        on = base_n + _token_offset(k, L, INNER, sn_o, sn_i, REVERSE)
+        u = tl.load(U + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        f = tl.load(F + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        bm = tl.load(BM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        log_a = _log_sigmoid(f)
+        h = tl.exp(log_a)[:, None] * h + (tl.exp(_log_sigmoid(-f)) * u)[:, None] * bm[None, :]
+        log_decay += log_a
+
+    row = (b.to(tl.int64) * NC + c) * D + offs_d
+    tl.store(S + row[:, None] * N + offs_n[None, :], h, mask=mask_d[:, None] & mask_n[None, :])
+    tl.store(G + row, log_decay, mask=mask_d)
+
+
+@triton.autotune(configs=kernel_configs("gated_scan_chunk_carry", {"BLOCK_E": 128, "num_warps": 4},
+                                        [{"BLOCK_E": 256, "num_warps": 4}, {"BLOCK_E": 64, "num_warps": 2}]),
+                 key=["DN", "NC"])
+@triton.jit
+def _chunk_carry_kernel(S, G, INIT, OUT, DN, N, NC,
+                        HAS_INIT: tl.constexpr, REVERSE_CHUNKS: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr):
+    """OUT[b, c] = exp(G[b, c]) * OUT[b, c -/+ 1] + S[b, c], chunks visited in order (or in
+    reverse), starting from INIT[b] (or zero). Elements are the flattened (d, n) pairs."""
+    pid_e, b = tl.program_id(0), tl.program_id(1)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_e < DN
+    D = DN // N
+    offs_d = offs_e // N
+    if HAS_INIT:
+        h = tl.load(INIT + b.to(tl.int64) * DN + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BLOCK_E], tl.float32)
+    rows = tl.arange(0, BLOCK_C)
+    for c0 in range(0, NC, BLOCK_C):
+        step = c0 + rows
+        chunk = (NC - 1 - step) if REVERSE_CHUNKS else step
+        chunk_row = b.to(tl.int64) * NC + chunk
+        mask = (step < NC)[:, None] & mask_e[None, :]
+        # rows past the end load as the identity map (decay 1, offset 0)
+        decay = tl.exp(tl.load(G + chunk_row[:, None] * D + offs_d[None, :], mask=mask, other=0.0))
+        ptr = chunk_row[:, None] * DN + offs_e[None, :]
+        offset = tl.load(S + ptr, mask=mask, other=0.0)
+        decay, offset = tl.associative_scan((decay, offset), 0, _affine_compose)
+        states = decay * h[None, :] + offset
+        tl.store(OUT + ptr, states, mask=mask)
+        h = tl.sum(tl.where(rows[:, None] == BLOCK_C - 1, states, 0.0), axis=0)
+
+
+@triton.autotune(configs=_configs("gated_scan_chunk_output", 32), key=["D", "BLOCK_N", "CHUNK"])
+@triton.jit
+def _chunk_output_kernel(U, F, BM, CM, Z, DSKIP, H, H0, OUT,
+                         L, INNER, D, N, NC,
+                         sx_b, sx_o, sx_i, sn_b, sn_o, sn_i,
+                         HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
+                         REVERSE: tl.constexpr, CHUNK: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d, mask_n = offs_d < D, offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    base_x, base_n = b.to(tl.int64) * sx_b, b.to(tl.int64) * sn_b
+    state = offs_d[:, None] * N + offs_n[None, :]
+
+    # the state entering chunk c: H[b, c-1], or h0 for the first chunk
+    h = tl.load(H + (b.to(tl.int64) * NC + c - 1) * D * N + state, mask=mask_dn & (c > 0), other=0.0)
+    if HAS_H0:
+        h += tl.load(H0 + b.to(tl.int64) * D * N + state, mask=mask_dn & (c == 0), other=0.0)
+    if HAS_D:
+        d_skip = tl.load(DSKIP + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    for k in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L)):
+        ox = base_x + _token_offset(k, L, INNER, sx_o, sx_i, REVERSE)
+        on = base_n + _token_offset(k, L, INNER, sn_o, sn_i, REVERSE)
+        u = tl.load(U + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        f = tl.load(F + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        bm = tl.load(BM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        cm = tl.load(CM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        h = tl.exp(_log_sigmoid(f))[:, None] * h + (tl.exp(_log_sigmoid(-f)) * u)[:, None] * bm[None, :]
+        y = tl.sum(h * cm[None, :], axis=1)
+        if HAS_D:
+            y += d_skip * u
+        if HAS_Z:
+            y *= tl.sigmoid(tl.load(Z + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32))
+        tl.store(OUT + ox + offs_d, y.to(OUT.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _output_grad(GOUT, Z, ox, offs_d, mask_d, HAS_Z: tl.constexpr):
+    """dL/dy_t = dL/dout_t * sigmoid(z_t), and sigmoid(z_t) (1 without z)."""
+    g = tl.load(GOUT + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_Z:
+        gate = tl.sigmoid(tl.load(Z + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32))
+    else:
+        gate = tl.full([g.shape[0]], 1.0, tl.float32)
+    return g * gate, gate
+
+
+@triton.autotune(configs=_configs("gated_scan_chunk_adjoint", 32), key=["D", "BLOCK_N", "CHUNK"])
+@triton.jit
+def _chunk_adjoint_kernel(F, CM, Z, GOUT, R,
+                          L, INNER, D, N, NC,
+                          sx_b, sx_o, sx_i, sn_b, sn_o, sn_i,
+                          HAS_Z: tl.constexpr, REVERSE: tl.constexpr, CHUNK: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """R[b, c] = a_s lambda_s at the chunk's first token s, with lambda from zero at its end."""
+    c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d, mask_n = offs_d < D, offs_n < N
+    base_x, base_n = b.to(tl.int64) * sx_b, b.to(tl.int64) * sn_b
+
+    mu = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)  # a_{t+1} lambda_{t+1}
+    end = tl.minimum(c * CHUNK + CHUNK, L)
+    for i in range(c * CHUNK, end):
+        k = end - 1 - (i - c * CHUNK)
+        ox = base_x + _token_offset(k, L, INNER, sx_o, sx_i, REVERSE)
+        on = base_n + _token_offset(k, L, INNER, sn_o, sn_i, REVERSE)
+        dy, gate = _output_grad(GOUT, Z, ox, offs_d, mask_d, HAS_Z)
+        f = tl.load(F + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        cm = tl.load(CM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        mu = tl.exp(_log_sigmoid(f))[:, None] * (mu + dy[:, None] * cm[None, :])
+
+    row = (b.to(tl.int64) * NC + c) * D + offs_d
+    tl.store(R + row[:, None] * N + offs_n[None, :], mu, mask=mask_d[:, None] & mask_n[None, :])
+
+
+@triton.autotune(configs=kernel_configs("gated_scan_chunk_backward", {"num_warps": 2},
+                                        [{"num_warps": 1}, {"num_warps": 4}]),
+                 key=["D", "BLOCK_N", "CHUNK"])
+@triton.jit
+def _chunk_backward_kernel(U, F, BM, CM, Z, DSKIP, GOUT, H, H0, M, DHN,
+                           DU, DF, DZ, DBM_PART, DCM_PART, DD_PART,
+                           L, INNER, D, N, NC,
+                           sx_b, sx_o, sx_i, sn_b, sn_o, sn_i, part_stride,
+                           HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
+                           HAS_DHN: tl.constexpr, REVERSE: tl.constexpr, CHUNK: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """All gradients of one chunk. DF is float32: the forward sweep parks the prefix sums of Q
+    there and the reverse sweep overwrites them with df. dBm and dCm are summed over channel
+    blocks afterwards (one partial per block: no atomics, deterministic)."""
+    c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d, mask_n = offs_d < D, offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    base_x, base_n = b.to(tl.int64) * sx_b, b.to(tl.int64) * sn_b
+    part = pid_d.to(tl.int64) * part_stride  # this channel block's dBm / dCm partial
+    state = offs_d[:, None] * N + offs_n[None, :]
+    chunk_state = (b.to(tl.int64) * NC + c) * D * N + state
+
+    h = tl.load(H + chunk_state - D * N, mask=mask_dn & (c > 0), other=0.0)
+    if HAS_H0:
+        h += tl.load(H0 + b.to(tl.int64) * D * N + state, mask=mask_dn & (c == 0), other=0.0)
+    # rho: the adjoint flowing into h_{e-1} from the chunks after this one
+    rho = tl.load(M + chunk_state + D * N, mask=mask_dn & (c < NC - 1), other=0.0)
+    if HAS_DHN:
+        rho += tl.load(DHN + b.to(tl.int64) * D * N + state, mask=mask_dn & (c == NC - 1), other=0.0)
+    if HAS_D:
+        d_skip = tl.load(DSKIP + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        d_skip = tl.zeros([BLOCK_D], tl.float32)
+
+    start, end = c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L)
+    q_prefix = tl.zeros([BLOCK_D], tl.float32)
+    dd = tl.zeros([BLOCK_D], tl.float32)
+    for k in range(start, end):
+        ox = base_x + _token_offset(k, L, INNER, sx_o, sx_i, REVERSE)
+        on = base_n + _token_offset(k, L, INNER, sn_o, sn_i, REVERSE)
+        u = tl.load(U + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        f = tl.load(F + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        bm = tl.load(BM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        cm = tl.load(CM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        h = tl.exp(_log_sigmoid(f))[:, None] * h + (tl.exp(_log_sigmoid(-f)) * u)[:, None] * bm[None, :]
+        hc = tl.sum(h * cm[None, :], axis=1)
+        dy, gate = _output_grad(GOUT, Z, ox, offs_d, mask_d, HAS_Z)
+        if HAS_Z:
+            # out = y sigmoid(z): dz = dout * y * sigmoid(z) (1 - sigmoid(z)) = dy * y * (1 - sigmoid(z))
+            tl.store(DZ + ox + offs_d, (dy * (hc + d_skip * u) * (1.0 - gate)).to(DZ.dtype.element_ty),
+                     mask=mask_d)
+        tl.store(DCM_PART + part + on + offs_n, tl.sum(dy[:, None] * h, axis=0), mask=mask_n)
+        dd += dy * u
+        tl.store(DF + ox + offs_d, q_prefix, mask=mask_d)
+        q_prefix += dy * hc
+    # sum_{s=t}^{e-1} Q_s + rho . h_{e-1} = q_total - q_prefix_{t-1}
+    q_total = q_prefix + tl.sum(rho * h, axis=1)
+    tl.store(DD_PART + (b.to(tl.int64) * NC + c) * D + offs_d, dd, mask=mask_d)
+    tl.debug_barrier()
+
+    mu = rho  # a_{t+1} lambda_{t+1}
+    k_suffix = tl.zeros([BLOCK_D], tl.float32)
+    for i in range(start, end):
+        k = end - 1 - (i - start)
+        ox = base_x + _token_offset(k, L, INNER, sx_o, sx_i, REVERSE)
+        on = base_n + _token_offset(k, L, INNER, sn_o, sn_i, REVERSE)
+        u = tl.load(U + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        f = tl.load(F + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        bm = tl.load(BM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        cm = tl.load(CM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        dy, gate = _output_grad(GOUT, Z, ox, offs_d, mask_d, HAS_Z)
+        a, one_minus_a = tl.exp(_log_sigmoid(f)), tl.exp(_log_sigmoid(-f))
+        lam = mu + dy[:, None] * cm[None, :]
+        lam_b = tl.sum(lam * bm[None, :], axis=1)
+        write = one_minus_a * u
+        k_t = write * lam_b  # dL/dlog(1 - a_t)
+        k_suffix += k_t
+        dlog_a = q_total - tl.load(DF + ox + offs_d, mask=mask_d, other=0.0) - k_suffix
+        # d log a / df = 1 - a, d log(1 - a) / df = -a
+        tl.store(DF + ox + offs_d, one_minus_a * dlog_a - a * k_t, mask=mask_d)
+        tl.store(DU + ox + offs_d, (dy * d_skip + one_minus_a * lam_b).to(DU.dtype.element_ty), mask=mask_d)
+        tl.store(DBM_PART + part + on + offs_n, tl.sum(lam * write[:, None], axis=0), mask=mask_n)
+        mu = a[:, None] * lam
+
+
+def _backward_block_d(block_n: int) -> int:
+    # fixed (not tuned): the dBm/dCm partial buffers are sized by the number of channel blocks
+    return 32 if block_n <= 16 else 16
+
+
+class _Geometry:
+    """How the kernels walk a [B, H, W, C] grid: sizes, visit order and strides."""
+
+    def __init__(self, u: torch.Tensor, bm: torch.Tensor, column_major: bool, reverse: bool):
+        self.batch, height, width, self.d = u.shape
+        self.n = bm.shape[-1]
+        self.length = height * width
+        self.reverse = reverse
+        self.chunk = chunk_length(self.length)
+        self.n_chunks = triton.cdiv(self.length, self.chunk)
+        self.block_n = triton.next_power_of_2(self.n)
+        outer, inner = (2, 1) if column_major else (1, 2)
+        self.inner = u.shape[inner]
+        self.args = (self.length, self.inner, self.d, self.n, self.n_chunks,
+                     u.stride(0), u.stride(outer), u.stride(inner),
+                     bm.stride(0), bm.stride(outer), bm.stride(inner))
+
+    def grid(self, meta):
+        return (self.n_chunks, triton.cdiv(self.d, meta["BLOCK_D"]), self.batch)
+
+    def carry_grid(self, meta):
+        return (triton.cdiv(self.d * self.n, meta["BLOCK_E"]), self.batch)
+
+    def carry(self, s: torch.Tensor, g: torch.Tensor, init: torch.Tensor | None, reverse_chunks: bool):
+        out = torch.empty_like(s)
+        _chunk_carry_kernel[self.carry_grid](s, g, s if init is None else init, out,
+                                             self.d * self.n, self.n, self.n_chunks,
+                                             HAS_INIT=init is not None, REVERSE_CHUNKS=reverse_chunks,
+                                             BLOCK_C=_CARRY_BLOCK_C)
+        return out
+
+    def chunk_buffers(self, device: torch.device):
+        b, nc, d, n = self.batch, self.n_chunks, self.d, self.n
+        return (torch.empty(b, nc, d, n, device=device, dtype=torch.float32),
+                torch.empty(b, nc, d, device=device, dtype=torch.float32))
+
+
+def scan_forward(u, f, bm, cm, d_skip, z, h0, geo: _Geometry):
+    """Run the forward kernels; returns (out, chunk end states H [B, NC, D, N], log decays G)."""
+    states, log_decay = geo.chunk_buffers(u.device)
+    flags = dict(REVERSE=geo.reverse, CHUNK=geo.chunk, BLOCK_N=geo.block_n)
+    _chunk_state_kernel[geo.grid](u, f, bm, states, log_decay, *geo.args, **flags)
+    ends = geo.carry(states, log_decay, h0, reverse_chunks=False)
+    out = torch.empty_like(u)
+    _chunk_output_kernel[geo.grid](u, f, bm, cm, u if z is None else z, u if d_skip is None else d_skip,
+                                   ends, u if h0 is None else h0, out, *geo.args,
+                                   HAS_Z=z is not None, HAS_D=d_skip is not None, HAS_H0=h0 is not None,
+                                   **flags)
+    return out, ends, log_decay
+
+
+def scan_backward(grad_out, grad_final, u, f, bm, cm, d_skip, z, h0, ends, log_decay, geo: _Geometry):
+    """Run the backward kernels; returns float32/input-dtype gradients
+    (du, df, dBm, dCm, dd_skip, dz, dh0), None where the input was None."""
+    flags = dict(REVERSE=geo.reverse, CHUNK=geo.chunk, BLOCK_N=geo.block_n)
+    dummy = u
+    partial, _ = geo.chunk_buffers(u.device)
+    _chunk_adjoint_kernel[geo.grid](f, cm, dummy if z is None else z, grad_out, partial, *geo.args,
+                                    HAS_Z=z is not None, **flags)
+    adjoints = geo.carry(partial, log_decay, grad_final, reverse_chunks=True)
+    del partial
+
+    block_d = _backward_block_d(geo.block_n)
+    n_blocks = triton.cdiv(geo.d, block_d)
+    du, dz = torch.empty_like(u), (torch.empty_like(z) if z is not None else None)
+    df = torch.empty(f.shape, device=f.device, dtype=torch.float32)
+    dbm_part = torch.empty((n_blocks, *bm.shape), device=bm.device, dtype=torch.float32)
+    dcm_part = torch.empty_like(dbm_part)
+    dd_part = torch.empty(geo.batch, geo.n_chunks, geo.d, device=u.device, dtype=torch.float32)
+    _chunk_backward_kernel[(geo.n_chunks, n_blocks, geo.batch)](
+        u, f, bm, cm, dummy if z is None else z, dummy if d_skip is None else d_skip, grad_out,
+        ends, dummy if h0 is None else h0, adjoints, dummy if grad_final is None else grad_final,
+        du, df, dummy if dz is None else dz, dbm_part, dcm_part, dd_part,
+        *geo.args, dbm_part.stride(0),
+        HAS_Z=z is not None, HAS_D=d_skip is not None, HAS_H0=h0 is not None,
+        HAS_DHN=grad_final is not None, BLOCK_D=block_d, **flags)
+    dd = dd_part.sum(dim=(0, 1)) if d_skip is not None else None
+    dh0 = adjoints[:, 0] if h0 is not None else None
+    return du, df.to(f.dtype), dbm_part.sum(0).to(bm.dtype), dcm_part.sum(0).to(cm.dtype), dd, dz, dh0
+
+
+class GatedScanFunction(torch.autograd.Function):
+    """Autograd Function over the kernels. Inputs are [B, H, W, C] grids (a 1-D sequence is
+    [B, 1, L, C]), contiguous; d_skip and h0 float32. Saves the inputs, the chunk end states
+    [B, NC, D, N] and the chunk log decays [B, NC, D]: nothing of size [B, L, D, N]."""
+
+    @staticmethod
+    def forward(ctx, u, f, bm, cm, d_skip, z, h0, column_major: bool, reverse: bool):
+        geo = _Geometry(u, bm, column_major, reverse)
+        out, ends, log_decay = scan_forward(u, f, bm, cm, d_skip, z, h0, geo)
+        ctx.geo = geo
+        ctx.save_for_backward(u, f, bm, cm, d_skip, z, h0, ends, log_decay)
+        ctx.set_materialize_grads(False)
+        return out, ends[:, -1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_final):
+        u, f, bm, cm, d_skip, z, h0, ends, log_decay = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(u)
+        grad_out = grad_out.contiguous()
+        if grad_final is not None:
+            grad_final = grad_final.float().contiguous()
+        grads = scan_backward(grad_out, grad_final, u, f, bm, cm, d_skip, z, h0, ends, log_decay, ctx.geo)
+        return (*grads, None, None)

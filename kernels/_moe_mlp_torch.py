@@ -1,0 +1,40 @@
+"""The "torch" backend of ``moe_mlp``: one gather into expert order, one contiguous slice per
+expert (no per-expert index_select), one combine back to tokens; autograd by PyTorch."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .routing import Routing
+
+
+def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(z); for swiglu z = [gate | up] along the last axis and act(z) = silu(gate) * up."""
+    if activation == "swiglu":
+        gate, up = z.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if activation == "gelu":
+        return F.gelu(z)  # exact (erf) GELU
+    return F.silu(z) if activation == "silu" else F.relu(z)
+
+
+def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
+            b1: torch.Tensor | None, b2: torch.Tensor | None, activation: str) -> torch.Tensor:
+    T, k = routing.experts.shape
+    order = routing.sorted_assignments
+    offsets = routing.host_offsets or tuple(routing.expert_offsets.tolist())
+    x_sorted = x.index_select(0, order // k)
+    pieces = []
+    for e in range(routing.num_experts):
+        lo, hi = offsets[e], offsets[e + 1]
+        if lo == hi:
+            continue
+        z = x_sorted[lo:hi] @ w1[e]
+        if b1 is not None:
+            z = z + b1[e]
+        out = activate(z, activation) @ w2[e]
+        pieces.append(out + b2[e] if b2 is not None else out)
+    out_sorted = torch.cat(pieces) if pieces else x.new_zeros(0, w2.shape[-1])
+    scaled = out_sorted.float() * routing.weights.reshape(-1)[order, None]
+    by_assignment = scaled.new_zeros(T * k, w2.shape[-1]).index_copy(0, order, scaled)
+    return by_assignment.view(T, k, -1).sum(dim=1).to(x.dtype)

@@ -1,0 +1,213 @@
+"""Triton kernels of the routing ops and their autograd Function.
+
+Top-K scoring, per token t over E experts (scores and their gradient in float32):
+
+    p[t]        = softmax(logits[t])            or  sigmoid(logits[t])
+    experts[t]  = the k largest p[t, e], ties to the lower e (k arg-max passes)
+    weights[t]  = p[t, experts[t]] / s[t],  s[t] = sum_j p[t, experts[t, j]]   (or / 1 without renormalise)
+
+Backward, with g = dL/dweights scattered onto the chosen columns (zero elsewhere):
+
+    renormalise:  dp_e = (g_e - sum_j g_j w_j) / s        on chosen e, 0 elsewhere
+    softmax:      dlogits = p * (dp - sum_e dp_e p_e)
+    sigmoid:      dlogits = dp * p * (1 - p)
+
+Dispatch metadata, shared by every router (``dispatch``): assignment a = t*k + j goes to expert
+experts[t, j]; sorted_assignments lists the assignments expert by expert, in increasing a inside
+an expert (a stable counting sort). Each block of BLOCK_T tokens counts its assignments per expert
+and ranks each assignment among the earlier ones of its block for the same expert (an exclusive
+cumulative sum of a one-hot matrix: a token picks an expert at most once); a prefix sum over
+blocks then gives every assignment its final position without atomics, so the result is
+deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _block_e(num_experts: int) -> int:
+    return max(16, triton.next_power_of_2(num_experts))
+
+
+def _block_t(block_e: int) -> int:
+    # Keep the [BLOCK_T, BLOCK_E] tiles near 8K elements whatever the expert count.
+    return max(1, min(128, 8192 // block_e))
+
+
+@triton.jit
+def _router_scores(logits, col_mask, SIGMOID: tl.constexpr):
+    """Float32 router probabilities of a [BLOCK_T, BLOCK_E] tile; 0 on padding columns."""
+    if SIGMOID:
+        p = tl.sigmoid(logits)
+    else:
+        row_max = tl.max(logits, axis=1)
+        e = tl.exp(logits - row_max[:, None])
+        e = tl.where(col_mask[None, :], e, 0.0)
+        p = e / tl.sum(e, axis=1)[:, None]
+    return tl.where(col_mask[None, :], p, 0.0)
+
+
+@triton.jit
+def _top_k_ranks(p, col_mask, cols, K):
+    """rank[t, e] = j if e is token t's j-th choice (j < K), else -1. Ties go to the lower index
+    because arg-max breaks ties to the left; padding columns (-1) never win against p >= 0."""
+    work = tl.where(col_mask[None, :], p, -1.0)
+    rank = tl.full(p.shape, -1, tl.int32)
+    for j in range(K):
+        best = tl.argmax(work, axis=1, tie_break_left=True)
+        hit = cols[None, :] == best[:, None]
+        rank = tl.where(hit, j, rank)
+        work = tl.where(hit, -2.0, work)
+    return rank
+
+
+@triton.jit
+def _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_t, stride_e):
+    ptrs = logits_ptr + rows[:, None] * stride_t + cols[None, :] * stride_e
+    mask = row_mask[:, None] & col_mask[None, :]
+    return tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _topk_scores_fwd_kernel(logits_ptr, weights_ptr, experts_ptr, bad_rows_ptr,
+                            T, E, K, stride_t, stride_e,
+                            SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_mask, col_mask = rows < T, cols < E
+    logits = _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_t, stride_e)
+    p = _router_scores(logits, col_mask, SIGMOID)
+    # A NaN score (NaN logit, +inf logit, an all -inf row) is counted for the host to raise on;
+    # it is zeroed so that the indices written stay in range until then.
+    bad = (p != p) & row_mask[:, None]
+    tl.store(bad_rows_ptr + pid, tl.sum(tl.max(bad.to(tl.int32), axis=1), axis=0))
+    p = tl.where(p == p, p, 0.0)
+    rank = _top_k_ranks(p, col_mask, cols, K)
+    chosen = rank >= 0
+    if RENORMALIZE:
+        total = tl.sum(tl.where(chosen, p, 0.0), axis=1)
+        p = p / tl.maximum(total, 1.1754943508222875e-38)[:, None]
+    out = rows[:, None] * K + rank
+    out_mask = chosen & row_mask[:, None]
+    tl.store(weights_ptr + out, p, mask=out_mask)
+    tl.store(experts_ptr + out, (cols[None, :] + tl.zeros_like(rank)).to(tl.int64), mask=out_mask)
+
+
+@triton.jit
+def _topk_scores_bwd_kernel(logits_ptr, experts_ptr, dweights_ptr, dlogits_ptr,
+                            T, E, K, stride_t, stride_e,
+                            SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_mask, col_mask = rows < T, cols < E
+    logits = _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_t, stride_e)
+    p = _router_scores(logits, col_mask, SIGMOID)
+    dp = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+    chosen = tl.zeros((BLOCK_T, BLOCK_E), tl.int1)
+    for j in range(K):
+        expert = tl.load(experts_ptr + rows * K + j, mask=row_mask, other=-1)
+        grad = tl.load(dweights_ptr + rows * K + j, mask=row_mask, other=0.0)
+        hit = cols[None, :] == expert[:, None]
+        dp = tl.where(hit, grad[:, None], dp)
+        chosen = chosen | hit
+    if RENORMALIZE:
+        total = tl.maximum(tl.sum(tl.where(chosen, p, 0.0), axis=1), 1.1754943508222875e-38)
+        w = p / total[:, None]
+        dp = tl.where(chosen, (dp - tl.sum(tl.where(chosen, dp * w, 0.0), axis=1)[:, None]) / total[:, None], 0.0)
+    if SIGMOID:
+        dlogits = dp * p * (1.0 - p)
+    else:
+        dlogits = p * (dp - tl.sum(dp * p, axis=1)[:, None])
+    ptrs = dlogits_ptr + rows[:, None] * stride_t + cols[None, :] * stride_e
+    tl.store(ptrs, dlogits.to(dlogits_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+class TopKScores(torch.autograd.Function):
+    """weights, experts, bad_row_count = TopKScores.apply(logits, k, sigmoid, renormalize)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, k: int, sigmoid: bool, renormalize: bool):
+        T, E = logits.shape
+        block_e = _block_e(E)
+        block_t = _block_t(block_e)
+        grid = (triton.cdiv(T, block_t),)
+        weights = torch.empty(T, k, dtype=torch.float32, device=logits.device)
+        experts = torch.empty(T, k, dtype=torch.int64, device=logits.device)
+        bad_rows = torch.empty(grid[0], dtype=torch.int32, device=logits.device)
+        _topk_scores_fwd_kernel[grid](logits, weights, experts, bad_rows, T, E, k,
+                                      logits.stride(0), logits.stride(1), SIGMOID=sigmoid,
+                                      RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e)
+        ctx.save_for_backward(logits, experts)
+        ctx.config = (k, sigmoid, renormalize, block_t, block_e)
+        ctx.mark_non_differentiable(experts, bad_rows)
+        return weights, experts, bad_rows.sum()
+
+    @staticmethod
+    def backward(ctx, dweights, _dexperts, _dbad):
+        logits, experts = ctx.saved_tensors
+        k, sigmoid, renormalize, block_t, block_e = ctx.config
+        T, E = logits.shape
+        dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        _topk_scores_bwd_kernel[(triton.cdiv(T, block_t),)](
+            logits, experts, dweights.contiguous(), dlogits, T, E, k, logits.stride(0), logits.stride(1),
+            SIGMOID=sigmoid, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e)
+        return dlogits, None, None, None
+
+
+@triton.jit
+def _dispatch_rank_kernel(experts_ptr, rank_ptr, block_counts_ptr, T, E, K,
+                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_mask = rows < T
+    choice = tl.full((BLOCK_T, BLOCK_E), -1, tl.int32)
+    for j in range(K):
+        expert = tl.load(experts_ptr + rows * K + j, mask=row_mask, other=-1)
+        choice = tl.where(cols[None, :] == expert[:, None], j, choice)
+    picked = (choice >= 0).to(tl.int32)
+    earlier = tl.cumsum(picked, axis=0) - picked
+    tl.store(rank_ptr + rows[:, None] * K + choice, earlier, mask=choice >= 0)
+    tl.store(block_counts_ptr + pid * E + cols, tl.sum(picked, axis=0), mask=cols < E)
+
+
+@triton.jit
+def _dispatch_scatter_kernel(experts_ptr, rank_ptr, block_prefix_ptr, offsets_ptr, sorted_ptr,
+                             A, K, E, BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr):
+    a = tl.program_id(0).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
+    mask = a < A
+    expert = tl.load(experts_ptr + a, mask=mask, other=0)
+    rank = tl.load(rank_ptr + a, mask=mask, other=0)
+    block = (a // K) // BLOCK_T
+    pos = tl.load(offsets_ptr + expert, mask=mask, other=0) \
+        + tl.load(block_prefix_ptr + block * E + expert, mask=mask, other=0) + rank
+    tl.store(sorted_ptr + pos, a, mask=mask)
+
+
+def dispatch(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sorted_assignments [T*k] and expert_offsets [E+1] (int64) of ``experts`` [T, k]."""
+    T, k = experts.shape
+    experts = experts.contiguous()
+    block_e = _block_e(num_experts)
+    block_t = _block_t(block_e)
+    num_blocks = triton.cdiv(T, block_t)
+    rank = torch.empty(T * k, dtype=torch.int32, device=experts.device)
+    block_counts = torch.empty(num_blocks, num_experts, dtype=torch.int32, device=experts.device)
+    _dispatch_rank_kernel[(num_blocks,)](experts, rank, block_counts, T, num_experts, k,
+                                         BLOCK_T=block_t, BLOCK_E=block_e)
+    through_block = block_counts.cumsum(0, dtype=torch.int64)
+    block_prefix = through_block - block_counts
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=experts.device)
+    torch.cumsum(through_block[-1], 0, out=offsets[1:])
+    sorted_assignments = torch.empty(T * k, dtype=torch.int64, device=experts.device)
+    block_a = 1024
+    _dispatch_scatter_kernel[(triton.cdiv(T * k, block_a),)](
+        experts, rank, block_prefix, offsets, sorted_assignments, T * k, k, num_experts,
+        BLOCK_T=block_t, BLOCK_A=block_a)
+    return sorted_assignments, offsets

@@ -1,0 +1,68 @@
+"""Grouped expert MLP over a top-K routing, with the weighted combine back to tokens.
+
+For x [T, D] and a Routing (assignment a = t*k + j to expert e = experts[t, j], weight w_a):
+
+    y[t] = sum_j w_a * ( act(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e] )
+
+w1 [E, D, H] (swiglu: [E, D, 2H], the first H columns the gate, the last H the up projection,
+act(z) = silu(gate) * up); w2 [E, H, D_out]; b1 [E, H or 2H] or None; b2 [E, D_out] or None;
+activation in {"gelu" (exact erf GELU), "silu", "swiglu", "relu"}. Differentiable w.r.t. x,
+w1, w2, b1, b2 and the routing weights (so a loss reaches the router logits).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _moe_mlp_torch
+from ._backend import resolve_backend
+from ._checks import check_float, check_ndim, check_same_device, check_shape
+from .routing import Routing
+
+ACTIVATIONS = ("gelu", "silu", "swiglu", "relu")
+
+
+def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
+    check_float("x", x)
+    check_ndim("x", x, 2, "[T, D]")
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a Routing (from topk_route or nested_route), got {type(routing).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_float("w1", w1)
+    check_float("w2", w2)
+    check_ndim("w1", w1, 3, "[E, D, H]")
+    check_ndim("w2", w2, 3, "[E, H, D_out]")
+    T, D = x.shape
+    E, H, D_out = w2.shape
+    w1_cols = 2 * H if activation == "swiglu" else H
+    check_shape("w1", w1, (E, D, w1_cols), "[E, D, 2H]" if activation == "swiglu" else "[E, D, H]")
+    if routing.num_tokens != T:
+        raise ValueError(f"routing is for {routing.num_tokens} tokens but x has T = {T}")
+    if routing.num_experts != E:
+        raise ValueError(f"routing is over {routing.num_experts} experts but w1/w2 hold E = {E}")
+    for name, bias, shape in (("b1", b1, (E, w1_cols)), ("b2", b2, (E, D_out))):
+        if bias is not None:
+            check_float(name, bias)
+            check_shape(name, bias, shape, "[E, " + ("2H]" if name == "b1" and activation == "swiglu" else
+                                                    "H]" if name == "b1" else "D_out]"))
+    if not (x.dtype == w1.dtype == w2.dtype):
+        raise TypeError(f"x, w1 and w2 must share one dtype, got {x.dtype}, {w1.dtype}, {w2.dtype}")
+    check_same_device(x=x, w1=w1, w2=w2, b1=b1, b2=b2, weights=routing.weights,
+                      sorted_assignments=routing.sorted_assignments)
+
+
+def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
+            b1: torch.Tensor | None = None, b2: torch.Tensor | None = None, *,
+            activation: str = "gelu", backend: str | None = None) -> torch.Tensor:
+    """Apply each token's routed experts and combine their outputs; see the module docstring."""
+    _validate(x, routing, w1, w2, b1, b2, activation)
+    backend = resolve_backend(backend, x.device)
+    if x.shape[0] == 0:
+        return x.new_zeros(0, w2.shape[2]) + 0 * (w1.sum() + w2.sum())  # empty, attached to the graph
+    if backend == "torch":
+        return _moe_mlp_torch.moe_mlp(x, routing, w1, w2, b1, b2, activation)
+    from ._moe_mlp_triton import MoEMLPFunction, use_fused_path
+
+    fused = use_fused_path(x.shape[1], w2.shape[2])
+    return MoEMLPFunction.apply(x, routing.weights, w1, w2, b1, b2, routing.sorted_assignments,
+                                routing.expert_offsets, activation, fused)

@@ -1,0 +1,117 @@
+"""Top-K routing: router scores, expert choice and the dispatch layout of the assignments.
+
+For logits [T, E] and k experts per token (token t's j-th choice is assignment a = t*k + j):
+
+    p[t]        = softmax(logits[t]) ("softmax")  or  sigmoid(logits[t]) ("sigmoid"), in float32
+    experts[t]  = indices of the k largest p[t], ties to the lower index
+    weights[t]  = p[t, experts[t]] / sum_j p[t, experts[t, j]]   (renormalize=True)
+                = p[t, experts[t]]                               (renormalize=False)
+
+The dispatch layout lists the assignments expert by expert without moving any token:
+``sorted_assignments`` [T*k] holds the ids a ordered by expert (increasing a inside an expert) and
+expert e's assignments are ``sorted_assignments[expert_offsets[e]:expert_offsets[e + 1]]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _routing_torch
+from ._backend import resolve_backend
+from ._checks import check_float, check_ndim, check_positive_int
+
+SCORINGS = ("softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which experts each token goes to, with what weight, and the assignments sorted by expert.
+
+    weights [T, k] float32 (differentiable w.r.t. the router logits), experts [T, k] int64,
+    num_experts, sorted_assignments [T*k] int64, expert_offsets [E+1] int64. Nested routing also
+    fills group_weights [T, k_groups] and groups [T, k_groups] int64. ``host_offsets`` is a copy
+    of expert_offsets on the host, read in the routing's one synchronisation, so that the torch
+    backend of the expert MLP can slice by expert without a second one.
+    """
+
+    weights: torch.Tensor
+    experts: torch.Tensor
+    num_experts: int
+    sorted_assignments: torch.Tensor
+    expert_offsets: torch.Tensor
+    group_weights: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+    host_offsets: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.experts.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.experts.shape[1]
+
+    def expert_counts(self) -> torch.Tensor:
+        """Assignments per expert [E] int64."""
+        return self.expert_offsets.diff()
+
+
+def dispatch(experts: torch.Tensor, num_experts: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_assignments, expert_offsets) of ``experts`` [T, k] on an already resolved backend."""
+    if backend == "triton":
+        from . import _routing_triton
+
+        return _routing_triton.dispatch(experts, num_experts)
+    return _routing_torch.dispatch(experts, num_experts)
+
+
+def synchronize_routing(bad_rows: torch.Tensor, offsets: torch.Tensor, what: str) -> tuple[int, ...]:
+    """The routing's one host synchronisation: read the count of tokens whose scores were NaN
+    together with the expert offsets; raise if there are any, else return the offsets."""
+    count, *host_offsets = torch.cat([bad_rows.reshape(1).to(offsets.dtype), offsets]).tolist()
+    if count:
+        raise ValueError(f"{what} contain NaN (or a row whose scores are undefined, e.g. all -inf) "
+                         f"in {count} token(s): refusing to route them")
+    return tuple(host_offsets)
+
+
+def topk_route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renormalize: bool = True,
+               backend: str | None = None) -> Routing:
+    """Route each token to its k highest-scoring experts; see the module docstring for the math.
+
+    logits: [T, E], any float dtype. Gradients flow from ``Routing.weights`` to ``logits``.
+    Makes one host synchronisation (to raise on NaN scores).
+    """
+    check_float("logits", logits)
+    check_ndim("logits", logits, 2, "[T, E]")
+    check_positive_int("k", k)
+    T, E = logits.shape
+    if k > E:
+        raise ValueError(f"k must be <= the number of experts E = {E}, got k = {k}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    backend = resolve_backend(backend, logits.device)
+    if T == 0:
+        return _empty_routing(logits, k, E)
+    if backend == "triton":
+        from ._routing_triton import TopKScores
+
+        weights, experts, bad_rows = TopKScores.apply(logits, k, scoring == "sigmoid", renormalize)
+    else:
+        p = _routing_torch.scores(logits, scoring)
+        bad_rows = p.isnan().any(dim=-1).sum()
+        weights, experts = _routing_torch.top_k(p, k)
+        if renormalize:
+            weights = _routing_torch.renormalized(weights)
+    sorted_assignments, offsets = dispatch(experts, E, backend)
+    host_offsets = synchronize_routing(bad_rows, offsets, "router logits")
+    return Routing(weights, experts, E, sorted_assignments, offsets, host_offsets=host_offsets)
+
+
+def _empty_routing(logits: torch.Tensor, k: int, num_experts: int) -> Routing:
+    device = logits.device
+    return Routing(logits[:, :k].float(),  # empty, but attached to the graph of logits torch.zeros(0, k, dtype=torch.int64, device=device), num_experts,
+                   torch.zeros(0, dtype=torch.int64, device=device),
+                   torch.zeros(num_experts + 1, dtype=torch.int64, device=device),
+                   host_offsets=(0,) * (num_experts + 1))
