@@ -64,10 +64,33 @@ def _top_k_ranks(p, col_mask, cols, K):
 
 
 @triton.jit
+def _renormalized(p, chosen):
+    """p / s with s the row sum of p over the chosen columns (guarded against an all-zero row)."""
+    total = tl.sum(tl.where(chosen, p, 0.0), axis=1)
+    return p / tl.maximum(total, 1.1754943508222875e-38)[:, None]
+
+
+@triton.jit
+def _router_scores_grad(p, dw, chosen, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """dL/dlogits of a [BLOCK_T, BLOCK_E] tile from dw = dL/dweights on the chosen columns (0
+    elsewhere), through the renormalisation and the scoring; see the module docstring."""
+    dp = dw
+    if RENORMALIZE:
+        total = tl.maximum(tl.sum(tl.where(chosen, p, 0.0), axis=1), 1.1754943508222875e-38)
+        w = p / total[:, None]
+        dp = tl.where(chosen, (dw - tl.sum(tl.where(chosen, dw * w, 0.0), axis=1)[:, None]) / total[:, None], 0.0)
+    if SIGMOID:
+        return dp * p * (1.0 - p)
+    return p * (dp - tl.sum(dp * p, axis=1)[:, None])
+
+
+@triton.jit
 def _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_t, stride_e):
     ptrs = logits_ptr + rows[:, None] * stride_t + cols[None, :] * stride_e
     mask = row_mask[:, None] & col_mask[None, :]
-    return tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+    logits = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+    # Padding rows get finite logits so that their (discarded) softmax does no inf - inf.
+    return tl.where(row_mask[:, None], logits, 0.0)
 
 
 @triton.jit
@@ -89,8 +112,7 @@ def _topk_scores_fwd_kernel(logits_ptr, weights_ptr, experts_ptr, bad_rows_ptr,
     rank = _top_k_ranks(p, col_mask, cols, K)
     chosen = rank >= 0
     if RENORMALIZE:
-        total = tl.sum(tl.where(chosen, p, 0.0), axis=1)
-        p = p / tl.maximum(total, 1.1754943508222875e-38)[:, None]
+        p = _renormalized(p, chosen)
     out = rows[:, None] * K + rank
     out_mask = chosen & row_mask[:, None]
     tl.store(weights_ptr + out, p, mask=out_mask)
@@ -116,14 +138,7 @@ def _topk_scores_bwd_kernel(logits_ptr, experts_ptr, dweights_ptr, dlogits_ptr,
         hit = cols[None, :] == expert[:, None]
         dp = tl.where(hit, grad[:, None], dp)
         chosen = chosen | hit
-    if RENORMALIZE:
-        total = tl.maximum(tl.sum(tl.where(chosen, p, 0.0), axis=1), 1.1754943508222875e-38)
-        w = p / total[:, None]
-        dp = tl.where(chosen, (dp - tl.sum(tl.where(chosen, dp * w, 0.0), axis=1)[:, None]) / total[:, None], 0.0)
-    if SIGMOID:
-        dlogits = dp * p * (1.0 - p)
-    else:
-        dlogits = p * (dp - tl.sum(dp * p, axis=1)[:, None])
+    dlogits = _router_scores_grad(p, dp, chosen, SIGMOID, RENORMALIZE)
     ptrs = dlogits_ptr + rows[:, None] * stride_t + cols[None, :] * stride_e
     tl.store(ptrs, dlogits.to(dlogits_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 

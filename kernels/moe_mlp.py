@@ -58,7 +58,8 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
     _validate(x, routing, w1, w2, b1, b2, activation)
     backend = resolve_backend(backend, x.device)
     if x.shape[0] == 0:
-        return x.new_zeros(0, w2.shape[2]) + 0 * (w1.sum() + w2.sum())  # empty, attached to the graph
+        # Empty, but attached to the graph so that every input gets a (zero) gradient.
+        return x.new_zeros(0, w2.shape[2]) + sum(0 * t.sum() for t in (x, w1, w2, b1, b2) if t is not None)
     if backend == "torch":
         return _moe_mlp_torch.moe_mlp(x, routing, w1, w2, b1, b2, activation)
     from ._moe_mlp_triton import MoEMLPFunction, use_fused_path

@@ -111,7 +111,8 @@ def topk_route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renorm
 
 def _empty_routing(logits: torch.Tensor, k: int, num_experts: int) -> Routing:
     device = logits.device
-    return Routing(logits[:, :k].float(),  # empty, but attached to the graph of logits torch.zeros(0, k, dtype=torch.int64, device=device), num_experts,
+    weights = logits[:, :k].float()  # empty, but attached to the graph of logits
+    return Routing(weights, torch.zeros(0, k, dtype=torch.int64, device=device), num_experts,
                    torch.zeros(0, dtype=torch.int64, device=device),
                    torch.zeros(num_experts + 1, dtype=torch.int64, device=device),
                    host_offsets=(0,) * (num_experts + 1))

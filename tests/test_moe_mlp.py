@@ -1,0 +1,195 @@
+"""moe_mlp against a float64 per-assignment loop, forward and every gradient, on every backend
+and (for Triton) both the fused small-width path and the grouped path."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_restore.kernels import Routing, moe_mlp, topk_route
+from utils import DEVICE, assert_close, backends, poisoned_allocations
+
+
+def oracle_moe_mlp(x, experts, weights, w1, w2, b1, b2, activation):
+    """y[t] = sum_j weights[t,j] * (act(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e]), e = experts[t,j]:
+    for each rank j, every token's expert weights are gathered ([T, D, H]) and applied."""
+    y = torch.zeros(x.shape[0], w2.shape[2], dtype=torch.float64)
+    for j in range(experts.shape[1]):
+        e = experts[:, j]
+        z = torch.einsum("td,tdh->th", x, w1[e]) + (b1[e] if b1 is not None else 0.0)
+        if activation == "swiglu":
+            gate, up = z.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[activation](z)
+        out = torch.einsum("th,thd->td", h, w2[e]) + (b2[e] if b2 is not None else 0.0)
+        y = y + weights[:, j, None] * out
+    return y
+
+
+def make_problem(T, D, H, E, k, D_out, activation, bias, scoring, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w1_cols = 2 * H if activation == "swiglu" else H
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
+
+    x = rand(T, D)
+    logits = rand(T, E, scale=2.0).float()
+    w1, w2 = rand(E, D, w1_cols, scale=D**-0.5), rand(E, H, D_out, scale=H**-0.5)
+    b1 = rand(E, w1_cols, scale=0.5) if bias else None
+    b2 = rand(E, D_out, scale=0.5) if bias else None
+    return x, logits, w1, w2, b1, b2, rand(T, D_out)
+
+
+def check_against_oracle(problem, k, activation, scoring, backend, dtype):
+    x, logits, w1, w2, b1, b2, upstream = problem
+    routing = topk_route(logits, k, scoring=scoring, backend=backend)
+    weights = routing.weights.detach().clone().requires_grad_()
+    routing = dataclasses.replace(routing, weights=weights)
+    params = [p.requires_grad_() for p in (x, w1, w2, b1, b2) if p is not None]
+    with poisoned_allocations():
+        y = moe_mlp(x, routing, w1, w2, b1, b2, activation=activation, backend=backend)
+        grads = torch.autograd.grad((y.float() * upstream.float()).sum(), params + [weights])
+    assert y.dtype == dtype and y.shape == (x.shape[0], w2.shape[2])
+
+    ref_inputs = [p.detach().cpu().double().requires_grad_() for p in params]
+    ref_weights = weights.detach().cpu().double().requires_grad_()
+    it = iter(ref_inputs)
+    rx, rw1, rw2 = next(it), next(it), next(it)
+    rb1, rb2 = (next(it), next(it)) if b1 is not None else (None, None)
+    want = oracle_moe_mlp(rx, routing.experts.cpu(), ref_weights, rw1, rw2, rb1, rb2, activation)
+    want_grads = torch.autograd.grad((want * upstream.cpu().double()).sum(), ref_inputs + [ref_weights])
+    assert_close(y, want, dtype, backend=backend, what="y")
+    names = ["dx", "dw1", "dw2", "db1", "db2"][: len(params)] if b1 is not None else ["dx", "dw1", "dw2"]
+    for name, got, ref in zip(names + ["dweights"], grads, want_grads):
+        assert got.dtype == (torch.float32 if name == "dweights" else dtype)
+        assert_close(got, ref, dtype, backend=backend, what=name)
+
+
+def paths(backend):
+    return ["fused", "grouped"] if backend == "triton" else ["-"]
+
+
+def backend_paths():
+    return [(b, p) for b in backends() for p in paths(b)]
+
+
+CASES = [  # T, D, H, E, k, D_out, activation, bias, scoring
+    (1, 48, 96, 1, 1, 48, "gelu", True, "softmax"),
+    (7, 97, 130, 5, 2, 97, "silu", False, "sigmoid"),
+    (300, 48, 96, 8, 2, 48, "swiglu", True, "softmax"),
+    (150, 97, 130, 8, 8, 33, "relu", True, "sigmoid"),
+    (7, 48, 130, 5, 5, 48, "gelu", False, "softmax"),
+    (300, 97, 96, 5, 1, 97, "gelu", True, "sigmoid"),
+]
+
+
+@pytest.mark.parametrize("backend,path", backend_paths())
+@pytest.mark.parametrize("T,D,H,E,k,D_out,activation,bias,scoring", CASES)
+def test_matches_oracle_float32(monkeypatch, backend, path, T, D, H, E, k, D_out, activation, bias, scoring):
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path if backend == "triton" else "auto")
+    problem = make_problem(T, D, H, E, k, D_out, activation, bias, scoring, torch.float32, seed=T + D + H + E + k)
+    check_against_oracle(problem, k, activation, scoring, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend,path", backend_paths())
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_matches_oracle_float16(monkeypatch, backend, path, activation):
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path if backend == "triton" else "auto")
+    problem = make_problem(45, 40, 72, 6, 2, 40, activation, True, "softmax", torch.float16, seed=5)
+    check_against_oracle(problem, 2, activation, "softmax", backend, torch.float16)
+
+
+@pytest.mark.parametrize("backend,path", backend_paths())
+@pytest.mark.parametrize("skew", ["expert without tokens", "all tokens to one expert"])
+def test_skewed_routing(monkeypatch, backend, path, skew):
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path if backend == "triton" else "auto")
+    x, logits, w1, w2, b1, b2, upstream = make_problem(70, 32, 48, 4, 1, 32, "gelu", True, "softmax",
+                                                       torch.float32, seed=11)
+    if skew == "expert without tokens":
+        logits[:, 2] = -50.0
+    else:
+        logits[:, 1] = 50.0
+    check_against_oracle((x, logits, w1, w2, b1, b2, upstream), 1, "gelu", "softmax", backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_empty_input(backend):
+    x = torch.zeros(0, 8, device=DEVICE, requires_grad=True)
+    w1 = torch.randn(3, 8, 16, device=DEVICE, requires_grad=True)
+    w2 = torch.randn(3, 16, 5, device=DEVICE)
+    r = topk_route(torch.zeros(0, 3, device=DEVICE), 2, backend=backend)
+    y = moe_mlp(x, r, w1, w2, backend=backend)
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert x.grad.shape == (0, 8) and w1.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", [b for b in backends() if b == "triton"])
+def test_triton_path_is_deterministic(backend):
+    x, logits, w1, w2, b1, b2, upstream = make_problem(130, 40, 72, 6, 2, 40, "gelu", True, "softmax",
+                                                       torch.float32, seed=3)
+    params = [p.requires_grad_() for p in (x, w1, w2, b1, b2)]
+    runs = []
+    for _ in range(2):
+        r = topk_route(logits, 2, backend=backend)
+        y = moe_mlp(x, r, w1, w2, b1, b2, backend=backend)
+        runs.append([y] + list(torch.autograd.grad((y * upstream).sum(), params)))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def _inputs(E=3, D=8, H=16, D_out=5, T=4):
+    r = topk_route(torch.randn(T, E), 2, backend="torch")
+    return torch.randn(T, D), r, torch.randn(E, D, H), torch.randn(E, H, D_out)
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda x, r, w1, w2: (x[:, :5], r, w1, w2, {}), ValueError, r"w1 must have shape"),
+    (lambda x, r, w1, w2: (x, r, w1, w2[:, :7], {}), ValueError, r"w1 must have shape"),
+    (lambda x, r, w1, w2: (x[:3], r, w1, w2, {}), ValueError, "routing is for 4 tokens"),
+    (lambda x, r, w1, w2: (x, r, w1[:2], w2[:2], {}), ValueError, "routing is over 3 experts"),
+    (lambda x, r, w1, w2: (x, r, w1, w2, {"activation": "tanh"}), ValueError, "activation must be"),
+    (lambda x, r, w1, w2: (x, r, w1, w2, {"activation": "swiglu"}), ValueError, r"\[E, D, 2H\]"),
+    (lambda x, r, w1, w2: (x, r, w1, w2, {"b1": torch.zeros(3, 15)}), ValueError, "b1 must have shape"),
+    (lambda x, r, w1, w2: (x, r, w1, w2, {"b2": torch.zeros(3, 6)}), ValueError, "b2 must have shape"),
+    (lambda x, r, w1, w2: (x.long(), r, w1, w2, {}), TypeError, "x must be a floating"),
+    (lambda x, r, w1, w2: (x.double(), r, w1, w2, {}), TypeError, "share one dtype"),
+    (lambda x, r, w1, w2: (x, r.experts, w1, w2, {}), TypeError, "routing must be a Routing"),
+    (lambda x, r, w1, w2: (x, r, w1.to("meta"), w2, {}), ValueError, "one device"),
+])
+def test_bad_input_is_named(mutate, error, match):
+    x, r, w1, w2, kwargs = mutate(*_inputs())
+    with pytest.raises(error, match=match):
+        moe_mlp(x, r, w1, w2, **kwargs)
+
+
+@settings(max_examples=8, deadline=None)
+@given(T=st.integers(1, 40), D=st.integers(1, 40), H=st.integers(1, 40), D_out=st.integers(1, 40),
+       E=st.integers(1, 6), data=st.data())
+def test_forward_matches_oracle_for_any_shape(T, D, H, D_out, E, data):
+    k = data.draw(st.integers(1, E))
+    activation = data.draw(st.sampled_from(["gelu", "silu", "swiglu", "relu"]))
+    bias = data.draw(st.booleans())
+    x, logits, w1, w2, b1, b2, _ = make_problem(T, D, H, E, k, D_out, activation, bias, "softmax",
+                                                torch.float32, seed=data.draw(st.integers(0, 999)))
+    for backend in backends():
+        r = topk_route(logits, k, backend=backend)
+        with poisoned_allocations():
+            y = moe_mlp(x, r, w1, w2, b1, b2, activation=activation, backend=backend)
+        want = oracle_moe_mlp(x.cpu().double(), r.experts.cpu(), r.weights.cpu().double(), w1.cpu().double(),
+                              w2.cpu().double(), None if b1 is None else b1.cpu().double(),
+                              None if b2 is None else b2.cpu().double(), activation)
+        assert_close(y, want, torch.float32, backend=backend)
+
+
+def test_routing_is_a_frozen_record():
+    r = topk_route(torch.randn(5, 4), 2, backend="torch")
+    assert isinstance(r, Routing) and r.top_k == 2 and r.num_tokens == 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.num_experts = 3
