@@ -4,6 +4,7 @@ Each op has a Triton implementation (forward and backward, behind an autograd Fu
 vectorised eager PyTorch implementation; ``backend=`` chooses (see ``_backend``).
 """
 from .moe_mlp import moe_mlp
+from .nested_routing import nested_route
 from .routing import Routing, topk_route
 
-__all__ = ["Routing", "moe_mlp", "topk_route"]
+__all__ = ["Routing", "moe_mlp", "nested_route", "topk_route"]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -653,35 +654,65 @@ def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: int, need_dx: bool,
     return dx, dweights.sum(0), grads
 
 
-class MoEMLPFunction(torch.autograd.Function):
-    """y = MoEMLPFunction.apply(x, weights, w1, w2, b1, b2, sorted_assignments, expert_offsets,
-    activation, fused): the Triton path of ``moe_mlp``; saves only its inputs."""
+@torch.library.custom_op("moe_restore::moe_mlp", mutates_args=())
+def moe_mlp_forward(x: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                    b1: Optional[torch.Tensor], b2: Optional[torch.Tensor], order: torch.Tensor,
+                    offsets: torch.Tensor, activation: str, fused: bool) -> torch.Tensor:
+    """The Triton path of ``moe_mlp`` (weights [T, k] float32); saves only its inputs for backward."""
+    T, k = weights.shape
+    d = _Dispatch(weights.reshape(-1).contiguous(), order, offsets, k, w1.shape[0])
+    out = (_forward_fused if fused else _forward_grouped)(d, x, _Weights(w1, w2, b1, b2), ACTIVATIONS[activation])
+    return _combine(out, T, k, x.dtype)
 
-    @staticmethod
-    def forward(ctx, x, weights, w1, w2, b1, b2, order, offsets, activation: str, fused: bool):
-        T, k = weights.shape
-        d = _Dispatch(weights.reshape(-1).contiguous(), order, offsets, k, w1.shape[0])
-        w = _Weights(w1, w2, b1, b2)
-        act = ACTIVATIONS[activation]
-        out = (_forward_fused if fused else _forward_grouped)(d, x, w, act)
-        ctx.save_for_backward(x, d.weights, w1, w2, b1, b2, order, offsets)
-        ctx.config = (T, k, act, fused)
-        return _combine(out, T, k, x.dtype)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weights, w1, w2, b1, b2, order, offsets = ctx.saved_tensors
-        T, k, act, fused = ctx.config
-        d = _Dispatch(weights, order, offsets, k, w1.shape[0])
-        need_dx = ctx.needs_input_grad[0]
-        need_weights = any(ctx.needs_input_grad[2:6])
-        run = _backward_fused if fused else _backward_grouped
-        dx, dweights, (dw1, db1, dw2, db2) = run(d, x, dy, _Weights(w1, w2, b1, b2), act, need_dx, need_weights)
-        if dx is not None:
-            dx = _combine(dx, T, k, x.dtype)
+@moe_mlp_forward.register_fake
+def _(x, weights, w1, w2, b1, b2, order, offsets, activation, fused):
+    return x.new_empty(x.shape[0], w2.shape[2])
 
-        def cast(grad, like):
-            return None if grad is None or like is None else grad.to(like.dtype)
 
-        return (dx, dweights.view(T, k), cast(dw1, w1), cast(dw2, w2), cast(db1, b1), cast(db2, b2),
-                None, None, None, None)
+@torch.library.custom_op("moe_restore::moe_mlp_backward", mutates_args=())
+def moe_mlp_backward(dy: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                     b1: Optional[torch.Tensor], b2: Optional[torch.Tensor], order: torch.Tensor,
+                     offsets: torch.Tensor, activation: str, fused: bool, need_dx: bool, need_params: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweights, dw1, dw2, db1, db2); a gradient not asked for (or of a missing bias) is an
+    empty tensor."""
+    T, k = weights.shape
+    d = _Dispatch(weights.reshape(-1).contiguous(), order, offsets, k, w1.shape[0])
+    run = _backward_fused if fused else _backward_grouped
+    dx, dweights, (dw1, db1, dw2, db2) = run(d, x, dy, _Weights(w1, w2, b1, b2), ACTIVATIONS[activation],
+                                             need_dx, need_params)
+    dx = _combine(dx, T, k, x.dtype) if dx is not None else x.new_empty(0)
+
+    def cast(grad, like):  # a fresh empty tensor each time: outputs may not alias one another
+        return x.new_empty(0) if grad is None or like is None else grad.to(like.dtype)
+
+    return dx, dweights.view(T, k), cast(dw1, w1), cast(dw2, w2), cast(db1, b1), cast(db2, b2)
+
+
+@moe_mlp_backward.register_fake
+def _(dy, x, weights, w1, w2, b1, b2, order, offsets, activation, fused, need_dx, need_params):
+    def like(t, needed):
+        return t.new_empty(t.shape) if needed and t is not None else x.new_empty(0)
+
+    return (like(x, need_dx), weights.new_empty(weights.shape), like(w1, need_params), like(w2, need_params),
+            like(b1, need_params), like(b2, need_params))
+
+
+def _moe_mlp_setup(ctx, inputs, output):
+    x, weights, w1, w2, b1, b2, order, offsets, activation, fused = inputs
+    ctx.save_for_backward(x, weights, w1, w2, b1, b2, order, offsets)
+    ctx.config = (activation, fused, b1 is not None, b2 is not None)
+
+
+def _moe_mlp_grad(ctx, dy):
+    x, weights, w1, w2, b1, b2, order, offsets = ctx.saved_tensors
+    activation, fused, has_b1, has_b2 = ctx.config
+    need = ctx.needs_input_grad
+    dx, dweights, dw1, dw2, db1, db2 = moe_mlp_backward(
+        dy, x, weights, w1, w2, b1, b2, order, offsets, activation, fused, need[0], any(need[2:6]))
+    return (dx if need[0] else None, dweights, dw1 if need[2] else None, dw2 if need[3] else None,
+            db1 if has_b1 and need[4] else None, db2 if has_b2 and need[5] else None, None, None, None, None)
+
+
+moe_mlp_forward.register_autograd(_moe_mlp_grad, setup_context=_moe_mlp_setup)

@@ -143,36 +143,62 @@ def _topk_scores_bwd_kernel(logits_ptr, experts_ptr, dweights_ptr, dlogits_ptr,
     tl.store(ptrs, dlogits.to(dlogits_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-class TopKScores(torch.autograd.Function):
-    """weights, experts, bad_row_count = TopKScores.apply(logits, k, sigmoid, renormalize)."""
+@torch.library.custom_op("moe_restore::topk_scores", mutates_args=())
+def topk_scores(logits: torch.Tensor, k: int, sigmoid: bool, renormalize: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights [T, k] float32, experts [T, k] int64, count of tokens with NaN scores)."""
+    T, E = logits.shape
+    block_e = _block_e(E)
+    block_t = _block_t(block_e)
+    grid = (triton.cdiv(T, block_t),)
+    weights = torch.empty(T, k, dtype=torch.float32, device=logits.device)
+    experts = torch.empty(T, k, dtype=torch.int64, device=logits.device)
+    bad_rows = torch.empty(grid[0], dtype=torch.int32, device=logits.device)
+    _topk_scores_fwd_kernel[grid](logits, weights, experts, bad_rows, T, E, k,
+                                  logits.stride(0), logits.stride(1), SIGMOID=sigmoid,
+                                  RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e)
+    return weights, experts, bad_rows.sum(dtype=torch.int64)
 
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, k: int, sigmoid: bool, renormalize: bool):
-        T, E = logits.shape
-        block_e = _block_e(E)
-        block_t = _block_t(block_e)
-        grid = (triton.cdiv(T, block_t),)
-        weights = torch.empty(T, k, dtype=torch.float32, device=logits.device)
-        experts = torch.empty(T, k, dtype=torch.int64, device=logits.device)
-        bad_rows = torch.empty(grid[0], dtype=torch.int32, device=logits.device)
-        _topk_scores_fwd_kernel[grid](logits, weights, experts, bad_rows, T, E, k,
-                                      logits.stride(0), logits.stride(1), SIGMOID=sigmoid,
-                                      RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e)
-        ctx.save_for_backward(logits, experts)
-        ctx.config = (k, sigmoid, renormalize, block_t, block_e)
-        ctx.mark_non_differentiable(experts, bad_rows)
-        return weights, experts, bad_rows.sum()
 
-    @staticmethod
-    def backward(ctx, dweights, _dexperts, _dbad):
-        logits, experts = ctx.saved_tensors
-        k, sigmoid, renormalize, block_t, block_e = ctx.config
-        T, E = logits.shape
-        dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        _topk_scores_bwd_kernel[(triton.cdiv(T, block_t),)](
-            logits, experts, dweights.contiguous(), dlogits, T, E, k, logits.stride(0), logits.stride(1),
-            SIGMOID=sigmoid, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e)
-        return dlogits, None, None, None
+@topk_scores.register_fake
+def _(logits, k, sigmoid, renormalize):
+    T = logits.shape[0]
+    return (logits.new_empty(T, k, dtype=torch.float32), logits.new_empty(T, k, dtype=torch.int64),
+            logits.new_empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op("moe_restore::topk_scores_backward", mutates_args=())
+def topk_scores_backward(dweights: torch.Tensor, logits: torch.Tensor, experts: torch.Tensor,
+                         sigmoid: bool, renormalize: bool) -> torch.Tensor:
+    """dL/dlogits from dL/dweights; the scores are recomputed from the logits."""
+    T, E = logits.shape
+    k = experts.shape[1]
+    block_e = _block_e(E)
+    block_t = _block_t(block_e)
+    dlogits = torch.empty(T, E, dtype=logits.dtype, device=logits.device)
+    _topk_scores_bwd_kernel[(triton.cdiv(T, block_t),)](
+        logits, experts, dweights.contiguous(), dlogits, T, E, k, logits.stride(0), logits.stride(1),
+        SIGMOID=sigmoid, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e)
+    return dlogits
+
+
+@topk_scores_backward.register_fake
+def _(dweights, logits, experts, sigmoid, renormalize):
+    return logits.new_empty(logits.shape)
+
+
+def _topk_scores_setup(ctx, inputs, output):
+    logits, _k, sigmoid, renormalize = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.flags = (sigmoid, renormalize)
+
+
+def _topk_scores_grad(ctx, dweights, _dexperts, _dbad):
+    logits, experts = ctx.saved_tensors
+    return topk_scores_backward(dweights, logits, experts, *ctx.flags), None, None, None
+
+
+topk_scores.register_autograd(_topk_scores_grad, setup_context=_topk_scores_setup)
 
 
 @triton.jit
@@ -205,6 +231,7 @@ def _dispatch_scatter_kernel(experts_ptr, rank_ptr, block_prefix_ptr, offsets_pt
     tl.store(sorted_ptr + pos, a, mask=mask)
 
 
+@torch.library.custom_op("moe_restore::dispatch", mutates_args=())
 def dispatch(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """sorted_assignments [T*k] and expert_offsets [E+1] (int64) of ``experts`` [T, k]."""
     T, k = experts.shape
@@ -226,3 +253,8 @@ def dispatch(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, tor
         experts, rank, block_prefix, offsets, sorted_assignments, T * k, k, num_experts,
         BLOCK_T=block_t, BLOCK_A=block_a)
     return sorted_assignments, offsets
+
+
+@dispatch.register_fake
+def _(experts, num_experts):
+    return experts.new_empty(experts.numel()), experts.new_empty(num_experts + 1)

@@ -62,8 +62,8 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
         return x.new_zeros(0, w2.shape[2]) + sum(0 * t.sum() for t in (x, w1, w2, b1, b2) if t is not None)
     if backend == "torch":
         return _moe_mlp_torch.moe_mlp(x, routing, w1, w2, b1, b2, activation)
-    from ._moe_mlp_triton import MoEMLPFunction, use_fused_path
+    from ._moe_mlp_triton import moe_mlp_forward, use_fused_path
 
     fused = use_fused_path(x.shape[1], w2.shape[2])
-    return MoEMLPFunction.apply(x, routing.weights, w1, w2, b1, b2, routing.sorted_assignments,
-                                routing.expert_offsets, activation, fused)
+    return moe_mlp_forward(x, routing.weights, w1, w2, b1, b2, routing.sorted_assignments,
+                           routing.expert_offsets, activation, fused)

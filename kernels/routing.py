@@ -70,10 +70,39 @@ def synchronize_routing(bad_rows: torch.Tensor, offsets: torch.Tensor, what: str
     """The routing's one host synchronisation: read the count of tokens whose scores were NaN
     together with the expert offsets; raise if there are any, else return the offsets."""
     count, *host_offsets = torch.cat([bad_rows.reshape(1).to(offsets.dtype), offsets]).tolist()
+    _raise_if_bad(count, what)
+    return tuple(host_offsets)
+
+
+def _raise_if_bad(count: int, what: str) -> None:
     if count:
         raise ValueError(f"{what} contain NaN (or a row whose scores are undefined, e.g. all -inf) "
                          f"in {count} token(s): refusing to route them")
-    return tuple(host_offsets)
+
+
+@torch.library.custom_op("moe_restore::checked_offsets", mutates_args=())
+def checked_offsets(bad_rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The compiled form of ``synchronize_routing``: raise on NaN scores, pass the offsets on.
+    Returning (a copy of) the offsets keeps the check in any graph that uses the routing."""
+    _raise_if_bad(int(bad_rows), "router scores")
+    return offsets.clone()
+
+
+@checked_offsets.register_fake
+def _(bad_rows, offsets):
+    return torch.empty_like(offsets)
+
+
+def finish_routing(weights: torch.Tensor, experts: torch.Tensor, bad_rows: torch.Tensor, num_experts: int,
+                   backend: str, what: str, **fields: torch.Tensor) -> Routing:
+    """Build the dispatch layout and make the routing's one host synchronisation (NaN check and
+    host offsets); under torch.compile the check runs inside the graph instead."""
+    sorted_assignments, offsets = dispatch(experts, num_experts, backend)
+    if torch.compiler.is_compiling():
+        offsets, host_offsets = checked_offsets(bad_rows, offsets), None
+    else:
+        host_offsets = synchronize_routing(bad_rows, offsets, what)
+    return Routing(weights, experts, num_experts, sorted_assignments, offsets, host_offsets=host_offsets, **fields)
 
 
 def topk_route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renormalize: bool = True,
@@ -95,18 +124,16 @@ def topk_route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renorm
     if T == 0:
         return _empty_routing(logits, k, E)
     if backend == "triton":
-        from ._routing_triton import TopKScores
+        from ._routing_triton import topk_scores
 
-        weights, experts, bad_rows = TopKScores.apply(logits, k, scoring == "sigmoid", renormalize)
+        weights, experts, bad_rows = topk_scores(logits, k, scoring == "sigmoid", renormalize)
     else:
         p = _routing_torch.scores(logits, scoring)
         bad_rows = p.isnan().any(dim=-1).sum()
         weights, experts = _routing_torch.top_k(p, k)
         if renormalize:
             weights = _routing_torch.renormalized(weights)
-    sorted_assignments, offsets = dispatch(experts, E, backend)
-    host_offsets = synchronize_routing(bad_rows, offsets, "router logits")
-    return Routing(weights, experts, E, sorted_assignments, offsets, host_offsets=host_offsets)
+    return finish_routing(weights, experts, bad_rows, E, backend, "router logits")
 
 
 def _empty_routing(logits: torch.Tensor, k: int, num_experts: int) -> Routing:

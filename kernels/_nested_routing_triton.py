@@ -1,0 +1,216 @@
+"""Triton kernels of ``nested_route`` and their autograd Function.
+
+Forward, one program per BLOCK_T tokens, each token's G group logits and G*E expert logits
+read once (the expert logits as one row of G*E columns c = g*E + e, group major):
+
+    p = softmax(gl[t]);  group ranks = the k_g arg-max passes over p;  q = p / sum_{chosen} p
+    for group rank i (group g_i, weight q_i):
+        r = softmax over the columns of group g_i only (the others masked to -inf, so r = 0 there)
+        sub-expert ranks j = the k_e arg-max passes over r inside the group;  s = r / sum_{chosen} r
+        weights[t, i*k_e + j] = q_i * s_c,  experts[t, i*k_e + j] = c   (c = g_i*E + e is the id)
+
+Backward, with dw = dL/dweights and dq_in = dL/dgroup_weights, per group rank i:
+
+    dL/ds_c   = q_i * dw_c                       on the chosen columns c of group g_i
+    dL/dq_i   = dq_in_i + sum_j dw_j * s_j
+    del[t, columns of g_i] = softmax/renormalisation backward of (r, dL/ds) inside the group
+    dgl[t]    = softmax/renormalisation backward of (p, dL/dq)
+
+Unchosen groups get a zero expert-logit gradient; every gradient element is written by the
+kernel (no memset). The softmax, top-k, renormalisation and their gradients are the jit helpers
+of ``_routing_triton``, shared with ``topk_route``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._routing_triton import (_block_e, _block_t, _load_logits, _renormalized, _router_scores,
+                              _router_scores_grad, _top_k_ranks)
+
+
+@triton.jit
+def _token_block(gl_ptr, el_ptr, T, G, E, stride_gt, stride_gg, stride_et, stride_ec,
+                 BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GE: tl.constexpr):
+    """This program's tokens: rows, the group scores p [BLOCK_T, BLOCK_G] with their columns,
+    and the expert logits [BLOCK_T, BLOCK_GE] with their columns c = g*E + e and groups g."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < T
+    gcols = tl.arange(0, BLOCK_G)
+    gmask = gcols < G
+    p = _router_scores(_load_logits(gl_ptr, rows, gcols, row_mask, gmask, stride_gt, stride_gg), gmask, False)
+    cols = tl.arange(0, BLOCK_GE)
+    cmask = cols < G * E
+    el = _load_logits(el_ptr, rows, cols, row_mask, cmask, stride_et, stride_ec)
+    return rows, row_mask, p, gcols, gmask, el, cols, cmask, cols // E
+
+
+@triton.jit
+def _in_group_scores(expert_logits, in_group, cmask):
+    """Softmax of a [BLOCK_T, BLOCK_GE] expert tile over the columns of each row's group only."""
+    return _router_scores(tl.where(in_group, expert_logits, float("-inf")), cmask, False)
+
+
+@triton.jit
+def _nested_scores_fwd_kernel(gl_ptr, el_ptr, weights_ptr, experts_ptr, group_weights_ptr, groups_ptr,
+                              bad_rows_ptr, T, G, E, KG, KE, stride_gt, stride_gg, stride_et, stride_ec,
+                              RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                              BLOCK_GE: tl.constexpr):
+    rows, row_mask, p, gcols, gmask, el, cols, cmask, col_group = _token_block(
+        gl_ptr, el_ptr, T, G, E, stride_gt, stride_gg, stride_et, stride_ec, BLOCK_T, BLOCK_G, BLOCK_GE)
+    # A token with a NaN logit or an undefined score is counted for the host to raise on; the
+    # scores are zeroed so that the indices written stay in range until then.
+    bad = tl.max(((p != p) & gmask[None, :]).to(tl.int32), axis=1) | tl.max((el != el).to(tl.int32), axis=1)
+    p = tl.where(p == p, p, 0.0)
+    group_rank = _top_k_ranks(p, gmask, gcols, KG)
+    q = p
+    if RENORMALIZE:
+        q = _renormalized(p, group_rank >= 0)
+    K = KG * KE
+    for i in range(KG):
+        is_i = group_rank == i
+        group = tl.sum(tl.where(is_i, gcols[None, :], 0), axis=1)
+        q_i = tl.sum(tl.where(is_i, q, 0.0), axis=1)
+        tl.store(group_weights_ptr + rows * KG + i, q_i, mask=row_mask)
+        tl.store(groups_ptr + rows * KG + i, group.to(tl.int64), mask=row_mask)
+        in_group = col_group[None, :] == group[:, None]
+        r = _in_group_scores(el, in_group, cmask)
+        bad = bad | tl.max(((r != r) & in_group).to(tl.int32), axis=1)
+        r = tl.where(r == r, r, 0.0)
+        # Columns outside the group score -1 so that no arg-max pass picks them.
+        rank = _top_k_ranks(tl.where(in_group, r, -1.0), cmask, cols, KE)
+        chosen = rank >= 0
+        s = r
+        if RENORMALIZE:
+            s = _renormalized(r, chosen)
+        out = rows[:, None] * K + i * KE + rank
+        out_mask = chosen & row_mask[:, None]
+        tl.store(weights_ptr + out, q_i[:, None] * s, mask=out_mask)
+        tl.store(experts_ptr + out, (cols[None, :] + tl.zeros_like(rank)).to(tl.int64), mask=out_mask)
+    tl.store(bad_rows_ptr + tl.program_id(0), tl.sum(tl.where(row_mask, bad, 0), axis=0))
+
+
+@triton.jit
+def _nested_scores_bwd_kernel(gl_ptr, el_ptr, groups_ptr, experts_ptr, dweights_ptr, dgroup_weights_ptr,
+                              dgl_ptr, del_ptr, T, G, E, KG, KE, stride_gt, stride_gg, stride_et, stride_ec,
+                              RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                              BLOCK_GE: tl.constexpr):
+    rows, row_mask, p, gcols, gmask, el, cols, cmask, col_group = _token_block(
+        gl_ptr, el_ptr, T, G, E, stride_gt, stride_gg, stride_et, stride_ec, BLOCK_T, BLOCK_G, BLOCK_GE)
+    group_chosen = tl.zeros((BLOCK_T, BLOCK_G), tl.int1)
+    for i in range(KG):
+        group = tl.load(groups_ptr + rows * KG + i, mask=row_mask, other=0)
+        group_chosen = group_chosen | (gcols[None, :] == group[:, None])
+    q = p
+    if RENORMALIZE:
+        q = _renormalized(p, group_chosen)
+    K = KG * KE
+    dq = tl.zeros((BLOCK_T, BLOCK_G), tl.float32)
+    del_tile = tl.zeros((BLOCK_T, BLOCK_GE), tl.float32)
+    for i in range(KG):
+        group = tl.load(groups_ptr + rows * KG + i, mask=row_mask, other=0)
+        is_group = gcols[None, :] == group[:, None]
+        q_i = tl.sum(tl.where(is_group, q, 0.0), axis=1)
+        in_group = col_group[None, :] == group[:, None]
+        r = _in_group_scores(el, in_group, cmask)
+        dw = tl.zeros((BLOCK_T, BLOCK_GE), tl.float32)
+        chosen = tl.zeros((BLOCK_T, BLOCK_GE), tl.int1)
+        for j in range(KE):
+            expert = tl.load(experts_ptr + rows * K + i * KE + j, mask=row_mask, other=-1)
+            grad = tl.load(dweights_ptr + rows * K + i * KE + j, mask=row_mask, other=0.0)
+            hit = cols[None, :] == expert[:, None]
+            dw = tl.where(hit, grad[:, None], dw)
+            chosen = chosen | hit
+        s = r
+        if RENORMALIZE:
+            s = _renormalized(r, chosen)
+        # w = q_i * s: the product rule splits dw between q_i and s.
+        dq_i = tl.load(dgroup_weights_ptr + rows * KG + i, mask=row_mask, other=0.0) \
+            + tl.sum(tl.where(chosen, dw * s, 0.0), axis=1)
+        dq = tl.where(is_group, dq_i[:, None], dq)
+        # r (hence this gradient) is 0 outside the group, so groups never overwrite each other.
+        del_tile += _router_scores_grad(r, dw * q_i[:, None], chosen, False, RENORMALIZE)
+    dgl = _router_scores_grad(p, dq, group_chosen, False, RENORMALIZE)
+    tl.store(dgl_ptr + rows[:, None] * G + gcols[None, :], dgl.to(dgl_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & gmask[None, :])
+    tl.store(del_ptr + rows[:, None] * (G * E) + cols[None, :], del_tile.to(del_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & cmask[None, :])
+
+
+def _blocks(G: int, E: int) -> tuple[int, int, int]:
+    block_g, block_ge = _block_e(G), _block_e(G * E)
+    return _block_t(max(block_g, block_ge)), block_g, block_ge
+
+
+@torch.library.custom_op("moe_restore::nested_scores", mutates_args=())
+def nested_scores(group_logits: torch.Tensor, expert_logits: torch.Tensor, k_groups: int, k_experts: int,
+                  renormalize: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights, experts, group_weights, groups, count of tokens with NaN scores) for
+    group_logits [T, G] and expert_logits [T, G, E]."""
+    T, G, E = expert_logits.shape
+    k = k_groups * k_experts
+    flat = expert_logits.reshape(T, G * E)  # a view unless the (G, E) axes cannot merge
+    block_t, block_g, block_ge = _blocks(G, E)
+    grid = (triton.cdiv(T, block_t),)
+    device = group_logits.device
+    weights = torch.empty(T, k, dtype=torch.float32, device=device)
+    experts = torch.empty(T, k, dtype=torch.int64, device=device)
+    group_weights = torch.empty(T, k_groups, dtype=torch.float32, device=device)
+    groups = torch.empty(T, k_groups, dtype=torch.int64, device=device)
+    bad_rows = torch.empty(grid[0], dtype=torch.int32, device=device)
+    _nested_scores_fwd_kernel[grid](
+        group_logits, flat, weights, experts, group_weights, groups, bad_rows, T, G, E, k_groups, k_experts,
+        group_logits.stride(0), group_logits.stride(1), flat.stride(0), flat.stride(1),
+        RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_GE=block_ge)
+    return weights, experts, group_weights, groups, bad_rows.sum(dtype=torch.int64)
+
+
+@nested_scores.register_fake
+def _(group_logits, expert_logits, k_groups, k_experts, renormalize):
+    T = group_logits.shape[0]
+    k = k_groups * k_experts
+    new = group_logits.new_empty
+    return (new(T, k, dtype=torch.float32), new(T, k, dtype=torch.int64), new(T, k_groups, dtype=torch.float32),
+            new(T, k_groups, dtype=torch.int64), new((), dtype=torch.int64))
+
+
+@torch.library.custom_op("moe_restore::nested_scores_backward", mutates_args=())
+def nested_scores_backward(dweights: torch.Tensor, dgroup_weights: torch.Tensor, group_logits: torch.Tensor,
+                           expert_logits: torch.Tensor, experts: torch.Tensor, groups: torch.Tensor,
+                           k_experts: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dgroup_logits, dL/dexpert_logits); the scores are recomputed from the logits."""
+    T, G, E = expert_logits.shape
+    k_groups = groups.shape[1]
+    flat = expert_logits.reshape(T, G * E)
+    block_t, block_g, block_ge = _blocks(G, E)
+    dgroup_logits = torch.empty(T, G, dtype=group_logits.dtype, device=group_logits.device)
+    dexpert_logits = torch.empty(T, G * E, dtype=flat.dtype, device=flat.device)
+    _nested_scores_bwd_kernel[(triton.cdiv(T, block_t),)](
+        group_logits, flat, groups, experts, dweights.contiguous(), dgroup_weights.contiguous(),
+        dgroup_logits, dexpert_logits, T, G, E, k_groups, k_experts,
+        group_logits.stride(0), group_logits.stride(1), flat.stride(0), flat.stride(1),
+        RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_GE=block_ge)
+    return dgroup_logits, dexpert_logits.view(T, G, E)
+
+
+@nested_scores_backward.register_fake
+def _(dweights, dgroup_weights, group_logits, expert_logits, experts, groups, k_experts, renormalize):
+    return group_logits.new_empty(group_logits.shape), expert_logits.new_empty(expert_logits.shape)
+
+
+def _nested_scores_setup(ctx, inputs, output):
+    group_logits, expert_logits, _k_groups, k_experts, renormalize = inputs
+    ctx.save_for_backward(group_logits, expert_logits, output[1], output[3])
+    ctx.config = (k_experts, renormalize)
+
+
+def _nested_scores_grad(ctx, dweights, _dexperts, dgroup_weights, _dgroups, _dbad):
+    group_logits, expert_logits, experts, groups = ctx.saved_tensors
+    dgroup_logits, dexpert_logits = nested_scores_backward(dweights, dgroup_weights, group_logits, expert_logits,
+                                                           experts, groups, *ctx.config)
+    return dgroup_logits, dexpert_logits, None, None, None
+
+
+nested_scores.register_autograd(_nested_scores_grad, setup_context=_nested_scores_setup)
