@@ -193,3 +193,18 @@ def test_routing_is_a_frozen_record():
     assert isinstance(r, Routing) and r.top_k == 2 and r.num_tokens == 5
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.num_experts = 3
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_autocast_runs_in_the_autocast_dtype(backend):
+    x, logits, w1, w2, b1, b2, _ = make_problem(33, 24, 40, 4, 2, 24, "gelu", True, "softmax", torch.float32, seed=8)
+    r = topk_route(logits, 2, backend=backend)
+    params = [p.requires_grad_() for p in (x, w1, w2, b1, b2)]
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        y = moe_mlp(x, r, w1, w2, b1, b2, backend=backend)
+    assert y.dtype == torch.float16
+    grads = torch.autograd.grad(y.float().sum(), params)
+    assert all(g.dtype == torch.float32 for g in grads), "parameters keep their dtype and get float32 grads"
+    want = oracle_moe_mlp(x.detach().cpu().double(), r.experts.cpu(), r.weights.cpu().double(), w1.detach().cpu().double(),
+                          w2.detach().cpu().double(), b1.detach().cpu().double(), b2.detach().cpu().double(), "gelu")
+    assert_close(y, want, torch.float16, backend=backend)
