@@ -15,6 +15,8 @@ def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
         return F.silu(gate) * up
     if activation == "gelu":
         return F.gelu(z)  # exact (erf) GELU
+    if activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
     return F.silu(z) if activation == "silu" else F.relu(z)
 
 

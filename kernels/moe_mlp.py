@@ -6,7 +6,8 @@ For x [T, D] and a Routing (assignment a = t*k + j to expert e = experts[t, j], 
 
 w1 [E, D, H] (swiglu: [E, D, 2H], the first H columns the gate, the last H the up projection,
 act(z) = silu(gate) * up); w2 [E, H, D_out]; b1 [E, H or 2H] or None; b2 [E, D_out] or None;
-activation in {"gelu" (exact erf GELU), "silu", "swiglu", "relu"}. Differentiable w.r.t. x,
+activation in {"gelu" (exact erf GELU), "gelu_tanh" (the tanh approximation, as in
+diffusers' FeedForward), "silu", "swiglu", "relu"}. Differentiable w.r.t. x,
 w1, w2, b1, b2 and the routing weights (so a loss reaches the router logits).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ._backend import resolve_backend
 from ._checks import check_float, check_ndim, check_same_device, check_shape
 from .routing import Routing
 
-ACTIVATIONS = ("gelu", "silu", "swiglu", "relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "swiglu", "relu")
 
 
 def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
