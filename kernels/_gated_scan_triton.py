@@ -42,6 +42,8 @@ buffer, float32), and no [B, L, D, N] state is stored: the forward saves the chu
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -63,18 +65,37 @@ def chunk_length(length: int) -> int:
 
 
 @triton.jit
-def _log_sigmoid(x):
-    # log sigmoid(x) = -softplus(-x) = min(x, 0) - log(1 + exp(-|x|)): no overflow either way.
-    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+def _chunk_program(L, D, N, sx_b, sn_b, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a (chunk, channel block, batch) program works on: chunk c, channel block pid_d,
+    batch row b, tokens [start, end), channel and state lanes with masks, and the batch row's
+    int64 base offsets into the [.., D] and [.., N] tensors."""
+    c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    start = c * CHUNK
+    return (c, pid_d, b, start, tl.minimum(start + CHUNK, L), offs_d, offs_n, offs_d < D, offs_n < N,
+            b.to(tl.int64) * sx_b, b.to(tl.int64) * sn_b)
 
 
 @triton.jit
-def _token_offset(k, L, INNER, s_outer, s_inner, REVERSE: tl.constexpr):
-    """Memory offset (int64) of the k-th visited token of a [H, W] grid read with strides."""
+def _load_token(k, U, F, BM, CM, L, INNER, base_x, base_n, sx_o, sx_i, sn_o, sn_i,
+                offs_d, offs_n, mask_d, mask_n, REVERSE: tl.constexpr):
+    """The k-th visited token of a [H, W] grid read through strides: its int64 offsets into
+    the [.., D] and [.., N] tensors, and float32 u, log a, a, 1 - a, Bm, Cm. (A kernel that
+    ignores a value loses its load: the compiler drops unused loads.)"""
     if REVERSE:
         k = L - 1 - k
-    k = k.to(tl.int64)
-    return (k // INNER) * s_outer + (k % INNER) * s_inner
+    k = tl.cast(k, tl.int64)
+    row, col = k // INNER, k % INNER
+    ox = base_x + row * sx_o + col * sx_i
+    on = base_n + row * sn_o + col * sn_i
+    u = tl.load(U + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    f = tl.load(F + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bm = tl.load(BM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    cm = tl.load(CM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    # log a = log sigmoid(f) = min(f, 0) - log(1 + exp(-|f|)); log(1 - a) = log a - f
+    log_a = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))
+    return ox, on, u, log_a, tl.exp(log_a), tl.exp(log_a - f), bm, cm
 
 
 @triton.jit
@@ -83,35 +104,43 @@ def _affine_compose(a1, b1, a2, b2):
     return a1 * a2, a2 * b1 + b2
 
 
-def _configs(name: str, block_d: int):
-    return kernel_configs(name, {"BLOCK_D": block_d, "num_warps": 2},
+@triton.jit
+def _state_before_chunk(H, H0, b, c, D, N, NC, state, mask, HAS_H0: tl.constexpr):
+    """The state entering chunk c: H[b, c-1], or h0 (or zero) for the first chunk."""
+    # a scalar condition is applied with tl.where, not in the load mask: the interpreter
+    # rejects a block mask combined with a scalar predicate
+    prev = tl.load(H + (b.to(tl.int64) * NC + tl.maximum(c - 1, 0)) * D * N + state, mask=mask, other=0.0)
+    if HAS_H0:
+        first = tl.load(H0 + b.to(tl.int64) * D * N + state, mask=mask, other=0.0)
+    else:
+        first = tl.zeros(prev.shape, tl.float32)
+    return tl.where(c > 0, prev, first)
+
+
+def _chunk_configs(name: str):
+    """Configurations of the (chunk, channel block, batch) kernels: channel block and warps."""
+    return kernel_configs(name, {"BLOCK_D": 32, "num_warps": 2},
                           [{"BLOCK_D": 16, "num_warps": 1}, {"BLOCK_D": 32, "num_warps": 4},
                            {"BLOCK_D": 64, "num_warps": 4}])
 
 
-@triton.autotune(configs=_configs("gated_scan_chunk_state", 32), key=["D", "BLOCK_N", "CHUNK"])
+@triton.autotune(configs=_chunk_configs("gated_scan_chunk_state"), key=["D", "BLOCK_N", "CHUNK"])
 @triton.jit
-def _chunk_state_kernel(U, F, BM, S, G,
+def _chunk_state_kernel(U, F, BM, CM, S, G,
                         L, INNER, D, N, NC,
                         sx_b, sx_o, sx_i, sn_b, sn_o, sn_i,
                         REVERSE: tl.constexpr, CHUNK: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = offs_d < D, offs_n < N
-    base_x, base_n = b.to(tl.int64) * sx_b, b.to(tl.int64) * sn_b
+    c, pid_d, b, start, end, offs_d, offs_n, mask_d, mask_n, base_x, base_n = _chunk_program(
+        L, D, N, sx_b, sn_b, CHUNK, BLOCK_D, BLOCK_N)
 
     h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     log_decay = tl.zeros([BLOCK_D], tl.float32)
-    for k in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L)):
-        ox = base_x + _token_offset(k, L, INNER, sx_o, sx_i, REVERSE)
-        on = base_n + _token_offset(k, L, INNER, sn_o, sn_i, REVERSE)
-        u = tl.load(U + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        f = tl.load(F + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        bm = tl.load(BM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        log_a = _log_sigmoid(f)
-        h = tl.exp(log_a)[:, None] * h + (tl.exp(_log_sigmoid(-f)) * u)[:, None] * bm[None, :]
+    for k in range(start, end):
+        ox, on, u, log_a, a, one_minus_a, bm, cm = _load_token(
+            k, U, F, BM, CM, L, INNER, base_x, base_n, sx_o, sx_i, sn_o, sn_i,
+            offs_d, offs_n, mask_d, mask_n, REVERSE)
+        h = a[:, None] * h + (one_minus_a * u)[:, None] * bm[None, :]
         log_decay += log_a
 
     row = (b.to(tl.int64) * NC + c) * D + offs_d
@@ -140,7 +169,10 @@ def _chunk_carry_kernel(S, G, INIT, OUT, DN, N, NC,
     rows = tl.arange(0, BLOCK_C)
     for c0 in range(0, NC, BLOCK_C):
         step = c0 + rows
-        chunk = (NC - 1 - step) if REVERSE_CHUNKS else step
+        if REVERSE_CHUNKS:
+            chunk = NC - 1 - step
+        else:
+            chunk = step
         chunk_row = b.to(tl.int64) * NC + chunk
         mask = (step < NC)[:, None] & mask_e[None, :]
         # rows past the end load as the identity map (decay 1, offset 0)
@@ -153,7 +185,7 @@ def _chunk_carry_kernel(S, G, INIT, OUT, DN, N, NC,
         h = tl.sum(tl.where(rows[:, None] == BLOCK_C - 1, states, 0.0), axis=0)
 
 
-@triton.autotune(configs=_configs("gated_scan_chunk_output", 32), key=["D", "BLOCK_N", "CHUNK"])
+@triton.autotune(configs=_chunk_configs("gated_scan_chunk_output"), key=["D", "BLOCK_N", "CHUNK"])
 @triton.jit
 def _chunk_output_kernel(U, F, BM, CM, Z, DSKIP, H, H0, OUT,
                          L, INNER, D, N, NC,
@@ -161,28 +193,19 @@ def _chunk_output_kernel(U, F, BM, CM, Z, DSKIP, H, H0, OUT,
                          HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
                          REVERSE: tl.constexpr, CHUNK: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = offs_d < D, offs_n < N
+    c, pid_d, b, start, end, offs_d, offs_n, mask_d, mask_n, base_x, base_n = _chunk_program(
+        L, D, N, sx_b, sn_b, CHUNK, BLOCK_D, BLOCK_N)
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    base_x, base_n = b.to(tl.int64) * sx_b, b.to(tl.int64) * sn_b
     state = offs_d[:, None] * N + offs_n[None, :]
 
-    # the state entering chunk c: H[b, c-1], or h0 for the first chunk
-    h = tl.load(H + (b.to(tl.int64) * NC + c - 1) * D * N + state, mask=mask_dn & (c > 0), other=0.0)
-    if HAS_H0:
-        h += tl.load(H0 + b.to(tl.int64) * D * N + state, mask=mask_dn & (c == 0), other=0.0)
+    h = _state_before_chunk(H, H0, b, c, D, N, NC, state, mask_dn, HAS_H0)
     if HAS_D:
         d_skip = tl.load(DSKIP + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    for k in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L)):
-        ox = base_x + _token_offset(k, L, INNER, sx_o, sx_i, REVERSE)
-        on = base_n + _token_offset(k, L, INNER, sn_o, sn_i, REVERSE)
-        u = tl.load(U + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        f = tl.load(F + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        bm = tl.load(BM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        cm = tl.load(CM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        h = tl.exp(_log_sigmoid(f))[:, None] * h + (tl.exp(_log_sigmoid(-f)) * u)[:, None] * bm[None, :]
+    for k in range(start, end):
+        ox, on, u, log_a, a, one_minus_a, bm, cm = _load_token(
+            k, U, F, BM, CM, L, INNER, base_x, base_n, sx_o, sx_i, sn_o, sn_i,
+            offs_d, offs_n, mask_d, mask_n, REVERSE)
+        h = a[:, None] * h + (one_minus_a * u)[:, None] * bm[None, :]
         y = tl.sum(h * cm[None, :], axis=1)
         if HAS_D:
             y += d_skip * u
@@ -202,30 +225,25 @@ def _output_grad(GOUT, Z, ox, offs_d, mask_d, HAS_Z: tl.constexpr):
     return g * gate, gate
 
 
-@triton.autotune(configs=_configs("gated_scan_chunk_adjoint", 32), key=["D", "BLOCK_N", "CHUNK"])
+@triton.autotune(configs=_chunk_configs("gated_scan_chunk_adjoint"), key=["D", "BLOCK_N", "CHUNK"])
 @triton.jit
-def _chunk_adjoint_kernel(F, CM, Z, GOUT, R,
+def _chunk_adjoint_kernel(U, F, BM, CM, Z, GOUT, R,
                           L, INNER, D, N, NC,
                           sx_b, sx_o, sx_i, sn_b, sn_o, sn_i,
                           HAS_Z: tl.constexpr, REVERSE: tl.constexpr, CHUNK: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """R[b, c] = a_s lambda_s at the chunk's first token s, with lambda from zero at its end."""
-    c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = offs_d < D, offs_n < N
-    base_x, base_n = b.to(tl.int64) * sx_b, b.to(tl.int64) * sn_b
+    c, pid_d, b, start, end, offs_d, offs_n, mask_d, mask_n, base_x, base_n = _chunk_program(
+        L, D, N, sx_b, sn_b, CHUNK, BLOCK_D, BLOCK_N)
 
     mu = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)  # a_{t+1} lambda_{t+1}
-    end = tl.minimum(c * CHUNK + CHUNK, L)
-    for i in range(c * CHUNK, end):
-        k = end - 1 - (i - c * CHUNK)
-        ox = base_x + _token_offset(k, L, INNER, sx_o, sx_i, REVERSE)
-        on = base_n + _token_offset(k, L, INNER, sn_o, sn_i, REVERSE)
+    for i in range(start, end):
+        k = end - 1 - (i - start)
+        ox, on, u, log_a, a, one_minus_a, bm, cm = _load_token(
+            k, U, F, BM, CM, L, INNER, base_x, base_n, sx_o, sx_i, sn_o, sn_i,
+            offs_d, offs_n, mask_d, mask_n, REVERSE)
         dy, gate = _output_grad(GOUT, Z, ox, offs_d, mask_d, HAS_Z)
-        f = tl.load(F + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        cm = tl.load(CM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        mu = tl.exp(_log_sigmoid(f))[:, None] * (mu + dy[:, None] * cm[None, :])
+        mu = a[:, None] * (mu + dy[:, None] * cm[None, :])
 
     row = (b.to(tl.int64) * NC + c) * D + offs_d
     tl.store(R + row[:, None] * N + offs_n[None, :], mu, mask=mask_d[:, None] & mask_n[None, :])
@@ -245,39 +263,32 @@ def _chunk_backward_kernel(U, F, BM, CM, Z, DSKIP, GOUT, H, H0, M, DHN,
     """All gradients of one chunk. DF is float32: the forward sweep parks the prefix sums of Q
     there and the reverse sweep overwrites them with df. dBm and dCm are summed over channel
     blocks afterwards (one partial per block: no atomics, deterministic)."""
-    c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = offs_d < D, offs_n < N
+    c, pid_d, b, start, end, offs_d, offs_n, mask_d, mask_n, base_x, base_n = _chunk_program(
+        L, D, N, sx_b, sn_b, CHUNK, BLOCK_D, BLOCK_N)
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    base_x, base_n = b.to(tl.int64) * sx_b, b.to(tl.int64) * sn_b
     part = pid_d.to(tl.int64) * part_stride  # this channel block's dBm / dCm partial
     state = offs_d[:, None] * N + offs_n[None, :]
-    chunk_state = (b.to(tl.int64) * NC + c) * D * N + state
 
-    h = tl.load(H + chunk_state - D * N, mask=mask_dn & (c > 0), other=0.0)
-    if HAS_H0:
-        h += tl.load(H0 + b.to(tl.int64) * D * N + state, mask=mask_dn & (c == 0), other=0.0)
-    # rho: the adjoint flowing into h_{e-1} from the chunks after this one
-    rho = tl.load(M + chunk_state + D * N, mask=mask_dn & (c < NC - 1), other=0.0)
+    h = _state_before_chunk(H, H0, b, c, D, N, NC, state, mask_dn, HAS_H0)
+    # rho: the adjoint flowing into h_{e-1} from the chunks after this one, M[b, c+1] or dL/dh_final
+    rho = tl.load(M + (b.to(tl.int64) * NC + tl.minimum(c + 1, NC - 1)) * D * N + state, mask=mask_dn, other=0.0)
     if HAS_DHN:
-        rho += tl.load(DHN + b.to(tl.int64) * D * N + state, mask=mask_dn & (c == NC - 1), other=0.0)
+        final = tl.load(DHN + b.to(tl.int64) * D * N + state, mask=mask_dn, other=0.0)
+    else:
+        final = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    rho = tl.where(c < NC - 1, rho, final)
     if HAS_D:
         d_skip = tl.load(DSKIP + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     else:
         d_skip = tl.zeros([BLOCK_D], tl.float32)
 
-    start, end = c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L)
     q_prefix = tl.zeros([BLOCK_D], tl.float32)
     dd = tl.zeros([BLOCK_D], tl.float32)
     for k in range(start, end):
-        ox = base_x + _token_offset(k, L, INNER, sx_o, sx_i, REVERSE)
-        on = base_n + _token_offset(k, L, INNER, sn_o, sn_i, REVERSE)
-        u = tl.load(U + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        f = tl.load(F + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        bm = tl.load(BM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        cm = tl.load(CM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        h = tl.exp(_log_sigmoid(f))[:, None] * h + (tl.exp(_log_sigmoid(-f)) * u)[:, None] * bm[None, :]
+        ox, on, u, log_a, a, one_minus_a, bm, cm = _load_token(
+            k, U, F, BM, CM, L, INNER, base_x, base_n, sx_o, sx_i, sn_o, sn_i,
+            offs_d, offs_n, mask_d, mask_n, REVERSE)
+        h = a[:, None] * h + (one_minus_a * u)[:, None] * bm[None, :]
         hc = tl.sum(h * cm[None, :], axis=1)
         dy, gate = _output_grad(GOUT, Z, ox, offs_d, mask_d, HAS_Z)
         if HAS_Z:
@@ -297,14 +308,10 @@ def _chunk_backward_kernel(U, F, BM, CM, Z, DSKIP, GOUT, H, H0, M, DHN,
     k_suffix = tl.zeros([BLOCK_D], tl.float32)
     for i in range(start, end):
         k = end - 1 - (i - start)
-        ox = base_x + _token_offset(k, L, INNER, sx_o, sx_i, REVERSE)
-        on = base_n + _token_offset(k, L, INNER, sn_o, sn_i, REVERSE)
-        u = tl.load(U + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        f = tl.load(F + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        bm = tl.load(BM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        cm = tl.load(CM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        ox, on, u, log_a, a, one_minus_a, bm, cm = _load_token(
+            k, U, F, BM, CM, L, INNER, base_x, base_n, sx_o, sx_i, sn_o, sn_i,
+            offs_d, offs_n, mask_d, mask_n, REVERSE)
         dy, gate = _output_grad(GOUT, Z, ox, offs_d, mask_d, HAS_Z)
-        a, one_minus_a = tl.exp(_log_sigmoid(f)), tl.exp(_log_sigmoid(-f))
         lam = mu + dy[:, None] * cm[None, :]
         lam_b = tl.sum(lam * bm[None, :], axis=1)
         write = one_minus_a * u
@@ -360,11 +367,11 @@ class _Geometry:
                 torch.empty(b, nc, d, device=device, dtype=torch.float32))
 
 
-def scan_forward(u, f, bm, cm, d_skip, z, h0, geo: _Geometry):
+def _scan_forward(u, f, bm, cm, d_skip, z, h0, geo: _Geometry):
     """Run the forward kernels; returns (out, chunk end states H [B, NC, D, N], log decays G)."""
     states, log_decay = geo.chunk_buffers(u.device)
     flags = dict(REVERSE=geo.reverse, CHUNK=geo.chunk, BLOCK_N=geo.block_n)
-    _chunk_state_kernel[geo.grid](u, f, bm, states, log_decay, *geo.args, **flags)
+    _chunk_state_kernel[geo.grid](u, f, bm, cm, states, log_decay, *geo.args, **flags)
     ends = geo.carry(states, log_decay, h0, reverse_chunks=False)
     out = torch.empty_like(u)
     _chunk_output_kernel[geo.grid](u, f, bm, cm, u if z is None else z, u if d_skip is None else d_skip,
@@ -374,13 +381,13 @@ def scan_forward(u, f, bm, cm, d_skip, z, h0, geo: _Geometry):
     return out, ends, log_decay
 
 
-def scan_backward(grad_out, grad_final, u, f, bm, cm, d_skip, z, h0, ends, log_decay, geo: _Geometry):
-    """Run the backward kernels; returns float32/input-dtype gradients
-    (du, df, dBm, dCm, dd_skip, dz, dh0), None where the input was None."""
+def _scan_backward(grad_out, grad_final, u, f, bm, cm, d_skip, z, h0, ends, log_decay, geo: _Geometry):
+    """Run the backward kernels; returns (du, df, dBm, dCm, dd_skip, dz, dh0), None where the
+    input was None; d_skip and h0 gradients in float32, the others in their input's dtype."""
     flags = dict(REVERSE=geo.reverse, CHUNK=geo.chunk, BLOCK_N=geo.block_n)
     dummy = u
     partial, _ = geo.chunk_buffers(u.device)
-    _chunk_adjoint_kernel[geo.grid](f, cm, dummy if z is None else z, grad_out, partial, *geo.args,
+    _chunk_adjoint_kernel[geo.grid](u, f, bm, cm, dummy if z is None else z, grad_out, partial, *geo.args,
                                     HAS_Z=z is not None, **flags)
     adjoints = geo.carry(partial, log_decay, grad_final, reverse_chunks=True)
     del partial
@@ -400,31 +407,71 @@ def scan_backward(grad_out, grad_final, u, f, bm, cm, d_skip, z, h0, ends, log_d
         HAS_Z=z is not None, HAS_D=d_skip is not None, HAS_H0=h0 is not None,
         HAS_DHN=grad_final is not None, BLOCK_D=block_d, **flags)
     dd = dd_part.sum(dim=(0, 1)) if d_skip is not None else None
-    dh0 = adjoints[:, 0] if h0 is not None else None
+    dh0 = adjoints[:, 0].clone() if h0 is not None else None
     return du, df.to(f.dtype), dbm_part.sum(0).to(bm.dtype), dcm_part.sum(0).to(cm.dtype), dd, dz, dh0
 
 
-class GatedScanFunction(torch.autograd.Function):
-    """Autograd Function over the kernels. Inputs are [B, H, W, C] grids (a 1-D sequence is
-    [B, 1, L, C]), contiguous; d_skip and h0 float32. Saves the inputs, the chunk end states
-    [B, NC, D, N] and the chunk log decays [B, NC, D]: nothing of size [B, L, D, N]."""
+# The Triton path as custom ops (with fake implementations), so that torch.compile traces it
+# without graph breaks. Inputs are [B, H, W, C] grids (a 1-D sequence is [B, 1, L, C]), with
+# u, f, z contiguous alike and Bm, Cm contiguous alike; d_skip and h0 float32.
 
-    @staticmethod
-    def forward(ctx, u, f, bm, cm, d_skip, z, h0, column_major: bool, reverse: bool):
-        geo = _Geometry(u, bm, column_major, reverse)
-        out, ends, log_decay = scan_forward(u, f, bm, cm, d_skip, z, h0, geo)
-        ctx.geo = geo
-        ctx.save_for_backward(u, f, bm, cm, d_skip, z, h0, ends, log_decay)
-        ctx.set_materialize_grads(False)
-        return out, ends[:, -1].clone()
+@torch.library.custom_op("moe_restore::gated_scan", mutates_args=())
+def gated_scan_forward(u: torch.Tensor, f: torch.Tensor, bm: torch.Tensor, cm: torch.Tensor,
+                       d_skip: Optional[torch.Tensor], z: Optional[torch.Tensor], h0: Optional[torch.Tensor],
+                       column_major: bool, reverse: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, final state [B, D, N], chunk end states [B, NC, D, N], chunk log decays [B, NC, D]);
+    the last two are what the backward keeps: nothing of size [B, L, D, N]."""
+    out, ends, log_decay = _scan_forward(u, f, bm, cm, d_skip, z, h0, _Geometry(u, bm, column_major, reverse))
+    return out, ends[:, -1].clone(), ends, log_decay
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_final):
-        u, f, bm, cm, d_skip, z, h0, ends, log_decay = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(u)
-        grad_out = grad_out.contiguous()
-        if grad_final is not None:
-            grad_final = grad_final.float().contiguous()
-        grads = scan_backward(grad_out, grad_final, u, f, bm, cm, d_skip, z, h0, ends, log_decay, ctx.geo)
-        return (*grads, None, None)
+
+@gated_scan_forward.register_fake
+def _(u, f, bm, cm, d_skip, z, h0, column_major, reverse):
+    batch, height, width, dim = u.shape
+    n_chunks = triton.cdiv(height * width, chunk_length(height * width))
+    state = u.new_empty(batch, n_chunks, dim, bm.shape[-1], dtype=torch.float32)
+    return (torch.empty_like(u), state.new_empty(batch, dim, bm.shape[-1]), state,
+            state.new_empty(batch, n_chunks, dim))
+
+
+@torch.library.custom_op("moe_restore::gated_scan_backward", mutates_args=())
+def gated_scan_backward(grad_out: torch.Tensor, grad_final: torch.Tensor, u: torch.Tensor, f: torch.Tensor,
+                        bm: torch.Tensor, cm: torch.Tensor, d_skip: Optional[torch.Tensor],
+                        z: Optional[torch.Tensor], h0: Optional[torch.Tensor], ends: torch.Tensor,
+                        log_decay: torch.Tensor, column_major: bool, reverse: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor, torch.Tensor]:
+    """(du, df, dBm, dCm, dd_skip, dz, dh0); the gradient of a missing input is an empty tensor."""
+    grads = _scan_backward(grad_out, grad_final, u, f, bm, cm, d_skip, z, h0, ends, log_decay,
+                           _Geometry(u, bm, column_major, reverse))
+    return tuple(u.new_empty(0) if g is None else g for g in grads)
+
+
+@gated_scan_backward.register_fake
+def _(grad_out, grad_final, u, f, bm, cm, d_skip, z, h0, ends, log_decay, column_major, reverse):
+    def like(t, dtype=None):
+        return u.new_empty(0) if t is None else t.new_empty(t.shape, dtype=dtype or t.dtype)
+
+    return (torch.empty_like(u), like(f), like(bm), like(cm), like(d_skip, torch.float32), like(z),
+            like(h0, torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    u, f, bm, cm, d_skip, z, h0, column_major, reverse = inputs
+    _, _, ends, log_decay = output
+    ctx.save_for_backward(u, f, bm, cm, d_skip, z, h0, ends, log_decay)
+    ctx.layout = (column_major, reverse)
+
+
+def _backward(ctx, grad_out, grad_final, _grad_ends, _grad_log_decay):
+    u, f, bm, cm, d_skip, z, h0, ends, log_decay = ctx.saved_tensors
+    grad_out = torch.zeros_like(u) if grad_out is None else grad_out.contiguous()
+    grad_final = torch.zeros_like(ends[:, -1]) if grad_final is None else grad_final.float().contiguous()
+    du, df, dbm, dcm, dd, dz, dh0 = gated_scan_backward(grad_out, grad_final, u, f, bm, cm, d_skip, z, h0,
+                                                        ends, log_decay, *ctx.layout)
+    present = lambda grad, t: None if t is None else grad  # noqa: E731
+    return du, df, dbm, dcm, present(dd, d_skip), present(dz, z), present(dh0, h0), None, None
+
+
+gated_scan_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -43,8 +43,8 @@ import triton.language as tl
 from ._backend import kernel_configs
 
 ACTIVATIONS = {"gelu": 1, "silu": 2, "relu": 3, "swiglu": 4, "gelu_tanh": 5}
-# gelu_tanh(z) = 0.5 z (1 + tanh(u / 2)) = z * sigmoid(u),  u = 2 sqrt(2/pi) (z + 0.044715 z^3)
-_GELU_TANH_C = tl.constexpr(1.5957691216057308)  # 2 sqrt(2 / pi); jit code reads only constexpr globals
+# gelu_tanh(z) = 0.5 z (1 + tanh(u / 2)) = z * sigmoid(u),  u = 2 sqrt(2/pi) (z + 0.044715 z^3),
+# 2 sqrt(2/pi) = 1.5957691216057308 (written inline: jit code may read only constexpr globals).
 FUSED_MAX_WIDTH = 256
 
 
@@ -75,7 +75,7 @@ def _activation(z, ACT: tl.constexpr):
     elif ACT == 3:
         return tl.maximum(z, 0.0)
     elif ACT == 5:
-        return z * tl.sigmoid(_GELU_TANH_C * (z + 0.044715 * z * z * z))
+        return z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
     else:
         return z
 
@@ -90,8 +90,8 @@ def _activation_grad(z, ACT: tl.constexpr):
     elif ACT == 3:
         return (z > 0.0).to(tl.float32)
     elif ACT == 5:  # s + z s (1 - s) u'
-        s = tl.sigmoid(_GELU_TANH_C * (z + 0.044715 * z * z * z))
-        return s + z * s * (1.0 - s) * _GELU_TANH_C * (1.0 + 0.134145 * z * z)
+        s = tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+        return s + z * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * z * z)
     else:
         return tl.full(z.shape, 1.0, tl.float32)
 
