@@ -1,4 +1,4 @@
-"""Triton kernels of the sigmoid-gated selective scan, and its autograd Function.
+"""Triton kernels of the sigmoid-gated selective scan, and the custom ops (with autograd) over them.
 
 Per batch row, with a_t = sigmoid(f_t) and x_t = (1 - a_t) u_t Bm_t^T (a [D, N] outer product):
 
@@ -258,7 +258,7 @@ def _chunk_backward_kernel(U, F, BM, CM, Z, DSKIP, GOUT, H, H0, M, DHN,
                            L, INNER, D, N, NC,
                            sx_b, sx_o, sx_i, sn_b, sn_o, sn_i, part_stride,
                            HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
-                           HAS_DHN: tl.constexpr, REVERSE: tl.constexpr, CHUNK: tl.constexpr,
+                           REVERSE: tl.constexpr, CHUNK: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """All gradients of one chunk. DF is float32: the forward sweep parks the prefix sums of Q
     there and the reverse sweep overwrites them with df. dBm and dCm are summed over channel
@@ -272,10 +272,7 @@ def _chunk_backward_kernel(U, F, BM, CM, Z, DSKIP, GOUT, H, H0, M, DHN,
     h = _state_before_chunk(H, H0, b, c, D, N, NC, state, mask_dn, HAS_H0)
     # rho: the adjoint flowing into h_{e-1} from the chunks after this one, M[b, c+1] or dL/dh_final
     rho = tl.load(M + (b.to(tl.int64) * NC + tl.minimum(c + 1, NC - 1)) * D * N + state, mask=mask_dn, other=0.0)
-    if HAS_DHN:
-        final = tl.load(DHN + b.to(tl.int64) * D * N + state, mask=mask_dn, other=0.0)
-    else:
-        final = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    final = tl.load(DHN + b.to(tl.int64) * D * N + state, mask=mask_dn, other=0.0)
     rho = tl.where(c < NC - 1, rho, final)
     if HAS_D:
         d_skip = tl.load(DSKIP + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -382,8 +379,9 @@ def _scan_forward(u, f, bm, cm, d_skip, z, h0, geo: _Geometry):
 
 
 def _scan_backward(grad_out, grad_final, u, f, bm, cm, d_skip, z, h0, ends, log_decay, geo: _Geometry):
-    """Run the backward kernels; returns (du, df, dBm, dCm, dd_skip, dz, dh0), None where the
-    input was None; d_skip and h0 gradients in float32, the others in their input's dtype."""
+    """Run the backward kernels (grad_final: float32 [B, D, N], zeros when the final state is
+    unused); returns (du, df, dBm, dCm, dd_skip, dz, dh0), None where the input was None;
+    d_skip and h0 gradients in float32, the others in their input's dtype."""
     flags = dict(REVERSE=geo.reverse, CHUNK=geo.chunk, BLOCK_N=geo.block_n)
     dummy = u
     partial, _ = geo.chunk_buffers(u.device)
@@ -401,11 +399,11 @@ def _scan_backward(grad_out, grad_final, u, f, bm, cm, d_skip, z, h0, ends, log_
     dd_part = torch.empty(geo.batch, geo.n_chunks, geo.d, device=u.device, dtype=torch.float32)
     _chunk_backward_kernel[(geo.n_chunks, n_blocks, geo.batch)](
         u, f, bm, cm, dummy if z is None else z, dummy if d_skip is None else d_skip, grad_out,
-        ends, dummy if h0 is None else h0, adjoints, dummy if grad_final is None else grad_final,
+        ends, dummy if h0 is None else h0, adjoints, grad_final,
         du, df, dummy if dz is None else dz, dbm_part, dcm_part, dd_part,
         *geo.args, dbm_part.stride(0),
         HAS_Z=z is not None, HAS_D=d_skip is not None, HAS_H0=h0 is not None,
-        HAS_DHN=grad_final is not None, BLOCK_D=block_d, **flags)
+        BLOCK_D=block_d, **flags)
     dd = dd_part.sum(dim=(0, 1)) if d_skip is not None else None
     dh0 = adjoints[:, 0].clone() if h0 is not None else None
     return du, df.to(f.dtype), dbm_part.sum(0).to(bm.dtype), dcm_part.sum(0).to(cm.dtype), dd, dz, dh0
@@ -467,7 +465,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_final, _grad_ends, _grad_log_decay):
     u, f, bm, cm, d_skip, z, h0, ends, log_decay = ctx.saved_tensors
     grad_out = torch.zeros_like(u) if grad_out is None else grad_out.contiguous()
-    grad_final = torch.zeros_like(ends[:, -1]) if grad_final is None else grad_final.float().contiguous()
+    if grad_final is None:
+        grad_final = ends.new_zeros(ends.shape[0], *ends.shape[2:])
+    grad_final = grad_final.float().contiguous()
     du, df, dbm, dcm, dd, dz, dh0 = gated_scan_backward(grad_out, grad_final, u, f, bm, cm, d_skip, z, h0,
                                                         ends, log_decay, *ctx.layout)
     present = lambda grad, t: None if t is None else grad  # noqa: E731

@@ -1,0 +1,75 @@
+"""The eager baselines of the MoE benchmarks, written as most model code writes an MoE layer:
+a Python loop over experts that gathers each expert's tokens with index_select, runs the MLP and
+adds the weighted result back with index_add (one host synchronisation per expert to size the
+gather). They read the parameters of a TopKMoE / NestedMoE, so every implementation computes the
+same function (up to ties in the top-k and rounding)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers.nested_moe import NestedMoE
+
+
+def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest probabilities of each row and their indices, ties to the lower index (as the
+    library's routing breaks them, so that bf16 logits that tie pick the same experts)."""
+    order = probs.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    return probs.gather(-1, order), order
+
+
+def expert_mlp(u: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+               b2: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """act(u @ w1 + b1) @ w2 + b2 for one expert; swiglu splits the first layer into [gate | up]."""
+    z = u @ w1 if b1 is None else torch.addmm(b1, u, w1)
+    if activation == "swiglu":
+        gate, up = z.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+    else:
+        h = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[activation](z)
+    return h @ w2 if b2 is None else torch.addmm(b2, h, w2)
+
+
+def _add_expert(y: torch.Tensor, layer, e: int, x: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> None:
+    b1 = None if layer.b1 is None else layer.b1[e]
+    b2 = None if layer.b2 is None else layer.b2[e]
+    out = expert_mlp(x.index_select(0, tokens), layer.w1[e], b1, layer.w2[e], b2, layer.activation)
+    y.index_add_(0, tokens, out * weights[:, None].to(out.dtype))
+
+
+def eager_topk_moe(layer: TopKMoE, x: torch.Tensor) -> torch.Tensor:
+    """The TopKMoE's routed experts (softmax scoring, renormalised) for tokens x [T, dim], expert by expert."""
+    probs = layer.router(x).float().softmax(dim=-1)
+    weights, experts = top_k(probs, layer.top_k)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    y = x.new_zeros(x.shape[0], layer.out_dim)
+    for e in range(layer.num_experts):
+        tokens, slots = torch.where(experts == e)
+        if tokens.numel():
+            _add_expert(y, layer, e, x, tokens, weights[tokens, slots])
+    return y
+
+
+def eager_nested_moe(layer: NestedMoE, x: torch.Tensor) -> torch.Tensor:
+    """The NestedMoE's routed experts (no context) for tokens x [T, dim]: for each group, for each
+    of its sub-experts, gather, MLP, weighted add."""
+    G, E = layer.num_groups, layer.experts_per_group
+    group_probs = layer.group_router(x).float().softmax(dim=-1)
+    q, groups = top_k(group_probs, layer.top_k_groups)
+    q = q / q.sum(dim=-1, keepdim=True)
+    expert_logits = layer.expert_router(x).view(-1, G, E)
+    y = x.new_zeros(x.shape[0], layer.out_dim)
+    for g in range(G):
+        in_group, group_slots = torch.where(groups == g)
+        if not in_group.numel():
+            continue
+        sub_probs = expert_logits[in_group, g].float().softmax(dim=-1)
+        s, subs = top_k(sub_probs, layer.top_k_experts)
+        s = s / s.sum(dim=-1, keepdim=True)
+        group_weight = q[in_group, group_slots]
+        for e in range(E):
+            rows, sub_slots = torch.where(subs == e)
+            if rows.numel():
+                _add_expert(y, layer, g * E + e, x, in_group[rows], group_weight[rows] * s[rows, sub_slots])
+    return y

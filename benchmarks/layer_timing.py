@@ -1,0 +1,153 @@
+"""Training-step measurements of token layers, shared by the MoE suites (``moe``, ``nested``).
+
+For a forward function f(x) -> y over tokens x [T, D] with a fixed output gradient dy:
+
+    fwd_ms       f(x) with autograd recording (a training forward)
+    bwd_ms       y.backward(dy) alone, on a retained graph
+    fwd_bwd_ms   f(x).backward(dy)
+    peak_mb      peak device memory of f(x).backward(dy) above what was allocated before it
+                 (parameters, inputs and dy; parameter gradients are freed first, so each
+                 implementation pays for allocating them)
+
+On a GPU calls rotate through copies of x so that a working set smaller than the L2 cache is not
+timed from the cache (``rotation_count``). On the CPU the times are wall times of the torch path,
+not kernel speeds, and there is no peak-memory counter.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .common import (environment, floor_ms, format_table, measured_copy_bandwidth, measured_matmul_rate, on_gpu,
+                     peak_memory_mb, rotation_count, time_ms, write_results)
+
+CPU_NOTE = ("No GPU: Triton kernel timings need a GPU. Timing only the torch backend against the eager "
+            "loop over experts, float32, small shapes, as CPU wall time (not kernel speeds).")
+COLUMNS = ["shape", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "fwd_bwd_x_vs_eager",
+           "peak_vs_eager", "rel_err_vs_eager", "floor_ms"]
+
+
+def expert_flops(num_tokens: int, top_k: int, dim: int, hidden: int, activation: str) -> float:
+    """Forward FLOPs of the routed expert MLPs: two GEMMs per assignment (swiglu: 2H columns first)."""
+    first = 2 * hidden if activation == "swiglu" else hidden
+    return 2.0 * num_tokens * top_k * (dim * first + hidden * dim)
+
+
+def measure(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, module: torch.nn.Module) -> dict:
+    """fwd_ms, bwd_ms, fwd_bwd_ms and peak_mb of ``forward`` (see the module docstring)."""
+    copies = rotation_count([x]) - 1 if on_gpu() else 0
+    xs = [x] + [x.detach().clone().requires_grad_() for _ in range(copies)]
+    dy = torch.randn_like(forward(x).detach())
+    row = {"fwd_ms": time_ms(forward, [(xi,) for xi in xs])}
+    graphs = [(forward(xi), dy) for xi in xs]
+    row["bwd_ms"] = time_ms(lambda y, g: y.backward(g, retain_graph=True), graphs)
+    del graphs
+    row["fwd_bwd_ms"] = time_ms(lambda xi, g: forward(xi).backward(g), [(xi, dy) for xi in xs])
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    row["peak_mb"] = peak_memory_mb(lambda: forward(x).backward(dy))
+    if on_gpu():
+        torch.cuda.empty_cache()  # the eager loop and the torch backend leave large caches behind
+    return row
+
+
+def _run_with_backend(layer: torch.nn.Module, backend: str, x: torch.Tensor) -> torch.Tensor:
+    layer.backend = backend
+    return layer(x)
+
+
+def backend_forward(layer: torch.nn.Module, backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> layer(x) on ``backend`` (one layer, so every backend uses the same parameters)."""
+    return functools.partial(_run_with_backend, layer, backend)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    return ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
+
+
+@dataclass
+class Impl:
+    """One implementation of a shape's layer: ``forward`` over tokens, the module owning its
+    parameters, whether it computes the eager loop's function (so its output error against the
+    eager loop means something), and its floor in ms (None: not reported)."""
+
+    name: str
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    module: torch.nn.Module
+    same_function: bool = True
+    floor_ms: float | None = None
+
+
+def measure_impls(label: str, impls: Sequence[Impl], x: torch.Tensor, eager: Impl) -> list[dict]:
+    """Rows of ``measure`` for each implementation and the eager loop, with the relative error of
+    each forward output against the eager loop's and the speed and memory ratios against it."""
+    with torch.no_grad():
+        reference = eager.forward(x)
+    rows = []
+    for impl in [*impls, eager]:
+        error = None
+        if impl.same_function and impl is not eager:
+            with torch.no_grad():
+                error = relative_error(impl.forward(x), reference)
+        rows.append({"shape": label, "impl": impl.name, **measure(impl.forward, x, impl.module),
+                     "rel_err_vs_eager": error, "floor_ms": impl.floor_ms})
+    base = rows[-1]
+    for row in rows[:-1]:
+        row["fwd_bwd_x_vs_eager"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        if row["peak_mb"] is not None and base["peak_mb"]:
+            row["peak_vs_eager"] = row["peak_mb"] / base["peak_mb"]
+    return rows
+
+
+def training_floor_ms(flops_fwd: float, x: torch.Tensor, module: torch.nn.Module,
+                      rates: tuple[float, float] | None) -> float | None:
+    """Forward + backward floor in ms: three times the forward FLOPs (dx and the weight gradients
+    each cost about a forward) at the measured matmul rate, or the bytes that must move (x, y, dy
+    and dx once; the parameters read twice and their gradients written once) at the copy rate,
+    whichever is larger. None without measured rates."""
+    if rates is None:
+        return None
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    bytes_moved = 4 * x.numel() * x.element_size() + 3 * params
+    bandwidth, matmul_rate = rates
+    return floor_ms(bytes_moved, 3 * flops_fwd, bandwidth, matmul_rate)
+
+
+def run_suite(name: str, description: str, shapes: dict[str, Sequence[Any]], targets: str,
+              bench_shape: Callable[..., list[dict]], argv: list[str] | None,
+              extra_columns: Sequence[str] = ()) -> int:
+    """Parse ``--quick``, pick device, dtype and shapes, run ``bench_shape(shape, dtype, device,
+    rates)`` for each shape, print the table and write the JSON results.
+
+    ``shapes`` has the keys "gpu", "gpu_quick", "cpu" and "cpu_quick"; ``rates`` is (copy bandwidth in B/s,
+    matmul rate in FLOP/s) measured on the GPU, None on the CPU.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
+    parser.add_argument("--quick", action="store_true", help="small shapes only")
+    args = parser.parse_args(argv)
+
+    env = environment()
+    if on_gpu():
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        rates = (measured_copy_bandwidth(), measured_matmul_rate(dtype))
+        chosen = shapes["gpu_quick"] if args.quick else shapes["gpu"]
+        print(f"{env['device']}: copy {rates[0] / 1e9:.0f} GB/s, bf16 matmul {rates[1] / 1e12:.0f} TFLOP/s; "
+              f"targets: {targets}")
+    else:
+        device, dtype, rates = torch.device("cpu"), torch.float32, None
+        chosen = shapes["cpu_quick"] if args.quick else shapes["cpu"]
+        print(CPU_NOTE)
+
+    rows: list[dict] = []
+    for shape in chosen:
+        rows += bench_shape(shape, dtype, device, rates)
+    print(format_table(rows, COLUMNS + list(extra_columns)))
+    path = write_results(name, rows, {"dtype": str(dtype).replace("torch.", ""), "targets": targets,
+                                      "quick": args.quick, "rates": rates})
+    print(f"results written to {path}")
+    return 0

@@ -1,0 +1,164 @@
+"""Benchmark of the sigmoid-gated selective scan: Triton kernels vs the "torch" backend
+(vectorised chunked PyTorch) vs a sequential PyTorch loop over tokens; at N = 1 also vs
+flash-linear-attention's chunked HGRN kernel (``fla-core``), when it imports.
+
+    python -m benchmarks.scan [--quick]          (also: moe-restore bench scan)
+
+Reports forward and backward times, peak memory of forward + backward, and the forward's
+achieved bandwidth: bytes of the inputs read once plus the output written once, over time,
+against the measured device-to-device copy rate. Kernel speeds need a GPU: on a CPU the script
+says so and times only the torch backend against the loop, at small shapes, as wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+import torch
+
+from moe_restore.kernels.gated_scan import gated_scan
+
+from .common import (environment, format_table, measured_copy_bandwidth, on_gpu, peak_memory_mb, time_ms,
+                     write_results)
+
+GPU_SHAPES = [(8, 16384, 192, 16), (8, 65536, 96, 16)]   # (B, L, D, N), bf16
+GPU_QUICK_SHAPES = [(2, 4096, 64, 16)]
+CPU_SHAPES = [(2, 512, 32, 8)]
+CPU_QUICK_SHAPES = [(1, 128, 16, 4)]
+HGRN_STATE = 1
+TARGETS = "forward >= 60% of copy bandwidth, >= 20x the torch backend, >= fla HGRN at N=1"
+
+
+def sequential_scan(u, f, bm, cm, d_skip=None, z=None):
+    """The recurrence one token at a time in PyTorch (float32 state): the naive baseline."""
+    batch, length, dim = u.shape
+    h = torch.zeros(batch, dim, bm.shape[-1], device=u.device, dtype=torch.float32)
+    outs = []
+    for t in range(length):
+        a = torch.sigmoid(f[:, t].float())
+        h = a[:, :, None] * h + ((1 - a) * u[:, t].float())[:, :, None] * bm[:, t, None, :].float()
+        y = (h * cm[:, t, None, :].float()).sum(-1)
+        if d_skip is not None:
+            y = y + d_skip * u[:, t].float()
+        if z is not None:
+            y = y * torch.sigmoid(z[:, t].float())
+        outs.append(y.to(u.dtype))
+    return torch.stack(outs, dim=1)
+
+
+def make_inputs(batch, length, dim, state, dtype, device, with_gates=True):
+    g = torch.Generator(device=device).manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype).requires_grad_()  # noqa: E731
+    u, f = rand(batch, length, dim), rand(batch, length, dim)
+    bm, cm = rand(batch, length, state), rand(batch, length, state)
+    if not with_gates:
+        return [u, f, bm, cm], {}
+    d_skip = torch.randn(dim, generator=g, device=device).requires_grad_()
+    return [u, f, bm, cm], {"d_skip": d_skip, "z": rand(batch, length, dim)}
+
+
+def measure(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], io_bytes: int,
+            copy_rate: float | None) -> dict:
+    """Forward ms, backward ms (the backward pass alone), peak MiB of both, forward bandwidth."""
+    fwd = time_ms(lambda: forward(), [()])
+    out = forward()
+    grad = torch.randn_like(out)
+    bwd = time_ms(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True), [()])
+    del out
+    peak = peak_memory_mb(lambda: torch.autograd.grad(forward(), inputs, grad))
+    row = {"fwd_ms": fwd, "bwd_ms": bwd, "peak_mb": peak}
+    if copy_rate is not None:
+        rate = io_bytes / (fwd * 1e-3)
+        row.update(fwd_GBps=rate / 1e9, fwd_frac_of_copy=rate / copy_rate)
+    return row
+
+
+def forward_io_bytes(batch, length, dim, state, dtype, with_gates=True) -> int:
+    """u, f (and z) read, Bm and Cm read, out written, each once."""
+    per_token = (4 if with_gates else 3) * dim + 2 * state
+    return batch * length * per_token * torch.empty((), dtype=dtype).element_size()
+
+
+def bench_shape(shape, dtype, device, copy_rate, impls) -> list[dict]:
+    batch, length, dim, state = shape
+    inputs, extra = make_inputs(batch, length, dim, state, dtype, device)
+    params = inputs + list(extra.values())
+    io_bytes = forward_io_bytes(batch, length, dim, state, dtype)
+    rows = []
+    for name in impls:
+        if name == "loop":
+            forward = lambda: sequential_scan(*inputs, **extra)  # noqa: E731
+        else:
+            forward = lambda name=name: gated_scan(*inputs, **extra, backend=name)  # noqa: E731
+        rows.append({"shape": f"B{batch} L{length} D{dim} N{state}", "impl": name,
+                     **measure(forward, params, io_bytes, copy_rate)})
+        if on_gpu():
+            torch.cuda.empty_cache()  # the torch backend and the loop leave large caches behind
+    by_impl = {r["impl"]: r for r in rows}
+    for row in rows:
+        for other in ("torch", "loop"):
+            if other in by_impl and row["impl"] != other:
+                row[f"fwd_x_vs_{other}"] = by_impl[other]["fwd_ms"] / row["fwd_ms"]
+                row[f"bwd_x_vs_{other}"] = by_impl[other]["bwd_ms"] / row["bwd_ms"]
+    return rows
+
+
+def bench_hgrn(shape, dtype, device, copy_rate) -> list[dict]:
+    """N = 1, Bm = Cm = 1, no d_skip or z: our scan is HGRN; fla's kernel gets x = (1 - a) u and
+    g = log a ready-made (their preparation is not timed)."""
+    try:
+        from fla.ops.hgrn import chunk_hgrn
+    except ImportError as err:
+        print(f"fla HGRN comparison unavailable: cannot import fla ({err})")
+        return []
+    batch, length, dim, _ = shape
+    inputs, _ = make_inputs(batch, length, dim, HGRN_STATE, dtype, device, with_gates=False)
+    u, f = inputs[0], inputs[1]
+    ones = torch.ones(batch, length, HGRN_STATE, device=device, dtype=dtype)
+    x = (torch.sigmoid(-f.float()) * u.float()).to(dtype).detach().requires_grad_()
+    g = torch.nn.functional.logsigmoid(f.float()).to(dtype).detach().requires_grad_()
+    io_bytes = forward_io_bytes(batch, length, dim, HGRN_STATE, dtype, with_gates=False)
+    label = f"B{batch} L{length} D{dim} N1 (HGRN)"
+    ours = measure(lambda: gated_scan(u, f, ones, ones, backend="triton"), [u, f], io_bytes, copy_rate)
+    theirs = measure(lambda: chunk_hgrn(x, g)[0], [x, g], io_bytes, copy_rate)
+    ours["fwd_x_vs_fla"] = theirs["fwd_ms"] / ours["fwd_ms"]
+    ours["bwd_x_vs_fla"] = theirs["bwd_ms"] / ours["bwd_ms"]
+    return [{"shape": label, "impl": "triton", **ours}, {"shape": label, "impl": "fla chunk_hgrn", **theirs}]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes only")
+    args = parser.parse_args(argv)
+
+    env = environment()
+    if on_gpu():
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        shapes = GPU_QUICK_SHAPES if args.quick else GPU_SHAPES
+        copy_rate = measured_copy_bandwidth()
+        impls = ("triton", "torch", "loop")
+        print(f"{env['device']}: device-to-device copy {copy_rate / 1e9:.0f} GB/s; targets: {TARGETS}")
+    else:
+        device, dtype = torch.device("cpu"), torch.float32
+        shapes = CPU_QUICK_SHAPES if args.quick else CPU_SHAPES
+        copy_rate, impls = None, ("torch", "loop")
+        print("No GPU: Triton kernel timings need a GPU. Timing only the torch backend against the "
+              "sequential loop, float32, small shapes, as CPU wall time (not kernel speeds).")
+
+    rows = []
+    for shape in shapes:
+        rows += bench_shape(shape, dtype, device, copy_rate, impls)
+        if on_gpu():
+            rows += bench_hgrn(shape, dtype, device, copy_rate)
+    columns = ["shape", "impl", "fwd_ms", "bwd_ms", "peak_mb", "fwd_x_vs_torch", "bwd_x_vs_torch",
+               "fwd_x_vs_loop", "fwd_x_vs_fla", "fwd_GBps", "fwd_frac_of_copy"]
+    print(format_table(rows, columns))
+    path = write_results("scan", rows, {"dtype": str(dtype).replace("torch.", ""), "copy_Bps": copy_rate,
+                                        "targets": TARGETS, "quick": args.quick})
+    print(f"results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

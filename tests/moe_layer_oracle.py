@@ -1,0 +1,88 @@
+"""Float64 oracle pieces shared by the MoE layer tests: plain per-token loops, written from the math
+of the layers' docstrings (not from the layers' code), differentiable by autograd in float64."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from utils import DEVICE, assert_close
+
+
+def float64_params(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Leaf float64 copies of the layer's parameters, by name, on the CPU."""
+    return {name: p.detach().double().cpu().requires_grad_() for name, p in layer.named_parameters()}
+
+
+def softmax64(v: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(v - v.max())
+    return e / e.sum()
+
+
+def top_indices(p: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest entries of the vector p, the lower index first on ties."""
+    return sorted(range(p.shape[0]), key=lambda i: (-p[i].item(), i))[:k]
+
+
+def activation64(z: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "gelu":
+        return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+    if activation == "gelu_tanh":
+        return 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+    if activation == "silu":
+        return z / (1 + torch.exp(-z))
+    if activation == "relu":
+        return torch.clamp(z, min=0)
+    half = z.shape[-1] // 2
+    gate, up = z[..., :half], z[..., half:]  # swiglu: [gate | up] along the last axis
+    return gate / (1 + torch.exp(-gate)) * up
+
+
+def expert64(params: dict[str, torch.Tensor], prefix: str, e: int, u: torch.Tensor, activation: str) -> torch.Tensor:
+    """Expert e of the bank whose parameters are named prefix + w1/b1/w2/b2, on one token u."""
+    z = u @ params[prefix + "w1"][e]
+    if prefix + "b1" in params:
+        z = z + params[prefix + "b1"][e]
+    out = activation64(z, activation) @ params[prefix + "w2"][e]
+    return out + params[prefix + "b2"][e] if prefix + "b2" in params else out
+
+
+def shared64(params: dict[str, torch.Tensor], num_shared: int, u: torch.Tensor, activation: str,
+             out_dim: int) -> torch.Tensor:
+    """sum_s Shared_s(u)."""
+    total = torch.zeros(out_dim, dtype=torch.float64)
+    for s in range(num_shared):
+        total = total + expert64(params, "shared_experts.", s, u, activation)
+    return total
+
+
+def random_input(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=DEVICE, dtype=dtype).requires_grad_()
+
+
+def assert_gradients_close(layer: torch.nn.Module, params64: dict[str, torch.Tensor], x: torch.Tensor,
+                           x64: torch.Tensor, backend: str) -> None:
+    """Every parameter's gradient and the input's against the oracle's (after both backward passes)."""
+    assert_close(x.grad, x64.grad, x.dtype, backend=backend, what="grad x")
+    for name, p in layer.named_parameters():
+        assert p.grad is not None, f"no gradient reached {name}"
+        assert_close(p.grad, params64[name].grad, p.dtype, backend=backend, what=f"grad {name}")
+
+
+def assert_compiled_layer_matches_eager(layer: torch.nn.Module, x: torch.Tensor, *args: torch.Tensor) -> None:
+    """torch.compile(fullgraph=True) traces the layer without graph breaks, and the compiled
+    layer's output, aux_loss and gradients equal the eager layer's."""
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    results = []
+    for run in (compiled, layer):
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        y = run(x, *args)
+        (y.square().sum() + layer.aux_loss).backward()
+        results.append((y.detach(), layer.aux_loss.detach(), x.grad, [p.grad for p in layer.parameters()]))
+    (y, aux, dx, grads), (y_eager, aux_eager, dx_eager, grads_eager) = results
+    assert torch.equal(y, y_eager) and torch.equal(aux, aux_eager) and torch.equal(dx, dx_eager)
+    for got, want in zip(grads, grads_eager):
+        assert torch.equal(got, want)
