@@ -12,4 +12,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The tests run many tiny ops, where intra-op threads cost more than they give (and stall badly
+# when the cores are busy): one thread.
+torch.set_num_threads(1)
