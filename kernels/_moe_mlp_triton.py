@@ -67,6 +67,15 @@ def _expert_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.const
 
 
 @triton.jit
+def _expert_rows(pid_m, order_ptr, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, positions p, row mask, assignment ids a) of row tile ``pid_m``; expert == E: no work."""
+    expert, start, end = _expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    p = start + tl.arange(0, BLOCK_M)
+    row_mask = p < tl.where(expert < E, end, 0)
+    return expert, p, row_mask, tl.load(order_ptr + p, mask=row_mask, other=0)
+
+
+@triton.jit
 def _activation(z, ACT: tl.constexpr):
     if ACT == 1:  # exact GELU: z * Phi(z)
         return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
@@ -151,12 +160,9 @@ def _fused_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, weights_ptr, order_
                       HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACT: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_E: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    expert, start, end = _expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, BLOCK_E)
+    expert, p, row_mask, a = _expert_rows(tl.program_id(0), order_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if expert >= E:
         return
-    p = start + tl.arange(0, BLOCK_M)
-    row_mask = p < end
-    a = tl.load(order_ptr + p, mask=row_mask, other=0)
     d, do = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DO)
     x = _load_rows(x_ptr, a // TOPK, row_mask, d, D, stride_xt, stride_xd)
     e64 = expert.to(tl.int64)
@@ -186,12 +192,9 @@ def _fused_bwd_rows_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, weight
                            BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_E: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     """Per row tile: dx rows (per assignment) and dL/dw_a, streaming the hidden layer."""
-    expert, start, end = _expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, BLOCK_E)
+    expert, p, row_mask, a = _expert_rows(tl.program_id(0), order_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if expert >= E:
         return
-    p = start + tl.arange(0, BLOCK_M)
-    row_mask = p < end
-    a = tl.load(order_ptr + p, mask=row_mask, other=0)
     d, do = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DO)
     x = _load_rows(x_ptr, a // TOPK, row_mask, d, D, stride_xt, stride_xd)
     dy = _load_rows(dy_ptr, a // TOPK, row_mask, do, DO, stride_gt, stride_gd)
@@ -303,12 +306,9 @@ def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offse
     (SCATTER_OUT) or p; scale_p = w_a (SCALE_ROWS) or 1. For swiglu (ACT 4) B holds 2N columns,
     gate then up, and out = silu(gate) * up.
     """
-    expert, start, end = _expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, BLOCK_E)
+    expert, p, row_mask, a = _expert_rows(tl.program_id(0), order_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if expert >= E:
         return
-    p = start + tl.arange(0, BLOCK_M)
-    row_mask = p < end
-    a = tl.load(order_ptr + p, mask=row_mask, other=0)
     rows_in = a // TOPK if GATHER_A else p.to(tl.int64)
     rows_out = a if SCATTER_OUT else p.to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -94,16 +94,24 @@ def _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_t, stride_e)
 
 
 @triton.jit
+def _block_scores(pid, logits_ptr, T, E, stride_t, stride_e, SIGMOID: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(rows, cols, row mask, column mask, scores) of token block ``pid``."""
+    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_mask, col_mask = rows < T, cols < E
+    logits = _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_t, stride_e)
+    return rows, cols, row_mask, col_mask, _router_scores(logits, col_mask, SIGMOID)
+
+
+@triton.jit
 def _topk_scores_fwd_kernel(logits_ptr, weights_ptr, experts_ptr, bad_rows_ptr,
                             T, E, K, stride_t, stride_e,
                             SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    row_mask, col_mask = rows < T, cols < E
-    logits = _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_t, stride_e)
-    p = _router_scores(logits, col_mask, SIGMOID)
+    rows, cols, row_mask, col_mask, p = _block_scores(pid, logits_ptr, T, E, stride_t, stride_e,
+                                                      SIGMOID, BLOCK_T, BLOCK_E)
     # A NaN score (NaN logit, +inf logit, an all -inf row) is counted for the host to raise on;
     # it is zeroed so that the indices written stay in range until then.
     bad = (p != p) & row_mask[:, None]
@@ -125,11 +133,8 @@ def _topk_scores_bwd_kernel(logits_ptr, experts_ptr, dweights_ptr, dlogits_ptr,
                             SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    row_mask, col_mask = rows < T, cols < E
-    logits = _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_t, stride_e)
-    p = _router_scores(logits, col_mask, SIGMOID)
+    rows, cols, row_mask, col_mask, p = _block_scores(pid, logits_ptr, T, E, stride_t, stride_e,
+                                                      SIGMOID, BLOCK_T, BLOCK_E)
     dp = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
     chosen = tl.zeros((BLOCK_T, BLOCK_E), tl.int1)
     for j in range(K):
