@@ -120,9 +120,10 @@ def training_floor_ms(flops_fwd: float, x: torch.Tensor, module: torch.nn.Module
 
 def run_suite(name: str, description: str, shapes: dict[str, Sequence[Any]], targets: str,
               bench_shape: Callable[..., list[dict]], argv: list[str] | None,
-              extra_columns: Sequence[str] = ()) -> int:
+              extra_columns: Sequence[str] = (), *, columns: Sequence[str] = COLUMNS, cpu_note: str = CPU_NOTE) -> int:
     """Parse ``--quick``, pick device, dtype and shapes, run ``bench_shape(shape, dtype, device,
-    rates)`` for each shape, print the table and write the JSON results.
+    rates)`` for each shape, print the table (``columns`` + ``extra_columns``) and write the JSON
+    results.
 
     ``shapes`` has the keys "gpu", "gpu_quick", "cpu" and "cpu_quick"; ``rates`` is (copy bandwidth in B/s,
     matmul rate in FLOP/s) measured on the GPU, None on the CPU.
@@ -141,12 +142,12 @@ def run_suite(name: str, description: str, shapes: dict[str, Sequence[Any]], tar
     else:
         device, dtype, rates = torch.device("cpu"), torch.float32, None
         chosen = shapes["cpu_quick"] if args.quick else shapes["cpu"]
-        print(CPU_NOTE)
+        print(cpu_note)
 
     rows: list[dict] = []
     for shape in chosen:
         rows += bench_shape(shape, dtype, device, rates)
-    print(format_table(rows, COLUMNS + list(extra_columns)))
+    print(format_table(rows, list(columns) + list(extra_columns)))
     path = write_results(name, rows, {"dtype": str(dtype).replace("torch.", ""), "targets": targets,
                                       "quick": args.quick, "rates": rates})
     print(f"results written to {path}")

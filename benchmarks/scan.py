@@ -11,7 +11,6 @@ says so and times only the torch backend against the loop, at small shapes, as w
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Callable
 
@@ -19,8 +18,8 @@ import torch
 
 from moe_restore.kernels.gated_scan import gated_scan
 
-from .common import (environment, format_table, measured_copy_bandwidth, on_gpu, peak_memory_mb, time_ms,
-                     write_results)
+from .common import on_gpu, peak_memory_mb, time_ms
+from .layer_timing import run_suite
 
 GPU_SHAPES = [(8, 16384, 192, 16), (8, 65536, 96, 16)]   # (B, L, D, N), bf16
 GPU_QUICK_SHAPES = [(2, 4096, 64, 16)]
@@ -127,37 +126,25 @@ def bench_hgrn(shape, dtype, device, copy_rate) -> list[dict]:
     return [{"shape": label, "impl": "triton", **ours}, {"shape": label, "impl": "fla chunk_hgrn", **theirs}]
 
 
+COLUMNS = ["shape", "impl", "fwd_ms", "bwd_ms", "peak_mb", "fwd_x_vs_torch", "bwd_x_vs_torch",
+           "fwd_x_vs_loop", "fwd_x_vs_fla", "fwd_GBps", "fwd_frac_of_copy"]
+CPU_NOTE = ("No GPU: Triton kernel timings need a GPU. Timing only the torch backend against the "
+            "sequential loop, float32, small shapes, as CPU wall time (not kernel speeds).")
+
+
+def bench_all(shape, dtype, device, rates) -> list[dict]:
+    """Our scan (Triton on a GPU), the torch backend and the loop; fla's HGRN beside them on a GPU."""
+    if device.type != "cuda":
+        return bench_shape(shape, dtype, device, None, ("torch", "loop"))
+    copy_rate = rates[0]
+    return bench_shape(shape, dtype, device, copy_rate, ("triton", "torch", "loop")) + \
+        bench_hgrn(shape, dtype, device, copy_rate)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.scan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes only")
-    args = parser.parse_args(argv)
-
-    env = environment()
-    if on_gpu():
-        device, dtype = torch.device("cuda"), torch.bfloat16
-        shapes = GPU_QUICK_SHAPES if args.quick else GPU_SHAPES
-        copy_rate = measured_copy_bandwidth()
-        impls = ("triton", "torch", "loop")
-        print(f"{env['device']}: device-to-device copy {copy_rate / 1e9:.0f} GB/s; targets: {TARGETS}")
-    else:
-        device, dtype = torch.device("cpu"), torch.float32
-        shapes = CPU_QUICK_SHAPES if args.quick else CPU_SHAPES
-        copy_rate, impls = None, ("torch", "loop")
-        print("No GPU: Triton kernel timings need a GPU. Timing only the torch backend against the "
-              "sequential loop, float32, small shapes, as CPU wall time (not kernel speeds).")
-
-    rows = []
-    for shape in shapes:
-        rows += bench_shape(shape, dtype, device, copy_rate, impls)
-        if on_gpu():
-            rows += bench_hgrn(shape, dtype, device, copy_rate)
-    columns = ["shape", "impl", "fwd_ms", "bwd_ms", "peak_mb", "fwd_x_vs_torch", "bwd_x_vs_torch",
-               "fwd_x_vs_loop", "fwd_x_vs_fla", "fwd_GBps", "fwd_frac_of_copy"]
-    print(format_table(rows, columns))
-    path = write_results("scan", rows, {"dtype": str(dtype).replace("torch.", ""), "copy_Bps": copy_rate,
-                                        "targets": TARGETS, "quick": args.quick})
-    print(f"results written to {path}")
-    return 0
+    shapes = {"gpu": GPU_SHAPES, "gpu_quick": GPU_QUICK_SHAPES, "cpu": CPU_SHAPES, "cpu_quick": CPU_QUICK_SHAPES}
+    return run_suite("scan", __doc__.split("\n\n")[0], shapes, TARGETS, bench_all, argv,
+                     columns=COLUMNS, cpu_note=CPU_NOTE)
 
 
 if __name__ == "__main__":
