@@ -28,7 +28,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=5", "diffusers"],
     },
     entry_points={"console_scripts": ["moe-restore = moe_restore.cli:main"]},
 )

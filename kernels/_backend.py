@@ -9,16 +9,28 @@ Every public op takes ``backend: str | None``:
   baseline).
 * ``None`` picks ``"triton"`` where it can run, else ``"torch"``.
 
+On CUDA, "can run" means that Triton compiles for this GPU: the first CUDA call per device
+compiles and launches a one-element probe kernel. If that fails (a GPU older than Triton
+supports, a broken toolchain), ``None`` falls back to ``"torch"`` with a warning that gives the
+reason, and ``"triton"`` raises ``RuntimeError`` with it.
+
 Kernel configurations: on a GPU each kernel autotunes over a small pruned set keyed on its
 shapes. ``MOE_RESTORE_AUTOTUNE=0`` pins every kernel to its default configuration, and
 ``MOE_RESTORE_CONFIG_<KERNEL>="BLOCK_M=64,BLOCK_N=64,num_warps=4,num_stages=3"`` pins one kernel
 (``<KERNEL>`` is the kernel's name in upper case). Under the interpreter only the default
 configuration is used: there is nothing to tune on a CPU.
+
+Deterministic mode (``MOE_RESTORE_DETERMINISTIC=1``, or ``torch.use_deterministic_algorithms(True)``
+in effect when the kernels are defined, i.e. at the first import of ``moe_restore.kernels``) pins
+every kernel to its default configuration too: the kernels use no atomics, so with a fixed
+configuration a result is bitwise reproducible, but an autotuner that times its candidates can
+pick a different configuration (hence a different summation order) in another process.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from typing import Iterable
 
 import torch
@@ -31,12 +43,55 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def deterministic() -> bool:
+    """Whether deterministic mode is asked for (see the module docstring)."""
+    return os.environ.get("MOE_RESTORE_DETERMINISTIC", "0") == "1" or torch.are_deterministic_algorithms_enabled()
+
+
+# Per CUDA device index: None when Triton compiles and runs there, else why not.
+_CUDA_PROBES: dict[int, str | None] = {}
+
+
+def _probe_cuda(device: torch.device) -> str | None:
+    """Compile and launch a one-element Triton kernel on ``device``; the error text if that fails."""
+    try:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _probe_kernel(ptr):
+            tl.store(ptr, tl.load(ptr) + 1.0)
+
+        t = torch.zeros(1, device=device)
+        _probe_kernel[(1,)](t)
+        if t.item() != 1.0:
+            return "the probe kernel ran but computed a wrong result"
+    except Exception as error:  # noqa: BLE001 - any failure means: do not use Triton here
+        return f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    return None
+
+
+def _cuda_problem(device: torch.device) -> str | None:
+    """Why Triton cannot run on the CUDA ``device`` (None if it can), probed once per device."""
+    if torch.compiler.is_compiling():
+        return None  # a compiled region: the eager calls before it have probed already
+    index = device.index if device.index is not None else (
+        torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    if index not in _CUDA_PROBES:
+        problem = _probe_cuda(torch.device("cuda", index))
+        _CUDA_PROBES[index] = problem
+        if problem is not None:
+            warnings.warn(f"Triton cannot compile for cuda:{index} ({problem}); moe_restore ops with backend=None "
+                          "fall back to the torch backend there", RuntimeWarning, stacklevel=3)
+    return _CUDA_PROBES[index]
+
+
 def triton_can_run(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors of ``device``."""
     if not HAS_TRITON:
         return False
     if device.type == "cuda":
-        return True
+        return _cuda_problem(device) is None
     return device.type == "cpu" and INTERPRET
 
 
@@ -52,6 +107,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             why = "Triton is not installed"
         elif device.type == "cpu":
             why = "the tensors are on the CPU and TRITON_INTERPRET=1 was not set before import"
+        elif device.type == "cuda":
+            why = f"Triton cannot compile for this GPU ({_cuda_problem(device)})"
         else:
             why = f"Triton has no backend for device type {device.type!r}"
         raise RuntimeError(f"backend='triton' cannot run here: {why}; use backend='torch' or None")
@@ -83,6 +140,6 @@ def kernel_configs(kernel: str, default: dict[str, int], candidates: Iterable[di
     pinned = os.environ.get(f"MOE_RESTORE_CONFIG_{kernel.upper()}")
     if pinned:
         return [to_config({**default, **_parse_pinned(pinned)})]
-    if INTERPRET or os.environ.get("MOE_RESTORE_AUTOTUNE", "1") == "0":
+    if INTERPRET or os.environ.get("MOE_RESTORE_AUTOTUNE", "1") == "0" or deterministic():
         return [to_config(default)]
     return [to_config(default)] + [to_config(c) for c in candidates if c != default]

@@ -144,7 +144,7 @@ def _topk_scores_bwd_kernel(logits_ptr, experts_ptr, dweights_ptr, dlogits_ptr,
         dp = tl.where(hit, grad[:, None], dp)
         chosen = chosen | hit
     dlogits = _router_scores_grad(p, dp, chosen, SIGMOID, RENORMALIZE)
-    ptrs = dlogits_ptr + rows[:, None] * stride_t + cols[None, :] * stride_e
+    ptrs = dlogits_ptr + rows[:, None] * E + cols[None, :]  # dlogits is contiguous, whatever the logits' strides
     tl.store(ptrs, dlogits.to(dlogits_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 

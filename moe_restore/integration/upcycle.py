@@ -1,0 +1,196 @@
+"""``upcycle_ffn``: turn dense feed-forward modules into MoE layers whose experts start as copies.
+
+A dense MLP u -> linear2(act(linear1(u))) becomes a ``TopKMoE`` (or ``NestedMoE``) whose every
+expert is that MLP (plus optional N(0, noise_std^2) noise on each copy): with equal experts the
+renormalised routing weights sum to 1 per token, so the model computes what it computed before.
+
+Recognised modules:
+
+* diffusers ``FeedForward``: ``net = [act, Dropout, Linear(, Dropout)]`` with act ``GELU`` (exact
+  or tanh-approximate), ``LinearActivation`` (silu) or ``SwiGLU`` (its [up | gate] projection rows
+  are reordered to moe_mlp's [gate | up]);
+* timm-style ``Mlp``: ``fc1``, ``act``, ``fc2`` (dropouts of p = 0 and an identity ``norm``);
+* with ``match``: any selected module whose children are, in order, Linear, activation, Linear
+  (Identity and p = 0 Dropout children are ignored), e.g. ``nn.Sequential(Linear, GELU, Linear)``.
+
+Activations: GELU (exact or tanh), SiLU, ReLU (and swiglu as above). Anything else, a dropout with p > 0
+inside the MLP, or a norm between the Linears leaves the module as it was, named in the report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from moe_restore.kernels._checks import check_positive_int
+from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers.nested_moe import NestedMoE
+
+from .report import IntegrationReport, NotConvertible, check_arguments, swap_modules
+
+@dataclass(frozen=True)
+class DenseMLP:
+    """linear2(act(linear1(u))) in moe_mlp's terms; ``note`` is anything the report must say."""
+
+    linear1: nn.Linear
+    linear2: nn.Linear
+    activation: str
+    note: str = ""
+
+
+def _gelu(approximate: str) -> str:
+    if approximate not in ("none", "tanh"):
+        raise NotConvertible(f"GELU approximation {approximate!r} has no moe_mlp counterpart")
+    return "gelu" if approximate == "none" else "gelu_tanh"
+
+
+def _activation(act: nn.Module) -> str:
+    if isinstance(act, nn.GELU):
+        return _gelu(act.approximate)
+    if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
+        return "silu"
+    if isinstance(act, nn.ReLU):
+        return "relu"
+    raise NotConvertible(f"activation {type(act).__name__} has no moe_mlp counterpart (GELU, SiLU, ReLU, SwiGLU)")
+
+
+def _is_passthrough(module: nn.Module) -> bool:
+    """An Identity, or a Dropout that drops nothing; raise for a dropout that does."""
+    if isinstance(module, nn.Dropout):
+        if module.p > 0:
+            raise NotConvertible(f"dropout p={module.p} inside the MLP has no counterpart in the expert MLP")
+        return True
+    return isinstance(module, nn.Identity)
+
+
+def _gate_first(proj: nn.Linear) -> nn.Linear:
+    """A copy of a [up | gate] projection (diffusers SwiGLU) with its rows as [gate | up]."""
+    out = nn.Linear(proj.in_features, proj.out_features, bias=proj.bias is not None,
+                    device=proj.weight.device, dtype=proj.weight.dtype)
+    with torch.no_grad():
+        for mine, theirs in ((out.weight, proj.weight), (out.bias, proj.bias)):
+            if mine is not None:
+                up, gate = theirs.chunk(2, dim=0)
+                mine.copy_(torch.cat([gate, up]))
+    return out
+
+
+def _feed_forward(ff: nn.Module) -> DenseMLP:
+    """diffusers FeedForward: net = [act (with .proj), Dropout, Linear(, Dropout)]."""
+    act, *rest = ff.net
+    linears = [m for m in rest if not _is_passthrough(m)]
+    if len(linears) != 1 or not isinstance(linears[0], nn.Linear):
+        raise NotConvertible("its net is not [activation, Dropout, Linear(, Dropout)]")
+    kind = type(act).__name__
+    if kind == "GELU":
+        return DenseMLP(act.proj, linears[0], _gelu(act.approximate))
+    if kind == "LinearActivation":
+        return DenseMLP(act.proj, linears[0], _activation(act.activation))
+    if kind == "SwiGLU" and isinstance(act.activation, nn.SiLU):
+        return DenseMLP(_gate_first(act.proj), linears[0], "swiglu",
+                        "SwiGLU rows reordered from [up | gate] to [gate | up]")
+    raise NotConvertible(f"{kind} (a gated GELU variant) has no moe_mlp counterpart")
+
+
+def _timm_mlp(mlp: nn.Module) -> DenseMLP:
+    """timm-style Mlp: fc1, act, drop1, norm, fc2, drop2."""
+    if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
+        raise NotConvertible("fc1/fc2 are not nn.Linear (e.g. 1x1 convolutions)")
+    for name in ("drop1", "norm", "drop2"):
+        part = getattr(mlp, name, None)
+        if part is not None and not _is_passthrough(part):
+            raise NotConvertible(f"its {name} ({type(part).__name__}) is not an identity")
+    return DenseMLP(mlp.fc1, mlp.fc2, _activation(mlp.act))
+
+
+def _two_linear(module: nn.Module) -> DenseMLP:
+    """Children Linear, activation, Linear in registration order (pass-through children ignored)."""
+    core = [m for m in module.children() if not _is_passthrough(m)]
+    if len(core) != 3 or not (isinstance(core[0], nn.Linear) and isinstance(core[2], nn.Linear)):
+        raise NotConvertible("its children are not Linear, activation, Linear")
+    return DenseMLP(core[0], core[2], _activation(core[1]))
+
+
+def _known_kind(module: nn.Module) -> Callable[[nn.Module], DenseMLP] | None:
+    cls = type(module)
+    if cls.__name__ == "FeedForward" and cls.__module__.startswith("diffusers.") and hasattr(module, "net"):
+        return _feed_forward
+    if cls.__name__ == "Mlp" and all(hasattr(module, a) for a in ("fc1", "act", "fc2")):
+        return _timm_mlp
+    return None
+
+
+def _check_layout(num_experts, top_k, nested) -> tuple[int, int]:
+    """(num_experts, top_k) of the MoE to build, checked against ``nested`` if given."""
+    if nested is None:
+        if num_experts is None or top_k is None:
+            raise ValueError("num_experts and top_k are required (or nested=(groups, experts_per_group, "
+                             "top_k_groups, top_k_experts))")
+        return check_positive_int("num_experts", num_experts), check_positive_int("top_k", top_k)
+    if not isinstance(nested, tuple) or len(nested) != 4:
+        raise ValueError("nested must be a tuple (groups, experts_per_group, top_k_groups, top_k_experts), "
+                         f"got {nested!r}")
+    for name, value in zip(("groups", "experts_per_group", "top_k_groups", "top_k_experts"), nested):
+        check_positive_int(f"nested {name}", value)
+    groups, per_group, k_groups, k_experts = nested
+    implied = groups * per_group, k_groups * k_experts
+    for name, given, want in (("num_experts", num_experts, implied[0]), ("top_k", top_k, implied[1])):
+        if given is not None and given != want:
+            raise ValueError(f"{name}={given} disagrees with nested={nested} (which gives {want}); leave it out")
+    return implied
+
+
+def upcycle_ffn(model: nn.Module, *, num_experts: int | None = None, top_k: int | None = None,
+                nested: tuple[int, int, int, int] | None = None,
+                match: Callable[[str, nn.Module], bool] | None = None, noise_std: float = 0.0,
+                backend: str | None = None) -> IntegrationReport:
+    """Replace dense feed-forward modules of ``model`` by MoE layers whose experts are copies of them.
+
+    Args:
+        model: changed in place.
+        num_experts, top_k: a ``TopKMoE`` with this many experts, top_k per token.
+        nested: (groups, experts_per_group, top_k_groups, top_k_experts) for a ``NestedMoE``
+            instead (num_experts and top_k may then be left out).
+        match: ``match(qualified_name, module) -> bool`` selects the modules to upcycle (any
+            two-Linear MLP, see the module docstring); default: every diffusers ``FeedForward``
+            and timm-style ``Mlp``.
+        noise_std: std of the independent Gaussian noise added to each expert copy's weights
+            (0: the model's function is kept exactly at initialisation).
+        backend: the new layers' kernel backend.
+
+    Returns an ``IntegrationReport``: ``.model``, ``.replaced`` (one ``Change`` per new layer) and
+    ``.skipped`` (selected or recognised modules left as they were, with the reason). The new
+    layers' ``aux_loss`` (load balance) is set on each forward; add it to the training loss.
+    """
+    check_arguments(model, backend)
+    if match is not None and not callable(match):
+        raise TypeError(f"match must be a callable (name, module) -> bool, got {type(match).__name__}")
+    if not isinstance(noise_std, (int, float)) or noise_std < 0:
+        raise ValueError(f"noise_std must be a number >= 0, got {noise_std!r}")
+    experts, k = _check_layout(num_experts, top_k, nested)
+
+    def convert(name: str, module: nn.Module):
+        if isinstance(module, (TopKMoE, NestedMoE)):
+            return None
+        kind = _known_kind(module)
+        if match is not None:
+            if not match(name, module):
+                return None
+            kind = kind or _two_linear
+        elif kind is None:
+            return None
+        dense = kind(module)
+        options = dict(activation=dense.activation, backend=backend)
+        if nested is None:
+            layer = TopKMoE.from_dense(dense.linear1, dense.linear2, experts, k, noise_std, **options)
+            layout = f"{experts} experts, top-{k}"
+        else:
+            layer = NestedMoE.from_dense(dense.linear1, dense.linear2, *nested, noise_std=noise_std, **options)
+            layout = f"{nested[0]} groups x {nested[1]} experts, top-{nested[2]} groups x top-{nested[3]} experts"
+        copies = "copies of the dense MLP" + (f" + N(0, {noise_std:g}^2) noise" if noise_std else "")
+        note = f"; {dense.note}" if dense.note else ""
+        return layer, f"{layout} ({copies}), {dense.activation}{note}"
+
+    return swap_modules(model, convert)

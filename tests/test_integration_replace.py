@@ -1,0 +1,184 @@
+"""replace_moe on tiny random transformers models built offline: the replaced model computes what the
+original computes (outputs, router logits, aux loss, every gradient), against the original model
+run in float64 as the oracle; it shares the original's weights and trains; the report says what
+changed and names what it left alone."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from moe_restore.integration import KernelSparseMoeBlock, replace_moe
+from utils import DEVICE, assert_close, backends, poisoned_allocations
+
+tf = pytest.importorskip("transformers")
+
+VOCAB = 64
+_COMMON = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=0,
+               eos_token_id=1, pad_token_id=None)
+
+
+def _configs() -> dict[str, object]:
+    """One tiny config per supported family; odd expert counts and top-k, both renormalisation rules."""
+    return {
+        "mixtral": tf.MixtralConfig(**_COMMON, num_local_experts=5, num_experts_per_tok=2),
+        "qwen2_moe": tf.Qwen2MoeConfig(**_COMMON, moe_intermediate_size=12, shared_expert_intermediate_size=20,
+                                       num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
+        "qwen3_moe": tf.Qwen3MoeConfig(**_COMMON, moe_intermediate_size=12, num_experts=5, num_experts_per_tok=3,
+                                       norm_topk_prob=True, head_dim=8),
+        "olmoe": tf.OlmoeConfig(**_COMMON, num_experts=3, num_experts_per_tok=1, norm_topk_prob=False),
+    }
+
+
+def _tiny_model(family: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(_configs()[family]).float()
+    with torch.no_grad():  # routers far from uniform, so no near-tie decides an expert by rounding
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight"):
+                p.normal_(0.0, 1.0)
+    return model.to(DEVICE).eval()
+
+
+def _tokens(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def _loss(model: nn.Module, ids: torch.Tensor):
+    out = model(ids, labels=ids, output_router_logits=True)
+    return out, out.loss + 0.1 * out.aux_loss
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_replaced_model_matches_the_original(family, backend):
+    model = _tiny_model(family)
+    oracle = copy.deepcopy(model).double()
+    oracle.set_experts_implementation("eager")  # the per-expert loop; grouped_mm has no float64
+    report = replace_moe(model, backend=backend)
+    ids = _tokens()
+    with poisoned_allocations():
+        out, loss = _loss(model, ids)
+        loss.backward()
+    ref, ref_loss = _loss(oracle, ids)
+    ref_loss.backward()
+    assert_close(out.logits, ref.logits, torch.float32, backend=backend, what="logits")
+    assert_close(out.aux_loss, ref.aux_loss, torch.float32, backend=backend, what="aux loss")
+    assert len(out.router_logits) == len(ref.router_logits) == 2
+    for got, want in zip(out.router_logits, ref.router_logits):
+        assert got.shape == want.shape == (ids.numel(), want.shape[-1])
+        assert_close(got, want, torch.float32, backend=backend, what="router logits")
+    params64 = dict(oracle.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"no gradient reached {name}"
+        assert_close(p.grad, params64[name].grad, torch.float32, backend=backend, what=f"grad {name}")
+    assert [c.name for c in report.replaced] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert report.skipped == []
+
+
+def test_replacement_shares_the_weights_and_keeps_the_state_dict():
+    model = _tiny_model("qwen2_moe")
+    before = {name: p.data_ptr() for name, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    report = replace_moe(model)
+    assert report.model is model
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == before
+    assert list(model.state_dict()) == keys
+    block = model.model.layers[0].mlp
+    assert isinstance(block, KernelSparseMoeBlock)
+    w1, w2 = block.expert_weights()
+    assert w1.data_ptr() == block.experts.gate_up_proj.data_ptr() and w1.shape == (4, 16, 24)
+    assert w2.data_ptr() == block.experts.down_proj.data_ptr() and w2.shape == (4, 12, 16)
+    change = report.replaced[0]
+    assert (change.before, change.after) == ("Qwen2MoeSparseMoeBlock", "KernelSparseMoeBlock")
+    for phrase in ("no copy", "top-2", "not renormalised", "shared expert"):
+        assert phrase in change.detail
+    assert "model.layers.1.mlp" in str(report)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_replaced_model_trains_a_step(backend):
+    """Also after a forward of the original model, which installs transformers' output-recording
+    hooks on the router modules: the replacement keeps those modules, so the hooks still see the
+    router logits that the aux loss needs."""
+    model = _tiny_model("mixtral", seed=3)
+    ids = _tokens(seed=4)
+    _loss(model, ids)
+    replace_moe(model, backend=backend)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    expert_weights = model.model.layers[0].mlp.experts.gate_up_proj
+    before = expert_weights.detach().clone()
+    losses = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        out, loss = _loss(model, ids)
+        assert len(out.router_logits) == 2 and out.aux_loss > 0
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[1] < losses[0]
+    assert not torch.equal(expert_weights.detach(), before)
+
+
+def test_router_jitter_matches_mixtral_in_training():
+    """Mixtral's multiplicative jitter draws the same noise in the replacement (same RNG use)."""
+    config = tf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.3)
+    torch.manual_seed(5)
+    original = tf.MixtralForCausalLM(config).model.layers[0].mlp.to(DEVICE).train()
+    with torch.no_grad():
+        original.gate.weight.normal_()
+    replacement = replace_moe(copy.deepcopy(original), backend="torch").model
+    assert isinstance(replacement, KernelSparseMoeBlock)
+    x = torch.randn(2, 5, 16, device=DEVICE)
+    torch.manual_seed(6)
+    want = original(x.clone())
+    torch.manual_seed(6)
+    got = replacement(x)
+    assert_close(got, want, torch.float32, what="jittered output")
+    assert not torch.allclose(got, replacement.eval()(x))
+
+
+class ToySparseMoeBlock(nn.Module):
+    """A block this release does not know."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+
+    def forward(self, x):
+        return sum(e(x) for e in self.experts)
+
+
+def test_unknown_and_unsupported_blocks_are_left_alone_and_named():
+    gelu_config = tf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2, hidden_act="gelu")
+    gelu_block = tf.MixtralForCausalLM(gelu_config).model.layers[0].mlp
+    from moe_restore.layers.moe import TopKMoE
+
+    model = nn.Sequential(ToySparseMoeBlock(), gelu_block, _tiny_model("olmoe").model.layers[0].mlp,
+                          TopKMoE(16, 8, 2, 1))
+    report = replace_moe(model)
+    assert [(s.name, s.kind) for s in report.skipped] == [("0", "ToySparseMoeBlock"), ("1", "MixtralSparseMoeBlock")]
+    assert "unknown" in report.skipped[0].reason and "SiLU" in report.skipped[1].reason
+    assert [c.name for c in report.replaced] == ["2"]
+    assert isinstance(model[0], ToySparseMoeBlock) and model[1] is gelu_block
+    assert isinstance(model[3], TopKMoE)  # the library's own layer: neither replaced nor reported
+    again = replace_moe(model)
+    assert again.replaced == [] and ("2", "KernelSparseMoeBlock") in [(s.name, s.kind) for s in again.skipped]
+
+
+def test_quantised_experts_are_left_alone_and_named():
+    block = _tiny_model("qwen3_moe").model.layers[0].mlp
+    block.experts.gate_up_proj.data = block.experts.gate_up_proj.data.to(torch.float8_e4m3fn)
+    report = replace_moe(nn.Sequential(block))
+    assert report.replaced == [] and "float8_e4m3fn" in report.skipped[0].reason
+
+
+def test_bad_model_is_refused_by_name():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        replace_moe("mixtral")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        replace_moe(nn.Linear(2, 2), backend="cuda")
