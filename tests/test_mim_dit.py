@@ -53,10 +53,10 @@ def test_gradients_reach_both_router_levels_and_used_experts():
     model = MiMDiT(config)
     gen = torch.Generator().manual_seed(0)
     clean, degraded = torch.rand(2, 3, 8, 8, generator=gen), torch.rand(2, 3, 8, 8, generator=gen)
-    loss, parts = model.training_loss(clean, degraded, torch.tensor([0, 2]), generator=gen)
+    loss, parts = model.training_loss(degraded, clean, torch.tensor([0, 2]), generator=gen)
     loss.backward()
     moe = model.moe_layers[0]
-    assert {"flow", "balance", "group_ce", "cls"} <= set(parts)
+    assert {"flow", "load_balance", "group_ce", "classification"} <= set(parts)
     assert moe.group_router.weight.grad.abs().sum() > 0
     assert moe.expert_router.weight.grad.abs().sum() > 0
     used = moe.last_routing.expert_counts() > 0
@@ -100,7 +100,7 @@ def test_latent_space_with_a_local_vae(tmp_path):
     degraded = torch.rand(1, 3, 16, 16)
     assert model.encode(degraded).shape == (1, 4, 8, 8)
     assert model.restore(degraded, steps=2).shape == degraded.shape
-    loss, _ = model.training_loss(torch.rand(1, 3, 16, 16), degraded)
+    loss, _ = model.training_loss(degraded, torch.rand(1, 3, 16, 16))
     loss.backward()
     assert all(p.grad is None for p in model.vae.parameters()), "the VAE stays frozen"
 
@@ -115,7 +115,7 @@ def test_tiny_model_overfits_one_pair():
     degraded = (clean * 0.5 + 0.1 * torch.randn(1, 3, 8, 8, generator=gen)).clamp(0, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
-        loss, _ = model.training_loss(clean.expand(4, -1, -1, -1), degraded.expand(4, -1, -1, -1), generator=gen)
+        loss, _ = model.training_loss(degraded.expand(4, -1, -1, -1), clean.expand(4, -1, -1, -1), generator=gen)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -15,8 +15,9 @@ initially computes exactly what the pretrained DiT computed.
 
 Objective (rectified flow): x_t = (1 - t) x_0 + t eps, the network predicts v = eps - x_0 from
 (x_t, y, 1000 t); loss = ||v_hat - v||^2 + lambda_lb * sum of both routing levels' balance losses
-+ lambda_cls * CE(classifier, degradation label) + lambda_group * CE(mean group probabilities,
-degradation label). Sampling: diffusers' ``FlowMatchEulerDiscreteScheduler`` over a few steps,
++ lambda_cls * (CE(classifier, degradation label) + CE(mean group probabilities, degradation
+label)), with lambda_lb and lambda_cls the pipeline's ``LossWeights`` (load_balance,
+classification). Sampling: diffusers' ``FlowMatchEulerDiscreteScheduler`` over a few steps,
 from pure noise (strength 1) or from the degraded image plus noise at t = strength.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from moe_restore.layers.degradation_encoder import DegradationEncoder
 from moe_restore.layers.nested_moe import NestedMoE
+from moe_restore.train.losses import LossWeights
 
 _WEIGHTS = "mim_dit.pt"
 _CONFIG = "mim_dit.json"
@@ -56,14 +58,14 @@ class MiMDiTConfig:
     top_k_experts: int = 1
     context_dim: int = 64  # degradation embedding width the routers read (0: routers see tokens only)
     encoder_width: int = 32
-    num_degradations: int = 5
+    num_classes: int = 5  # degradation types the classifier (and the group supervision) knows
     ffn_init: str = "upcycle"  # "upcycle": experts copy the dense FFN; "shared": it is the shared expert
     noise_std: float = 0.0
     sample_steps: int = 8
     backend: str | None = None
-    lambda_lb: float = 0.01
-    lambda_cls: float = 0.1
-    lambda_group: float = 0.1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 class _DegradationRoutedFFN(nn.Module):
@@ -119,7 +121,7 @@ class MiMDiT(nn.Module):
         self._widen_patch_embedding(config.cond_channels)
         for block in dit.transformer_blocks:
             block.ff = _DegradationRoutedFFN(self._nested_ffn(block.ff))
-        self.degradation_encoder = (DegradationEncoder(config.context_dim, config.num_degradations,
+        self.degradation_encoder = (DegradationEncoder(config.context_dim, config.num_classes,
                                                        width=config.encoder_width, in_channels=3)
                                     if config.context_dim else None)
 
@@ -176,7 +178,7 @@ class MiMDiT(nn.Module):
         return self.dit.config.num_embeds_ada_norm
 
     def degradation_context(self, degraded_image: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(embedding [B, P], class logits [B, num_degradations]) of the degraded image (pixels)."""
+        """(embedding [B, P], class logits [B, num_classes]) of the degraded image (pixels)."""
         if self.degradation_encoder is None:
             return None, None
         return self.degradation_encoder(degraded_image)
@@ -232,12 +234,13 @@ class MiMDiT(nn.Module):
 
     # ------------------------------------------------------------------ training and sampling
 
-    def training_loss(self, clean: torch.Tensor, degraded: torch.Tensor, labels: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Rectified-flow loss on a batch of clean/degraded images [B, 3, H, W] in [0, 1];
-        ``labels`` [B]: degradation index per image (-1: composite or unknown, no classification
-        loss). Returns (loss, its parts as floats)."""
-        c = self.config
+    def training_loss(self, degraded: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor | None = None,
+                      weights: LossWeights = LossWeights(), generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Rectified-flow loss on a batch of degraded/clean images [B, 3, H, W] in [0, 1] (the
+        training pipeline's objective protocol). ``labels`` [B]: degradation index per image, which
+        is also the index of the expert group meant for it (-1: composite or unknown, no
+        classification terms). Returns (loss, its terms as floats); ``weights.fft`` is unused."""
         with torch.no_grad():
             x0, cond = self.encode(clean), self.encode(degraded)
         t = torch.rand(x0.shape[0], device=x0.device, generator=generator)
@@ -245,23 +248,20 @@ class MiMDiT(nn.Module):
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
         context, class_logits = self.degradation_context(degraded)
         v = self(xt, cond, 1000 * t, context)
-        flow = F.mse_loss(v.float(), (noise - x0).float())
-        balance = torch.stack([moe.aux_loss for moe in self.moe_layers]).sum()
-        loss = flow + c.lambda_lb * balance
-        parts = {"flow": flow.item(), "balance": balance.item()}
-        known = labels is not None and bool((labels >= 0).any())
-        if known:
-            mask = labels >= 0
-            group_probs = torch.stack([moe.group_probs.reshape(x0.shape[0], -1, c.groups).mean(1)
-                                       for moe in self.moe_layers]).mean(0)
-            group_ce = F.nll_loss(group_probs[mask].clamp_min(1e-8).log(), labels[mask])
-            loss = loss + c.lambda_group * group_ce
-            parts["group_ce"] = group_ce.item()
+        terms = {"flow": F.mse_loss(v.float(), (noise - x0).float())}
+        if weights.load_balance:
+            terms["load_balance"] = weights.load_balance * torch.stack([m.aux_loss for m in self.moe_layers]).sum()
+        known = labels >= 0 if labels is not None else None
+        if weights.classification and known is not None and bool(known.any()):
+            group_probs = torch.stack([m.group_probs.reshape(x0.shape[0], -1, self.config.groups).mean(1)
+                                       for m in self.moe_layers]).mean(0)
+            terms["group_ce"] = weights.classification * F.nll_loss(group_probs[known].clamp_min(1e-8).log(),
+                                                                    labels[known])
             if class_logits is not None:
-                cls = F.cross_entropy(class_logits[mask].float(), labels[mask])
-                loss = loss + c.lambda_cls * cls
-                parts["cls"] = cls.item()
-        return loss, parts
+                terms["classification"] = weights.classification * F.cross_entropy(class_logits[known].float(),
+                                                                                   labels[known])
+        total = sum(terms.values())
+        return total, {k: float(v.detach()) for k, v in terms.items()}
 
     @torch.no_grad()
     def restore(self, degraded: torch.Tensor, *, steps: int | None = None, strength: float = 1.0,
