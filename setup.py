@@ -26,6 +26,10 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "einops",
         "numpy",
+        "scikit-image>=0.21",  # the built-in sample set (images in its wheel)
+        "imageio>=2.28",  # image files, 8- and 16-bit
+        "pillow",  # imageio's PNG/JPEG codec
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=5", "diffusers"],

@@ -1,0 +1,146 @@
+"""M2IR: an all-in-one restorer that suppresses degradations while encoding and removes what is
+left while decoding (after Wang & Wang, arXiv 2603.14816; the paper publishes no code, the
+layout below follows its text and the same lab's M2Restore conventions).
+
+    x0 = conv3x3(I)                                         C channels
+    encoder levels 1-3 and latent level 4 (C, 2C, 4C, 8C):  MST blocks
+        MST: x = x + MambaStyleAttention(LN(x)); x = x + GatedDconvFFN(LN(x))
+        down: conv3x3 (C -> C/2) + PixelUnshuffle(2)
+    decoder levels 3, 2, 1:  up = conv3x3 (C -> 2C) + PixelShuffle(2), concat the skip
+        (1x1 reduction at levels 3 and 2; level 1 keeps 2C, as Restormer), transposed-attention
+        blocks, then ADEC (top-K degradation experts + shared expert, DGEA) routed by the
+        degradation context c [B, P]
+    refinement: transposed-attention blocks at 2C
+    output = conv3x3(features) + I                          global residual
+
+The context c comes from the jointly trained ``DegradationEncoder`` (which also classifies the
+degradation) or from the caller (e.g. DA-CLIP's 512-d degradation features, with
+``context_dim=512``). Any H x W: the input is padded (reflect) to a multiple of 8 and the output
+cropped back. The output conv starts at zero, so an untrained M2IR is the identity map.
+
+After a forward, ``aux_loss`` is the mean of the ADEC load-balancing losses and
+``class_logits`` the encoder's degradation logits (None when the context was given).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_restore.layers.adec import ADEC
+from moe_restore.layers.degradation_encoder import DegradationEncoder
+from moe_restore.layers.mamba_attention import MambaStyleAttention
+from moe_restore.layers.restormer_blocks import Downsample, TransformerBlock, TransposedAttention, Upsample
+
+_MULTIPLE = 8  # three 2x downsamplings
+
+
+@dataclass(frozen=True)
+class M2IRConfig:
+    """Hyper-parameters of M2IR (see ``moe_restore.models`` for the named configurations)."""
+
+    dim: int = 48
+    blocks: tuple[int, int, int, int] = (4, 6, 6, 8)
+    refinement: int = 4
+    heads: tuple[int, int, int, int] = (1, 2, 4, 8)
+    ffn_expansion: float = 2.66
+    num_experts: int = 6
+    top_k: int = 2
+    expert_expansion: float = 2.66
+    d_state: int = 16
+    expand: int = 2
+    directions: int = 4
+    context_dim: int = 512
+    num_classes: int = 5
+    encoder_width: int = 32
+    backend: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class M2IR(nn.Module):
+    """The M2IR network (see the module docstring). ``forward(image [B, 3, H, W], context=None)``."""
+
+    def __init__(self, config: M2IRConfig):
+        super().__init__()
+        if len(config.blocks) != 4 or len(config.heads) != 4:
+            raise ValueError(f"blocks and heads must have 4 entries, got {config.blocks} and {config.heads}")
+        self.config = config
+        c = config.dim
+        widths = (c, 2 * c, 4 * c, 8 * c)
+
+        def mst(dim: int, n: int) -> nn.Sequential:
+            return nn.Sequential(*[TransformerBlock(dim, MambaStyleAttention(
+                dim, d_state=config.d_state, expand=config.expand, directions=config.directions,
+                backend=config.backend), config.ffn_expansion) for _ in range(n)])
+
+        def transposed(dim: int, heads: int, n: int) -> nn.Sequential:
+            return nn.Sequential(*[TransformerBlock(dim, TransposedAttention(dim, heads), config.ffn_expansion)
+                                   for _ in range(n)])
+
+        def adec(dim: int) -> ADEC:
+            return ADEC(dim, config.context_dim, num_experts=config.num_experts, top_k=config.top_k,
+                        expansion=config.expert_expansion, backend=config.backend)
+
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.encoders = nn.ModuleList(mst(widths[i], config.blocks[i]) for i in range(3))
+        self.downs = nn.ModuleList(Downsample(widths[i]) for i in range(3))
+        self.latent = mst(widths[3], config.blocks[3])
+        # Decoder, deepest first: levels 3 and 2 reduce the concatenation to the level's width,
+        # level 1 keeps 2C.
+        self.ups = nn.ModuleList(Upsample(widths[i + 1]) for i in (2, 1, 0))
+        self.reduces = nn.ModuleList([nn.Conv2d(widths[3], widths[2], 1, bias=False),
+                                      nn.Conv2d(widths[2], widths[1], 1, bias=False), nn.Identity()])
+        decoder_widths = (widths[2], widths[1], widths[1])
+        self.decoders = nn.ModuleList(transposed(w, config.heads[i], config.blocks[i])
+                                      for w, i in zip(decoder_widths, (2, 1, 0)))
+        self.experts = nn.ModuleList(adec(w) for w in decoder_widths)
+        self.refinement = transposed(widths[1], config.heads[0], config.refinement)
+        self.output = nn.Conv2d(widths[1], 3, 3, padding=1)
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
+        self.degradation_encoder = DegradationEncoder(config.context_dim, config.num_classes,
+                                                      width=config.encoder_width)
+        self.class_logits: torch.Tensor | None = None
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Mean load-balancing loss of the ADEC layers in the last forward."""
+        losses = [m.aux_loss for m in self.experts]
+        if any(loss is None for loss in losses):
+            raise RuntimeError("aux_loss is defined after a forward pass")
+        return torch.stack(losses).mean()
+
+    def forward(self, image: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must have shape [B, 3, H, W], got {tuple(image.shape)}")
+        if context is None:
+            context, self.class_logits = self.degradation_encoder(image)
+        else:
+            if context.shape != (image.shape[0], self.config.context_dim):
+                raise ValueError(f"context must have shape [B, context_dim] = "
+                                 f"{(image.shape[0], self.config.context_dim)}, got {tuple(context.shape)}")
+            self.class_logits = None
+        h, w = image.shape[2:]
+        pad_h, pad_w = -h % _MULTIPLE, -w % _MULTIPLE
+        # Reflect padding needs the pad to be smaller than the side; tiny images fall back to
+        # replicating the edge.
+        mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+        x = F.pad(image, (0, pad_w, 0, pad_h), mode=mode)
+
+        features = self.stem(x)
+        skips = []
+        for encoder, down in zip(self.encoders, self.downs):
+            features = encoder(features)
+            skips.append(features)
+            features = down(features)
+        features = self.latent(features)
+        for up, reduce, decoder, experts, skip in zip(self.ups, self.reduces, self.decoders, self.experts,
+                                                      reversed(skips)):
+            features = reduce(torch.cat([up(features), skip], dim=1))
+            features = experts(decoder(features), context)
+        features = self.refinement(features)
+        return (self.output(features) + x)[:, :, :h, :w]

@@ -1,0 +1,85 @@
+"""Loading a trained restorer and applying it to images of any size.
+
+Large images are restored in overlapping tiles: tile i covers [s_i, s_i + T) along each axis, with
+starts a stride T - O apart and the last tile flush with the border. Each tile's output is
+weighted by a ramp that rises linearly over the O overlap pixels from its inner edges (a window
+that is 1 in the interior), and the image is sum(w_i y_i) / sum(w_i): seams blend smoothly, and an
+image no larger than one tile is restored in one pass.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from moe_restore.train.checkpoint import load_checkpoint
+
+
+def pipeline_backend(backend: str | None, device: torch.device | str) -> str | None:
+    """The kernel backend the pipeline uses: ``backend`` if given, else the Triton kernels on
+    CUDA and the torch backend on the CPU (even where the Triton interpreter could run: it is a
+    test vehicle, far too slow to train or restore images with)."""
+    if backend is not None:
+        return backend
+    return "torch" if torch.device(device).type == "cpu" else None
+
+
+def load_model(checkpoint: str | Path, *, device: torch.device | str = "cpu",
+               backend: str | None = None) -> tuple[nn.Module, dict]:
+    """(model in eval mode on ``device``, run configuration) from a training checkpoint."""
+    from moe_restore.models import build
+
+    state = load_checkpoint(checkpoint)
+    run = state["config"]
+    if "model" not in run:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} holds no run configuration (not written by train)")
+    model = build(run["model"], **{**run["model_config"], "backend": pipeline_backend(backend, device)})
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), run
+
+
+def _starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def _ramp(length: int, overlap: int, at_start: bool, at_end: bool) -> torch.Tensor:
+    """1-D blending weight of a tile: rising over ``overlap`` px at inner edges, else 1."""
+    weight = torch.ones(length)
+    ramp = torch.arange(1, overlap + 1, dtype=torch.float32) / (overlap + 1)
+    if overlap and not at_start:
+        weight[:overlap] = ramp
+    if overlap and not at_end:
+        weight[-overlap:] = torch.minimum(weight[-overlap:], ramp.flip(0))
+    return weight
+
+
+@torch.no_grad()
+def restore_image(model: nn.Module, image: torch.Tensor, *, tile: int | None = 256, overlap: int = 32) -> torch.Tensor:
+    """Restore one [3, H, W] image in [0, 1] (tiled when larger than ``tile``; None: one pass).
+    Returns [3, H, W] clipped to [0, 1] on the CPU."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must have shape [3, H, W], got {tuple(image.shape)}")
+    if tile is not None and not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile={tile}), got {overlap}")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    h, w = image.shape[1:]
+    if tile is None or (h <= tile and w <= tile):
+        return model(image[None].to(device)).float()[0].clamp(0, 1).cpu()
+    output = torch.zeros(3, h, w)
+    total = torch.zeros(1, h, w)
+    rows, cols = _starts(h, tile, overlap), _starts(w, tile, overlap)
+    for top in rows:
+        for left in cols:
+            piece = image[:, top:top + tile, left:left + tile]
+            restored = model(piece[None].to(device)).float()[0].cpu()
+            ph, pw = piece.shape[1:]
+            weight = (_ramp(ph, overlap, top == rows[0], top == rows[-1])[:, None]
+                      * _ramp(pw, overlap, left == cols[0], left == cols[-1])[None, :])
+            output[:, top:top + ph, left:left + pw] += restored * weight
+            total[:, top:top + ph, left:left + pw] += weight
+    return (output / total).clamp(0, 1)

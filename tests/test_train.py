@@ -1,0 +1,110 @@
+"""Training loop: bit-exact resume after a crash, atomic checkpoints, configuration checks,
+tiled inference, and DistributedDataParallel with gloo and 2 processes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_restore.data import FixedDegradedDataset
+from moe_restore.train import TrainConfig, restore_image, train
+from moe_restore.train.checkpoint import load_checkpoint
+from moe_restore.train.demo import before_after_grid
+
+
+def _config(out: Path, **changes) -> TrainConfig:
+    settings = dict(model="m2ir-tiny", data="builtin", tasks=("noise", "lowlight+haze"), steps=3, batch=2, patch=16,
+                    lr=1e-3, warmup=2, eval_every=0, checkpoint_every=2, out=str(out), backend="torch")
+    return TrainConfig(**{**settings, **changes})
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path):
+    straight: dict[int, float] = {}
+    reference = train(_config(tmp_path / "a"), progress=False, on_step=lambda s, t: straight.__setitem__(s, t["total"]))
+
+    def crash_at_step_3(step, terms):
+        if step == 3:
+            raise _Crash  # after step 3's update, before its checkpoint: step 2's is on disk
+
+    with pytest.raises(_Crash):
+        train(_config(tmp_path / "b"), progress=False, on_step=crash_at_step_3)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 2
+    resumed: dict[int, float] = {}
+    model = train(_config(tmp_path / "b"), resume=True, progress=False,
+                  on_step=lambda s, t: resumed.__setitem__(s, t["total"]))
+    assert list(resumed) == [3] and resumed[3] == straight[3]
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not [p for p in (tmp_path / "b").iterdir() if p.suffix == ".tmp"], "a temporary checkpoint was left"
+    state = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert state["step"] == 3 and state["config"]["tasks"] == ["noise", "lowlight+haze"]
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    train(_config(tmp_path, steps=1), progress=False)
+    with pytest.raises(ValueError, match="patch"):
+        train(_config(tmp_path, steps=2, patch=24), resume=True, progress=False)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train(_config(tmp_path / "empty"), resume=True, progress=False)
+    with pytest.raises(ValueError, match="patch"):
+        _config(tmp_path, patch=20)
+    with pytest.raises(ValueError, match="steps"):
+        _config(tmp_path, steps=0)
+
+
+def test_tiled_restoration_blends_to_the_untiled_result():
+    """A pointwise network gives the same output tiled or not: the blend weights sum to one."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.Sigmoid())
+    image = torch.rand(3, 70, 93)
+    whole = restore_image(model, image, tile=None)
+    for tile, overlap in ((32, 8), (40, 0), (64, 31)):
+        assert torch.allclose(restore_image(model, image, tile=tile, overlap=overlap), whole, atol=1e-6)
+    with pytest.raises(ValueError, match="overlap"):
+        restore_image(model, image, tile=16, overlap=16)
+
+
+def test_before_after_grid_layout():
+    images = [torch.rand(3, 40, 60), torch.rand(3, 50, 50)]
+    dataset = FixedDegradedDataset(images, ("noise", "blur"))
+    grid = before_after_grid(torch.nn.Identity(), dataset)
+    assert grid.shape == (3, 2 * 192, 3 * 288)
+
+
+_DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    from moe_restore.train import TrainConfig, train
+    out = sys.argv[1]
+    model = train(TrainConfig(model="m2ir-tiny", data="builtin", tasks=("noise", "haze"), steps=2, batch=1,
+                              patch=16, warmup=1, eval_every=0, checkpoint_every=2, out=out, backend="torch"),
+                  progress=False)
+    torch.save(model.state_dict(), os.path.join(out, "rank%s.pt" % os.environ["RANK"]))
+""")
+
+
+def test_ddp_gloo_two_processes_end_with_identical_weights(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    initial = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert initial["step"] == 2
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    torch.manual_seed(0)
+    from moe_restore.models import build
+
+    fresh = build("m2ir-tiny", num_classes=2).state_dict()
+    assert any(not torch.equal(fresh[n], rank0[n]) for n in rank0), "training changed nothing"
