@@ -43,15 +43,22 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from moe_restore.data.sources import evaluation_set
-    from moe_restore.train.evaluate import evaluate, markdown_table, write_results
+    from moe_restore.train.evaluate import comparison_table, evaluate, markdown_table, write_results
     from moe_restore.train.inference import load_model
 
-    model, run = load_model(args.checkpoint, device=args.device or _default_device(), backend=args.backend)
-    tasks = args.tasks or tuple(run["tasks"])
-    results = evaluate(model, evaluation_set(args.data, tasks), tile=args.tile)
-    json_path, md_path = write_results(results, args.out)
-    print(markdown_table(results), end="")
-    print(f"written: {json_path}, {md_path}")
+    by_name = {}
+    for index, checkpoint in enumerate(args.checkpoint):
+        model, run = load_model(checkpoint, device=args.device or _default_device(), backend=args.backend,
+                                sample_steps=args.sample_steps)
+        tasks = args.tasks or tuple(run["tasks"])
+        results = evaluate(model, evaluation_set(args.data, tasks), tile=args.tile)
+        out = Path(args.out) if len(args.checkpoint) == 1 else Path(args.out) / f"{index}-{run['model']}"
+        json_path, md_path = write_results(results, out)
+        print(f"{checkpoint} ({run['model']}):\n" + markdown_table(results), end="")
+        print(f"written: {json_path}, {md_path}")
+        by_name[f"{run['model']} ({Path(checkpoint).parent.name or checkpoint})"] = results
+    if len(by_name) > 1:
+        print("\nside by side (PSNR dB / SSIM):\n" + comparison_table(by_name), end="")
     return 0
 
 
@@ -59,7 +66,8 @@ def _restore(args: argparse.Namespace) -> int:
     from moe_restore.data.image_io import read_image, write_image
     from moe_restore.train.inference import load_model, restore_image
 
-    model, _ = load_model(args.checkpoint, device=args.device or _default_device(), backend=args.backend)
+    model, _ = load_model(args.checkpoint, device=args.device or _default_device(), backend=args.backend,
+                          sample_steps=args.sample_steps)
     out = Path(args.out)
     for source in map(Path, args.inputs):
         target = out / (source.stem + (f".{args.format}" if args.format else source.suffix.lower()))
@@ -74,7 +82,8 @@ def _demo(args: argparse.Namespace) -> int:
     from moe_restore.train.demo import run_demo, tasks_not_beating_identity
     from moe_restore.train.evaluate import markdown_table
 
-    results = run_demo(args.out) if args.steps is None else run_demo(args.out, steps=args.steps)
+    options = {"model": args.model} if args.steps is None else {"model": args.model, "steps": args.steps}
+    results = run_demo(args.out, **options)
     print(markdown_table(results), end="")
     print(f"written: {args.out}/grid.png, {args.out}/results.md, {args.out}/results.json")
     behind = tasks_not_beating_identity(results)
@@ -91,6 +100,8 @@ def _default_device() -> str:
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sample-steps", type=int, default=None,
+                        help="sampling steps of a MiM-DiT checkpoint (default: its own, 8); M2IR ignores it")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--backend", choices=("triton", "torch"), default=None,
                         help="kernel backend (default: Triton on CUDA, torch on the CPU)")
@@ -106,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small shapes only")
     bench.set_defaults(run=_bench)
 
-    demo = commands.add_parser("demo", help="train m2ir-tiny on the built-in images, evaluate, write demo_out/")
+    demo = commands.add_parser("demo", help="train a tiny restorer on the built-in images, evaluate, write demo_out/")
+    demo.add_argument("--model", default="m2ir-tiny", choices=("m2ir-tiny", "mim-dit-tiny"))
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's fixed budget)")
     demo.set_defaults(run=_demo)
@@ -131,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     evaluation = commands.add_parser("eval", help="PSNR/SSIM per task beside the identity baseline")
-    evaluation.add_argument("--checkpoint", required=True)
+    evaluation.add_argument("--checkpoint", required=True, nargs="+",
+                            help="one checkpoint, or several to compare side by side (e.g. M2IR and MiM-DiT)")
     evaluation.add_argument("--data", default="builtin", help="'builtin' or a folder")
     evaluation.add_argument("--tasks", type=_tasks, default=None, help="default: the checkpoint's tasks")
     evaluation.add_argument("--out", default="eval_out", help="folder for results.json and results.md")

@@ -13,6 +13,17 @@ m2ir-tiny (1).
 
 m2ir-base is the paper's scale (its P = 512 also accepts DA-CLIP features); m2ir-tiny trains on
 a CPU in minutes.
+
+================  ======  =====  =====  =====  ==============================  =========
+name              hidden  depth  heads  patch  nested FFN                      context P
+================  ======  =====  =====  =====  ==============================  =========
+mim-dit-tiny      64      3      4      4      G=5 x E=4, top-2 x top-1        32
+mim-dit-s         384     12     6      2      G=5 x E=4, top-2 x top-1        64
+mim-dit-b         768     12     12     2      G=5 x E=4, top-2 x top-1        64
+================  ======  =====  =====  =====  ==============================  =========
+
+MiM-DiT configurations build a randomly initialised DiT; ``MiMDiT.from_pretrained_dit`` upcycles
+a pretrained one instead (docs/mim_dit.md).
 """
 from __future__ import annotations
 
@@ -22,6 +33,7 @@ from typing import Any
 import torch.nn as nn
 
 from moe_restore.models.m2ir import M2IR, M2IRConfig
+from moe_restore.models.mim_dit import MiMDiT, MiMDiTConfig
 
 _REGISTRY: dict[str, tuple[type[nn.Module], Any]] = {
     "m2ir-base": (M2IR, M2IRConfig()),
@@ -30,6 +42,10 @@ _REGISTRY: dict[str, tuple[type[nn.Module], Any]] = {
     "m2ir-tiny": (M2IR, M2IRConfig(dim=16, blocks=(1, 1, 1, 1), refinement=1, heads=(1, 1, 2, 2),
                                    ffn_expansion=2.0, num_experts=4, expert_expansion=2.0, d_state=4,
                                    expand=1, directions=2, context_dim=32, encoder_width=16)),
+    "mim-dit-tiny": (MiMDiT, MiMDiTConfig(hidden=64, depth=3, heads=4, patch=4, sample_size=16, context_dim=32,
+                                          encoder_width=16)),
+    "mim-dit-s": (MiMDiT, MiMDiTConfig(hidden=384, depth=12, heads=6, patch=2, sample_size=32)),
+    "mim-dit-b": (MiMDiT, MiMDiTConfig(hidden=768, depth=12, heads=12, patch=2, sample_size=32)),
 }
 
 
@@ -58,4 +74,4 @@ def build(name: str, **overrides: Any) -> nn.Module:
     return _REGISTRY[name][0](settings)
 
 
-__all__ = ["M2IR", "M2IRConfig", "build", "config", "names"]
+__all__ = ["M2IR", "M2IRConfig", "MiMDiT", "MiMDiTConfig", "build", "config", "names"]

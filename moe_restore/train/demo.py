@@ -27,10 +27,10 @@ DEMO_PATCH = 64
 _CELL = 192  # height of one grid cell in pixels
 
 
-def demo_config(out_dir: str | Path, *, steps: int = DEMO_STEPS) -> TrainConfig:
+def demo_config(out_dir: str | Path, *, steps: int = DEMO_STEPS, model: str = "m2ir-tiny") -> TrainConfig:
     # A short run: a high learning rate, a light FFT term (its phase part is noisy early on) and a
     # heavier classification term, so that the context tells the degradations apart quickly.
-    return TrainConfig(model="m2ir-tiny", data="builtin", steps=steps, batch=DEMO_BATCH, patch=DEMO_PATCH,
+    return TrainConfig(model=model, data="builtin", steps=steps, batch=DEMO_BATCH, patch=DEMO_PATCH,
                        lr=2e-3, warmup=20, loss=LossWeights(fft=0.02, load_balance=0.01, classification=0.5),
                        eval_every=0, checkpoint_every=steps, out=str(Path(out_dir) / "run"))
 
@@ -48,10 +48,12 @@ def before_after_grid(model: torch.nn.Module, dataset, *, image_index: int = 0) 
     return torch.cat(rows, dim=1)
 
 
-def run_demo(out_dir: str | Path = "demo_out", *, steps: int = DEMO_STEPS, progress: bool = True) -> dict:
-    """Train, evaluate and write the demo's outputs; returns the evaluation results."""
+def run_demo(out_dir: str | Path = "demo_out", *, steps: int = DEMO_STEPS, model: str = "m2ir-tiny",
+             progress: bool = True) -> dict:
+    """Train ``model`` (m2ir-tiny or mim-dit-tiny), evaluate and write the demo's outputs; returns
+    the evaluation results."""
     out_dir = Path(out_dir)
-    config = demo_config(out_dir, steps=steps)
+    config = demo_config(out_dir, steps=steps, model=model)
     model = train(config, progress=progress)
     dataset = evaluation_set("builtin", config.tasks)
     results = evaluate(model, dataset)

@@ -55,6 +55,20 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison_table(results_by_name: dict[str, dict[str, Any]]) -> str:
+    """PSNR / SSIM per task of several models side by side, after the identity baseline."""
+    names = list(results_by_name)
+    first = results_by_name[names[0]]
+    lines = ["| task | identity | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    rows = [(task, lambda r, t=task: r["tasks"][t]) for task in first["tasks"]]
+    rows.append(("**average**", lambda r: r["average"]))
+    for task, pick in rows:
+        cells = [f"{pick(r)['model']['psnr']:.2f} / {pick(r)['model']['ssim']:.4f}" for r in results_by_name.values()]
+        identity = pick(first)["identity"]
+        lines.append(f"| {task} | {identity['psnr']:.2f} / {identity['ssim']:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_results(results: dict[str, Any], out_dir: str | Path, *, stem: str = "results") -> tuple[Path, Path]:
     """Write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``; returns both paths."""
     out_dir = Path(out_dir)

@@ -25,16 +25,21 @@ def pipeline_backend(backend: str | None, device: torch.device | str) -> str | N
     return "torch" if torch.device(device).type == "cpu" else None
 
 
-def load_model(checkpoint: str | Path, *, device: torch.device | str = "cpu",
-               backend: str | None = None) -> tuple[nn.Module, dict]:
-    """(model in eval mode on ``device``, run configuration) from a training checkpoint."""
+def load_model(checkpoint: str | Path, *, device: torch.device | str = "cpu", backend: str | None = None,
+               sample_steps: int | None = None) -> tuple[nn.Module, dict]:
+    """(model in eval mode on ``device``, run configuration) from a training checkpoint.
+    ``sample_steps`` sets the sampling steps of a network that samples (MiM-DiT); the others
+    ignore it."""
     from moe_restore.models import build
 
     state = load_checkpoint(checkpoint)
     run = state["config"]
     if "model" not in run:
         raise ValueError(f"checkpoint {str(checkpoint)!r} holds no run configuration (not written by train)")
-    model = build(run["model"], **{**run["model_config"], "backend": pipeline_backend(backend, device)})
+    overrides = {"backend": pipeline_backend(backend, device)}
+    if sample_steps is not None and "sample_steps" in run["model_config"]:
+        overrides["sample_steps"] = sample_steps
+    model = build(run["model"], **{**run["model_config"], **overrides})
     model.load_state_dict(state["model"])
     return model.to(device).eval(), run
 
@@ -58,6 +63,12 @@ def _ramp(length: int, overlap: int, at_start: bool, at_end: bool) -> torch.Tens
     return weight
 
 
+def _restorer(model: nn.Module):
+    """The network's restoration function: ``restore`` where it has one (MiM-DiT samples), else
+    its forward (M2IR)."""
+    return getattr(model, "restore", None) or model
+
+
 @torch.no_grad()
 def restore_image(model: nn.Module, image: torch.Tensor, *, tile: int | None = 256, overlap: int = 32) -> torch.Tensor:
     """Restore one [3, H, W] image in [0, 1] (tiled when larger than ``tile``; None: one pass).
@@ -69,14 +80,14 @@ def restore_image(model: nn.Module, image: torch.Tensor, *, tile: int | None = 2
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     h, w = image.shape[1:]
     if tile is None or (h <= tile and w <= tile):
-        return model(image[None].to(device)).float()[0].clamp(0, 1).cpu()
+        return _restorer(model)(image[None].to(device)).float()[0].clamp(0, 1).cpu()
     output = torch.zeros(3, h, w)
     total = torch.zeros(1, h, w)
     rows, cols = _starts(h, tile, overlap), _starts(w, tile, overlap)
     for top in rows:
         for left in cols:
             piece = image[:, top:top + tile, left:left + tile]
-            restored = model(piece[None].to(device)).float()[0].cpu()
+            restored = _restorer(model)(piece[None].to(device)).float()[0].cpu()
             ph, pw = piece.shape[1:]
             weight = (_ramp(ph, overlap, top == rows[0], top == rows[-1])[:, None]
                       * _ramp(pw, overlap, left == cols[0], left == cols[-1])[None, :])

@@ -5,8 +5,9 @@ per-process batch, W the number of processes; rank r takes its B consecutive ite
 items are pure functions of their index, so together with the checkpointed model, optimizer,
 scheduler and RNG states a resumed run repeats an uninterrupted one bit for bit.
 
-Per step: loss = Charbonnier + FFT + load balance + degradation classification (weights in the
-configuration, see ``losses``), AdamW, gradient clipping at ``clip_norm``, linear warm-up then
+Per step: the network's objective (``objective``: for M2IR Charbonnier + FFT + load balance +
+degradation classification, weights in the configuration, see ``losses``; for MiM-DiT its
+rectified-flow loss), AdamW, gradient clipping at ``clip_norm``, linear warm-up then
 cosine decay of the learning rate to ``min_lr_ratio`` of its peak. On CUDA the forward runs under
 bfloat16 autocast (``amp``) and the ops use the Triton kernels; on the CPU, float32 and the torch
 backend.
@@ -31,7 +32,8 @@ from moe_restore.train import distributed
 from moe_restore.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from moe_restore.train.evaluate import evaluate, markdown_table, write_results
 from moe_restore.train.inference import pipeline_backend
-from moe_restore.train.losses import LossWeights, restoration_loss
+from moe_restore.train.losses import LossWeights
+from moe_restore.train.objective import TrainingObjective
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -150,10 +152,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     batches = [list(range(s * per_step + env.rank * config.batch, s * per_step + (env.rank + 1) * config.batch))
                for s in range(start, config.steps)]
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate, num_workers=config.workers)
-    trained = model
+    objective = TrainingObjective(model, config.loss)
     if env.enabled:
-        trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        objective = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     use_amp = config.amp and env.device.type == "cuda"
     run_config = _run_config(config, model)
     if env.is_main:
@@ -173,9 +175,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     for step, (degraded, clean, labels) in enumerate(loader, start=start + 1):
         degraded, clean, labels = (t.to(env.device, non_blocking=True) for t in (degraded, clean, labels))
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            restored = trained(degraded)
-        total, terms = restoration_loss(restored.float(), clean, weights=config.loss, aux_loss=model.aux_loss,
-                                        class_logits=model.class_logits, labels=labels)
+            total, terms = objective(degraded, clean, labels)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if config.clip_norm:
