@@ -4,6 +4,7 @@ from __future__ import annotations
 import cmath
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -62,3 +63,16 @@ def test_restoration_loss_combines_weighted_terms():
     assert set(terms) == {"charbonnier", "fft", "load_balance", "classification"}
     only_pixels, terms = restoration_loss(out, gt, weights=LossWeights(0, 0, 0), aux_loss=aux)
     assert set(terms) == {"charbonnier"} and float(only_pixels) == float(charbonnier(out, gt))
+
+
+def test_relative_loss_measures_each_image_against_its_input_error():
+    g = torch.Generator().manual_seed(3)
+    gt = torch.rand(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    inputs = gt + torch.tensor([0.02, 0.4], dtype=torch.float64)[:, None, None, None]  # a mild and a severe input
+    out = gt + 0.5 * (inputs - gt)  # both halve their input's error
+    weights = LossWeights(fft=0.0, load_balance=0.0, classification=0.0, relative=True)
+    total, _ = restoration_loss(out, gt, weights=weights, inputs=inputs)
+    per_image = [sum(math.sqrt((0.5 * e / e) ** 2 + 1e-6) for _ in range(3 * 6 * 6)) / (3 * 6 * 6) for e in (0.02, 0.4)]
+    assert abs(float(total) - sum(per_image) / 2) < 1e-9
+    with pytest.raises(ValueError, match="inputs"):
+        restoration_loss(out, gt, weights=weights)

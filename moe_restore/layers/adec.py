@@ -24,14 +24,14 @@ import torch
 import torch.nn as nn
 
 from moe_restore.kernels import moe_mlp, topk_route
+from moe_restore.layers._experts import balance_loss
 from moe_restore.layers.restormer_blocks import LayerNorm2d
 
 
 def switch_balance_loss(logits: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     """E * sum_e f_e * P_e for router logits [T, E] and chosen experts [T, K]."""
-    probabilities = logits.float().softmax(dim=-1).mean(dim=0)
-    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probabilities.dtype)
-    return num_experts * (counts / experts.numel() * probabilities).sum()
+    counts = torch.bincount(experts.reshape(-1), minlength=num_experts)
+    return balance_loss(logits.float().softmax(dim=-1).mean(dim=0), counts, max(experts.numel(), 1))
 
 
 class ADEC(nn.Module):

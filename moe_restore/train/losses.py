@@ -5,7 +5,12 @@ total = Charbonnier(out, gt)
       + lambda_lb  * load-balancing loss of the MoE layers
       + lambda_cls * cross-entropy of the degradation classifier
 
-Charbonnier(x, y) = mean sqrt((x - y)^2 + eps^2), eps = 1e-3. A and phi are the amplitude and
+Charbonnier(x, y) = mean sqrt((x - y)^2 + eps^2), eps = 1e-3.
+
+With ``relative=True`` every image's terms are computed on out / s and gt / s, s = mean |input -
+gt| of that image (at least 1e-3): each image's loss is measured relative to how degraded its
+input was, so that mild degradations (light noise, slight blur) weigh as much as severe ones
+(haze, low light) in a mixed batch instead of being drowned by them. A and phi are the amplitude and
 phase of the orthonormal 2-D real FFT of each channel; the phase difference is wrapped to
 (-pi, pi] (the angle of F(out) conj(F(gt))), so that a phase of pi and -pi count as equal.
 """
@@ -24,6 +29,7 @@ class LossWeights:
     fft: float = 0.1
     load_balance: float = 0.01
     classification: float = 0.1
+    relative: bool = False
 
 
 def charbonnier(output: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -47,8 +53,15 @@ def fft_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def restoration_loss(output: torch.Tensor, target: torch.Tensor, *, weights: LossWeights,
                      aux_loss: torch.Tensor | None = None, class_logits: torch.Tensor | None = None,
-                     labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The total loss and its terms (as floats, for logging)."""
+                     labels: torch.Tensor | None = None,
+                     inputs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The total loss and its terms (as floats, for logging). ``inputs`` (the degraded images) are
+    needed with ``weights.relative``."""
+    if weights.relative:
+        if inputs is None:
+            raise ValueError("weights.relative needs the degraded inputs")
+        scale = (inputs - target).abs().flatten(1).mean(1).clamp_min(1e-3).to(output)[:, None, None, None]
+        output, target = output / scale, target / scale
     terms = {"charbonnier": charbonnier(output, target)}
     if weights.fft:
         terms["fft"] = weights.fft * fft_loss(output, target)

@@ -27,4 +27,4 @@ class TrainingObjective(nn.Module):
             return self.model.training_loss(degraded, clean, labels, self.weights)
         restored = self.model(degraded)
         return restoration_loss(restored.float(), clean, weights=self.weights, aux_loss=self.model.aux_loss,
-                                class_logits=self.model.class_logits, labels=labels)
+                                class_logits=self.model.class_logits, labels=labels, inputs=degraded)
