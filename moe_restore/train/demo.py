@@ -28,12 +28,12 @@ _CELL = 192  # height of one grid cell in pixels
 
 
 def demo_config(out_dir: str | Path, *, steps: int = DEMO_STEPS, model: str = "m2ir-tiny") -> TrainConfig:
-    # A short run: a high learning rate, a light FFT term (its phase part is noisy early on), a
-    # heavier classification term, so that the context tells the degradations apart quickly, and
+    # A short run: a high learning rate, a heavier FFT term (high frequencies: the blur), a heavy
+    # classification term, so that the context tells the degradations apart quickly, and
     # the relative loss, so that the mild degradations (noise, blur) are not drowned by the severe
     # ones (haze, low light) in the mixed batches.
     return TrainConfig(model=model, data="builtin", steps=steps, batch=DEMO_BATCH, patch=DEMO_PATCH,
-                       lr=2e-3, warmup=20, loss=LossWeights(fft=0.02, load_balance=0.01, classification=0.5, relative=True),
+                       lr=2e-3, warmup=20, loss=LossWeights(fft=0.3, load_balance=0.01, classification=1.0, relative=True),
                        eval_every=0, checkpoint_every=steps, out=str(Path(out_dir) / "run"))
 
 
