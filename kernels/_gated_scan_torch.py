@@ -1,60 +1,100 @@
-"""The "torch" backend of the sigmoid-gated selective scan: vectorised chunked PyTorch.
+"""The "torch" backend of the sigmoid-gated selective scan: chunked PyTorch without a Python loop.
 
-Within a chunk of T tokens starting from state h_in, with the cumulative log decay
-Lambda_t = sum_{s<=t} log a_s ([D] per token) and x_s = (1 - a_s) u_s Bm_s^T,
+The sequence is cut into chunks of T tokens (the tail padded with a = 1, u = 0, which neither
+decays nor writes the state). Within a chunk c starting from state H_c, with the cumulative log
+decay Lambda_t = sum_{s<=t} log a_s ([D] per token) and x_s = (1 - a_s) u_s Bm_s^T,
 
-    h_t = exp(Lambda_t) h_in + sum_{s<=t} exp(Lambda_t - Lambda_s) x_s
-    y_t = exp(Lambda_t) (h_in Cm_t) + sum_{s<=t} exp(Lambda_t - Lambda_s) (1 - a_s) u_s (Cm_t . Bm_s)
+    h_t = exp(Lambda_t) H_c + sum_{s<=t} exp(Lambda_t - Lambda_s) x_s
+    y_t = exp(Lambda_t) (H_c Cm_t) + sum_{s<=t} exp(Lambda_t - Lambda_s) (1 - a_s) u_s (Cm_t . Bm_s)
 
-computed for all t at once ([B, T, T, D] decay weights, only their s <= t half exponentiated, so
-nothing overflows); a Python loop runs over chunks only. State and arithmetic in float32
-(float64 for float64 inputs); autograd through PyTorch.
+The second sums are computed for every chunk at once ([B, C, T, T, D] decay weights). The chunk
+start states follow the same recurrence one level up: with S_c = sum_s exp(Lambda_T - Lambda_s) x_s
+the state chunk c writes from zero, and P_c = sum_{c'<=c} Lambda_T(c') the cumulative chunk decay,
+
+    H_c = exp(P_{c-1}) h_0 + sum_{c'<c} exp(P_{c-1} - P_{c'}) S_{c'}
+
+again all at once ([B, C, C, D] weights). Only the s <= t (c' < c) halves are exponentiated, so
+nothing overflows. State and arithmetic in float32 (float64 for float64 inputs); autograd
+through PyTorch.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-CHUNK = 32
+CHUNK = 8
+SEGMENT_CHUNKS = 64
+
+
+def _decay(to: torch.Tensor, since: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Cumulative log decays [..., T] and [..., S] -> weights exp(to_t - since_s) [..., T, S] where
+    ``keep`` [T, S] holds, 0 elsewhere (the masked half is never exponentiated: no overflow)."""
+    gap = to[..., :, None] - since[..., None, :]
+    return torch.exp(gap.masked_fill(~keep, -torch.inf))
 
 
 def gated_scan_torch(u: torch.Tensor, f: torch.Tensor, bm: torch.Tensor, cm: torch.Tensor,
                      d_skip: torch.Tensor | None = None, z: torch.Tensor | None = None,
-                     h0: torch.Tensor | None = None, reverse: bool = False, chunk: int = CHUNK):
+                     h0: torch.Tensor | None = None, reverse: bool = False, chunk: int = CHUNK,
+                     segment_chunks: int = SEGMENT_CHUNKS):
     """Sequences [B, L, *]: returns (out [B, L, D] in u.dtype, final state [B, D, N])."""
     if reverse:
-        flip = lambda t: None if t is None else t.flip(1)  # noqa: E731
+        flip = lambda t: None if t is None else t.flip(1)
         out, h_final = gated_scan_torch(flip(u), flip(f), flip(bm), flip(cm), d_skip, flip(z), h0,
-                                        reverse=False, chunk=chunk)
+                                        reverse=False, chunk=chunk, segment_chunks=segment_chunks)
         return out.flip(1), h_final
 
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     u_, f_, bm_, cm_ = (t.to(compute) for t in (u, f, bm, cm))
-    batch, length, dim = u.shape
-    log_a = F.logsigmoid(f_)
-    write = torch.exp(F.logsigmoid(-f_)) * u_  # (1 - a) u
-    h = (torch.zeros(batch, dim, bm.shape[-1], device=u.device, dtype=compute) if h0 is None
-         else h0.to(compute))
-
-    outputs = []
-    for start in range(0, length, chunk):
-        part = slice(start, min(start + chunk, length))
-        cum = log_a[:, part].cumsum(1)                               # [B, T, D]
-        steps = cum.shape[1]
-        causal = torch.ones(steps, steps, dtype=torch.bool, device=u.device).tril()
-        gap = (cum[:, :, None, :] - cum[:, None, :, :])              # [B, T(t), T(s), D]
-        weight = torch.exp(gap.masked_fill(~causal[None, :, :, None], -torch.inf))
-        scores = torch.einsum("btn,bsn->bts", cm_[:, part], bm_[:, part])
-        y = torch.einsum("btsd,bts,bsd->btd", weight, scores, write[:, part])
-        y = y + torch.exp(cum) * torch.einsum("bdn,btn->btd", h, cm_[:, part])
-        last = cum[:, -1]                                            # [B, D]
-        h = torch.exp(last)[:, :, None] * h + torch.einsum(
-            "bsd,bsn->bdn", torch.exp(last[:, None, :] - cum) * write[:, part], bm_[:, part])
+    # Segments of segment_chunks chunks bound the [C, C] chunk-state weights (memory and work
+    # quadratic in C) to a constant; a Python loop runs over segments only.
+    h = None if h0 is None else h0.to(compute)
+    outputs, span = [], chunk * segment_chunks
+    for start in range(0, u.shape[1], span):
+        part = slice(start, start + span)
+        y, h = _chunked_scan(u_[:, part], f_[:, part], bm_[:, part], cm_[:, part], h, chunk)
         outputs.append(y)
-
     y = torch.cat(outputs, dim=1)
     if d_skip is not None:
         y = y + d_skip.to(compute) * u_
     if z is not None:
         y = y * torch.sigmoid(z.to(compute))
     return y.to(u.dtype), h
+
+
+def _chunked_scan(u: torch.Tensor, f: torch.Tensor, bm: torch.Tensor, cm: torch.Tensor,
+                  h0: torch.Tensor | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One segment, no Python loop: (y [B, L, D] without skip and gate, final state [B, D, N])."""
+    batch, length, dim = u.shape
+    steps = min(chunk, length)
+    chunks = -(-length // steps)
+    pad = chunks * steps - length
+
+    def in_chunks(t: torch.Tensor) -> torch.Tensor:  # [B, L, X] -> [B, C, T, X], zero-padded tail
+        return F.pad(t, (0, 0, 0, pad)).view(batch, chunks, steps, t.shape[-1])
+
+    log_a = in_chunks(F.logsigmoid(f))                          # log a; 0 on the padding
+    write = in_chunks(torch.exp(F.logsigmoid(-f)) * u)         # (1 - a) u
+    bm_c, cm_c = in_chunks(bm), in_chunks(cm)
+
+    # Decay weights are laid out [..., D, T, S] so that the sums over s are batched matrix products.
+    cum = log_a.cumsum(2)                                        # Lambda [B, C, T, D]
+    causal = torch.ones(steps, steps, dtype=torch.bool, device=u.device).tril()
+    weight = _decay(cum.transpose(2, 3), cum.transpose(2, 3), causal)                 # [B, C, D, T, S]
+    scores = cm_c @ bm_c.transpose(2, 3)                         # Cm_t . Bm_s [B, C, T, S]
+    y = ((weight * scores[:, :, None]) @ write.transpose(2, 3)[..., None]).squeeze(-1).transpose(2, 3)
+
+    last = cum[:, :, -1]                                         # Lambda_T per chunk [B, C, D]
+    written = (torch.exp(last[:, :, None] - cum) * write).transpose(2, 3) @ bm_c  # S_c [B, C, D, N]
+    total = last.cumsum(1)                                       # P_c [B, C, D]
+    before = total - last                                        # P_{c-1}
+    earlier = torch.ones(chunks, chunks, dtype=torch.bool, device=u.device).tril(-1)
+    carry = _decay(before.transpose(1, 2), total.transpose(1, 2), earlier)  # [B, D, C, C]
+    starts = (carry @ written.transpose(1, 2)).transpose(1, 2)  # H_c [B, C, D, N]
+    h_final = torch.einsum("bjd,bjdn->bdn", torch.exp(total[:, -1:] - total), written)
+    if h0 is not None:
+        starts = starts + torch.exp(before)[..., None] * h0[:, None]
+        h_final = h_final + torch.exp(total[:, -1])[..., None] * h0
+    y = y + torch.exp(cum) * (cm_c @ starts.transpose(2, 3))   # exp(Lambda_t) (H_c Cm_t)
+
+    return y.reshape(batch, chunks * steps, dim)[:, :length], h_final

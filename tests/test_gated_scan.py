@@ -149,6 +149,28 @@ def test_torch_backend_float64():
     assert_close(h_final, ref_final, torch.float64, what="final state")
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_torch_backend_across_segments(reverse):
+    """The torch backend runs segments of CHUNK * SEGMENT_CHUNKS tokens in a Python loop and the
+    chunks inside a segment at once: 1100 tokens make two full segments, a partial third and a
+    partial last chunk; the state must carry across all of them, forward and backward."""
+    from moe_restore.kernels._gated_scan_torch import CHUNK, SEGMENT_CHUNKS
+    length = 1100
+    assert 2 * CHUNK * SEGMENT_CHUNKS < length < 3 * CHUNK * SEGMENT_CHUNKS and length % CHUNK
+    inputs = [t.double().requires_grad_() for t in make_inputs((2, length), 3, 2)]
+    u, f, Bm, Cm, d_skip, z, h0 = inputs
+    out, h_final = gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, reverse=reverse,
+                              return_final_state=True, backend="torch")
+    ref_out, ref_final = reference_scan(u, f, Bm, Cm, d_skip, z, h0, reverse)
+    assert_close(out, ref_out, torch.float64, what="out")
+    assert_close(h_final, ref_final, torch.float64, what="final state")
+    g_out, g_final = torch.randn_like(out), torch.randn_like(h_final)
+    grads = torch.autograd.grad((out * g_out).sum() + (h_final * g_final).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref_out * g_out).sum() + (ref_final * g_final).sum(), inputs)
+    for name, grad, ref in zip("u f Bm Cm d_skip z h0".split(), grads, ref_grads):
+        assert_close(grad, ref, torch.float64, what=f"grad {name}")
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_float16_inputs(backend):
     u, f, Bm, Cm, d_skip, z, h0 = make_inputs((2, 40), 20, 4, dtype=torch.float16)
