@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from moe_restore.layers.adec import ADEC, switch_balance_loss
-from moe_restore.layers.degradation_encoder import DegradationEncoder
-from moe_restore.layers.restormer_blocks import (Downsample, GatedDconvFFN, LayerNorm2d, TransformerBlock,
-                                                 TransposedAttention, Upsample)
 from utils import assert_close, backends
+
+from moe_restore.data import degradations
+from moe_restore.layers.adec import ADEC, switch_balance_loss
+from moe_restore.layers.degradation_encoder import DegradationEncoder, image_statistics
+from moe_restore.layers.restormer_blocks import (
+    Downsample,
+    GatedDconvFFN,
+    LayerNorm2d,
+    TransformerBlock,
+    TransposedAttention,
+    Upsample,
+)
 
 torch.manual_seed(0)
 
@@ -149,3 +157,38 @@ def test_degradation_encoder_shapes_and_gradients():
     F.cross_entropy(logits, torch.tensor([0, 4, 2])).backward()
     assert torch.isfinite(image.grad).all() and image.grad.abs().sum() > 0
     assert all(p.grad is not None for p in encoder.parameters())
+
+
+def _reference_statistics(image: np.ndarray) -> np.ndarray:
+    """numpy, one image [C, H, W] with even H, W: the four statistics per channel, written out."""
+    def log_energy(x):
+        padded = np.pad(x, ((0, 0), (1, 1), (1, 1)), mode="edge")
+        h, w = x.shape[1:]
+        box = sum(padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
+        return np.log(((x - box) ** 2).mean(axis=(1, 2)) + 1e-6)
+    c, h, w = image.shape
+    half = image.reshape(c, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+    return np.concatenate([log_energy(image), log_energy(half), image.mean(axis=(1, 2)),
+                           np.log(image.var(axis=(1, 2)) + 1e-6)])
+
+
+def test_image_statistics_match_reference_and_tell_degradations_apart():
+    g = torch.Generator().manual_seed(0)
+    clean = F.avg_pool2d(torch.rand(1, 3, 36, 44, generator=g), 3, 1, 1)  # some texture
+    stats = image_statistics(clean)
+    assert stats.shape == (1, 12)
+    np.testing.assert_allclose(stats[0].numpy(), _reference_statistics(clean[0].double().numpy()), rtol=1e-4, atol=1e-5)
+    noisy = degradations.noise(clean[0], seed=1, strength=0.3)[None]
+    blurred = degradations.blur(clean[0], seed=2, strength=0.5)[None]
+    dark = 0.3 * clean
+    fine = slice(0, 3)
+    assert (image_statistics(noisy)[0, fine] > stats[0, fine]).all()
+    assert (image_statistics(blurred)[0, fine] < stats[0, fine]).all()
+    assert (image_statistics(dark)[0, 6:9] < stats[0, 6:9]).all()
+    # log scale: scaling the image by k shifts the energies and the variance by 2 log k
+    shift = image_statistics(dark)[0] - stats[0]
+    expected = torch.full((3,), 2 * math.log(0.3))
+    for part in (slice(0, 3), slice(3, 6), slice(9, 12)):
+        assert torch.allclose(shift[part], expected, atol=1e-2)
+    tiny = image_statistics(torch.rand(2, 3, 1, 1))  # any size, finite
+    assert tiny.shape == (2, 12) and torch.isfinite(tiny).all()

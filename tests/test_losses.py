@@ -76,3 +76,20 @@ def test_relative_loss_measures_each_image_against_its_input_error():
     assert abs(float(total) - sum(per_image) / 2) < 1e-9
     with pytest.raises(ValueError, match="inputs"):
         restoration_loss(out, gt, weights=weights)
+
+
+def test_relative_exponent_interpolates_between_plain_and_relative():
+    """relative = p divides each image by s^p: at p = 0.5 an image whose input error is 4 times
+    another's, with outputs at the same fraction of it, weighs sqrt(4) = 2 times more, not 4 (plain)
+    or 1 (p = 1)."""
+    gt = torch.full((2, 1, 4, 4), 0.5, dtype=torch.float64)
+    errors = torch.tensor([0.05, 0.2], dtype=torch.float64)[:, None, None, None]
+    inputs, out = gt + errors, gt + 0.5 * errors
+    for p, expected_ratio in ((0.0, 4.0), (0.5, 2.0), (1.0, 1.0)):
+        weights = LossWeights(fft=0.0, load_balance=0.0, classification=0.0, relative=p)
+        per_image = [float(restoration_loss(out[i:i + 1], gt[i:i + 1], weights=weights, inputs=inputs[i:i + 1])[0])
+                     for i in range(2)]
+        assert abs(per_image[1] / per_image[0] - expected_ratio) < 1e-3 * expected_ratio
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="relative"):
+            LossWeights(relative=bad)

@@ -14,7 +14,14 @@ import torch
 from moe_restore.data import FixedDegradedDataset
 from moe_restore.train import TrainConfig, restore_image, train
 from moe_restore.train.checkpoint import load_checkpoint
-from moe_restore.train.demo import before_after_grid
+from moe_restore.train.demo import (
+    DEMO_BATCH,
+    DEMO_PATCH,
+    DEMO_STEPS,
+    before_after_grid,
+    demo_config,
+)
+from moe_restore.train.inference import load_model
 
 
 def _config(out: Path, **changes) -> TrainConfig:
@@ -78,6 +85,28 @@ def test_before_after_grid_layout():
     dataset = FixedDegradedDataset(images, ("noise", "blur"))
     grid = before_after_grid(torch.nn.Identity(), dataset)
     assert grid.shape == (3, 2 * 192, 3 * 288)
+
+
+def test_each_model_gets_its_own_demo_run_and_the_mim_dit_sampling_reaches_restore(tmp_path):
+    m2ir = demo_config(tmp_path, model="m2ir-tiny")
+    assert (m2ir.steps, m2ir.batch, m2ir.patch) == (DEMO_STEPS, DEMO_BATCH, DEMO_PATCH) and m2ir.loss.relative
+    mim = demo_config(tmp_path, model="mim-dit-tiny", steps=1)
+    assert mim.steps == mim.checkpoint_every == 1
+    assert demo_config(tmp_path, model="mim-dit-tiny").steps > DEMO_STEPS
+    # Rectified flow reads neither term: the recorded run must not claim them.
+    assert mim.loss.fft == 0 and not mim.loss.relative
+    with pytest.raises(ValueError, match="no demo"):
+        demo_config(tmp_path, model="mim-dit-s")
+
+    # The demo's sampling steps are part of the trained model, so the demo's evaluation and a later
+    # `moe-restore eval` of its checkpoint sample alike: count the network's forwards per image.
+    trained = train(mim, progress=False)
+    reloaded, _ = load_model(tmp_path / "run" / "checkpoint.pt")
+    for model in (trained, reloaded):
+        calls: list[int] = []
+        model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        restore_image(model.eval(), torch.rand(3, 24, 24))
+        assert len(calls) == mim.model_overrides["sample_steps"]
 
 
 _DDP_SCRIPT = textwrap.dedent("""

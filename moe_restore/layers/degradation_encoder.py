@@ -4,8 +4,16 @@ M2IR's paper drives its router with DA-CLIP degradation embeddings (512-d, from 
 whose weights come from a hub). This small CNN stands in for it:
 
     f = GAP(CNN(x))                 four stride-2 conv3x3 + GELU stages
-    embedding = W_e f  [B, P]       the context the ADEC routers read
+    s = image_statistics(x)         per channel: log high-pass energy at two scales, mean, log variance
+    embedding = W_e [f ; s]  [B, P] the context the ADEC routers read
     class_logits = W_c embedding    degradation-type classifier (cross-entropy in the loss)
+
+The statistics are what tells the degradations apart, on a log scale so that they do not depend
+on the image's contrast: noise and rain raise the high-frequency energy, blur lowers it, low light
+lowers the mean and the variance, haze raises the mean and lowers the variance. The CNN alone,
+whose pooled features are linear in the energies, learned them slowly: on 64 x 64 patches of the
+built-in set its classification cross-entropy was 1.15 after 600 steps of 4 (chance: ln 5 = 1.61),
+0.45 with the statistics (docs/m2ir.md).
 
 The classifier makes the embedding degradation-discriminative, as DA-CLIP's contrastive training
 does. A user with DA-CLIP passes its [B, 512] features to M2IR instead (``context=``), built with
@@ -14,11 +22,31 @@ does. A user with DA-CLIP passes its [B, 512] features to M2IR instead (``contex
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+import torch.nn.functional as F
+from torch import nn
+
+_EPS = 1e-6
+STATISTICS_PER_CHANNEL = 4
+
+
+def _log_high_pass_energy(image: torch.Tensor) -> torch.Tensor:
+    """log mean (x - box3x3(x))^2 per channel: [B, C, H, W] -> [B, C]."""
+    smooth = F.avg_pool2d(F.pad(image, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return (image - smooth).pow(2).mean((2, 3)).add(_EPS).log()
+
+
+def image_statistics(image: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] (any H, W >= 1) -> [B, 4 C]: per channel the log high-pass energy at full and
+    at half resolution, the mean and the log variance."""
+    h, w = image.shape[2:]
+    half = F.adaptive_avg_pool2d(image, (max(1, h // 2), max(1, w // 2)))
+    variance = image.var(dim=(2, 3), correction=0)
+    return torch.cat([_log_high_pass_energy(image), _log_high_pass_energy(half), image.mean((2, 3)),
+                      variance.add(_EPS).log()], dim=1)
 
 
 class DegradationEncoder(nn.Module):
-    """Image [B, 3, H, W] -> (embedding [B, P], class logits [B, num_classes])."""
+    """Image [B, C, H, W] -> (embedding [B, P], class logits [B, num_classes])."""
 
     def __init__(self, embed_dim: int, num_classes: int, *, width: int = 32, in_channels: int = 3):
         super().__init__()
@@ -29,9 +57,9 @@ class DegradationEncoder(nn.Module):
             layers += [nn.Conv2d(previous, w, 3, stride=2, padding=1), nn.GELU()]
             previous = w
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.embed = nn.Linear(previous, embed_dim)
+        self.embed = nn.Linear(previous + STATISTICS_PER_CHANNEL * in_channels, embed_dim)
         self.classifier = nn.Linear(embed_dim, num_classes)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.embed(self.features(image))
+        embedding = self.embed(torch.cat([self.features(image), image_statistics(image.float()).to(image.dtype)], 1))
         return embedding, self.classifier(embedding)
