@@ -58,24 +58,6 @@ def test_gradients_reach_every_parameter():
     assert not dead, f"zero gradient for {dead}"
 
 
-def test_context_modulation_scales_and_shifts_the_refined_features():
-    """f * (1 + gamma(c)) + beta(c) before the output conv: gamma = -1 and beta = 0 silence the
-    features, so the output is the input plus the output conv's bias; gamma = 0, beta = 0 (the
-    initial state) leave the network as it was."""
-    model = _wake_output(_tiny())
-    image = torch.rand(2, 3, 16, 24)
-    before = model(image)
-    width = model.modulation.out_features // 2
-    with torch.no_grad():
-        model.modulation.bias[:width] = -1.0
-    silenced = model(image)
-    expected = image + model.output.bias[None, :, None, None]
-    assert torch.allclose(silenced, expected, atol=1e-6)
-    with torch.no_grad():
-        model.modulation.bias.zero_()
-    assert torch.equal(model(image), before)
-
-
 def test_external_context_replaces_the_encoder():
     model = _wake_output(_tiny(context_dim=12))
     image = torch.rand(2, 3, 16, 16)

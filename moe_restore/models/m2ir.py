@@ -11,20 +11,12 @@ layout below follows its text and the same lab's M2Restore conventions).
         blocks, then ADEC (top-K degradation experts + shared expert, DGEA) routed by the
         degradation context c [B, P]
     refinement: transposed-attention blocks at 2C
-    modulation: f = f * (1 + gamma(c)) + beta(c)            per channel, from the context
     output = conv3x3(features) + I                          global residual
 
 The context c comes from the jointly trained ``DegradationEncoder`` (which also classifies the
 degradation) or from the caller (e.g. DA-CLIP's 512-d degradation features, with
 ``context_dim=512``). Any H x W: the input is padded (reflect) to a multiple of 8 and the output
 cropped back. The output conv starts at zero, so an untrained M2IR is the identity map.
-
-The modulation is ours, not the paper's: the ADEC routers read the context, the shared layers do
-not, and in short runs those learned the haze and low-light corrections (contrast, brightness)
-and applied them to blurred images too (their low local contrast looks like haze). Scaling and
-shifting the refined features by the context lets the network switch such corrections per
-degradation; in the demo's runs it raised blur by 0.1-0.24 dB (docs/m2ir.md). gamma and beta
-start at zero.
 
 After a forward, ``aux_loss`` is the mean of the ADEC load-balancing losses and
 ``class_logits`` the encoder's degradation logits (None when the context was given).
@@ -107,9 +99,6 @@ class M2IR(nn.Module):
                                       for w, i in zip(decoder_widths, (2, 1, 0)))
         self.experts = nn.ModuleList(adec(w) for w in decoder_widths)
         self.refinement = transposed(widths[1], config.heads[0], config.refinement)
-        self.modulation = nn.Linear(config.context_dim, 2 * widths[1])
-        nn.init.zeros_(self.modulation.weight)
-        nn.init.zeros_(self.modulation.bias)
         self.output = nn.Conv2d(widths[1], 3, 3, padding=1)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
@@ -154,6 +143,4 @@ class M2IR(nn.Module):
             features = reduce(torch.cat([up(features), skip], dim=1))
             features = experts(decoder(features), context)
         features = self.refinement(features)
-        gamma, beta = self.modulation(context)[:, :, None, None].chunk(2, dim=1)
-        features = features * (1 + gamma) + beta
         return (self.output(features) + x)[:, :, :h, :w]
