@@ -80,7 +80,8 @@ def _chunked_scan(u: torch.Tensor, f: torch.Tensor, bm: torch.Tensor, cm: torch.
     # Decay weights are laid out [..., D, T, S] so that the sums over s are batched matrix products.
     cum = log_a.cumsum(2)                                        # Lambda [B, C, T, D]
     causal = torch.ones(steps, steps, dtype=torch.bool, device=u.device).tril()
-    weight = _decay(cum.transpose(2, 3), cum.transpose(2, 3), causal)                 # [B, C, D, T, S]
+    cum_by_channel = cum.transpose(2, 3)                         # [B, C, D, T]
+    weight = _decay(cum_by_channel, cum_by_channel, causal)      # [B, C, D, T, S]
     scores = cm_c @ bm_c.transpose(2, 3)                         # Cm_t . Bm_s [B, C, T, S]
     y = ((weight * scores[:, :, None]) @ write.transpose(2, 3)[..., None]).squeeze(-1).transpose(2, 3)
 
@@ -91,10 +92,9 @@ def _chunked_scan(u: torch.Tensor, f: torch.Tensor, bm: torch.Tensor, cm: torch.
     earlier = torch.ones(chunks, chunks, dtype=torch.bool, device=u.device).tril(-1)
     carry = _decay(before.transpose(1, 2), total.transpose(1, 2), earlier)  # [B, D, C, C]
     starts = (carry @ written.transpose(1, 2)).transpose(1, 2)  # H_c [B, C, D, N]
-    h_final = torch.einsum("bjd,bjdn->bdn", torch.exp(total[:, -1:] - total), written)
     if h0 is not None:
         starts = starts + torch.exp(before)[..., None] * h0[:, None]
-        h_final = h_final + torch.exp(total[:, -1])[..., None] * h0
     y = y + torch.exp(cum) * (cm_c @ starts.transpose(2, 3))   # exp(Lambda_t) (H_c Cm_t)
+    h_final = torch.exp(last[:, -1])[..., None] * starts[:, -1] + written[:, -1]  # the last chunk's end
 
     return y.reshape(batch, chunks * steps, dim)[:, :length], h_final

@@ -82,8 +82,7 @@ def _demo(args: argparse.Namespace) -> int:
     from moe_restore.train.demo import run_demo, tasks_not_beating_identity
     from moe_restore.train.evaluate import markdown_table
 
-    options = {"model": args.model} if args.steps is None else {"model": args.model, "steps": args.steps}
-    results = run_demo(args.out, **options)
+    results = run_demo(args.out, model=args.model, steps=args.steps)
     print(markdown_table(results), end="")
     print(f"written: {args.out}/grid.png, {args.out}/results.md, {args.out}/results.json")
     behind = tasks_not_beating_identity(results)
