@@ -160,23 +160,30 @@ def test_degradation_encoder_shapes_and_gradients():
 
 
 def _reference_statistics(image: np.ndarray) -> np.ndarray:
-    """numpy, one image [C, H, W] with even H, W: the four statistics per channel, written out."""
-    def log_energy(x):
+    """numpy, one image [C, H, W] with even H, W: the seven statistics per channel, written out."""
+    def high_pass(x):
         padded = np.pad(x, ((0, 0), (1, 1), (1, 1)), mode="edge")
         h, w = x.shape[1:]
-        box = sum(padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
-        return np.log(((x - box) ** 2).mean(axis=(1, 2)) + 1e-6)
+        return x - sum(padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
+
+    def log_moment(x, power):
+        return np.log((x ** power).mean(axis=(1, 2)) + 1e-6)
     c, h, w = image.shape
     half = image.reshape(c, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
-    return np.concatenate([log_energy(image), log_energy(half), image.mean(axis=(1, 2)),
-                           np.log(image.var(axis=(1, 2)) + 1e-6)])
+    across = np.concatenate([image[:, :, 1:] - image[:, :, :-1], np.zeros((c, h, 1))], axis=2)
+    down = np.concatenate([image[:, 1:] - image[:, :-1], np.zeros((c, 1, w))], axis=1)
+    high = high_pass(image)
+    return np.concatenate([log_moment(high, 2), log_moment(high_pass(half), 2), image.mean(axis=(1, 2)),
+                           np.log(image.var(axis=(1, 2)) + 1e-6),
+                           np.log((high ** 4).mean(axis=(1, 2)) + 1e-12) - 2 * log_moment(high, 2),
+                           log_moment(across, 2), log_moment(down, 2)])
 
 
 def test_image_statistics_match_reference_and_tell_degradations_apart():
     g = torch.Generator().manual_seed(0)
     clean = F.avg_pool2d(torch.rand(1, 3, 36, 44, generator=g), 3, 1, 1)  # some texture
     stats = image_statistics(clean)
-    assert stats.shape == (1, 12)
+    assert stats.shape == (1, 21)
     np.testing.assert_allclose(stats[0].numpy(), _reference_statistics(clean[0].double().numpy()), rtol=1e-4, atol=1e-5)
     noisy = degradations.noise(clean[0], seed=1, strength=0.3)[None]
     blurred = degradations.blur(clean[0], seed=2, strength=0.5)[None]
@@ -188,7 +195,17 @@ def test_image_statistics_match_reference_and_tell_degradations_apart():
     # log scale: scaling the image by k shifts the energies and the variance by 2 log k
     shift = image_statistics(dark)[0] - stats[0]
     expected = torch.full((3,), 2 * math.log(0.3))
-    for part in (slice(0, 3), slice(3, 6), slice(9, 12)):
+    for part in (slice(0, 3), slice(3, 6), slice(9, 12), slice(15, 18), slice(18, 21)):
         assert torch.allclose(shift[part], expected, atol=1e-2)
+    assert torch.allclose(shift[12:15], torch.zeros(3), atol=1e-2), "the kurtosis does not depend on the scale"
+    # Gaussian noise on a flat image: high-pass kurtosis near 3; sparse vertical streaks: heavy
+    # tails, and more energy across (horizontal differences) than down the streaks
+    flat = torch.full((3, 64, 64), 0.5)
+    noise_stats = image_statistics(degradations.noise(flat, seed=3, strength=0.3)[None])[0]
+    assert torch.allclose(noise_stats[12:15], torch.full((3,), math.log(3.0)), atol=0.15)
+    streaks = torch.zeros(1, 3, 64, 64)
+    streaks[..., 10:30, 7] = streaks[..., 35:60, 40] = 1.0
+    streak_stats = image_statistics(streaks)[0]
+    assert (streak_stats[12:15] > math.log(3.0) + 1).all() and (streak_stats[18:21] < streak_stats[15:18] - 1).all()
     tiny = image_statistics(torch.rand(2, 3, 1, 1))  # any size, finite
-    assert tiny.shape == (2, 12) and torch.isfinite(tiny).all()
+    assert tiny.shape == (2, 21) and torch.isfinite(tiny).all()

@@ -58,11 +58,56 @@ def test_gradients_reach_every_parameter():
     assert not dead, f"zero gradient for {dead}"
 
 
+def _single_head_copy(model: M2IR, head: int) -> M2IR:
+    """A single-head M2IR holding ``model``'s weights and its output head ``head``."""
+    single = build("m2ir-tiny", backend="torch", degradation_heads=False)
+    state = model.state_dict()
+    for name in ("output.weight", "output.bias", "input_filter.weight"):
+        state[name] = state[name].unflatten(0, (model.output_heads, 3))[head]
+    single.load_state_dict(state)
+    return single
+
+
+def test_output_head_is_the_label_in_training_and_the_predicted_class_otherwise():
+    """out = x + conv_t(features) + F_t * x with t the image's label when given, else the argmax
+    of the class logits: the single-head model holding head t gives the same output."""
+    model = _wake_output(_tiny())
+    assert model.config.degradation_heads and model.output_heads == model.config.num_classes == 5
+    with torch.no_grad():
+        model.input_filter.weight.normal_(0, 0.05)
+        model.degradation_encoder.classifier.weight.zero_()
+        model.degradation_encoder.classifier.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]))
+    image = torch.rand(2, 3, 24, 20)
+    predicted = model(image)
+    torch.testing.assert_close(predicted, _single_head_copy(model, 3)(image))
+    labelled = model(image, labels=torch.tensor([1, 4]))
+    for index, head in enumerate((1, 4)):
+        torch.testing.assert_close(labelled[index], _single_head_copy(model, head)(image[index:index + 1])[0],
+                                   rtol=1e-5, atol=1e-6)
+    for bad in (torch.tensor([0, 5]), torch.tensor([0]), torch.tensor([0.0, 1.0])):
+        with pytest.raises(ValueError, match="labels"):
+            model(image, labels=bad)
+
+
+def test_input_filter_is_odd_and_replicate_padded():
+    with pytest.raises(ValueError, match="input_filter"):
+        _tiny(input_filter=4)
+    model = _tiny(degradation_heads=False, input_filter=3)
+    shift = torch.zeros(3, 3, 3, 3)
+    for channel in range(3):
+        shift[channel, channel, 1, 2] = 1.0  # out[i, j] = x[i, j + 1]
+    with torch.no_grad():
+        model.input_filter.weight.copy_(shift)
+    image = torch.rand(1, 3, 16, 16)
+    right_neighbour = torch.cat([image[..., 1:], image[..., -1:]], dim=-1)
+    torch.testing.assert_close(model(image), image + right_neighbour)
+
+
 def test_external_context_replaces_the_encoder():
     model = _wake_output(_tiny(context_dim=12))
     image = torch.rand(2, 3, 16, 16)
     a = model(image, context=torch.zeros(2, 12))
-    assert model.class_logits is None
+    torch.testing.assert_close(model.class_logits, model.degradation_encoder.classifier(torch.zeros(2, 12)))
     b = model(image, context=torch.randn(2, 12) * 5)
     assert a.shape == image.shape and not torch.equal(a, b), "the context must steer the experts"
     with pytest.raises(ValueError, match="context"):

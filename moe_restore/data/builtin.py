@@ -1,6 +1,9 @@
-"""The built-in sample set: natural colour photographs that scikit-image ships inside its wheel.
+"""The built-in sample set: natural photographs that scikit-image ships inside its wheel.
 
-No download: the files live in ``skimage/data``. The split is fixed by name, so that the held-out
+No download: the files live in ``skimage/data``. Training uses seven colour photographs and six
+grayscale ones (textures: brick, grass, gravel; the cameraman, coins, the moon), replicated to
+three channels by ``read_image``: with the colour ones alone, m2ir-tiny's deblurring gained over
+1 dB on training images and nothing on the held-out ones. The split is fixed by name, so that the held-out
 test images are never seen in training (the two motorcycle views are near-duplicates and sit on
 the same side). Images larger than ``max_side`` on their longer side are downscaled by area
 averaging (retina and the Hubble deep field are 1000-1400 px).
@@ -15,7 +18,8 @@ import torch.nn.functional as F
 from moe_restore.data.image_io import read_image
 
 TRAIN_FILES = ("astronaut.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
-               "motorcycle_left.png", "motorcycle_right.png", "retina.jpg")
+               "motorcycle_left.png", "motorcycle_right.png", "retina.jpg",
+               "brick.png", "camera.png", "coins.png", "grass.png", "gravel.png", "moon.png")
 TEST_FILES = ("chelsea.png", "rocket.jpg")
 
 

@@ -9,7 +9,8 @@ m2ir-tiny         16    1, 1, 1, 1    1           4, top-2    4        32
 ================  ====  ============  ==========  ==========  =======  ===========
 
 All use 4 scan directions except m2ir-tiny (2: row and reversed row) and scan expansion 2 except
-m2ir-tiny (1).
+m2ir-tiny (1). m2ir-tiny also has one output head per degradation with a 9 x 9 input filter
+(``degradation_heads``, ``input_filter``: docs/m2ir.md); the others keep the paper's single head.
 
 m2ir-base is the paper's scale (its P = 512 also accepts DA-CLIP features); m2ir-tiny trains on
 a CPU in minutes.
@@ -41,7 +42,8 @@ _REGISTRY: dict[str, tuple[type[nn.Module], Any]] = {
                                     encoder_width=24)),
     "m2ir-tiny": (M2IR, M2IRConfig(dim=16, blocks=(1, 1, 1, 1), refinement=1, heads=(1, 1, 2, 2),
                                    ffn_expansion=2.0, num_experts=4, expert_expansion=2.0, d_state=4,
-                                   expand=1, directions=2, context_dim=32, encoder_width=16)),
+                                   expand=1, directions=2, context_dim=32, encoder_width=16,
+                                   degradation_heads=True, input_filter=9)),
     "mim-dit-tiny": (MiMDiT, MiMDiTConfig(hidden=64, depth=3, heads=4, patch=4, sample_size=16, context_dim=32,
                                           encoder_width=16)),
     "mim-dit-s": (MiMDiT, MiMDiTConfig(hidden=384, depth=12, heads=6, patch=2, sample_size=32)),

@@ -13,13 +13,20 @@ layout below follows its text and the same lab's M2Restore conventions).
     refinement: transposed-attention blocks at 2C
     output = conv3x3(features) + I                          global residual
 
+With ``degradation_heads`` there is one output head per degradation class t, and with
+``input_filter`` = k each head adds a k x k filter F_t of the input:
+
+    output = conv3x3_t(features) + F_t * I + I,   t = the label in training, else argmax class_logits
+
 The context c comes from the jointly trained ``DegradationEncoder`` (which also classifies the
 degradation) or from the caller (e.g. DA-CLIP's 512-d degradation features, with
 ``context_dim=512``). Any H x W: the input is padded (reflect) to a multiple of 8 and the output
-cropped back. The output conv starts at zero, so an untrained M2IR is the identity map.
+cropped back. The output convs and input filters start at zero, so an untrained M2IR is the
+identity map.
 
 After a forward, ``aux_loss`` is the mean of the ADEC load-balancing losses and
-``class_logits`` the encoder's degradation logits (None when the context was given).
+``class_logits`` the degradation logits: the encoder's, or its classifier applied to the given
+context.
 """
 from __future__ import annotations
 
@@ -55,6 +62,8 @@ class M2IRConfig:
     context_dim: int = 512
     num_classes: int = 5
     encoder_width: int = 32
+    degradation_heads: bool = False
+    input_filter: int = 0
     backend: str | None = None
 
     def to_dict(self) -> dict:
@@ -68,6 +77,8 @@ class M2IR(nn.Module):
         super().__init__()
         if len(config.blocks) != 4 or len(config.heads) != 4:
             raise ValueError(f"blocks and heads must have 4 entries, got {config.blocks} and {config.heads}")
+        if config.input_filter < 0 or (config.input_filter and config.input_filter % 2 == 0):
+            raise ValueError(f"input_filter must be 0 or an odd size, got {config.input_filter}")
         self.config = config
         c = config.dim
         widths = (c, 2 * c, 4 * c, 8 * c)
@@ -99,9 +110,18 @@ class M2IR(nn.Module):
                                       for w, i in zip(decoder_widths, (2, 1, 0)))
         self.experts = nn.ModuleList(adec(w) for w in decoder_widths)
         self.refinement = transposed(widths[1], config.heads[0], config.refinement)
-        self.output = nn.Conv2d(widths[1], 3, 3, padding=1)
+        # One output head per degradation class or a single one; each head is a 3x3 conv of the
+        # features plus, with ``input_filter`` = k, a k x k filter of the input. Both start at
+        # zero, so an untrained M2IR is the identity map.
+        self.output_heads = config.num_classes if config.degradation_heads else 1
+        self.output = nn.Conv2d(widths[1], 3 * self.output_heads, 3, padding=1)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
+        k = config.input_filter
+        self.input_filter = (nn.Conv2d(3, 3 * self.output_heads, k, padding=k // 2, padding_mode="replicate", bias=False)
+                             if k else None)
+        if self.input_filter is not None:
+            nn.init.zeros_(self.input_filter.weight)
         self.degradation_encoder = DegradationEncoder(config.context_dim, config.num_classes,
                                                       width=config.encoder_width)
         self.class_logits: torch.Tensor | None = None
@@ -114,7 +134,8 @@ class M2IR(nn.Module):
             raise RuntimeError("aux_loss is defined after a forward pass")
         return torch.stack(losses).mean()
 
-    def forward(self, image: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, context: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         if image.dim() != 4 or image.shape[1] != 3:
             raise ValueError(f"image must have shape [B, 3, H, W], got {tuple(image.shape)}")
         if context is None:
@@ -123,7 +144,12 @@ class M2IR(nn.Module):
             if context.shape != (image.shape[0], self.config.context_dim):
                 raise ValueError(f"context must have shape [B, context_dim] = "
                                  f"{(image.shape[0], self.config.context_dim)}, got {tuple(context.shape)}")
-            self.class_logits = None
+            # A linear probe of the external context (the encoder's classifier), trained by the
+            # classification loss; it picks the output head.
+            self.class_logits = self.degradation_encoder.classifier(context)
+        if labels is not None and (labels.shape != (image.shape[0],) or labels.dtype != torch.long
+                                   or not 0 <= int(labels.min()) <= int(labels.max()) < self.config.num_classes):
+            raise ValueError(f"labels must be {image.shape[0]} class indices in [0, {self.config.num_classes})")
         h, w = image.shape[2:]
         pad_h, pad_w = -h % _MULTIPLE, -w % _MULTIPLE
         # Reflect padding needs the pad to be smaller than the side; tiny images fall back to
@@ -143,4 +169,14 @@ class M2IR(nn.Module):
             features = reduce(torch.cat([up(features), skip], dim=1))
             features = experts(decoder(features), context)
         features = self.refinement(features)
-        return (self.output(features) + x)[:, :, :h, :w]
+        correction = self.output(features)
+        if self.input_filter is not None:
+            correction = correction + self.input_filter(x)
+        if self.output_heads > 1:
+            # Teacher forcing: in training each image takes its own degradation's head, so that a
+            # head learns from its degradation only (mixing the heads by the posterior let the
+            # strong haze and low-light corrections leak into blurred images); at inference the
+            # most probable degradation's head.
+            head = self.class_logits.argmax(-1) if labels is None else labels
+            correction = correction.unflatten(1, (self.output_heads, 3))[torch.arange(head.shape[0], device=head.device), head]
+        return (correction + x)[:, :, :h, :w]

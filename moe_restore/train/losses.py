@@ -11,8 +11,8 @@ With ``relative = p > 0`` every image's pixel terms are computed on out / s^p an
 s = mean |input - gt| of that image (at least 1e-3): each image's loss is measured relative to how
 degraded its input was, so that mild degradations (light noise, slight blur) are not drowned by
 severe ones (haze, low light) in a mixed batch. p = 1 weighs all images alike, which in turn
-starves the severe ones (the input errors of the built-in set span 0.007-0.5); p = 0.5 is the
-compromise the demo uses (docs/m2ir.md). A and phi are the amplitude and
+starves the severe ones (the input errors of the built-in set span 0.007-0.5); the demo's
+m2ir-tiny run uses p = 0.75 (docs/m2ir.md). A and phi are the amplitude and
 phase of the orthonormal 2-D real FFT of each channel; the phase difference is wrapped to
 (-pi, pi] (the angle of F(out) conj(F(gt))), so that a phase of pi and -pi count as equal.
 """

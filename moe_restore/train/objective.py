@@ -4,7 +4,8 @@ DistributedDataParallel, which synchronises gradients from its forward, can wrap
 A network either defines its own objective, ``training_loss(degraded, clean, labels, weights) ->
 (total, terms)`` (MiM-DiT: rectified flow), or is a direct restorer ``restored = net(degraded)``
 exposing ``aux_loss`` and ``class_logits`` after each forward (M2IR), trained with
-``restoration_loss``.
+``restoration_loss``; it receives the degradation labels (``net(degraded, labels=labels)``), which
+M2IR's per-degradation output heads use in training.
 """
 from __future__ import annotations
 
@@ -25,6 +26,6 @@ class TrainingObjective(nn.Module):
                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         if hasattr(self.model, "training_loss"):
             return self.model.training_loss(degraded, clean, labels, self.weights)
-        restored = self.model(degraded)
+        restored = self.model(degraded, labels=labels)
         return restoration_loss(restored.float(), clean, weights=self.weights, aux_loss=self.model.aux_loss,
                                 class_logits=self.model.class_logits, labels=labels, inputs=degraded)
