@@ -2,8 +2,8 @@
 
 No download: the files live in ``skimage/data``. Training uses seven colour photographs and six
 grayscale ones (textures: brick, grass, gravel; the cameraman, coins, the moon), replicated to
-three channels by ``read_image``: with the colour ones alone, m2ir-tiny's deblurring gained over
-1 dB on training images and nothing on the held-out ones. The split is fixed by name, so that the held-out
+three channels by ``read_image``, for more varied content than seven photographs (the demo's
+haze result depends on it most: docs/m2ir.md). The split is fixed by name, so that the held-out
 test images are never seen in training (the two motorcycle views are near-duplicates and sit on
 the same side). Images larger than ``max_side`` on their longer side are downscaled by area
 averaging (retina and the Hubble deep field are 1000-1400 px).

@@ -71,7 +71,12 @@ class M2IRConfig:
 
 
 class M2IR(nn.Module):
-    """The M2IR network (see the module docstring). ``forward(image [B, 3, H, W], context=None)``."""
+    """The M2IR network (see the module docstring).
+
+    ``forward(image [B, 3, H, W], context=None, labels=None)``: ``context`` an external [B, P]
+    degradation embedding instead of the encoder's; ``labels`` [B] the degradation classes, which
+    pick the output heads in training (``degradation_heads``; ignored with a single head).
+    """
 
     def __init__(self, config: M2IRConfig):
         super().__init__()
