@@ -183,5 +183,6 @@ class M2IR(nn.Module):
             # strong haze and low-light corrections leak into blurred images); at inference the
             # most probable degradation's head.
             head = self.class_logits.argmax(-1) if labels is None else labels
-            correction = correction.unflatten(1, (self.output_heads, 3))[torch.arange(head.shape[0], device=head.device), head]
+            rows = torch.arange(head.shape[0], device=head.device)
+            correction = correction.unflatten(1, (self.output_heads, 3))[rows, head]
         return (correction + x)[:, :, :h, :w]
