@@ -122,10 +122,11 @@ class M2IR(nn.Module):
         self.output = nn.Conv2d(widths[1], 3 * self.output_heads, 3, padding=1)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
-        k = config.input_filter
-        self.input_filter = (nn.Conv2d(3, 3 * self.output_heads, k, padding=k // 2, padding_mode="replicate", bias=False)
-                             if k else None)
-        if self.input_filter is not None:
+        self.input_filter: nn.Conv2d | None = None
+        if config.input_filter:
+            k = config.input_filter
+            self.input_filter = nn.Conv2d(3, 3 * self.output_heads, k, padding=k // 2, padding_mode="replicate",
+                                          bias=False)
             nn.init.zeros_(self.input_filter.weight)
         self.degradation_encoder = DegradationEncoder(config.context_dim, config.num_classes,
                                                       width=config.encoder_width)
@@ -152,9 +153,13 @@ class M2IR(nn.Module):
             # A linear probe of the external context (the encoder's classifier), trained by the
             # classification loss; it picks the output head.
             self.class_logits = self.degradation_encoder.classifier(context)
-        if labels is not None and (labels.shape != (image.shape[0],) or labels.dtype != torch.long
-                                   or not 0 <= int(labels.min()) <= int(labels.max()) < self.config.num_classes):
-            raise ValueError(f"labels must be {image.shape[0]} class indices in [0, {self.config.num_classes})")
+        if labels is not None:
+            # The range is checked only on the CPU, where it costs no device sync; on a GPU an index
+            # out of range fails in the head selection (a device-side assert).
+            out_of_range = labels.device.type == "cpu" and labels.numel() > 0 and not (
+                0 <= int(labels.min()) and int(labels.max()) < self.config.num_classes)
+            if labels.shape != (image.shape[0],) or labels.dtype != torch.long or out_of_range:
+                raise ValueError(f"labels must be {image.shape[0]} class indices in [0, {self.config.num_classes})")
         h, w = image.shape[2:]
         pad_h, pad_w = -h % _MULTIPLE, -w % _MULTIPLE
         # Reflect padding needs the pad to be smaller than the side; tiny images fall back to
