@@ -3,9 +3,11 @@
 Each op has a Triton implementation (forward and backward, behind an autograd Function) and a
 vectorised eager PyTorch implementation; ``backend=`` chooses (see ``_backend``).
 """
-from .gated_scan import gated_scan, gated_scan_2d
-from .moe_mlp import moe_mlp
+from ._backend import BACKENDS
+from .gated_scan import ORDERS, gated_scan, gated_scan_2d
+from .moe_mlp import ACTIVATIONS, moe_mlp
 from .nested_routing import nested_route
-from .routing import Routing, topk_route
+from .routing import SCORINGS, Routing, routing_from_topk, topk_route
 
-__all__ = ["Routing", "gated_scan", "gated_scan_2d", "moe_mlp", "nested_route", "topk_route"]
+__all__ = ["ACTIVATIONS", "BACKENDS", "ORDERS", "SCORINGS", "Routing", "gated_scan", "gated_scan_2d", "moe_mlp",
+           "nested_route", "routing_from_topk", "topk_route"]

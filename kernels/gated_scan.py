@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import resolve_backend
-from ._checks import check_float, check_ndim, check_same_device, check_shape
+from .validation import check_float, check_ndim, check_same_device, check_shape
 from ._gated_scan_torch import gated_scan_torch
 
 ORDERS = ("row", "row_reverse", "col", "col_reverse")

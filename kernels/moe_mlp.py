@@ -16,7 +16,7 @@ import torch
 
 from . import _moe_mlp_torch
 from ._backend import resolve_backend
-from ._checks import check_float, check_ndim, check_same_device, check_shape
+from .validation import check_float, check_ndim, check_same_device, check_shape
 from .routing import Routing
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "swiglu", "relu")

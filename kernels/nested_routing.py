@@ -29,7 +29,7 @@ import torch
 
 from . import _nested_routing_torch
 from ._backend import resolve_backend
-from ._checks import check_float, check_ndim, check_positive_int, check_same_device
+from .validation import check_float, check_ndim, check_positive_int, check_same_device
 from .routing import Routing, finish_routing
 
 

@@ -19,7 +19,7 @@ import torch
 
 from . import _routing_torch
 from ._backend import resolve_backend
-from ._checks import check_float, check_ndim, check_positive_int
+from .validation import check_float, check_ndim, check_positive_int, check_same_device, check_shape, check_tensor
 
 SCORINGS = ("softmax", "sigmoid")
 
@@ -76,8 +76,9 @@ def synchronize_routing(bad_rows: torch.Tensor, offsets: torch.Tensor, what: str
 
 def _raise_if_bad(count: int, what: str) -> None:
     if count:
-        raise ValueError(f"{what} contain NaN (or a row whose scores are undefined, e.g. all -inf) "
-                         f"in {count} token(s): refusing to route them")
+        problem = what if what.startswith("experts") else (f"{what} contain NaN (or a row whose scores are undefined, "
+                                            "e.g. all -inf)")
+        raise ValueError(f"{problem} in {count} token(s): refusing to route them")
 
 
 @torch.library.custom_op("moe_restore::checked_offsets", mutates_args=())
@@ -134,6 +135,35 @@ def topk_route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renorm
         if renormalize:
             weights = _routing_torch.renormalized(weights)
     return finish_routing(weights, experts, bad_rows, E, backend, "router logits")
+
+
+def routing_from_topk(experts: torch.Tensor, weights: torch.Tensor, num_experts: int, *,
+                      backend: str | None = None) -> Routing:
+    """A Routing from choices made elsewhere (a model's own router: group-limited, biased, ...).
+
+    experts: [T, k] integer expert ids in [0, num_experts); weights: [T, k] float, the weight of
+    each choice as the caller computed it (kept as float32, differentiable: gradients flow back to
+    ``weights``). The dispatch layout is built as for ``topk_route``.
+    """
+    check_tensor("experts", experts)
+    if experts.is_floating_point() or experts.is_complex() or experts.dtype == torch.bool:
+        raise TypeError(f"experts must be an integer tensor, got dtype {experts.dtype}")
+    check_ndim("experts", experts, 2, "[T, k]")
+    check_float("weights", weights)
+    check_shape("weights", weights, tuple(experts.shape), "[T, k] (the shape of experts)")
+    check_same_device(experts=experts, weights=weights)
+    check_positive_int("num_experts", num_experts)
+    backend = resolve_backend(backend, experts.device)
+    T, k = experts.shape
+    if T == 0:
+        return _empty_routing(weights, k, num_experts)
+    experts = experts.long()
+    bad_rows = ((experts < 0) | (experts >= num_experts)).any(dim=-1).sum()
+    # Ids outside the range are clamped so that the dispatch stays in bounds; the routing's
+    # synchronisation then raises on them.
+    experts = experts.clamp(0, num_experts - 1)
+    return finish_routing(weights.float(), experts, bad_rows, num_experts, backend,
+                          f"experts hold ids outside [0, {num_experts})")
 
 
 def _empty_routing(logits: torch.Tensor, k: int, num_experts: int) -> Routing:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from moe_restore.kernels._checks import check_positive_int
+from moe_restore.kernels.validation import check_positive_int
 from moe_restore.layers.moe import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from moe_restore.kernels import Routing, moe_mlp
-from moe_restore.kernels._checks import check_float, check_positive_int
+from moe_restore.kernels.validation import check_float, check_positive_int
 from moe_restore.kernels.moe_mlp import ACTIVATIONS
 
 

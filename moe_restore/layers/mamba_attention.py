@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_restore.kernels._checks import check_positive_int
+from moe_restore.kernels.validation import check_positive_int
 from moe_restore.kernels.gated_scan import ORDERS, gated_scan_2d
 
 DIRECTIONS = (1, 2, 4)

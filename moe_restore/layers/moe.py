@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from moe_restore.kernels import Routing, topk_route
-from moe_restore.kernels._checks import check_positive_int
+from moe_restore.kernels.validation import check_positive_int
 from moe_restore.kernels.routing import SCORINGS
 
 from ._experts import MoELayer, balance_loss, per_pixel

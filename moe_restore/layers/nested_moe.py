@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_restore.kernels import Routing, nested_route
-from moe_restore.kernels._checks import check_float, check_positive_int, check_same_device
+from moe_restore.kernels.validation import check_float, check_positive_int, check_same_device
 
 from ._experts import MoELayer, balance_loss, per_pixel
 
