@@ -1,0 +1,242 @@
+"""Grouped expert-MLP path, for any width: grouped GEMMs (gather rows in, scatter rows out, fused
+bias, activation and router-weight scaling) with a transient [T*k, H] hidden buffer. The math is in
+``_moe_mlp_triton``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import kernel_configs
+from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _expert_tile, _hidden, _hidden_grads, _load_matrix,
+                             _load_rows, _row_splits, _Weights)
+
+@triton.jit
+def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offsets_ptr, out_ptr,
+                           N, K, E, TOPK,
+                           stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_biase, stride_biasn,
+                           stride_om, stride_on,
+                           GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           ACT: tl.constexpr, SCALE_ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[row_out(p)] = scale_p * act(A[row_in(p)] B_e + bias_e) over each expert's rows p.
+
+    row_in(p) = sorted_assignments[p] // k (GATHER_A) or p; row_out(p) = sorted_assignments[p]
+    (SCATTER_OUT) or p; scale_p = w_a (SCALE_ROWS) or 1. For swiglu (ACT 4) B holds 2N columns,
+    gate then up, and out = silu(gate) * up.
+    """
+    expert, p, row_mask, a = _expert_rows(tl.program_id(0), order_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    if expert >= E:
+        return
+    rows_in = a // TOPK if GATHER_A else p.to(tl.int64)
+    rows_out = a if SCATTER_OUT else p.to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b_e = b_ptr + expert.to(tl.int64) * stride_be
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = _load_rows(a_ptr, rows_in, row_mask, kk, K, stride_am, stride_ak)
+        acc = tl.dot(x, _load_matrix(b_e, kk, K, n, N, stride_bk, stride_bn), acc)
+        if ACT == 4:
+            acc_up = tl.dot(x, _load_matrix(b_e, kk, K, n + N, 2 * N, stride_bk, stride_bn), acc_up)
+    if HAS_BIAS:
+        bias_e = bias_ptr + expert.to(tl.int64) * stride_biase
+        acc += tl.load(bias_e + n * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        if ACT == 4:
+            acc_up += tl.load(bias_e + (n + N) * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    out = _hidden(acc, acc_up, ACT)
+    if SCALE_ROWS:
+        out *= tl.load(weights_ptr + a, mask=row_mask, other=0.0)[:, None]
+    tl.store(out_ptr + rows_out[:, None] * stride_om + n[None, :] * stride_on, out.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (n[None, :] < N))
+
+
+@triton.jit
+def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, weights_ptr, order_ptr,
+                                offsets_ptr, h_ptr, dz_ptr, dweights_ptr,
+                                D, H, DO, E, TOPK, A,
+                                stride_xt, stride_xd, stride_gt, stride_gd,
+                                stride_w1e, stride_w1d, stride_w1h, stride_b1e, stride_b1h,
+                                stride_w2e, stride_w2h, stride_w2d, stride_b2e, stride_b2d,
+                                HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACT: tl.constexpr,
+                                BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
+    """For rows p of one expert and hidden columns n: recompute z = x W1 + b1 and G = g W2^T,
+    store h [p, n], dz [p, n (and n + H for swiglu)] in expert order and the partial
+    dL/dw_a = sum_n h G (+ g . b2 in column block 0) at dweights[pid_n, a]."""
+    expert, start, end = _expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, BLOCK_E)
+    if expert >= E:
+        return
+    pid_n = tl.program_id(1)
+    p = start + tl.arange(0, BLOCK_M)
+    row_mask = p < end
+    a = tl.load(order_ptr + p, mask=row_mask, other=0)
+    tokens = a // TOPK
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    e64 = expert.to(tl.int64)
+    w1_e, w2_e = w1_ptr + e64 * stride_w1e, w2_ptr + e64 * stride_w2e
+    z = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    z_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = _load_rows(x_ptr, tokens, row_mask, kk, D, stride_xt, stride_xd)
+        z = tl.dot(x, _load_matrix(w1_e, kk, D, n, H, stride_w1d, stride_w1h), z)
+        if ACT == 4:
+            z_up = tl.dot(x, _load_matrix(w1_e, kk, D, n + H, 2 * H, stride_w1d, stride_w1h), z_up)
+    g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    dy_b2 = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, DO, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        dy = _load_rows(dy_ptr, tokens, row_mask, kk, DO, stride_gt, stride_gd)
+        g = tl.dot(dy, _load_matrix(w2_e, kk, DO, n, H, stride_w2d, stride_w2h), g)
+        if HAS_B2:
+            b2 = tl.load(b2_ptr + e64 * stride_b2e + kk * stride_b2d, mask=kk < DO, other=0.0).to(tl.float32)
+            dy_b2 += tl.sum(dy.to(tl.float32) * b2[None, :], axis=1)
+    if HAS_B1:
+        b1_e = b1_ptr + e64 * stride_b1e
+        z += tl.load(b1_e + n * stride_b1h, mask=n < H, other=0.0).to(tl.float32)[None, :]
+        if ACT == 4:
+            z_up += tl.load(b1_e + (n + H) * stride_b1h, mask=n < H, other=0.0).to(tl.float32)[None, :]
+    h = _hidden(z, z_up, ACT)
+    w = tl.load(weights_ptr + a, mask=row_mask, other=0.0)
+    dw = tl.sum(h * g, axis=1)
+    if pid_n == 0:
+        dw += dy_b2
+    tl.store(dweights_ptr + pid_n.to(tl.int64) * A + a, dw, mask=row_mask)
+    dz, dz_up = _hidden_grads(z, z_up, w[:, None] * g, ACT)
+    cols = 2 * H if ACT == 4 else H
+    mask = row_mask[:, None] & (n[None, :] < H)
+    rows = p.to(tl.int64)[:, None]
+    tl.store(h_ptr + rows * H + n[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + rows * cols + n[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    if ACT == 4:
+        tl.store(dz_ptr + rows * cols + H + n[None, :], dz_up.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_xty_kernel(x_ptr, y_ptr, weights_ptr, order_ptr, offsets_ptr, out_ptr, dbias_ptr,
+                        KX, NY, E, TOPK, SPLITS,
+                        stride_xm, stride_xk, stride_ym, stride_yn,
+                        GATHER_X: tl.constexpr, GATHER_Y: tl.constexpr, SCALE_Y: tl.constexpr,
+                        HAS_DBIAS: tl.constexpr,
+                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Float32 partials out[s, e] = sum_p X[row_x(p)]^T (c_p Y[row_y(p)]) over part s of expert
+    e's rows, and dbias[s, e] = sum_p c_p Y[row_y(p)]; c_p = w_a (SCALE_Y) or 1. Row maps as in
+    _grouped_matmul_kernel. Buffers out [S, E, KX, NY] and dbias [S, E, NY] are contiguous."""
+    pid_es, pid_i, pid_j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    expert, split = pid_es // SPLITS, pid_es % SPLITS
+    lo = tl.load(offsets_ptr + expert)
+    hi = tl.load(offsets_ptr + expert + 1)
+    share = (hi - lo + SPLITS - 1) // SPLITS
+    start = lo + split * share
+    end = tl.minimum(hi, start + share)
+    i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    acc = tl.zeros((BLOCK_I, BLOCK_J), tl.float32)
+    dbias = tl.zeros((BLOCK_J,), tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        row_mask = p < end
+        a = tl.load(order_ptr + p, mask=row_mask, other=0)
+        rows_x = a // TOPK if GATHER_X else p.to(tl.int64)
+        rows_y = a // TOPK if GATHER_Y else p.to(tl.int64)
+        x_t = tl.load(x_ptr + rows_x[None, :] * stride_xm + i[:, None] * stride_xk,
+                      mask=row_mask[None, :] & (i[:, None] < KX), other=0.0)
+        y = _load_rows(y_ptr, rows_y, row_mask, j, NY, stride_ym, stride_yn)
+        if SCALE_Y:
+            y = (tl.load(weights_ptr + a, mask=row_mask, other=0.0)[:, None] * y.to(tl.float32)).to(x_t.dtype)
+        acc = tl.dot(x_t, y, acc)
+        if HAS_DBIAS:
+            dbias += tl.sum(y.to(tl.float32), axis=0)
+    part = split.to(tl.int64) * E + expert
+    tl.store(out_ptr + (part * KX + i[:, None]) * NY + j[None, :], acc, mask=(i[:, None] < KX) & (j[None, :] < NY))
+    if HAS_DBIAS:
+        if pid_i == 0:
+            tl.store(dbias_ptr + part * NY + j, dbias, mask=j < NY)
+
+
+_grouped_matmul = triton.autotune(
+    kernel_configs("moe_grouped_matmul", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
+                   [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+                    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+                    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}]),
+    key=["N", "K", "E", "ACT"])(_grouped_matmul_kernel)
+# Its column-block count sizes the partial dL/dw buffer, so BLOCK_N stays fixed across configs.
+_HIDDEN_GRAD_BLOCK_N = 64
+_grouped_hidden_grad = triton.autotune(
+    kernel_configs("moe_grouped_hidden_grad", {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
+                   [{"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+                    {"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}]),
+    key=["D", "H", "DO", "E", "ACT"])(_grouped_hidden_grad_kernel)
+_grouped_xty = triton.autotune(
+    kernel_configs("moe_grouped_xty", {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 3},
+                   [{"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3},
+                    {"BLOCK_I": 64, "BLOCK_J": 128, "BLOCK_P": 64, "num_warps": 4, "num_stages": 4}]),
+    key=["KX", "NY", "E", "SPLITS"])(_grouped_xty_kernel)
+
+
+def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | None, out, n: int, k_dim: int, *,
+                           gather: bool, scatter: bool, act: int, scale: bool) -> None:
+    bias_ptr, stride_be, stride_bn = (b, 0, 0) if bias is None else (bias, bias.stride(0), bias.stride(1))
+    _grouped_matmul[d.row_grid(lambda meta: triton.cdiv(n, meta["BLOCK_N"]))](
+        a, b, bias_ptr, d.weights, d.order, d.offsets, out, n, k_dim, d.num_experts, d.top_k,
+        a.stride(0), a.stride(1), *b_strides, stride_be, stride_bn, out.stride(0), out.stride(1),
+        GATHER_A=gather, SCATTER_OUT=scatter, HAS_BIAS=bias is not None, ACT=act, SCALE_ROWS=scale,
+        BLOCK_E=d.block_e)
+
+
+def _grouped_xty_launch(d: _Dispatch, x, y, kx: int, ny: int, *, gather_x: bool, gather_y: bool,
+                        scale_y: bool, want_dbias: bool):
+    """(sum_p X^T (c Y) per expert [E, kx, ny], its column sums [E, ny] or None), float32."""
+    splits = _row_splits(d.num_assignments, d.num_experts, triton.cdiv(kx, 64) * triton.cdiv(ny, 64), x.device)
+    out = torch.empty(splits, d.num_experts, kx, ny, dtype=torch.float32, device=x.device)
+    dbias = torch.empty(splits, d.num_experts, ny, dtype=torch.float32, device=x.device) if want_dbias else out
+    grid = lambda meta: (d.num_experts * splits, triton.cdiv(kx, meta["BLOCK_I"]), triton.cdiv(ny, meta["BLOCK_J"]))  # noqa: E731
+    _grouped_xty[grid](x, y, d.weights, d.order, d.offsets, out, dbias, kx, ny, d.num_experts, d.top_k, splits,
+                       x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                       GATHER_X=gather_x, GATHER_Y=gather_y, SCALE_Y=scale_y, HAS_DBIAS=want_dbias)
+    return out.sum(0), (dbias.sum(0) if want_dbias else None)
+
+
+def _forward_grouped(d: _Dispatch, x: torch.Tensor, w: _Weights, act: int) -> torch.Tensor:
+    H, DO = w.hidden, w.w2.shape[2]
+    hidden = torch.empty(d.num_assignments, H, dtype=x.dtype, device=x.device)
+    _grouped_matmul_launch(d, x, w.w1, w.w1.stride(), w.b1, hidden, H, x.shape[1],
+                           gather=True, scatter=False, act=act, scale=False)
+    out = torch.empty(d.num_assignments, DO, dtype=x.dtype, device=x.device)
+    _grouped_matmul_launch(d, hidden, w.w2, w.w2.stride(), w.b2, out, DO, H,
+                           gather=False, scatter=True, act=0, scale=True)
+    return out
+
+
+def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: int, need_dx: bool, need_weights: bool):
+    D, H, DO, E, A = x.shape[1], w.hidden, w.w2.shape[2], d.num_experts, d.num_assignments
+    b1, stride_b1e, stride_b1h = w.b1_args()
+    b2, stride_b2e, stride_b2d = w.b2_args()
+    column_blocks = triton.cdiv(H, _HIDDEN_GRAD_BLOCK_N)
+    hidden = torch.empty(A, H, dtype=x.dtype, device=x.device)
+    dz = torch.empty(A, w.w1.shape[2], dtype=x.dtype, device=x.device)
+    dweights = torch.empty(column_blocks, A, dtype=torch.float32, device=x.device)
+    _grouped_hidden_grad[d.row_grid(lambda meta: column_blocks)](
+        x, dy, w.w1, b1, w.w2, b2, d.weights, d.order, d.offsets, hidden, dz, dweights,
+        D, H, DO, E, d.top_k, A, *x.stride(), *dy.stride(), *w.w1.stride(), stride_b1e, stride_b1h,
+        *w.w2.stride(), stride_b2e, stride_b2d,
+        HAS_B1=w.b1 is not None, HAS_B2=w.b2 is not None, ACT=act, BLOCK_E=d.block_e,
+        BLOCK_N=_HIDDEN_GRAD_BLOCK_N)
+    dx = None
+    if need_dx:
+        dx = torch.empty(A, D, dtype=x.dtype, device=x.device)
+        w1_t = (w.w1.stride(0), w.w1.stride(2), w.w1.stride(1))  # B_e = W1_e^T through strides
+        _grouped_matmul_launch(d, dz, w.w1, w1_t, None, dx, D, w.w1.shape[2],
+                               gather=False, scatter=True, act=0, scale=False)
+    grads = (None,) * 4
+    if need_weights:
+        dw2, db2 = _grouped_xty_launch(d, hidden, dy, H, DO, gather_x=False, gather_y=True, scale_y=True,
+                                       want_dbias=w.b2 is not None)
+        dw1, db1 = _grouped_xty_launch(d, x, dz, D, w.w1.shape[2], gather_x=True, gather_y=False, scale_y=False,
+                                       want_dbias=w.b1 is not None)
+        grads = (dw1, db1, dw2, db2)
+    return dx, dweights.sum(0), grads
+

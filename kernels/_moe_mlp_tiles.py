@@ -1,0 +1,170 @@
+"""Device code and launch structures shared by the fused and grouped expert-MLP paths.
+
+Tile schedule: expert e needs ceil(n_e / BLOCK_M) row tiles; program m finds its expert by a
+prefix sum over those counts, computed in-kernel from the offsets, so the launch grid
+ceil(T*k / BLOCK_M) + E is known without reading the counts on the host.
+
+Activations are passed to the kernels as the constexpr codes of ``ACTIVATION_CODES``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATION_CODES = {"gelu": 1, "silu": 2, "relu": 3, "swiglu": 4, "gelu_tanh": 5}
+# gelu_tanh(z) = 0.5 z (1 + tanh(u / 2)) = z * sigmoid(u),  u = 2 sqrt(2/pi) (z + 0.044715 z^3),
+# 2 sqrt(2/pi) = 1.5957691216057308 (written inline: jit code may read only constexpr globals).
+
+
+@triton.jit
+def _expert_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, first row, end row) of row tile ``pid_m``; expert == E means no work."""
+    e = tl.arange(0, BLOCK_E)
+    lo = tl.load(offsets_ptr + e, mask=e < E, other=0)
+    hi = tl.load(offsets_ptr + e + 1, mask=e < E, other=0)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    tiles_through = tl.cumsum(tiles, axis=0)
+    expert = tl.sum((tiles_through <= pid_m).to(tl.int32), axis=0)
+    tiles_before = tl.sum(tl.where(e < expert, tiles, 0), axis=0)
+    safe = tl.minimum(expert, E - 1)
+    start = tl.load(offsets_ptr + safe) + (pid_m - tiles_before) * BLOCK_M
+    end = tl.load(offsets_ptr + safe + 1)
+    return expert, start, end
+
+
+@triton.jit
+def _expert_rows(pid_m, order_ptr, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, positions p, row mask, assignment ids a) of row tile ``pid_m``; expert == E: no work."""
+    expert, start, end = _expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    p = start + tl.arange(0, BLOCK_M)
+    row_mask = p < tl.where(expert < E, end, 0)
+    return expert, p, row_mask, tl.load(order_ptr + p, mask=row_mask, other=0)
+
+
+@triton.jit
+def _activation(z, ACT: tl.constexpr):
+    if ACT == 1:  # exact GELU: z * Phi(z)
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 2:
+        return z * tl.sigmoid(z)
+    elif ACT == 3:
+        return tl.maximum(z, 0.0)
+    elif ACT == 5:
+        return z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+    else:
+        return z
+
+
+@triton.jit
+def _activation_grad(z, ACT: tl.constexpr):
+    if ACT == 1:  # Phi(z) + z * phi(z)
+        return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACT == 2:  # s (1 + z (1 - s))
+        s = tl.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    elif ACT == 3:
+        return (z > 0.0).to(tl.float32)
+    elif ACT == 5:  # s + z s (1 - s) u'
+        s = tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+        return s + z * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * z * z)
+    else:
+        return tl.full(z.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _hidden(z, z_up, ACT: tl.constexpr):
+    """h = act(z), or silu(z) * z_up for swiglu (z is then the gate half)."""
+    if ACT == 4:
+        return _activation(z, 2) * z_up
+    return _activation(z, ACT)
+
+
+@triton.jit
+def _hidden_grads(z, z_up, dh, ACT: tl.constexpr):
+    """(dL/dz, dL/dz_up) from dL/dh; the second is only meaningful for swiglu."""
+    if ACT == 4:
+        return dh * z_up * _activation_grad(z, 2), dh * _activation(z, 2)
+    return dh * _activation_grad(z, ACT), dh
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_mask, cols, col_limit, stride_row, stride_col):
+    """A [rows, cols] tile; rows are int64 indices (gathered or contiguous)."""
+    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
+                   mask=row_mask[:, None] & (cols[None, :] < col_limit), other=0.0)
+
+
+@triton.jit
+def _load_matrix(ptr, r, r_limit, c, c_limit, stride_r, stride_c):
+    """A [len(r), len(c)] block of a matrix addressed through strides (so a transpose is free)."""
+    return tl.load(ptr + r[:, None] * stride_r + c[None, :] * stride_c,
+                   mask=(r[:, None] < r_limit) & (c[None, :] < c_limit), other=0.0)
+
+
+
+def _row_splits(num_assignments: int, num_experts: int, blocks_per_expert: int, device: torch.device) -> int:
+    """How many parts to split each expert's rows into for the weight-gradient reductions: enough
+    programs to fill the GPU, each still reducing a few hundred rows. Two on the CPU, so that the
+    interpreter tests exercise the split."""
+    if device.type != "cuda":
+        return 2
+    programs = num_experts * blocks_per_expert
+    wanted = triton.cdiv(4 * torch.cuda.get_device_properties(device).multi_processor_count, programs)
+    return max(1, min(wanted, num_assignments // (num_experts * 256)))
+
+
+
+@dataclass(frozen=True)
+class _Dispatch:
+    """The routing as the kernels read it."""
+
+    weights: torch.Tensor  # [T*k] float32, by assignment id
+    order: torch.Tensor  # sorted_assignments [T*k] int64
+    offsets: torch.Tensor  # expert_offsets [E+1] int64
+    top_k: int
+    num_experts: int
+
+    @property
+    def num_assignments(self) -> int:
+        return self.order.numel()
+
+    @property
+    def block_e(self) -> int:
+        return max(16, triton.next_power_of_2(self.num_experts))
+
+    def row_grid(self, columns=lambda meta: 1):
+        """Launch grid of a row-tiled kernel: an upper bound on the tile count (see module doc)."""
+        return lambda meta: (triton.cdiv(self.num_assignments, meta["BLOCK_M"]) + self.num_experts, columns(meta))
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """Expert parameters and the strides the kernels take (a missing bias passes a dummy pointer)."""
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    b1: torch.Tensor | None
+    b2: torch.Tensor | None
+
+    @property
+    def hidden(self) -> int:
+        return self.w2.shape[1]
+
+    def b1_args(self):
+        return (self.w1, 0, 0) if self.b1 is None else (self.b1, self.b1.stride(0), self.b1.stride(1))
+
+    def b2_args(self):
+        return (self.w2, 0, 0) if self.b2 is None else (self.b2, self.b2.stride(0), self.b2.stride(1))
+
+    def fused_strides(self) -> tuple[int, ...]:
+        b1_stride = self.b1_args()[1:]
+        return (*self.w1.stride(), *b1_stride, *self.w2.stride())
+
+
+def _width_blocks(x: torch.Tensor, w: _Weights) -> dict[str, int]:
+    return dict(BLOCK_D=max(16, triton.next_power_of_2(x.shape[1])),
+                BLOCK_DO=max(16, triton.next_power_of_2(w.w2.shape[2])))
+
