@@ -6,29 +6,10 @@ same function (up to ties in the top-k and rounding)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from moe_restore.kernels.naive import expert_mlp, stable_top_k as top_k
 from moe_restore.layers.moe import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
-
-
-def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest probabilities of each row and their indices, ties to the lower index (as the
-    library's routing breaks them, so that bf16 logits that tie pick the same experts)."""
-    order = probs.sort(dim=-1, descending=True, stable=True).indices[..., :k]
-    return probs.gather(-1, order), order
-
-
-def expert_mlp(u: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-               b2: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """act(u @ w1 + b1) @ w2 + b2 for one expert; swiglu splits the first layer into [gate | up]."""
-    z = u @ w1 if b1 is None else torch.addmm(b1, u, w1)
-    if activation == "swiglu":
-        gate, up = z.chunk(2, dim=-1)
-        h = F.silu(gate) * up
-    else:
-        h = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[activation](z)
-    return h @ w2 if b2 is None else torch.addmm(b2, h, w2)
 
 
 def _add_expert(y: torch.Tensor, layer, e: int, x: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> None:

@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from moe_restore.kernels.activations import first_layer_width
+
 from .common import (environment, floor_ms, format_table, measured_copy_bandwidth, measured_matmul_rate, on_gpu,
                      peak_memory_mb, rotation_count, time_ms, write_results)
 
@@ -33,7 +35,7 @@ COLUMNS = ["shape", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "fwd_bw
 
 def expert_flops(num_tokens: int, top_k: int, dim: int, hidden: int, activation: str) -> float:
     """Forward FLOPs of the routed expert MLPs: two GEMMs per assignment (swiglu: 2H columns first)."""
-    first = 2 * hidden if activation == "swiglu" else hidden
+    first = first_layer_width(activation, hidden)
     return 2.0 * num_tokens * top_k * (dim * first + hidden * dim)
 
 

@@ -37,7 +37,7 @@ class MoEShape:
     @property
     def label(self) -> str:
         return (f"{self.name} T{self.tokens} D{self.dim} H{self.hidden} E{self.experts} k{self.top_k}"
-                f"{' swiglu' if self.activation == 'swiglu' else ''}")
+                f"{'' if self.activation == 'gelu' else ' ' + self.activation}")
 
 
 SHAPES = {

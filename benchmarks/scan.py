@@ -1,5 +1,5 @@
 """Benchmark of the sigmoid-gated selective scan: Triton kernels vs the "torch" backend
-(vectorised chunked PyTorch) vs a sequential PyTorch loop over tokens; at N = 1 also vs
+(vectorised chunked PyTorch) vs the sequential loop over tokens (``kernels.naive.gated_scan``); at N = 1 also vs
 flash-linear-attention's chunked HGRN kernel (``fla-core``), when it imports.
 
     python -m benchmarks.scan [--quick]          (also: moe-restore bench scan)
@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from moe_restore.kernels import naive
 from moe_restore.kernels.gated_scan import gated_scan
 
 from .common import on_gpu, peak_memory_mb, time_ms
@@ -27,23 +28,6 @@ CPU_SHAPES = [(2, 512, 32, 8)]
 CPU_QUICK_SHAPES = [(1, 128, 16, 4)]
 HGRN_STATE = 1
 TARGETS = "forward >= 60% of copy bandwidth, >= 20x the torch backend, >= fla HGRN at N=1"
-
-
-def sequential_scan(u, f, bm, cm, d_skip=None, z=None):
-    """The recurrence one token at a time in PyTorch (float32 state): the naive baseline."""
-    batch, length, dim = u.shape
-    h = torch.zeros(batch, dim, bm.shape[-1], device=u.device, dtype=torch.float32)
-    outs = []
-    for t in range(length):
-        a = torch.sigmoid(f[:, t].float())
-        h = a[:, :, None] * h + ((1 - a) * u[:, t].float())[:, :, None] * bm[:, t, None, :].float()
-        y = (h * cm[:, t, None, :].float()).sum(-1)
-        if d_skip is not None:
-            y = y + d_skip * u[:, t].float()
-        if z is not None:
-            y = y * torch.sigmoid(z[:, t].float())
-        outs.append(y.to(u.dtype))
-    return torch.stack(outs, dim=1)
 
 
 def make_inputs(batch, length, dim, state, dtype, device, with_gates=True):
@@ -87,7 +71,7 @@ def bench_shape(shape, dtype, device, copy_rate, impls) -> list[dict]:
     rows = []
     for name in impls:
         if name == "loop":
-            forward = lambda: sequential_scan(*inputs, **extra)  # noqa: E731
+            forward = lambda: naive.gated_scan(*inputs, **extra)[0]  # noqa: E731
         else:
             forward = lambda name=name: gated_scan(*inputs, **extra, backend=name)  # noqa: E731
         rows.append({"shape": f"B{batch} L{length} D{dim} N{state}", "impl": name,

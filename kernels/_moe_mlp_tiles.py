@@ -4,7 +4,7 @@ Tile schedule: expert e needs ceil(n_e / BLOCK_M) row tiles; program m finds its
 prefix sum over those counts, computed in-kernel from the offsets, so the launch grid
 ceil(T*k / BLOCK_M) + E is known without reading the counts on the host.
 
-Activations are passed to the kernels as the constexpr codes of ``ACTIVATION_CODES``.
+Activations reach the kernels as the constexpr codes of ``activations.TRITON_CODES``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATION_CODES = {"gelu": 1, "silu": 2, "relu": 3, "swiglu": 4, "gelu_tanh": 5}
 # gelu_tanh(z) = 0.5 z (1 + tanh(u / 2)) = z * sigmoid(u),  u = 2 sqrt(2/pi) (z + 0.044715 z^3),
 # 2 sqrt(2/pi) = 1.5957691216057308 (written inline: jit code may read only constexpr globals).
 

@@ -3,21 +3,9 @@ expert (no per-expert index_select), one combine back to tokens; autograd by PyT
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .activations import activate
 from .routing import Routing
-
-
-def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(z); for swiglu z = [gate | up] along the last axis and act(z) = silu(gate) * up."""
-    if activation == "swiglu":
-        gate, up = z.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    if activation == "gelu":
-        return F.gelu(z)  # exact (erf) GELU
-    if activation == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    return F.silu(z) if activation == "silu" else F.relu(z)
 
 
 def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,

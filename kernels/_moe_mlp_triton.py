@@ -31,7 +31,8 @@ import torch
 
 from ._moe_mlp_fused import FUSED_MAX_WIDTH, _backward_fused, _forward_fused
 from ._moe_mlp_grouped import _backward_grouped, _forward_grouped
-from ._moe_mlp_tiles import ACTIVATION_CODES, _Dispatch, _Weights
+from ._moe_mlp_tiles import _Dispatch, _Weights
+from .activations import triton_code
 
 
 def use_fused_path(d_in: int, d_out: int) -> bool:
@@ -63,7 +64,7 @@ def moe_mlp_forward(x: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w2
     """The Triton path of ``moe_mlp`` (weights [T, k] float32); saves only its inputs for backward."""
     T, k = weights.shape
     d = _Dispatch(weights.reshape(-1).contiguous(), order, offsets, k, w1.shape[0])
-    out = (_forward_fused if fused else _forward_grouped)(d, x, _Weights(w1, w2, b1, b2), ACTIVATION_CODES[activation])
+    out = (_forward_fused if fused else _forward_grouped)(d, x, _Weights(w1, w2, b1, b2), triton_code(activation))
     return _combine(out, T, k, x.dtype)
 
 
@@ -82,7 +83,7 @@ def moe_mlp_backward(dy: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, w
     T, k = weights.shape
     d = _Dispatch(weights.reshape(-1).contiguous(), order, offsets, k, w1.shape[0])
     run = _backward_fused if fused else _backward_grouped
-    dx, dweights, (dw1, db1, dw2, db2) = run(d, x, dy, _Weights(w1, w2, b1, b2), ACTIVATION_CODES[activation],
+    dx, dweights, (dw1, db1, dw2, db2) = run(d, x, dy, _Weights(w1, w2, b1, b2), triton_code(activation),
                                              need_dx, need_params)
     dx = _combine(dx, T, k, x.dtype) if dx is not None else x.new_empty(0)
 

@@ -3,21 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from .naive import stable_top_k as top_k  # the one stable top-k, ties to the lower index
+
+__all__ = ["dispatch", "renormalized", "scores", "top_k"]
+
 
 def scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     """Router probabilities in float32: softmax over experts, or an elementwise sigmoid."""
     logits = logits.float()
     return logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
-
-
-def top_k(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest entries of each row of ``p``, ties to the lower index.
-
-    A stable descending sort keeps equal values in index order, which ``torch.topk`` does not
-    promise.
-    """
-    order = p.sort(dim=-1, descending=True, stable=True).indices[..., :k]
-    return p.gather(-1, order), order
 
 
 def renormalized(w: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,10 @@ For x [T, D] and a Routing (assignment a = t*k + j to expert e = experts[t, j], 
 
 w1 [E, D, H] (swiglu: [E, D, 2H], the first H columns the gate, the last H the up projection,
 act(z) = silu(gate) * up); w2 [E, H, D_out]; b1 [E, H or 2H] or None; b2 [E, D_out] or None;
-activation in {"gelu" (exact erf GELU), "gelu_tanh" (the tanh approximation, as in
-diffusers' FeedForward), "silu", "swiglu", "relu"}. Differentiable w.r.t. x,
-w1, w2, b1, b2 and the routing weights (so a loss reaches the router logits).
+activation one of ``ACTIVATIONS`` (defined in ``moe_restore.kernels.activations``: "gelu" (exact
+erf GELU), "gelu_tanh" (the tanh approximation, as in diffusers' FeedForward), "silu", "swiglu",
+"relu"). Differentiable w.r.t. x, w1, w2, b1, b2 and the routing weights (so a loss reaches the
+router logits).
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import torch
 from . import _moe_mlp_torch
 from ._backend import resolve_backend
 from .validation import check_float, check_ndim, check_same_device, check_shape
+from .activations import ACTIVATIONS, check_activation, first_layer_width, is_gated
 from .routing import Routing
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "swiglu", "relu")
+__all__ = ["ACTIVATIONS", "moe_mlp"]
 
 
 def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
@@ -27,16 +29,15 @@ def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
     check_ndim("x", x, 2, "[T, D]")
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a Routing (from topk_route or nested_route), got {type(routing).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     check_float("w1", w1)
     check_float("w2", w2)
     check_ndim("w1", w1, 3, "[E, D, H]")
     check_ndim("w2", w2, 3, "[E, H, D_out]")
     T, D = x.shape
     E, H, D_out = w2.shape
-    w1_cols = 2 * H if activation == "swiglu" else H
-    check_shape("w1", w1, (E, D, w1_cols), "[E, D, 2H]" if activation == "swiglu" else "[E, D, H]")
+    w1_cols, hidden = first_layer_width(activation, H), "2H" if is_gated(activation) else "H"
+    check_shape("w1", w1, (E, D, w1_cols), f"[E, D, {hidden}]")
     if routing.num_tokens != T:
         raise ValueError(f"routing is for {routing.num_tokens} tokens but x has T = {T}")
     if routing.num_experts != E:
@@ -44,8 +45,7 @@ def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
     for name, bias, shape in (("b1", b1, (E, w1_cols)), ("b2", b2, (E, D_out))):
         if bias is not None:
             check_float(name, bias)
-            check_shape(name, bias, shape, "[E, " + ("2H]" if name == "b1" and activation == "swiglu" else
-                                                    "H]" if name == "b1" else "D_out]"))
+            check_shape(name, bias, shape, f"[E, {hidden if name == 'b1' else 'D_out'}]")
     if not (x.dtype == w1.dtype == w2.dtype):
         raise TypeError(f"x, w1 and w2 must share one dtype, got {x.dtype}, {w1.dtype}, {w2.dtype}")
     check_same_device(x=x, w1=w1, w2=w2, b1=b1, b2=b2, weights=routing.weights,

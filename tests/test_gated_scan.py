@@ -337,12 +337,10 @@ def test_compiles_without_graph_breaks():
 
 # ---------------------------------------------------------------- benchmark ---------------
 def test_benchmark_baseline_and_quick_run(tmp_path, monkeypatch):
-    """The benchmark's sequential baseline computes the scan, and ``--quick`` writes its table."""
+    """``--quick`` writes the benchmark's table (its sequential baseline is ``naive.gated_scan``,
+    checked against the oracle above)."""
     from moe_restore.benchmarks import scan as bench
 
-    u, f, Bm, Cm, d_skip, z, _ = make_inputs((2, 9), 5, 3)
-    assert_close(bench.sequential_scan(u, f, Bm, Cm, d_skip, z), reference_scan(u, f, Bm, Cm, d_skip, z)[0],
-                 torch.float32, what="sequential baseline")
     monkeypatch.setenv("MOE_RESTORE_RESULTS_DIR", str(tmp_path))
     assert bench.main(["--quick"]) == 0
     (path,) = tmp_path.glob("scan-*.json")

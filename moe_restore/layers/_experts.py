@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from moe_restore.kernels import Routing, moe_mlp
 from moe_restore.kernels.validation import check_float, check_positive_int
-from moe_restore.kernels.moe_mlp import ACTIVATIONS
+from moe_restore.kernels.activations import check_activation, first_layer_width
 
 
 def every_expert_routing(num_tokens: int, num_experts: int, device: torch.device) -> Routing:
@@ -67,10 +67,10 @@ def dense_mlp_dims(linear1: nn.Linear, linear2: nn.Linear, activation: str) -> t
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name} must be a torch.nn.Linear, got {type(linear).__name__}")
     hidden = linear2.in_features
-    expected = 2 * hidden if activation == "swiglu" else hidden
+    expected = first_layer_width(activation, hidden)
     if linear1.out_features != expected:
         raise ValueError(f"linear2 takes {hidden} inputs, so linear1 must have {expected} outputs"
-                         f"{' (gate and up, for swiglu)' if activation == 'swiglu' else ''}, "
+                         f"{f' (gate and up, for {activation})' if expected != hidden else ''}, "
                          f"got {linear1.out_features}")
     bias = linear1.bias is not None or linear2.bias is not None
     return linear1.in_features, hidden, linear2.out_features, bias
@@ -91,11 +91,10 @@ class ExpertMLPs(nn.Module):
         for name, value in (("num_experts", num_experts), ("dim", dim), ("hidden_dim", hidden_dim),
                             ("out_dim", out_dim)):
             check_positive_int(name, value)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        check_activation(activation)
         self.num_experts, self.dim, self.hidden_dim, self.out_dim = num_experts, dim, hidden_dim, out_dim
         self.activation = activation
-        first = 2 * hidden_dim if activation == "swiglu" else hidden_dim
+        first = first_layer_width(activation, hidden_dim)
         self.w1 = nn.Parameter(_uniform_(torch.empty(num_experts, dim, first), dim))
         self.w2 = nn.Parameter(_uniform_(torch.empty(num_experts, hidden_dim, out_dim), hidden_dim))
         self.b1 = nn.Parameter(_uniform_(torch.empty(num_experts, first), dim)) if bias else None
