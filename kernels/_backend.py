@@ -20,6 +20,27 @@ shapes. ``MOE_RESTORE_AUTOTUNE=0`` pins every kernel to its default configuratio
 (``<KERNEL>`` is the kernel's name in upper case). Under the interpreter only the default
 configuration is used: there is nothing to tune on a CPU.
 
+Launch sizes: a few sizes that are not tile shapes are rules of the input size and the device,
+the same rule under the interpreter as on a GPU, and each can be pinned by an environment
+variable (read at every call):
+
+* ``MOE_RESTORE_ROW_SPLITS=<n>``: parts each expert's rows are split into for the expert-MLP
+  weight-gradient reductions (default: enough programs to fill a GPU's SMs; 1 off CUDA).
+* ``MOE_RESTORE_SCAN_CHUNK=<tokens>``: tokens per chunk of the scan kernels, a power of two >= 16
+  (default: 64 to 256, growing with the sequence length).
+* ``MOE_RESTORE_SCAN_CARRY_BLOCK=<chunks>``: chunk states the scan's carry kernel combines per
+  step, a power of two >= 2 (default 32).
+
+The test suite pins small values (tests/conftest.py), so that its short inputs cross several
+row splits, chunks and carry blocks.
+
+Autocast (one policy for every op): under ``torch.autocast(device_type)`` an op casts the
+floating-point inputs it computes with in the input dtype to the autocast dtype (``moe_mlp``: x
+and the expert parameters; the scans: u, f, Bm, Cm, z) and then runs as for inputs of that dtype
+(float32 accumulation and state; the output in the autocast dtype). Inputs an op reads in float32
+whatever their dtype are left alone: router logits (so routing under autocast is the routing of
+the logits as given), routing weights, d_skip and h0.
+
 Deterministic mode (``MOE_RESTORE_DETERMINISTIC=1``, or ``torch.use_deterministic_algorithms(True)``
 in effect when the kernels are defined, i.e. at the first import of ``moe_restore.kernels``) pins
 every kernel to its default configuration too: the kernels use no atomics, so with a fixed
@@ -113,6 +134,34 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             why = f"Triton has no backend for device type {device.type!r}"
         raise RuntimeError(f"backend='triton' cannot run here: {why}; use backend='torch' or None")
     return "triton" if runnable else "torch"
+
+
+def autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
+    """Apply the autocast policy (module docstring) to the tensors an op computes with: cast the
+    floating-point ones to the autocast dtype of the first one's device when autocast is on there,
+    else return them as they are (None entries pass through)."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def launch_size(variable: str, default: int, *, power_of_two: bool = False, minimum: int = 1) -> int:
+    """The launch size pinned by the environment ``variable`` (see the module docstring), else
+    ``default``; a pinned value that is not an int >= ``minimum`` (and a power of two when
+    asked) raises ValueError."""
+    text = os.environ.get(variable)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < minimum or (power_of_two and value & (value - 1)):
+        kind = "a power of two" if power_of_two else "an integer"
+        raise ValueError(f"{variable} must be {kind} >= {minimum}, got {text!r}")
+    return value
 
 
 def _parse_pinned(text: str) -> dict[str, int]:

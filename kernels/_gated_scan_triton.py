@@ -7,23 +7,22 @@ from typing import Optional
 import torch
 import triton
 
-from ._backend import INTERPRET
+from ._backend import launch_size
 from ._gated_scan_kernels import (_chunk_adjoint_kernel, _chunk_backward_kernel, _chunk_carry_kernel,
                                   _chunk_output_kernel, _chunk_state_kernel)
 
 
-# Under the interpreter every program runs in numpy on the CPU: small chunks and carry blocks
-# make the short test sequences cross several chunks and several carry blocks.
-_INTERPRET_CHUNK = 16
-_CARRY_BLOCK_C = 8 if INTERPRET else 32
-
-
 def chunk_length(length: int) -> int:
     """Tokens per chunk: enough chunks to fill a GPU, long enough that the chunk states
-    (4 * D * N float32 per chunk, written and read twice) stay small beside the inputs."""
-    if INTERPRET:
-        return _INTERPRET_CHUNK
-    return min(256, max(64, triton.next_power_of_2(triton.cdiv(length, 512))))
+    (4 * D * N float32 per chunk, written and read twice) stay small beside the inputs.
+    ``MOE_RESTORE_SCAN_CHUNK`` pins it (see ``_backend``)."""
+    return launch_size("MOE_RESTORE_SCAN_CHUNK", min(256, max(64, triton.next_power_of_2(triton.cdiv(length, 512)))),
+                       power_of_two=True, minimum=16)
+
+
+def carry_block() -> int:
+    """Chunk states the carry kernel combines per step (``MOE_RESTORE_SCAN_CARRY_BLOCK`` pins it)."""
+    return launch_size("MOE_RESTORE_SCAN_CARRY_BLOCK", 32, power_of_two=True, minimum=2)
 
 
 def _backward_block_d(block_n: int) -> int:
@@ -59,7 +58,7 @@ class _Geometry:
         _chunk_carry_kernel[self.carry_grid](s, g, s if init is None else init, out,
                                              self.d * self.n, self.n, self.n_chunks,
                                              HAS_INIT=init is not None, REVERSE_CHUNKS=reverse_chunks,
-                                             BLOCK_C=_CARRY_BLOCK_C)
+                                             BLOCK_C=carry_block())
         return out
 
     def chunk_buffers(self, device: torch.device):

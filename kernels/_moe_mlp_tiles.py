@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._backend import launch_size
+
 # gelu_tanh(z) = 0.5 z (1 + tanh(u / 2)) = z * sigmoid(u),  u = 2 sqrt(2/pi) (z + 0.044715 z^3),
 # 2 sqrt(2/pi) = 1.5957691216057308 (written inline: jit code may read only constexpr globals).
 
@@ -106,14 +108,13 @@ def _load_matrix(ptr, r, r_limit, c, c_limit, stride_r, stride_c):
 
 def _row_splits(num_assignments: int, num_experts: int, blocks_per_expert: int, device: torch.device) -> int:
     """How many parts to split each expert's rows into for the weight-gradient reductions: enough
-    programs to fill the GPU, each still reducing a few hundred rows. Two on the CPU, so that the
-    interpreter tests exercise the split."""
+    programs to fill the GPU, each still reducing a few hundred rows; one part off CUDA, where
+    there are no SMs to fill. ``MOE_RESTORE_ROW_SPLITS`` pins the count (see ``_backend``)."""
     if device.type != "cuda":
-        return 2
+        return launch_size("MOE_RESTORE_ROW_SPLITS", 1)
     programs = num_experts * blocks_per_expert
     wanted = triton.cdiv(4 * torch.cuda.get_device_properties(device).multi_processor_count, programs)
-    return max(1, min(wanted, num_assignments // (num_experts * 256)))
-
+    return launch_size("MOE_RESTORE_ROW_SPLITS", max(1, min(wanted, num_assignments // (num_experts * 256))))
 
 
 @dataclass(frozen=True)

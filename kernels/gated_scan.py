@@ -12,18 +12,24 @@ A token whose gate a_t is near 1 is kept out of the state ("proactive suppressio
 ``reverse=True`` runs t from L-1 down to 0. With N = 1 and Bm = Cm = 1 this is HGRN,
 h = a h + (1 - a) u.
 
-``gated_scan_2d`` scans a [B, H, W, *] grid in one of four orders (row-major or column-major,
-forward or reversed) and writes each result back at its token's own (h, w).
+``gated_scan_2d`` scans a [B, H, W, *] grid in ``order`` "row" (row-major) or "col"
+(column-major), forward or (``reverse=True``) backward, and writes each result back at its
+token's own (h, w). Both ops take the same arguments (``h0``, ``reverse``,
+``return_final_state``) and return alike. The plain reference of both is ``naive.gated_scan``
+/ ``naive.gated_scan_2d``.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from ._backend import resolve_backend
+from ._backend import autocast_inputs, resolve_backend
 from .validation import check_float, check_ndim, check_same_device, check_shape
 from ._gated_scan_torch import gated_scan_torch
 
-ORDERS = ("row", "row_reverse", "col", "col_reverse")
+ORDERS = ("row", "col")
+_DEPRECATED_ORDERS = {"row_reverse": "row", "col_reverse": "col"}
 MAX_STATE_TRITON = 64  # N beyond this would not fit the kernels' register tile
 MAX_BATCH_TRITON = 65535  # the batch is a grid axis of its own
 
@@ -36,6 +42,7 @@ def gated_scan(u: torch.Tensor, f: torch.Tensor, Bm: torch.Tensor, Cm: torch.Ten
 
     Args:
         u: inputs [B, L, D]. f: decay logits [B, L, D]. Bm, Cm: [B, L, N]. All one float dtype.
+            L = 0 (or B = 0) is allowed: the output is empty and the final state is h0 (or 0).
         d_skip: skip weights [D] (any float dtype). z: output gate logits [B, L, D], u's dtype.
         h0: initial state [B, D, N] (any float dtype; used in float32).
         reverse: scan from the last token to the first.
@@ -44,62 +51,88 @@ def gated_scan(u: torch.Tensor, f: torch.Tensor, Bm: torch.Tensor, Cm: torch.Ten
             inputs with ``backend=None`` run on "torch", whose arithmetic is then float64.
 
     Returns:
-        out [B, L, D] in u's dtype, and with ``return_final_state`` the final state
-        [B, D, N] (float32; float64 for float64 inputs on the torch backend).
-        Differentiable with respect to every tensor argument.
+        out [B, L, D] in u's dtype, or with ``return_final_state`` the pair (out, final state
+        [B, D, N]; float32, float64 for float64 inputs on the torch backend). Differentiable with
+        respect to every tensor argument. Under ``torch.autocast`` u, f, Bm, Cm and z are cast
+        to the autocast dtype first (the policy in ``_backend``).
     """
-    _check_bool("reverse", reverse)
-    _check_bool("return_final_state", return_final_state)
-    _check_inputs(u, f, Bm, Cm, d_skip, z, "[B, L, D]", "[B, L, N]")
-    batch, _, dim = u.shape
-    if h0 is not None:
-        check_float("h0", h0)
-        check_shape("h0", h0, (batch, dim, Bm.shape[-1]), "[B, D, N]")
-    check_same_device(u=u, f=f, Bm=Bm, Cm=Cm, d_skip=d_skip, z=z, h0=h0)
-    backend = _pick_backend(backend, u, Bm)
-
-    if backend == "torch":
-        out, h_final = gated_scan_torch(u, f, Bm, Cm, d_skip, z, h0, reverse)
-    else:
-        grid = lambda t: None if t is None else t.unsqueeze(1)  # noqa: E731 - [B, L, C] as a 1 x L grid
-        out, h_final = _triton_scan(grid(u), grid(f), grid(Bm), grid(Cm), d_skip, grid(z), h0,
-                                    column_major=False, reverse=reverse)
-        out = out.squeeze(1)
-    return (out, h_final) if return_final_state else out
+    return _scan(u, f, Bm, Cm, d_skip, z, h0, None, reverse, return_final_state, backend)
 
 
 def gated_scan_2d(u: torch.Tensor, f: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, *,
-                  order: str = "row", d_skip: torch.Tensor | None = None, z: torch.Tensor | None = None,
-                  backend: str | None = None) -> torch.Tensor:
-    """The gated scan over a [B, H, W, *] grid visited in ``order``.
+                  order: str = "row", reverse: bool = False, d_skip: torch.Tensor | None = None,
+                  z: torch.Tensor | None = None, h0: torch.Tensor | None = None,
+                  return_final_state: bool = False, backend: str | None = None):
+    """The gated scan over a [B, H, W, *] grid visited in ``order``, backwards with ``reverse``.
 
-    u, f, z: [B, H, W, D]; Bm, Cm: [B, H, W, N]; d_skip [D]. ``order`` is "row" (row-major),
-    "col" (column-major), or either with "_reverse" (the same visit backwards). The state starts
-    at zero; out [B, H, W, D] holds each token's result at its own (h, w). The Triton kernels
-    read the grid through its strides: no permuted copy.
+    u, f, z: [B, H, W, D]; Bm, Cm: [B, H, W, N]; d_skip [D]; h0 [B, D, N]. ``order`` is "row"
+    (row-major) or "col" (column-major); ``reverse`` runs the same visit backwards, as in
+    ``gated_scan``. out [B, H, W, D] holds each token's result at its own (h, w); arguments,
+    return convention and autocast as in ``gated_scan``. The Triton kernels read the grid
+    through its strides: no permuted copy.
     """
+    if order in _DEPRECATED_ORDERS:
+        if reverse:
+            raise ValueError(f"order={order!r} already reverses the visit; use order="
+                             f"{_DEPRECATED_ORDERS[order]!r} with reverse=True")
+        warnings.warn(f"gated_scan_2d(): order={order!r} is deprecated, use order={_DEPRECATED_ORDERS[order]!r}, "
+                      "reverse=True", DeprecationWarning, stacklevel=2)
+        order, reverse = _DEPRECATED_ORDERS[order], True
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    _check_inputs(u, f, Bm, Cm, d_skip, z, "[B, H, W, D]", "[B, H, W, N]")
-    check_same_device(u=u, f=f, Bm=Bm, Cm=Cm, d_skip=d_skip, z=z)
-    backend = _pick_backend(backend, u, Bm)
-    column_major, reverse = order.startswith("col"), order.endswith("_reverse")
+    return _scan(u, f, Bm, Cm, d_skip, z, h0, order, reverse, return_final_state, backend)
 
-    if backend == "triton":
-        return _triton_scan(u, f, Bm, Cm, d_skip, z, None, column_major, reverse)[0]
 
-    batch, height, width, dim = u.shape
+def _scan(u, f, bm, cm, d_skip, z, h0, order: str | None, reverse: bool, return_final_state: bool,
+          backend: str | None):
+    """Both scans: ``order`` None for sequences [B, L, *], else the grid's visit ("row" | "col")."""
+    _check_bool("reverse", reverse)
+    _check_bool("return_final_state", return_final_state)
+    check_float("u", u)
+    u, f, bm, cm, z = autocast_inputs(u, f, bm, cm, z)
+    layouts = ("[B, L, D]", "[B, L, N]") if order is None else ("[B, H, W, D]", "[B, H, W, N]")
+    _check_inputs(u, f, bm, cm, d_skip, z, *layouts)
+    batch, dim = u.shape[0], u.shape[-1]
+    if h0 is not None:
+        check_float("h0", h0)
+        check_shape("h0", h0, (batch, dim, bm.shape[-1]), "[B, D, N]")
+    check_same_device(u=u, f=f, Bm=bm, Cm=cm, d_skip=d_skip, z=z, h0=h0)
+    backend = _pick_backend(backend, u, bm)
 
-    def to_sequence(t):
-        if t is None:
-            return None
-        return (t.transpose(1, 2) if column_major else t).flatten(1, 2)
+    if u.numel() == 0:
+        out, h_final = _empty_scan(u, f, bm, cm, d_skip, z, h0, backend)
+    elif backend == "triton":
+        grid = (lambda t: t) if order is not None else (lambda t: None if t is None else t.unsqueeze(1))
+        out, h_final = _triton_scan(grid(u), grid(f), grid(bm), grid(cm), d_skip, grid(z), h0,
+                                    column_major=order == "col", reverse=reverse)
+        out = out if order is not None else out.squeeze(1)
+    elif order is None:
+        out, h_final = gated_scan_torch(u, f, bm, cm, d_skip, z, h0, reverse)
+    else:
+        # The grid as the sequence of its visit: a view for "row", a transposed copy for "col".
+        batch, height, width, _ = u.shape
+        column_major = order == "col"
 
-    out, _ = gated_scan_torch(to_sequence(u), to_sequence(f), to_sequence(Bm), to_sequence(Cm),
-                              d_skip, to_sequence(z), None, reverse)
-    if column_major:
-        return out.view(batch, width, height, dim).transpose(1, 2)
-    return out.view(batch, height, width, dim)
+        def to_sequence(t):
+            if t is None:
+                return None
+            return (t.transpose(1, 2) if column_major else t).flatten(1, 2)
+
+        out, h_final = gated_scan_torch(to_sequence(u), to_sequence(f), to_sequence(bm), to_sequence(cm),
+                                        d_skip, to_sequence(z), h0, reverse)
+        out = out.view(batch, width, height, dim).transpose(1, 2) if column_major else \
+            out.view(batch, height, width, dim)
+    return (out, h_final) if return_final_state else out
+
+
+def _empty_scan(u, f, bm, cm, d_skip, z, h0, backend: str):
+    """No tokens: an empty output and the final state h0 (or 0), both attached to the graph so that
+    every input gets a (zero) gradient."""
+    anchor = sum(0 * t.sum() for t in (u, f, bm, cm, d_skip, z) if t is not None)
+    state_dtype = torch.float64 if backend == "torch" and u.dtype == torch.float64 else torch.float32
+    batch, dim, state = u.shape[0], u.shape[-1], bm.shape[-1]
+    h = u.new_zeros(batch, dim, state, dtype=state_dtype) if h0 is None else h0.to(state_dtype)
+    return torch.zeros_like(u) + anchor.to(u.dtype), h + anchor.to(state_dtype)
 
 
 def _triton_scan(u, f, bm, cm, d_skip, z, h0, column_major: bool, reverse: bool):
@@ -139,8 +172,8 @@ def _check_inputs(u, f, bm, cm, d_skip, z, layout: str, state_layout: str) -> No
     ndim = layout.count(",") + 1
     check_float("u", u)
     check_ndim("u", u, ndim, layout)
-    if any(size == 0 for size in u.shape):
-        raise ValueError(f"u must have no empty dimension, got shape {tuple(u.shape)}")
+    if u.shape[-1] == 0:
+        raise ValueError(f"u must have D >= 1 channels, got shape {tuple(u.shape)}")
     check_float("Bm", bm)
     check_ndim("Bm", bm, ndim, state_layout)
     if bm.shape[-1] == 0:

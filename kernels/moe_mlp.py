@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _moe_mlp_torch
-from ._backend import resolve_backend
+from ._backend import autocast_inputs, resolve_backend
 from .validation import check_float, check_ndim, check_same_device, check_shape
 from .activations import ACTIVATIONS, check_activation, first_layer_width, is_gated
 from .routing import Routing
@@ -52,25 +52,16 @@ def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
                       sorted_assignments=routing.sorted_assignments)
 
 
-def _autocast(x: torch.Tensor, *params: torch.Tensor | None) -> tuple:
-    """Under torch.autocast, run the expert GEMMs in the autocast dtype (the routing weights stay
-    float32); otherwise leave the inputs alone."""
-    device_type = x.device.type
-    if not (x.is_floating_point() and torch.is_autocast_enabled(device_type)):
-        return (x, *params)
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (x, *params))
-
-
 def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
             b1: torch.Tensor | None = None, b2: torch.Tensor | None = None, *,
             activation: str = "gelu", backend: str | None = None) -> torch.Tensor:
     """Apply each token's routed experts and combine their outputs; see the module docstring.
 
     Under ``torch.autocast`` x and the expert parameters are cast to the autocast dtype, which the
-    output then has.
+    output then has (the routing weights stay float32; see the autocast policy in ``_backend``).
     """
-    x, w1, w2, b1, b2 = _autocast(x, w1, w2, b1, b2)
+    check_float("x", x)
+    x, w1, w2, b1, b2 = autocast_inputs(x, w1, w2, b1, b2)
     _validate(x, routing, w1, w2, b1, b2, activation)
     backend = resolve_backend(backend, x.device)
     if x.shape[0] == 0:

@@ -29,6 +29,7 @@ import torch
 
 from . import _nested_routing_torch
 from ._backend import resolve_backend
+from ._deprecation import renamed_keywords
 from .validation import check_float, check_ndim, check_positive_int, check_same_device
 from .routing import Routing, finish_routing
 
@@ -52,25 +53,29 @@ def _expert_logits_3d(group_logits: torch.Tensor, expert_logits: torch.Tensor) -
     return expert_logits
 
 
-def nested_route(group_logits: torch.Tensor, expert_logits: torch.Tensor, k_groups: int, k_experts: int, *,
-                 renormalize: bool = True, backend: str | None = None) -> Routing:
-    """Route each token to k_groups groups and k_experts sub-experts inside each; see the module
-    docstring for the math.
+@renamed_keywords(k_groups="top_k_groups", k_experts="top_k_experts")
+def nested_route(group_logits: torch.Tensor, expert_logits: torch.Tensor, top_k_groups: int, top_k_experts: int,
+                 *, renormalize: bool = True, backend: str | None = None) -> Routing:
+    """Route each token to top_k_groups groups and top_k_experts sub-experts inside each (k_g and
+    k_e of the module docstring's math).
 
     group_logits: [T, G]; expert_logits: [T, G, E] or, flattened group major, [T, G*E]; any float
-    dtypes. Returns a ``Routing`` over num_experts = G*E with k = k_groups*k_experts assignments
-    per token (group rank major, sub-expert rank minor), ``group_weights`` [T, k_groups] (q,
-    float32) and ``groups`` [T, k_groups] int64. Gradients flow from ``weights`` and
-    ``group_weights`` to both logits tensors. Makes one host synchronisation (to raise on NaN).
+    dtypes (read in float32, under autocast too). Returns a ``Routing`` over num_experts = G*E
+    with top_k = top_k_groups*top_k_experts assignments per token (group rank major, sub-expert
+    rank minor), ``group_weights`` [T, top_k_groups] (q, float32) and ``groups``
+    [T, top_k_groups] int64. Gradients flow from ``weights`` and ``group_weights`` to both logits
+    tensors. Makes one host synchronisation (to raise on NaN). The plain reference is
+    ``naive.nested_route``.
     """
     expert_logits = _expert_logits_3d(group_logits, expert_logits)
     T, G, E = expert_logits.shape
-    check_positive_int("k_groups", k_groups)
-    check_positive_int("k_experts", k_experts)
+    k_groups, k_experts = check_positive_int("top_k_groups", top_k_groups), \
+        check_positive_int("top_k_experts", top_k_experts)
     if k_groups > G:
-        raise ValueError(f"k_groups must be <= the number of groups G = {G}, got k_groups = {k_groups}")
+        raise ValueError(f"top_k_groups must be <= the number of groups G = {G}, got top_k_groups = {k_groups}")
     if k_experts > E:
-        raise ValueError(f"k_experts must be <= the sub-experts per group E = {E}, got k_experts = {k_experts}")
+        raise ValueError(f"top_k_experts must be <= the sub-experts per group E = {E}, "
+                         f"got top_k_experts = {k_experts}")
     backend = resolve_backend(backend, group_logits.device)
     if T == 0:
         return _empty_routing(group_logits, expert_logits, k_groups, k_experts)

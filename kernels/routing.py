@@ -1,6 +1,6 @@
 """Top-K routing: router scores, expert choice and the dispatch layout of the assignments.
 
-For logits [T, E] and k experts per token (token t's j-th choice is assignment a = t*k + j):
+For logits [T, E] and k = top_k experts per token (token t's j-th choice is assignment a = t*k + j):
 
     p[t]        = softmax(logits[t]) ("softmax")  or  sigmoid(logits[t]) ("sigmoid"), in float32
     experts[t]  = indices of the k largest p[t], ties to the lower index
@@ -19,6 +19,7 @@ import torch
 
 from . import _routing_torch
 from ._backend import resolve_backend
+from ._deprecation import renamed_keywords
 from .validation import check_float, check_ndim, check_positive_int, check_same_device, check_shape, check_tensor
 
 SCORINGS = ("softmax", "sigmoid")
@@ -29,8 +30,8 @@ class Routing:
     """Which experts each token goes to, with what weight, and the assignments sorted by expert.
 
     weights [T, k] float32 (differentiable w.r.t. the router logits), experts [T, k] int64,
-    num_experts, sorted_assignments [T*k] int64, expert_offsets [E+1] int64. Nested routing also
-    fills group_weights [T, k_groups] and groups [T, k_groups] int64. ``host_offsets`` is a copy
+    num_experts, sorted_assignments [T*k] int64, expert_offsets [E+1] int64 (k = ``top_k``). Nested
+    routing also fills group_weights [T, top_k_groups] and groups [T, top_k_groups] int64. ``host_offsets`` is a copy
     of expert_offsets on the host, read in the routing's one synchronisation, so that the torch
     backend of the expert MLP can slice by expert without a second one.
     """
@@ -50,7 +51,13 @@ class Routing:
 
     @property
     def top_k(self) -> int:
+        """Assignments per token (nested routing: top_k_groups * top_k_experts)."""
         return self.experts.shape[1]
+
+    @property
+    def top_k_groups(self) -> int | None:
+        """Groups per token of a nested routing; None for a flat one."""
+        return None if self.groups is None else self.groups.shape[1]
 
     def expert_counts(self) -> torch.Tensor:
         """Assignments per expert [E] int64."""
@@ -106,19 +113,22 @@ def finish_routing(weights: torch.Tensor, experts: torch.Tensor, bad_rows: torch
     return Routing(weights, experts, num_experts, sorted_assignments, offsets, host_offsets=host_offsets, **fields)
 
 
-def topk_route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renormalize: bool = True,
+@renamed_keywords(k="top_k")
+def topk_route(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
                backend: str | None = None) -> Routing:
-    """Route each token to its k highest-scoring experts; see the module docstring for the math.
+    """Route each token to its top_k highest-scoring experts; see the module docstring for the math.
 
-    logits: [T, E], any float dtype. Gradients flow from ``Routing.weights`` to ``logits``.
-    Makes one host synchronisation (to raise on NaN scores).
+    logits: [T, E], any float dtype (read in float32, under autocast too). Gradients flow from
+    ``Routing.weights`` to ``logits``. Makes one host synchronisation (to raise on NaN scores).
+    The plain reference is ``naive.topk_route``.
     """
     check_float("logits", logits)
     check_ndim("logits", logits, 2, "[T, E]")
-    check_positive_int("k", k)
+    check_positive_int("top_k", top_k)
     T, E = logits.shape
+    k = top_k
     if k > E:
-        raise ValueError(f"k must be <= the number of experts E = {E}, got k = {k}")
+        raise ValueError(f"top_k must be <= the number of experts E = {E}, got top_k = {k}")
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     backend = resolve_backend(backend, logits.device)
