@@ -49,6 +49,7 @@ pick a different configuration (hence a different summation order) in another pr
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -139,12 +140,21 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 def autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
     """Apply the autocast policy (module docstring) to the tensors an op computes with: cast the
     floating-point ones to the autocast dtype of the first one's device when autocast is on there,
-    else return them as they are (None entries pass through)."""
+    else return them as they are (None entries pass through). The op then computes inside
+    ``autocast_off``."""
     device_type = tensors[0].device.type
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off on ``device_type`` while an op computes on its cast inputs (so
+    that the torch backends' float32 arithmetic stays float32); a no-op when autocast is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def launch_size(variable: str, default: int, *, power_of_two: bool = False, minimum: int = 1) -> int:

@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from ._backend import autocast_inputs, resolve_backend
+from ._backend import autocast_inputs, autocast_off, resolve_backend
 from .validation import check_float, check_ndim, check_same_device, check_shape
 from ._gated_scan_torch import gated_scan_torch
 
@@ -90,6 +90,12 @@ def _scan(u, f, bm, cm, d_skip, z, h0, order: str | None, reverse: bool, return_
     _check_bool("return_final_state", return_final_state)
     check_float("u", u)
     u, f, bm, cm, z = autocast_inputs(u, f, bm, cm, z)
+    with autocast_off(u.device.type):
+        return _scan_cast(u, f, bm, cm, d_skip, z, h0, order, reverse, return_final_state, backend)
+
+
+def _scan_cast(u, f, bm, cm, d_skip, z, h0, order: str | None, reverse: bool, return_final_state: bool,
+               backend: str | None):
     layouts = ("[B, L, D]", "[B, L, N]") if order is None else ("[B, H, W, D]", "[B, H, W, N]")
     _check_inputs(u, f, bm, cm, d_skip, z, *layouts)
     batch, dim = u.shape[0], u.shape[-1]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _moe_mlp_torch
-from ._backend import autocast_inputs, resolve_backend
+from ._backend import autocast_inputs, autocast_off, resolve_backend
 from .validation import check_float, check_ndim, check_same_device, check_shape
 from .activations import ACTIVATIONS, check_activation, first_layer_width, is_gated
 from .routing import Routing
@@ -62,6 +62,11 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
     """
     check_float("x", x)
     x, w1, w2, b1, b2 = autocast_inputs(x, w1, w2, b1, b2)
+    with autocast_off(x.device.type):
+        return _moe_mlp(x, routing, w1, w2, b1, b2, activation, backend)
+
+
+def _moe_mlp(x, routing, w1, w2, b1, b2, activation: str, backend: str | None) -> torch.Tensor:
     _validate(x, routing, w1, w2, b1, b2, activation)
     backend = resolve_backend(backend, x.device)
     if x.shape[0] == 0:

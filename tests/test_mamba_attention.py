@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_restore.kernels.gated_scan import ORDERS
 from moe_restore.layers.mamba_attention import MambaStyleAttention
-from test_gated_scan import reference_scan_2d
+from test_gated_scan import VISITS, reference_scan_2d
 from utils import DEVICE, assert_close, backends
 
 
@@ -25,7 +24,7 @@ def reference_block(block: MambaStyleAttention, x: torch.Tensor) -> torch.Tensor
     directions = len(block.orders)
     proj = (u @ p["x_proj.weight"].T).unflatten(-1, (directions, rank + 2 * state))
     total = 0
-    for i, order in enumerate(ORDERS[:directions]):
+    for i, order in enumerate(list(VISITS)[:directions]):
         f = proj[..., i, :rank] @ p["decay_weight"][i] + p["decay_bias"][i]
         Bm, Cm = proj[..., i, rank:rank + state], proj[..., i, rank + state:]
         total = total + reference_scan_2d(u, f, Bm, Cm, order, p["d_skip"][i])
@@ -80,7 +79,7 @@ def test_block_initial_decay_is_long_memory():
     block = MambaStyleAttention(32)
     a = torch.sigmoid(block.decay_bias)
     assert a.min() >= 0.8 - 1e-6 and a.max() <= 0.99 + 1e-6
-    assert block.rank == 2 and block.inner == 64 and block.orders == ORDERS
+    assert block.rank == 2 and block.inner == 64 and block.orders == tuple(VISITS.values())
 
 
 def test_block_rejects_bad_arguments():

@@ -4,7 +4,7 @@ For x [B, C, H, W], with E = expand * C:
 
     u, z  = in_proj(x)                          1x1 conv C -> 2E
     u     = SiLU(depthwise_conv_{k x k}(u))
-    per direction i (orders: 1 -> row; 2 -> row, row_reverse; 4 -> all four):
+    per direction i (1 -> row; 2 -> row, row reversed; 4 -> also column, column reversed):
         f_i, Bm_i, Cm_i = selective projections of u (f_i through a rank-r bottleneck)
         y_i = gated_scan_2d(u, f_i, Bm_i, Cm_i, order_i, d_skip=d_i)
     out   = out_proj(LayerNorm(sum_i y_i) * sigmoid(z))   1x1 conv E -> C
@@ -51,7 +51,8 @@ class MambaStyleAttention(nn.Module):
         inner = expand * dim
         self.dim, self.d_state, self.inner = dim, d_state, inner
         self.rank = math.ceil(dim / 16)  # the decay's low-rank bottleneck, as Mamba's dt_rank
-        self.orders = ORDERS[:directions]
+        # (visit, reverse) per direction: row, row backwards, column, column backwards
+        self.orders = tuple((order, reverse) for order in ORDERS for reverse in (False, True))[:directions]
         self.backend = backend
 
         self.in_proj = nn.Conv2d(dim, 2 * inner, 1)
@@ -82,11 +83,11 @@ class MambaStyleAttention(nn.Module):
         low_rank, b_all, c_all = selective.split([self.rank, self.d_state, self.d_state], dim=-1)
 
         y = None
-        for i, order in enumerate(self.orders):
+        for i, (order, reverse) in enumerate(self.orders):
             # (under autocast the float32 bias would promote the logits past u's dtype)
             decay_logits = (low_rank[..., i, :] @ self.decay_weight[i] + self.decay_bias[i]).to(u.dtype)
             scanned = gated_scan_2d(u, decay_logits, b_all[..., i, :], c_all[..., i, :], order=order,
-                                    d_skip=self.d_skip[i], backend=self.backend)
+                                    reverse=reverse, d_skip=self.d_skip[i], backend=self.backend)
             y = scanned if y is None else y + scanned
         y = self.norm(y) * torch.sigmoid(z.permute(0, 2, 3, 1))
         return self.out_proj(y.permute(0, 3, 1, 2))
