@@ -1,7 +1,10 @@
 """moe_restore.kernels: Triton kernels for MoE routing, grouped expert MLPs and gated scans.
 
 Each op has a Triton implementation (forward and backward, behind an autograd Function) and a
-vectorised eager PyTorch implementation; ``backend=`` chooses (see ``_backend``).
+vectorised eager PyTorch implementation; ``backend=`` chooses (see ``_backend``, which also
+states the autocast policy shared by every op). Public submodules: ``naive`` (one plain PyTorch
+reference per op), ``activations`` (the expert activations by name) and ``validation``
+(argument checks).
 """
 from ._backend import BACKENDS
 from .gated_scan import ORDERS, gated_scan, gated_scan_2d

@@ -71,7 +71,7 @@ def reference_scan_2d(u, f, Bm, Cm, order, d_skip=None, z=None, h0=None, return_
 def scan_2d(u, f, Bm, Cm, visit_name, **kwargs):
     """``gated_scan_2d`` in the visit the oracle calls ``visit_name``."""
     order, reverse = VISITS[visit_name]
-    return scan_2d(u, f, Bm, Cm, order, reverse=reverse, **kwargs)
+    return gated_scan_2d(u, f, Bm, Cm, order=order, reverse=reverse, **kwargs)
 
 
 # ---------------------------------------------------------------- inputs ------------------
