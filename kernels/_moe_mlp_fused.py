@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ._backend import kernel_configs
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _hidden, _hidden_grads, _load_matrix, _load_rows,
-                             _row_splits, _Weights, _width_blocks)
+                             SWIGLU, _row_splits, _Weights, _width_blocks)
 
 FUSED_MAX_WIDTH = 256
 
@@ -23,11 +23,11 @@ def _fused_up(x, w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h,
     """(z, z_up) of one hidden chunk hh for an x tile whose full width is in registers."""
     z = tl.dot(x, _load_matrix(w1_e, d, D, hh, H, stride_w1d, stride_w1h))
     z_up = z
-    if ACT == 4:
+    if ACT == SWIGLU:
         z_up = tl.dot(x, _load_matrix(w1_e, d, D, hh + H, 2 * H, stride_w1d, stride_w1h))
     if HAS_B1:
         z += tl.load(b1_e + hh * stride_b1h, mask=hh < H, other=0.0).to(tl.float32)[None, :]
-        if ACT == 4:
+        if ACT == SWIGLU:
             z_up += tl.load(b1_e + (hh + H) * stride_b1h, mask=hh < H, other=0.0).to(tl.float32)[None, :]
     return z, z_up
 
@@ -91,7 +91,7 @@ def _fused_bwd_rows_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, weight
         dw += tl.sum(_hidden(z, z_up, ACT) * g, axis=1)
         dz, dz_up = _hidden_grads(z, z_up, w[:, None] * g, ACT)
         dx = tl.dot(dz.to(x.dtype), _load_matrix(w1_e, hh, H, d, D, stride_w1h, stride_w1d), dx)
-        if ACT == 4:
+        if ACT == SWIGLU:
             dx = tl.dot(dz_up.to(x.dtype), _load_matrix(w1_e, hh + H, 2 * H, d, D, stride_w1h, stride_w1d), dx)
     if HAS_B2:
         b2 = tl.load(b2_ptr + e64 * stride_b2e + do * stride_b2d, mask=do < DO, other=0.0).to(tl.float32)
@@ -148,20 +148,20 @@ def _fused_bwd_weights_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, weights_ptr
         x_t = tl.trans(x)
         dw1 = tl.dot(x_t, dz.to(x.dtype), dw1)
         db1 += tl.sum(dz, axis=0)
-        if ACT == 4:
+        if ACT == SWIGLU:
             dw1_up = tl.dot(x_t, dz_up.to(x.dtype), dw1_up)
             db1_up += tl.sum(dz_up, axis=0)
         scaled_dy = w[:, None] * dy.to(tl.float32)
         dw2 = tl.dot(tl.trans(_hidden(z, z_up, ACT).to(x.dtype)), scaled_dy.to(x.dtype), dw2)
         db2 += tl.sum(scaled_dy, axis=0)
-    w1_cols = 2 * H if ACT == 4 else H
+    w1_cols = 2 * H if ACT == SWIGLU else H
     part = split.to(tl.int64) * E + expert  # flat index into the [S, E] partials
     hmask = hh < H
     tl.store(dw1_ptr + (part * D + d[:, None]) * w1_cols + hh[None, :], dw1, mask=(d[:, None] < D) & hmask[None, :])
     tl.store(dw2_ptr + (part * H + hh[:, None]) * DO + do[None, :], dw2, mask=hmask[:, None] & (do[None, :] < DO))
     if HAS_B1:
         tl.store(db1_ptr + part * w1_cols + hh, db1, mask=hmask)
-    if ACT == 4:
+    if ACT == SWIGLU:
         tl.store(dw1_ptr + (part * D + d[:, None]) * w1_cols + H + hh[None, :], dw1_up,
                  mask=(d[:, None] < D) & hmask[None, :])
         if HAS_B1:

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ._backend import kernel_configs
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _expert_tile, _hidden, _hidden_grads, _load_matrix,
-                             _load_rows, _row_splits, _Weights)
+                             SWIGLU, _load_rows, _row_splits, _Weights)
 
 @triton.jit
 def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offsets_ptr, out_ptr,
@@ -23,7 +23,7 @@ def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offse
     """out[row_out(p)] = scale_p * act(A[row_in(p)] B_e + bias_e) over each expert's rows p.
 
     row_in(p) = sorted_assignments[p] // k (GATHER_A) or p; row_out(p) = sorted_assignments[p]
-    (SCATTER_OUT) or p; scale_p = w_a (SCALE_ROWS) or 1. For swiglu (ACT 4) B holds 2N columns,
+    (SCATTER_OUT) or p; scale_p = w_a (SCALE_ROWS) or 1. For swiglu (ACT == SWIGLU) B holds 2N columns,
     gate then up, and out = silu(gate) * up.
     """
     expert, p, row_mask, a = _expert_rows(tl.program_id(0), order_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
@@ -39,12 +39,12 @@ def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offse
         kk = k0 + tl.arange(0, BLOCK_K)
         x = _load_rows(a_ptr, rows_in, row_mask, kk, K, stride_am, stride_ak)
         acc = tl.dot(x, _load_matrix(b_e, kk, K, n, N, stride_bk, stride_bn), acc)
-        if ACT == 4:
+        if ACT == SWIGLU:
             acc_up = tl.dot(x, _load_matrix(b_e, kk, K, n + N, 2 * N, stride_bk, stride_bn), acc_up)
     if HAS_BIAS:
         bias_e = bias_ptr + expert.to(tl.int64) * stride_biase
         acc += tl.load(bias_e + n * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        if ACT == 4:
+        if ACT == SWIGLU:
             acc_up += tl.load(bias_e + (n + N) * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
     out = _hidden(acc, acc_up, ACT)
     if SCALE_ROWS:
@@ -83,7 +83,7 @@ def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w
         kk = k0 + tl.arange(0, BLOCK_K)
         x = _load_rows(x_ptr, tokens, row_mask, kk, D, stride_xt, stride_xd)
         z = tl.dot(x, _load_matrix(w1_e, kk, D, n, H, stride_w1d, stride_w1h), z)
-        if ACT == 4:
+        if ACT == SWIGLU:
             z_up = tl.dot(x, _load_matrix(w1_e, kk, D, n + H, 2 * H, stride_w1d, stride_w1h), z_up)
     g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     dy_b2 = tl.zeros((BLOCK_M,), tl.float32)
@@ -97,7 +97,7 @@ def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w
     if HAS_B1:
         b1_e = b1_ptr + e64 * stride_b1e
         z += tl.load(b1_e + n * stride_b1h, mask=n < H, other=0.0).to(tl.float32)[None, :]
-        if ACT == 4:
+        if ACT == SWIGLU:
             z_up += tl.load(b1_e + (n + H) * stride_b1h, mask=n < H, other=0.0).to(tl.float32)[None, :]
     h = _hidden(z, z_up, ACT)
     w = tl.load(weights_ptr + a, mask=row_mask, other=0.0)
@@ -106,12 +106,12 @@ def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w
         dw += dy_b2
     tl.store(dweights_ptr + pid_n.to(tl.int64) * A + a, dw, mask=row_mask)
     dz, dz_up = _hidden_grads(z, z_up, w[:, None] * g, ACT)
-    cols = 2 * H if ACT == 4 else H
+    cols = 2 * H if ACT == SWIGLU else H
     mask = row_mask[:, None] & (n[None, :] < H)
     rows = p.to(tl.int64)[:, None]
     tl.store(h_ptr + rows * H + n[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
     tl.store(dz_ptr + rows * cols + n[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
-    if ACT == 4:
+    if ACT == SWIGLU:
         tl.store(dz_ptr + rows * cols + H + n[None, :], dz_up.to(dz_ptr.dtype.element_ty), mask=mask)
 
 

@@ -15,6 +15,14 @@ import triton
 import triton.language as tl
 
 from ._backend import launch_size
+from .activations import TRITON_CODES
+
+# The activation codes as constexprs the jit code can read (globals must be constexpr there).
+GELU = tl.constexpr(TRITON_CODES["gelu"])
+SILU = tl.constexpr(TRITON_CODES["silu"])
+RELU = tl.constexpr(TRITON_CODES["relu"])
+SWIGLU = tl.constexpr(TRITON_CODES["swiglu"])
+GELU_TANH = tl.constexpr(TRITON_CODES["gelu_tanh"])
 
 # gelu_tanh(z) = 0.5 z (1 + tanh(u / 2)) = z * sigmoid(u),  u = 2 sqrt(2/pi) (z + 0.044715 z^3),
 # 2 sqrt(2/pi) = 1.5957691216057308 (written inline: jit code may read only constexpr globals).
@@ -47,13 +55,13 @@ def _expert_rows(pid_m, order_ptr, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_
 
 @triton.jit
 def _activation(z, ACT: tl.constexpr):
-    if ACT == 1:  # exact GELU: z * Phi(z)
+    if ACT == GELU:  # exact GELU: z * Phi(z)
         return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACT == 2:
+    elif ACT == SILU:
         return z * tl.sigmoid(z)
-    elif ACT == 3:
+    elif ACT == RELU:
         return tl.maximum(z, 0.0)
-    elif ACT == 5:
+    elif ACT == GELU_TANH:
         return z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
     else:
         return z
@@ -61,14 +69,14 @@ def _activation(z, ACT: tl.constexpr):
 
 @triton.jit
 def _activation_grad(z, ACT: tl.constexpr):
-    if ACT == 1:  # Phi(z) + z * phi(z)
+    if ACT == GELU:  # Phi(z) + z * phi(z)
         return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    elif ACT == 2:  # s (1 + z (1 - s))
+    elif ACT == SILU:  # s (1 + z (1 - s))
         s = tl.sigmoid(z)
         return s * (1.0 + z * (1.0 - s))
-    elif ACT == 3:
+    elif ACT == RELU:
         return (z > 0.0).to(tl.float32)
-    elif ACT == 5:  # s + z s (1 - s) u'
+    elif ACT == GELU_TANH:  # s + z s (1 - s) u'
         s = tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
         return s + z * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * z * z)
     else:
@@ -78,16 +86,16 @@ def _activation_grad(z, ACT: tl.constexpr):
 @triton.jit
 def _hidden(z, z_up, ACT: tl.constexpr):
     """h = act(z), or silu(z) * z_up for swiglu (z is then the gate half)."""
-    if ACT == 4:
-        return _activation(z, 2) * z_up
+    if ACT == SWIGLU:
+        return _activation(z, SILU) * z_up
     return _activation(z, ACT)
 
 
 @triton.jit
 def _hidden_grads(z, z_up, dh, ACT: tl.constexpr):
     """(dL/dz, dL/dz_up) from dL/dh; the second is only meaningful for swiglu."""
-    if ACT == 4:
-        return dh * z_up * _activation_grad(z, 2), dh * _activation(z, 2)
+    if ACT == SWIGLU:
+        return dh * z_up * _activation_grad(z, SILU), dh * _activation(z, SILU)
     return dh * _activation_grad(z, ACT), dh
 
 
