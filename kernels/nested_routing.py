@@ -61,7 +61,8 @@ def nested_route(group_logits: torch.Tensor, expert_logits: torch.Tensor, k_grou
     dtypes. Returns a ``Routing`` over num_experts = G*E with k = k_groups*k_experts assignments
     per token (group rank major, sub-expert rank minor), ``group_weights`` [T, k_groups] (q,
     float32) and ``groups`` [T, k_groups] int64. Gradients flow from ``weights`` and
-    ``group_weights`` to both logits tensors. Makes one host synchronisation (to raise on NaN).
+    ``group_weights`` to both logits tensors. Raises on NaN as ``topk_route`` does (no host read on
+    the Triton path).
     """
     expert_logits = _expert_logits_3d(group_logits, expert_logits)
     T, G, E = expert_logits.shape

@@ -19,6 +19,7 @@ import torch
 
 from . import _routing_torch
 from ._backend import resolve_backend
+from ._device_checks import assert_on_device
 from .validation import check_float, check_ndim, check_positive_int, check_same_device, check_shape, check_tensor
 
 SCORINGS = ("softmax", "sigmoid")
@@ -31,8 +32,9 @@ class Routing:
     weights [T, k] float32 (differentiable w.r.t. the router logits), experts [T, k] int64,
     num_experts, sorted_assignments [T*k] int64, expert_offsets [E+1] int64. Nested routing also
     fills group_weights [T, k_groups] and groups [T, k_groups] int64. ``host_offsets`` is a copy
-    of expert_offsets on the host, read in the routing's one synchronisation, so that the torch
-    backend of the expert MLP can slice by expert without a second one.
+    of expert_offsets on the host, read in the torch backend's one synchronisation (None on the
+    Triton path, which makes no host read). ``moe_mlp`` checks that a routing is consistent
+    before any kernel reads it (see ``_device_checks``).
     """
 
     weights: torch.Tensor
@@ -67,40 +69,28 @@ def dispatch(experts: torch.Tensor, num_experts: int, backend: str) -> tuple[tor
 
 
 def synchronize_routing(bad_rows: torch.Tensor, offsets: torch.Tensor, what: str) -> tuple[int, ...]:
-    """The routing's one host synchronisation: read the count of tokens whose scores were NaN
-    together with the expert offsets; raise if there are any, else return the offsets."""
+    """The torch backend's one host synchronisation: read the count of tokens whose scores were
+    NaN together with the expert offsets; raise if there are any, else return the offsets."""
     count, *host_offsets = torch.cat([bad_rows.reshape(1).to(offsets.dtype), offsets]).tolist()
-    _raise_if_bad(count, what)
+    if count:
+        raise ValueError(f"{_refusal(what)} in {count} token(s): refusing to route them")
     return tuple(host_offsets)
 
 
-def _raise_if_bad(count: int, what: str) -> None:
-    if count:
-        problem = what if what.startswith("experts") else (f"{what} contain NaN (or a row whose scores are undefined, "
-                                            "e.g. all -inf)")
-        raise ValueError(f"{problem} in {count} token(s): refusing to route them")
-
-
-@torch.library.custom_op("moe_restore::checked_offsets", mutates_args=())
-def checked_offsets(bad_rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """The compiled form of ``synchronize_routing``: raise on NaN scores, pass the offsets on.
-    Returning (a copy of) the offsets keeps the check in any graph that uses the routing."""
-    _raise_if_bad(int(bad_rows), "router scores")
-    return offsets.clone()
-
-
-@checked_offsets.register_fake
-def _(bad_rows, offsets):
-    return torch.empty_like(offsets)
+def _refusal(what: str) -> str:
+    return what if what.startswith("experts") else (f"{what} contain NaN (or a row whose scores are undefined, "
+                                                    "e.g. all -inf)")
 
 
 def finish_routing(weights: torch.Tensor, experts: torch.Tensor, bad_rows: torch.Tensor, num_experts: int,
                    backend: str, what: str, **fields: torch.Tensor) -> Routing:
-    """Build the dispatch layout and make the routing's one host synchronisation (NaN check and
-    host offsets); under torch.compile the check runs inside the graph instead."""
+    """Build the dispatch layout and refuse NaN scores: on the torch backend in its one host
+    synchronisation (which also fills ``host_offsets``), on the Triton path and under
+    torch.compile with a device-side assert and no host read (see ``_device_checks``)."""
     sorted_assignments, offsets = dispatch(experts, num_experts, backend)
-    if torch.compiler.is_compiling():
-        offsets, host_offsets = checked_offsets(bad_rows, offsets), None
+    if backend == "triton" or torch.compiler.is_compiling():
+        assert_on_device(bad_rows == 0, f"{_refusal(what)}: refusing to route them")
+        host_offsets = None
     else:
         host_offsets = synchronize_routing(bad_rows, offsets, what)
     return Routing(weights, experts, num_experts, sorted_assignments, offsets, host_offsets=host_offsets, **fields)
@@ -111,7 +101,8 @@ def topk_route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renorm
     """Route each token to its k highest-scoring experts; see the module docstring for the math.
 
     logits: [T, E], any float dtype. Gradients flow from ``Routing.weights`` to ``logits``.
-    Makes one host synchronisation (to raise on NaN scores).
+    Raises ValueError on NaN scores: the torch backend after one host synchronisation, the
+    Triton path with a device-side assert and no host read (see ``_device_checks``).
     """
     check_float("logits", logits)
     check_ndim("logits", logits, 2, "[T, E]")
@@ -160,7 +151,7 @@ def routing_from_topk(experts: torch.Tensor, weights: torch.Tensor, num_experts:
     experts = experts.long()
     bad_rows = ((experts < 0) | (experts >= num_experts)).any(dim=-1).sum()
     # Ids outside the range are clamped so that the dispatch stays in bounds; the routing's
-    # synchronisation then raises on them.
+    # check then raises on them.
     experts = experts.clamp(0, num_experts - 1)
     return finish_routing(weights.float(), experts, bad_rows, num_experts, backend,
                           f"experts hold ids outside [0, {num_experts})")
