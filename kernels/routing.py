@@ -86,13 +86,13 @@ def finish_routing(weights: torch.Tensor, experts: torch.Tensor, bad_rows: torch
                    backend: str, what: str, **fields: torch.Tensor) -> Routing:
     """Build the dispatch layout and refuse NaN scores: on the torch backend in its one host
     synchronisation (which also fills ``host_offsets``), on the Triton path and under
-    torch.compile with a device-side assert and no host read (see ``_device_checks``)."""
-    sorted_assignments, offsets = dispatch(experts, num_experts, backend)
-    if backend == "triton" or torch.compiler.is_compiling():
+    torch.compile with a device-side assert and no host read (see ``_device_checks``), queued
+    before the dispatch kernels so that they never see a refused routing."""
+    on_device = backend == "triton" or torch.compiler.is_compiling()
+    if on_device:
         assert_on_device(bad_rows == 0, f"{_refusal(what)}: refusing to route them")
-        host_offsets = None
-    else:
-        host_offsets = synchronize_routing(bad_rows, offsets, what)
+    sorted_assignments, offsets = dispatch(experts, num_experts, backend)
+    host_offsets = None if on_device else synchronize_routing(bad_rows, offsets, what)
     return Routing(weights, experts, num_experts, sorted_assignments, offsets, host_offsets=host_offsets, **fields)
 
 
@@ -132,7 +132,7 @@ def routing_from_topk(experts: torch.Tensor, weights: torch.Tensor, num_experts:
                       backend: str | None = None) -> Routing:
     """A Routing from choices made elsewhere (a model's own router: group-limited, biased, ...).
 
-    experts: [T, k] integer expert ids in [0, num_experts); weights: [T, k] float, the weight of
+    experts: [T, k] integer expert ids in [0, num_experts), distinct in each row; weights: [T, k] float, the weight of
     each choice as the caller computed it (kept as float32, differentiable: gradients flow back to
     ``weights``). The dispatch layout is built as for ``topk_route``.
     """
@@ -149,12 +149,16 @@ def routing_from_topk(experts: torch.Tensor, weights: torch.Tensor, num_experts:
     if T == 0:
         return _empty_routing(weights, k, num_experts)
     experts = experts.long()
-    bad_rows = ((experts < 0) | (experts >= num_experts)).any(dim=-1).sum()
-    # Ids outside the range are clamped so that the dispatch stays in bounds; the routing's
-    # check then raises on them.
+    # A row is refused for an id outside the range or an id it holds twice (the dispatch ranks
+    # each expert at most once per token).
+    in_order = experts.sort(dim=-1).values
+    out_of_range = ((experts < 0) | (experts >= num_experts)).any(dim=-1)
+    bad_rows = (out_of_range | (in_order[:, 1:] == in_order[:, :-1]).any(dim=-1)).sum()
+    # Ids outside the range are clamped so that the torch backend's dispatch stays in bounds until
+    # its check raises on them.
     experts = experts.clamp(0, num_experts - 1)
     return finish_routing(weights.float(), experts, bad_rows, num_experts, backend,
-                          f"experts hold ids outside [0, {num_experts})")
+                          f"experts hold ids outside [0, {num_experts}) or an id twice in a row")
 
 
 def _empty_routing(logits: torch.Tensor, k: int, num_experts: int) -> Routing:

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from moe_restore.kernels import Routing, moe_mlp, topk_route
+from moe_restore.kernels import Routing, moe_mlp, routing_from_topk, topk_route
 from utils import DEVICE, assert_close, raising_backends
 
 T, K, E, D, H = 6, 2, 3, 8, 12
@@ -81,6 +81,14 @@ def test_torch_backend_names_the_broken_rule_and_checks_host_offsets():
         moe_mlp(x, BAD["offsets decreasing"](r), w1, w2, backend="torch")
     with pytest.raises(ValueError, match="host_offsets .* disagree"):
         moe_mlp(x, dataclasses.replace(r, host_offsets=(0, 5, 8, 12)), w1, w2, backend="torch")
+
+
+@pytest.mark.parametrize("backend", raising_backends())
+@pytest.mark.parametrize("bad_id", [-1, E, 2])
+def test_routing_from_topk_refuses_ids_out_of_range_or_repeated(backend, bad_id):
+    experts = torch.tensor([[0, 1], [2, bad_id], [1, 0]], device=DEVICE)
+    with pytest.raises(ValueError, match=r"experts hold ids outside \[0, 3\) or an id twice in a row"):
+        routing_from_topk(experts, torch.ones(3, 2, device=DEVICE), E, backend=backend)
 
 
 @pytest.mark.parametrize("field,value,error,match", [
