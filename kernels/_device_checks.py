@@ -47,10 +47,12 @@ def assert_on_device(ok: torch.Tensor, message: str) -> None:
 
 def _check_layout(routing) -> None:
     """Host-side checks of the routing's tensors: types, dtypes, shapes and devices."""
-    for name in ("weights", "experts", "sorted_assignments", "expert_offsets"):
+    names = ("weights", "experts", "sorted_assignments", "expert_offsets")
+    for name in names:
+        if not isinstance(getattr(routing, name), torch.Tensor):
+            raise TypeError(f"routing.{name} must be a torch.Tensor, got {type(getattr(routing, name)).__name__}")
+    for name in names:
         t = getattr(routing, name)
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"routing.{name} must be a torch.Tensor, got {type(t).__name__}")
         if name != "weights" and t.dtype != torch.int64:
             raise TypeError(f"routing.{name} must be int64, got {t.dtype}")
         if t.device != routing.experts.device:
