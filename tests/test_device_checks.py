@@ -120,14 +120,14 @@ def test_triton_path_refuses_on_the_gpu_with_a_device_assert(what):
     script = textwrap.dedent("""
         import dataclasses, torch
         from moe_restore.kernels import moe_mlp, topk_route
-        {bad}
         try:
+        {bad}
             torch.cuda.synchronize()
-        except RuntimeError as error:
+        except RuntimeError as error:  # at the synchronisation, or at a launch after the assert
             print("refused:", error)
             raise SystemExit(3)
         print("accepted")
-    """).format(bad=bad)
+    """).format(bad=textwrap.indent(bad, "    "))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 3, done.stdout + done.stderr
     assert "device-side assert" in done.stdout + done.stderr
