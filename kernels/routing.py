@@ -132,9 +132,10 @@ def routing_from_topk(experts: torch.Tensor, weights: torch.Tensor, num_experts:
                       backend: str | None = None) -> Routing:
     """A Routing from choices made elsewhere (a model's own router: group-limited, biased, ...).
 
-    experts: [T, k] integer expert ids in [0, num_experts), distinct in each row; weights: [T, k] float, the weight of
-    each choice as the caller computed it (kept as float32, differentiable: gradients flow back to
-    ``weights``). The dispatch layout is built as for ``topk_route``.
+    experts: [T, k] integer expert ids in [0, num_experts), distinct in each row; weights: [T, k]
+    float, the weight of each choice as the caller computed it (kept as float32, differentiable:
+    gradients flow back to ``weights``). The dispatch layout is built as for ``topk_route``; a row
+    with an id out of range or twice is refused like NaN scores.
     """
     check_tensor("experts", experts)
     if experts.is_floating_point() or experts.is_complex() or experts.dtype == torch.bool:
