@@ -95,19 +95,18 @@ def peak_memory_mb(fn: Callable[[], Any]) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measured_copy_bandwidth() -> float:
+def measured_copy_bandwidth(num_bytes: int = 2**28, device: str = "cuda") -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
-    src = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+    src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), [()])
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def measured_matmul_rate(dtype: torch.dtype = torch.bfloat16) -> float:
-    """Dense matrix-product rate in FLOP/s (8192^3, random operands)."""
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
+def measured_matmul_rate(dtype: torch.dtype = torch.bfloat16, n: int = 8192, device: str = "cuda") -> float:
+    """Dense matrix-product rate in FLOP/s (n^3, random operands)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     ms = time_ms(lambda: a @ b, [()])
     return 2 * n**3 / (ms * 1e-3)
 

@@ -8,11 +8,11 @@ from .activations import activate
 from .routing import Routing
 
 
-def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
+def moe_mlp(x: torch.Tensor, routing: Routing, offsets: tuple[int, ...], w1: torch.Tensor, w2: torch.Tensor,
             b1: torch.Tensor | None, b2: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """``moe_mlp`` for a checked routing whose expert offsets, read on the host, are ``offsets``."""
     T, k = routing.experts.shape
     order = routing.sorted_assignments
-    offsets = routing.host_offsets or tuple(routing.expert_offsets.tolist())
     x_sorted = x.index_select(0, order // k)
     pieces = []
     for e in range(routing.num_experts):

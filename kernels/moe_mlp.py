@@ -17,6 +17,7 @@ import torch
 
 from . import _moe_mlp_torch
 from ._backend import autocast_inputs, autocast_off, resolve_backend
+from ._device_checks import check_routing
 from .validation import check_float, check_ndim, check_same_device, check_shape
 from .activations import ACTIVATIONS, check_activation, first_layer_width, is_gated
 from .routing import Routing
@@ -58,7 +59,10 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
     """Apply each token's routed experts and combine their outputs; see the module docstring.
 
     Under ``torch.autocast`` x and the expert parameters are cast to the autocast dtype, which the
-    output then has (the routing weights stay float32; see the autocast policy in ``_backend``).
+    output then has (the routing weights stay float32; see the autocast policy in ``_backend``). An
+    inconsistent ``routing`` (e.g. built by hand, offsets that disagree with its assignments) is
+    refused before any kernel reads it: ValueError on the torch backend, a device-side assert on the
+    Triton path (ValueError under the interpreter); see ``_device_checks``.
     """
     check_float("x", x)
     x, w1, w2, b1, b2 = autocast_inputs(x, w1, w2, b1, b2)
@@ -72,8 +76,9 @@ def _moe_mlp(x, routing, w1, w2, b1, b2, activation: str, backend: str | None) -
     if x.shape[0] == 0:
         # Empty, but attached to the graph so that every input gets a (zero) gradient.
         return x.new_zeros(0, w2.shape[2]) + sum(0 * t.sum() for t in (x, w1, w2, b1, b2) if t is not None)
+    host_offsets = check_routing(routing, backend)
     if backend == "torch":
-        return _moe_mlp_torch.moe_mlp(x, routing, w1, w2, b1, b2, activation)
+        return _moe_mlp_torch.moe_mlp(x, routing, host_offsets, w1, w2, b1, b2, activation)
     from ._moe_mlp_triton import moe_mlp_forward, use_fused_path
 
     fused = use_fused_path(x.shape[1], w2.shape[2])

@@ -64,8 +64,8 @@ def nested_route(group_logits: torch.Tensor, expert_logits: torch.Tensor, top_k_
     with top_k = top_k_groups*top_k_experts assignments per token (group rank major, sub-expert
     rank minor), ``group_weights`` [T, top_k_groups] (q, float32) and ``groups``
     [T, top_k_groups] int64. Gradients flow from ``weights`` and ``group_weights`` to both logits
-    tensors. Makes one host synchronisation (to raise on NaN). The plain reference is
-    ``naive.nested_route``.
+    tensors. Raises on NaN as ``topk_route`` does (no host read on the Triton path). The plain
+    reference is ``naive.nested_route``.
     """
     expert_logits = _expert_logits_3d(group_logits, expert_logits)
     T, G, E = expert_logits.shape

@@ -20,6 +20,7 @@ import torch
 from . import _routing_torch
 from ._backend import resolve_backend
 from ._deprecation import renamed_keywords
+from ._device_checks import assert_on_device
 from .validation import check_float, check_ndim, check_positive_int, check_same_device, check_shape, check_tensor
 
 SCORINGS = ("softmax", "sigmoid")
@@ -31,9 +32,10 @@ class Routing:
 
     weights [T, k] float32 (differentiable w.r.t. the router logits), experts [T, k] int64,
     num_experts, sorted_assignments [T*k] int64, expert_offsets [E+1] int64 (k = ``top_k``). Nested
-    routing also fills group_weights [T, top_k_groups] and groups [T, top_k_groups] int64. ``host_offsets`` is a copy
-    of expert_offsets on the host, read in the routing's one synchronisation, so that the torch
-    backend of the expert MLP can slice by expert without a second one.
+    routing also fills group_weights [T, top_k_groups] and groups [T, top_k_groups] int64.
+    ``host_offsets`` is a copy of expert_offsets on the host, read in the torch backend's one
+    synchronisation (None on the Triton path, which makes no host read). ``moe_mlp`` checks that a
+    routing is consistent before any kernel reads it (see ``_device_checks``).
     """
 
     weights: torch.Tensor
@@ -74,42 +76,30 @@ def dispatch(experts: torch.Tensor, num_experts: int, backend: str) -> tuple[tor
 
 
 def synchronize_routing(bad_rows: torch.Tensor, offsets: torch.Tensor, what: str) -> tuple[int, ...]:
-    """The routing's one host synchronisation: read the count of tokens whose scores were NaN
-    together with the expert offsets; raise if there are any, else return the offsets."""
+    """The torch backend's one host synchronisation: read the count of tokens whose scores were
+    NaN together with the expert offsets; raise if there are any, else return the offsets."""
     count, *host_offsets = torch.cat([bad_rows.reshape(1).to(offsets.dtype), offsets]).tolist()
-    _raise_if_bad(count, what)
+    if count:
+        raise ValueError(f"{_refusal(what)} in {count} token(s): refusing to route them")
     return tuple(host_offsets)
 
 
-def _raise_if_bad(count: int, what: str) -> None:
-    if count:
-        problem = what if what.startswith("experts") else (f"{what} contain NaN (or a row whose scores are undefined, "
-                                            "e.g. all -inf)")
-        raise ValueError(f"{problem} in {count} token(s): refusing to route them")
-
-
-@torch.library.custom_op("moe_restore::checked_offsets", mutates_args=())
-def checked_offsets(bad_rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """The compiled form of ``synchronize_routing``: raise on NaN scores, pass the offsets on.
-    Returning (a copy of) the offsets keeps the check in any graph that uses the routing."""
-    _raise_if_bad(int(bad_rows), "router scores")
-    return offsets.clone()
-
-
-@checked_offsets.register_fake
-def _(bad_rows, offsets):
-    return torch.empty_like(offsets)
+def _refusal(what: str) -> str:
+    return what if what.startswith("experts") else (f"{what} contain NaN (or a row whose scores are undefined, "
+                                                    "e.g. all -inf)")
 
 
 def finish_routing(weights: torch.Tensor, experts: torch.Tensor, bad_rows: torch.Tensor, num_experts: int,
                    backend: str, what: str, **fields: torch.Tensor) -> Routing:
-    """Build the dispatch layout and make the routing's one host synchronisation (NaN check and
-    host offsets); under torch.compile the check runs inside the graph instead."""
+    """Build the dispatch layout and refuse NaN scores: on the torch backend in its one host
+    synchronisation (which also fills ``host_offsets``), on the Triton path and under
+    torch.compile with a device-side assert and no host read (see ``_device_checks``), queued
+    before the dispatch kernels so that they never see a refused routing."""
+    on_device = backend == "triton" or torch.compiler.is_compiling()
+    if on_device:
+        assert_on_device(bad_rows == 0, f"{_refusal(what)}: refusing to route them")
     sorted_assignments, offsets = dispatch(experts, num_experts, backend)
-    if torch.compiler.is_compiling():
-        offsets, host_offsets = checked_offsets(bad_rows, offsets), None
-    else:
-        host_offsets = synchronize_routing(bad_rows, offsets, what)
+    host_offsets = None if on_device else synchronize_routing(bad_rows, offsets, what)
     return Routing(weights, experts, num_experts, sorted_assignments, offsets, host_offsets=host_offsets, **fields)
 
 
@@ -119,8 +109,9 @@ def topk_route(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", re
     """Route each token to its top_k highest-scoring experts; see the module docstring for the math.
 
     logits: [T, E], any float dtype (read in float32, under autocast too). Gradients flow from
-    ``Routing.weights`` to ``logits``. Makes one host synchronisation (to raise on NaN scores).
-    The plain reference is ``naive.topk_route``.
+    ``Routing.weights`` to ``logits``. Raises ValueError on NaN scores: the torch backend after one
+    host synchronisation, the Triton path with a device-side assert and no host read (see
+    ``_device_checks``). The plain reference is ``naive.topk_route``.
     """
     check_float("logits", logits)
     check_ndim("logits", logits, 2, "[T, E]")
@@ -151,9 +142,10 @@ def routing_from_topk(experts: torch.Tensor, weights: torch.Tensor, num_experts:
                       backend: str | None = None) -> Routing:
     """A Routing from choices made elsewhere (a model's own router: group-limited, biased, ...).
 
-    experts: [T, k] integer expert ids in [0, num_experts); weights: [T, k] float, the weight of
-    each choice as the caller computed it (kept as float32, differentiable: gradients flow back to
-    ``weights``). The dispatch layout is built as for ``topk_route``.
+    experts: [T, k] integer expert ids in [0, num_experts), distinct in each row; weights: [T, k]
+    float, the weight of each choice as the caller computed it (kept as float32, differentiable:
+    gradients flow back to ``weights``). The dispatch layout is built as for ``topk_route``; a row
+    with an id out of range or twice is refused like NaN scores.
     """
     check_tensor("experts", experts)
     if experts.is_floating_point() or experts.is_complex() or experts.dtype == torch.bool:
@@ -168,12 +160,16 @@ def routing_from_topk(experts: torch.Tensor, weights: torch.Tensor, num_experts:
     if T == 0:
         return _empty_routing(weights, k, num_experts)
     experts = experts.long()
-    bad_rows = ((experts < 0) | (experts >= num_experts)).any(dim=-1).sum()
-    # Ids outside the range are clamped so that the dispatch stays in bounds; the routing's
-    # synchronisation then raises on them.
+    # A row is refused for an id outside the range or an id it holds twice (the dispatch ranks
+    # each expert at most once per token).
+    in_order = experts.sort(dim=-1).values
+    out_of_range = ((experts < 0) | (experts >= num_experts)).any(dim=-1)
+    bad_rows = (out_of_range | (in_order[:, 1:] == in_order[:, :-1]).any(dim=-1)).sum()
+    # Ids outside the range are clamped so that the torch backend's dispatch stays in bounds until
+    # its check raises on them.
     experts = experts.clamp(0, num_experts - 1)
     return finish_routing(weights.float(), experts, bad_rows, num_experts, backend,
-                          f"experts hold ids outside [0, {num_experts})")
+                          f"experts hold ids outside [0, {num_experts}) or an id twice in a row")
 
 
 def _empty_routing(logits: torch.Tensor, k: int, num_experts: int) -> Routing:

@@ -8,7 +8,7 @@ import torch
 
 from moe_restore.kernels import moe_mlp
 from moe_restore.kernels.nested_routing import nested_route
-from utils import DEVICE, assert_close, backends, poisoned_allocations, tolerance
+from utils import DEVICE, assert_close, backends, poisoned_allocations, raising_backends, tolerance
 
 
 def softmax64(x: torch.Tensor) -> torch.Tensor:
@@ -44,15 +44,16 @@ def oracle_nested(gl: torch.Tensor, el: torch.Tensor, k_g: int, k_e: int, renorm
             torch.stack(q_all).reshape(T, k_g), torch.tensor(groups).reshape(T, k_g))
 
 
-def check_dispatch(r, want_experts: torch.Tensor, num_experts: int) -> None:
+def check_dispatch(r, want_experts: torch.Tensor, num_experts: int, backend: str) -> None:
     """Offsets count each expert's assignments; sorted_assignments lists them expert by expert,
-    in assignment order inside an expert; host_offsets is the same as expert_offsets."""
+    in assignment order inside an expert; host_offsets is the same as expert_offsets on the torch
+    backend and None on the Triton path (which reads nothing back)."""
     flat = want_experts.reshape(-1).tolist()
     counts = [flat.count(e) for e in range(num_experts)]
     want_offsets = [sum(counts[:e]) for e in range(num_experts + 1)]
     assert r.expert_offsets.dtype == torch.int64 and r.sorted_assignments.dtype == torch.int64
     assert r.expert_offsets.tolist() == want_offsets
-    assert r.host_offsets == tuple(want_offsets)
+    assert r.host_offsets == (tuple(want_offsets) if backend == "torch" else None)
     assert r.sorted_assignments.tolist() == sorted(range(len(flat)), key=lambda a: (flat[a], a))
 
 
@@ -79,7 +80,7 @@ def check_against_oracle(gl, el, k_g, k_e, renormalize, backend, dtype=torch.flo
         assert torch.equal(r.experts.cpu(), want_e), "experts"
         assert_close(r.weights, want_w, dtype, backend=backend, what="weights")
         assert_close(r.group_weights, want_q, dtype, backend=backend, what="group_weights")
-        check_dispatch(r, want_e, G * E)
+        check_dispatch(r, want_e, G * E, backend)
         gen = torch.Generator().manual_seed(seed + 1)
         cw = torch.randn(T, k_g * k_e, generator=gen, dtype=torch.float64)
         cq = torch.randn(T, k_g, generator=gen, dtype=torch.float64)
@@ -200,7 +201,7 @@ def poke(tensor: torch.Tensor, index: tuple, value: float) -> torch.Tensor:
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", raising_backends())
 @pytest.mark.parametrize("where", ["group logit NaN", "group logit +inf", "chosen group's expert logit NaN",
                                    "unchosen group's expert logit NaN", "chosen group all -inf"])
 def test_undefined_scores_raise(backend, where):

@@ -69,6 +69,14 @@ def backends() -> list[str]:
     return ["torch", "triton"] if triton_can_run(DEVICE) else ["torch"]
 
 
+def raising_backends() -> list[str]:
+    """The backends that refuse a bad value (NaN scores, an inconsistent routing) with a Python
+    exception in this process: the torch backend always, the Triton path only on the CPU. On a GPU
+    the Triton path's refusal is a device-side assert that ends the CUDA context, which
+    ``test_device_checks`` tests in a subprocess."""
+    return [b for b in backends() if b == "torch" or DEVICE.type == "cpu"]
+
+
 class poisoned_allocations:
     """Context manager: every ``torch.empty`` inside it returns memory filled with NaN (floats)
     or the largest integer, so an output element a kernel forgot to write fails the test.

@@ -10,7 +10,7 @@ A layer with routing r adds the shared experts, which every token uses with weig
     y[t] = sum_j w[t, j] * Expert_{e[t, j]}(x[t]) + sum_s Shared_s(x[t])
 
 Shared experts run through ``moe_mlp`` too, with the routing that sends every token to every
-shared expert (known in advance, so it costs no host synchronisation): one expert kernel family
+shared expert (known in advance, built without a host read): one expert kernel family
 serves both, on both backends.
 
 Load balance (Switch Transformer / GShard), for n assignments of tokens to E experts:

@@ -30,7 +30,9 @@ from moe_restore.layers.restormer_blocks import LayerNorm2d
 
 def switch_balance_loss(logits: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     """E * sum_e f_e * P_e for router logits [T, E] and chosen experts [T, K]."""
-    counts = torch.bincount(experts.reshape(-1), minlength=num_experts)
+    flat = experts.reshape(-1)
+    # A scatter-add, not bincount: bincount reads its maximum back to the host on a GPU.
+    counts = flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
     return balance_loss(logits.float().softmax(dim=-1).mean(dim=0), counts, max(experts.numel(), 1))
 
 

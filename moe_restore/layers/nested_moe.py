@@ -138,14 +138,17 @@ class NestedMoE(MoELayer):
         """L_groups + sum_g f_g * L_g (see the module docstring), float32."""
         T, G, E = group_probs.shape[0], self.num_groups, self.experts_per_group
         num_tokens = max(T, 1)  # empty input: loss 0, not NaN
-        tokens_per_group = torch.bincount(routing.groups.reshape(-1), minlength=G)  # n_g
+        # n_g: each token routed to g picks k_e of g's sub-experts, so g's assignments are n_g * k_e
+        # (counted from the offsets: no bincount, which reads its maximum back to the host on a GPU).
+        expert_counts = routing.expert_counts().view(G, E)
+        tokens_per_group = expert_counts.sum(dim=1) // self.top_k_experts
         group_loss = balance_loss(group_probs.sum(dim=0) / num_tokens, tokens_per_group,
                                   num_tokens * self.top_k_groups)
         chosen = torch.zeros_like(group_probs).scatter_(1, routing.groups, 1.0)  # [T, G]: g in S_G(t)
         sub_probs = expert_logits.float().view(T, G, E).softmax(dim=-1)
         n_g = tokens_per_group.clamp_min(1).to(group_probs.dtype)
         mean_sub_probs = (sub_probs * chosen[:, :, None]).sum(dim=0) / n_g[:, None]  # P_e|g
-        inner = balance_loss(mean_sub_probs, routing.expert_counts().view(G, E), n_g * self.top_k_experts)
+        inner = balance_loss(mean_sub_probs, expert_counts, n_g * self.top_k_experts)
         group_fractions = tokens_per_group.to(group_probs.dtype) / (num_tokens * self.top_k_groups)
         return group_loss + (group_fractions * inner).sum()
 

@@ -1,0 +1,115 @@
+"""Checks of kernel inputs that make no host read on the Triton path.
+
+A Triton launch is sized from host-known shapes only, so the values the kernels index with (the
+routing's offsets and assignment ids, NaN counts of the scores) are checked on the device:
+``torch._assert_async`` queues the test in the stream instead of reading the tensor back, so the
+GPU never stalls and the op can be captured in a CUDA graph. Where the tensors live on the CPU
+(the Triton interpreter) the check is synchronous and raises ``ValueError`` like the torch
+backend. On a GPU a failed check is a device-side assert: the CUDA runtime reports it as a
+``RuntimeError`` at the next synchronisation, and the CUDA context cannot be used after it (run
+the same call with ``backend="torch"``, which reads the check back and raises ``ValueError`` with
+the details). The kernels that follow a failed check do not run, so a bad input never reaches
+them.
+
+A routing (T tokens, k choices, E experts, A = T*k assignments) is consistent when
+
+    expert_offsets[0] = 0,  expert_offsets[E] = A,  expert_offsets non-decreasing,
+    sorted_assignments a permutation of 0..A-1,
+    experts.flat[sorted_assignments[p]] = e  for every p in expert_offsets[e]:expert_offsets[e+1],
+
+which is what every kernel relies on to stay in bounds (and implies 0 <= experts < E).
+"""
+from __future__ import annotations
+
+import torch
+
+ROUTING_RULES = (
+    "expert_offsets[0] == 0",
+    "expert_offsets[-1] == T*k",
+    "expert_offsets is non-decreasing",
+    "sorted_assignments holds ids in [0, T*k)",
+    "sorted_assignments lists each assignment once",
+    "each segment expert_offsets[e]:expert_offsets[e+1] of sorted_assignments holds assignments to expert e",
+)
+
+
+def assert_on_device(ok: torch.Tensor, message: str) -> None:
+    """Raise unless the one-element boolean ``ok`` is true, without a host read (see the module
+    docstring): ValueError(message) on the CPU, a device-side assert on a GPU."""
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        try:
+            torch._assert_async(ok, message)
+        except RuntimeError:
+            raise ValueError(message) from None
+        return
+    torch._assert_async(ok, message)
+
+
+def _check_layout(routing) -> None:
+    """Host-side checks of the routing's tensors: types, dtypes, shapes and devices."""
+    names = ("weights", "experts", "sorted_assignments", "expert_offsets")
+    for name in names:
+        if not isinstance(getattr(routing, name), torch.Tensor):
+            raise TypeError(f"routing.{name} must be a torch.Tensor, got {type(getattr(routing, name)).__name__}")
+    for name in names:
+        t = getattr(routing, name)
+        if name != "weights" and t.dtype != torch.int64:
+            raise TypeError(f"routing.{name} must be int64, got {t.dtype}")
+        if t.device != routing.experts.device:
+            raise ValueError(f"routing.{name} is on {t.device} but routing.experts is on {routing.experts.device}")
+    if not routing.weights.is_floating_point():
+        raise TypeError(f"routing.weights must be a floating-point tensor, got {routing.weights.dtype}")
+    if routing.experts.dim() != 2:
+        raise ValueError(f"routing.experts must have shape [T, k], got {tuple(routing.experts.shape)}")
+    T, k = routing.experts.shape
+    for name, shape in (("weights", (T, k)), ("sorted_assignments", (T * k,)),
+                        ("expert_offsets", (routing.num_experts + 1,))):
+        if tuple(getattr(routing, name).shape) != shape:
+            raise ValueError(f"routing.{name} must have shape {shape} (routing.experts is [T, k] = [{T}, {k}], "
+                             f"num_experts = {routing.num_experts}), got {tuple(getattr(routing, name).shape)}")
+
+
+def routing_rules_held(routing) -> torch.Tensor:
+    """[len(ROUTING_RULES)] bool on the routing's device: which rules hold (no host read)."""
+    _check_layout(routing)
+    offsets, order = routing.expert_offsets, routing.sorted_assignments
+    num_assignments = order.numel()
+    positions = torch.arange(num_assignments, device=order.device)
+    in_range = (order >= 0) & (order < num_assignments)
+    safe = order.clamp(0, max(num_assignments - 1, 0))
+    # Each id once: scattering the positions by id and reading back through the same ids returns
+    # every position only if no two positions share an id (together with the ids in range).
+    inverse = torch.full_like(order, -1).scatter_(0, safe, positions)
+    # The expert whose segment holds position p: the number of segment ends <= p.
+    segment_expert = torch.searchsorted(offsets[1:].contiguous(), positions, right=True)
+    chosen = routing.experts.reshape(-1).index_select(0, safe)
+    return torch.stack([
+        offsets[0] == 0,
+        offsets[-1] == num_assignments,
+        (offsets.diff() >= 0).all(),
+        in_range.all(),
+        (inverse.index_select(0, safe) == positions).all(),
+        (chosen == segment_expert).all(),
+    ])
+
+
+def check_routing(routing, backend: str) -> tuple[int, ...] | None:
+    """Reject an inconsistent routing before any kernel reads it (see the module docstring).
+
+    On the torch backend the rules and the offsets are read back in one host read and the host
+    offsets are returned (a routing's own ``host_offsets`` must agree with them); on the Triton
+    path the rules are asserted on the device and None is returned.
+    """
+    held = routing_rules_held(routing)
+    if backend == "triton":
+        assert_on_device(held.all(), "routing is inconsistent: it must satisfy " + "; ".join(ROUTING_RULES))
+        return None
+    values = torch.cat([held.to(torch.int64), routing.expert_offsets]).tolist()  # the one host read
+    flags, host = values[:len(ROUTING_RULES)], values[len(ROUTING_RULES):]
+    broken = [rule for rule, ok in zip(ROUTING_RULES, flags) if not ok]
+    if broken:
+        raise ValueError("routing is inconsistent: " + "; ".join(f"not {rule}" for rule in broken))
+    if routing.host_offsets is not None and tuple(routing.host_offsets) != tuple(host):
+        raise ValueError(f"routing.host_offsets {tuple(routing.host_offsets)} disagree with routing.expert_offsets "
+                         f"{tuple(host)}")
+    return tuple(host)
