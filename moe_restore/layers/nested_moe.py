@@ -20,11 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moe_restore.kernels.validation import check_float, check_same_device
-
 from .mixture import per_pixel, rename_legacy_keys
 from .moe import ExpertLayer
-from .routers import NestedRouter, check_nonnegative_int
+from .routers import NestedRouter, check_context, check_nonnegative_int
 
 
 class NestedMoE(ExpertLayer):
@@ -89,16 +87,8 @@ class NestedMoE(ExpertLayer):
                              top_k_experts, **options)
 
     def _check_context(self, x: torch.Tensor, group_context: torch.Tensor | None) -> None:
-        if self.group_context_dim == 0:
-            if group_context is not None:
-                raise ValueError("group_context given, but the layer was built with group_context_dim=0")
-            return
-        if group_context is None:
-            raise ValueError(f"group_context [B, {self.group_context_dim}] is required "
-                             f"(the layer was built with group_context_dim={self.group_context_dim})")
-        check_float("group_context", group_context)
-        check_same_device(x=x, group_context=group_context)
-        if x.dim() < 2 or tuple(group_context.shape) != (x.shape[0], self.group_context_dim):
+        if check_context("group_context", group_context, self.group_context_dim, "layer", x=x) and (
+                x.dim() < 2 or tuple(group_context.shape) != (x.shape[0], self.group_context_dim)):
             raise ValueError(f"group_context must have shape [B, group_context_dim] = "
                              f"[{x.shape[0] if x.dim() >= 2 else 'B'}, {self.group_context_dim}] for x of shape "
                              f"[B, ..., dim] = {tuple(x.shape)}, got {tuple(group_context.shape)}")

@@ -71,6 +71,21 @@ def check_nonnegative_int(name: str, value: object) -> int:
     return value
 
 
+def check_context(name: str, context: torch.Tensor | None, context_dim: int, owner: str,
+                  **same_device: torch.Tensor) -> bool:
+    """Raise unless ``context`` is given exactly when ``context_dim > 0`` (``owner`` built with
+    ``<name>_dim``), as a float tensor on the device of ``same_device``; True when it is given."""
+    if context_dim == 0:
+        if context is not None:
+            raise ValueError(f"{name} given, but the {owner} was built with {name}_dim=0")
+        return False
+    if context is None:
+        raise ValueError(f"{name} [B, {context_dim}] is required (the {owner} was built with {name}_dim={context_dim})")
+    check_float(name, context)
+    check_same_device(**same_device, **{name: context})
+    return True
+
+
 class ContextLinear(nn.Linear):
     """``Linear(dim + context_dim, out_features)`` over [x[t] ; c[b]], computed as
     W_x x[t] + (W_c c[b] + bias) (see the module docstring). ``context_dim = 0``: a plain Linear.
@@ -97,16 +112,9 @@ class ContextLinear(nn.Linear):
     def check_context(self, tokens: torch.Tensor, context: torch.Tensor | None) -> None:
         """Raise unless ``context`` is what this map reads: None without context, else [B, context_dim]
         on the tokens' device, with B dividing the number of tokens."""
-        if self.context_dim == 0:
-            if context is not None:
-                raise ValueError("context given, but the router was built with context_dim=0")
-            return
-        if context is None:
-            raise ValueError(f"context [B, {self.context_dim}] is required (the router was built with "
-                             f"context_dim={self.context_dim})")
-        check_float("context", context)
-        check_same_device(tokens=tokens, context=context)
-        if context.dim() != 2 or context.shape[1] != self.context_dim or tokens.shape[0] % max(context.shape[0], 1):
+        if check_context("context", context, self.context_dim, "router", tokens=tokens) and (
+                context.dim() != 2 or context.shape[1] != self.context_dim
+                or tokens.shape[0] % max(context.shape[0], 1)):
             raise ValueError(f"context must have shape [B, context_dim={self.context_dim}] with B dividing the "
                              f"{tokens.shape[0]} tokens, got {tuple(context.shape)}")
 

@@ -152,11 +152,8 @@ class MiMDiT(nn.Module):
         moe = NestedMoE(linear1.in_features, linear2.in_features, c.groups, c.experts_per_group, c.top_k_groups,
                         c.top_k_experts, num_shared_experts=1, out_dim=linear2.out_features,
                         bias=linear1.bias is not None, **options).to(linear1.weight)
-        moe.shared_experts.copy_dense_(linear1, linear2)
-        with torch.no_grad():
-            moe.w2.zero_()
-            if moe.b2 is not None:
-                moe.b2.zero_()
+        moe.shared_expert.copy_dense_(linear1, linear2)
+        moe.experts.zero_output_()
         return moe
 
     # ------------------------------------------------------------------ the network
