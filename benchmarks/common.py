@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_ENV = "MOE_RESTORE_RESULTS_DIR"
 L2_BYTES_GUESS = 60 * 2**20  # an H100/H200 L2 is 50-60 MB: input sets larger than this need no rotation
 
 
@@ -116,13 +116,18 @@ def floor_ms(bytes_moved: float, flops: float, bandwidth: float, matmul_rate: fl
     return max(bytes_moved / bandwidth, flops / matmul_rate) * 1e3
 
 
+def results_dir() -> Path:
+    """Where results go: ``$MOE_RESTORE_RESULTS_DIR``, else ``benchmarks/results/`` under the
+    working directory (never beside this file, which may sit inside an installed package)."""
+    return Path(os.environ.get(RESULTS_ENV) or Path.cwd() / "benchmarks" / "results")
+
+
 def write_results(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Path:
-    """Write ``rows`` with the environment as JSON under benchmarks/results/ and return the path."""
+    """Write ``rows`` with the environment as JSON under ``results_dir()`` and return the path."""
     env = environment()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if on_gpu() else "cpu"
     stamp = env["date"].replace(":", "").replace("-", "")[:15]
-    path = Path(os.environ.get("MOE_RESTORE_RESULTS_DIR", RESULTS_DIR)) / f"{name}-{tag}-{stamp}.json"
+    path = results_dir() / f"{name}-{tag}-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": env, **(extra or {}), "rows": rows}, indent=2) + "\n")
     return path

@@ -21,7 +21,7 @@ def _add_expert(y: torch.Tensor, layer, e: int, x: torch.Tensor, tokens: torch.T
 
 def eager_topk_moe(layer: TopKMoE, x: torch.Tensor) -> torch.Tensor:
     """The TopKMoE's routed experts (softmax scoring, renormalised) for tokens x [T, dim], expert by expert."""
-    probs = layer.router(x).float().softmax(dim=-1)
+    probs = layer.router.logits(x).float().softmax(dim=-1)
     weights, experts = top_k(probs, layer.top_k)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     y = x.new_zeros(x.shape[0], layer.out_dim)

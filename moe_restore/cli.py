@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
 
 BENCH_SUITES = ("moe", "nested", "scan")
-DEFAULT_TASKS = "noise,rain,haze,blur,lowlight"
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -33,17 +33,17 @@ def _tasks(text: str) -> tuple[str, ...]:
 def _train(args: argparse.Namespace) -> int:
     from moe_restore.train.trainer import TrainConfig, train
 
-    config = TrainConfig(model=args.model, data=args.data, tasks=args.tasks, steps=args.steps, batch=args.batch,
-                         patch=args.patch, lr=args.lr, eval_every=args.eval_every,
-                         checkpoint_every=args.checkpoint_every, seed=args.seed, out=args.out, amp=not args.no_amp,
-                         backend=args.backend, device=args.device, workers=args.workers)
-    train(config, resume=args.resume)
+    # Options left out keep TrainConfig's defaults (the parser sets only what was given).
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if args.no_amp:
+        given["amp"] = False
+    train(TrainConfig(**given), resume=args.resume)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from moe_restore.data.sources import evaluation_set
-    from moe_restore.train.evaluate import comparison_table, evaluate, markdown_table, write_results
+    from moe_restore.train.evaluate import comparison_table, evaluate, markdown_table, results_folder, write_results
     from moe_restore.train.inference import load_model
 
     by_name = {}
@@ -52,8 +52,8 @@ def _eval(args: argparse.Namespace) -> int:
                                 sample_steps=args.sample_steps)
         tasks = args.tasks or tuple(run["tasks"])
         results = evaluate(model, evaluation_set(args.data, tasks), tile=args.tile)
-        out = Path(args.out) if len(args.checkpoint) == 1 else Path(args.out) / f"{index}-{run['model']}"
-        json_path, md_path = write_results(results, out)
+        json_path, md_path = write_results(results, results_folder(args.out, index, len(args.checkpoint),
+                                                                   run["model"]))
         print(f"{checkpoint} ({run['model']}):\n" + markdown_table(results), end="")
         print(f"written: {json_path}, {md_path}")
         by_name[f"{run['model']} ({Path(checkpoint).parent.name or checkpoint})"] = results
@@ -64,15 +64,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _restore(args: argparse.Namespace) -> int:
     from moe_restore.data.image_io import read_image, write_image
-    from moe_restore.train.inference import load_model, restore_image
+    from moe_restore.train.inference import load_model, restore_image, restored_path
 
     model, _ = load_model(args.checkpoint, device=args.device or _default_device(), backend=args.backend,
                           sample_steps=args.sample_steps)
-    out = Path(args.out)
     for source in map(Path, args.inputs):
-        target = out / (source.stem + (f".{args.format}" if args.format else source.suffix.lower()))
-        if target.suffix not in (".png", ".jpg", ".jpeg"):
-            target = target.with_suffix(".png")
+        target = restored_path(args.out, source, args.format)
         write_image(target, restore_image(model, read_image(source), tile=args.tile, overlap=args.overlap))
         print(f"{source} -> {target}")
     return 0
@@ -90,6 +87,12 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"the model does not beat the identity baseline on: {', '.join(behind)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _train_defaults():
+    from moe_restore.train.trainer import TrainConfig
+
+    return TrainConfig()
 
 
 def _default_device() -> str:
@@ -122,22 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's fixed budget)")
     demo.set_defaults(run=_demo)
 
-    train = commands.add_parser("train", help="train a restorer (under torchrun: DistributedDataParallel)")
-    train.add_argument("--model", default="m2ir-tiny", help="configuration name, e.g. m2ir-tiny, m2ir-base")
-    train.add_argument("--data", default="builtin", help="'builtin' or a folder (see moe_restore.data.sources)")
-    train.add_argument("--tasks", type=_tasks, default=_tasks(DEFAULT_TASKS),
-                       help=f"comma-separated degradations, composites with '+' (default: {DEFAULT_TASKS})")
-    train.add_argument("--steps", type=int, default=1000)
-    train.add_argument("--batch", type=int, default=8, help="images per step and process")
-    train.add_argument("--patch", type=int, default=64, help="training crop size (a multiple of 8)")
-    train.add_argument("--lr", type=float, default=2e-4)
-    train.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (0: none)")
-    train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
-    train.add_argument("--seed", type=int, default=0)
+    train = commands.add_parser("train", help="train a restorer (under torchrun: DistributedDataParallel)",
+                                argument_default=argparse.SUPPRESS)
+    defaults = _train_defaults()
+    train.add_argument("--model", help=f"configuration name, e.g. m2ir-tiny, m2ir-base (default: {defaults.model})")
+    train.add_argument("--data", help=f"'builtin' or a folder (see moe_restore.data.sources; default: {defaults.data})")
+    train.add_argument("--tasks", type=_tasks, help="comma-separated degradations, composites with '+' "
+                                                   f"(default: {','.join(defaults.tasks)})")
+    train.add_argument("--steps", type=int, help=f"default: {defaults.steps}")
+    train.add_argument("--batch", type=int, help=f"images per step and process (default: {defaults.batch})")
+    train.add_argument("--patch", type=int, help=f"training crop size, a multiple of 8 (default: {defaults.patch})")
+    train.add_argument("--lr", type=float, help=f"default: {defaults.lr}")
+    train.add_argument("--eval-every", type=int, help=f"steps between evaluations (0: none; default: {defaults.eval_every})")
+    train.add_argument("--checkpoint-every", type=int,
+                       help=f"steps between checkpoints (default: {defaults.checkpoint_every})")
+    train.add_argument("--seed", type=int, help=f"default: {defaults.seed}")
     train.add_argument("--out", required=True, help="run folder (checkpoint.pt, log.jsonl, evaluations)")
-    train.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    train.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast on CUDA")
-    train.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    train.add_argument("--resume", action="store_true", default=False, help="continue from <out>/checkpoint.pt")
+    train.add_argument("--no-amp", action="store_true", default=False, help="no bfloat16 autocast on CUDA")
+    train.add_argument("--workers", type=int, help=f"data-loading processes (default: {defaults.workers})")
     _add_runtime_options(train)
     train.set_defaults(run=_train)
 

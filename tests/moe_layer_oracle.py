@@ -52,7 +52,7 @@ def shared64(params: dict[str, torch.Tensor], num_shared: int, u: torch.Tensor, 
     """sum_s Shared_s(u)."""
     total = torch.zeros(out_dim, dtype=torch.float64)
     for s in range(num_shared):
-        total = total + expert64(params, "shared_experts.", s, u, activation)
+        total = total + expert64(params, "shared_expert.", s, u, activation)
     return total
 
 

@@ -46,7 +46,7 @@ def test_bench_moe_mlp_forward(benchmark):
     torch.manual_seed(3)
     layer = TopKMoE(D, H, 8, 2, backend="torch").to(DEVICE)
     x = tokens(4).detach()
-    routing = topk_route(layer.router(x), 2, backend="torch")
+    routing = topk_route(layer.router.logits(x), 2, backend="torch")
     y = benchmark(moe_mlp, x, routing, layer.w1, layer.w2, layer.b1, layer.b2, backend="torch")
     assert_close(y, eager_topk_moe(layer, x), torch.float32, what="moe_mlp vs eager loop")
 

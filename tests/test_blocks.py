@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from utils import assert_close, backends
 
 from moe_restore.data import degradations
-from moe_restore.layers.adec import ADEC, switch_balance_loss
+from moe_restore.layers.adec import ADEC
 from moe_restore.layers.degradation_encoder import DegradationEncoder, image_statistics
+from moe_restore.layers.routers import balance_loss
 from moe_restore.layers.restormer_blocks import (
     Downsample,
     GatedDconvFFN,
@@ -93,22 +94,21 @@ def _adec_oracle(adec: ADEC, x: torch.Tensor, context: torch.Tensor) -> torch.Te
     b, c, h, w = x.shape
     u = _layer_norm_oracle(x, adec.norm)
     proj = F.gelu(context @ adec.context_proj[0].weight.T + adec.context_proj[0].bias)
-    shared = adec.shared(u)
+    router, experts, shared = adec.moe.router, adec.moe.experts, adec.moe.shared_expert
     out = x.clone()
     for n in range(b):
         for i in range(h):
             for j in range(w):
                 feature = u[n, :, i, j]
                 # router over the concatenation [u ; proj(c)]
-                router_weight = torch.cat([adec.router_features.weight, adec.router_context.weight], dim=1)
-                logits = router_weight @ torch.cat([feature, proj[n]]) + adec.router_features.bias
+                logits = router.weight @ torch.cat([feature, proj[n]]) + router.bias
                 p = logits.softmax(0)
-                chosen = sorted(range(adec.num_experts), key=lambda e: (-float(p[e]), e))[:adec.top_k]
+                chosen = sorted(range(experts.num_experts), key=lambda e: (-float(p[e]), e))[:router.top_k]
                 total = sum(float(p[e]) for e in chosen)
                 for e in chosen:
-                    hidden = F.gelu(feature @ adec.w1[e] + adec.b1[e])
-                    out[n, :, i, j] += float(p[e]) / total * (hidden @ adec.w2[e] + adec.b2[e])
-                out[n, :, i, j] += shared[n, :, i, j]
+                    hidden = F.gelu(feature @ experts.w1[e] + experts.b1[e])
+                    out[n, :, i, j] += float(p[e]) / total * (hidden @ experts.w2[e] + experts.b2[e])
+                out[n, :, i, j] += F.gelu(feature @ shared.w1[0] + shared.b1[0]) @ shared.w2[0] + shared.b2[0]
     return out
 
 
@@ -144,8 +144,9 @@ def test_switch_balance_loss_formula():
     mean_p = [sum(row[e] for row in p) / 4 for e in range(3)]
     fraction = [sum(1 for row in experts.tolist() for a in row if a == e) / 8 for e in range(3)]
     expected = 3 * sum(f * q for f, q in zip(fraction, mean_p))
-    assert abs(float(switch_balance_loss(logits, experts, 3)) - expected) < 1e-6
-    uniform = switch_balance_loss(torch.zeros(6, 3), torch.tensor([[0], [1], [2], [0], [1], [2]]), 3)
+    counts = torch.bincount(experts.reshape(-1), minlength=3)
+    assert abs(float(balance_loss(logits.softmax(-1).mean(0), counts, experts.numel())) - expected) < 1e-6
+    uniform = balance_loss(torch.full((3,), 1 / 3), torch.tensor([2, 2, 2]), 6)
     assert abs(float(uniform) - 1.0) < 1e-6
 
 

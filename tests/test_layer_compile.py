@@ -94,7 +94,7 @@ def _topk_oracle(params: dict[str, torch.Tensor], tokens: torch.Tensor, k: int) 
         p = softmax64(params["router.weight"] @ u)
         experts = top_indices(p, k)
         total = sum(p[e] for e in experts)
-        rows.append(sum(p[e] / total * expert64(params, "", e, u, "gelu") for e in experts))
+        rows.append(sum(p[e] / total * expert64(params, "experts.", e, u, "gelu") for e in experts))
     return torch.stack(rows)
 
 
@@ -103,16 +103,16 @@ def _nested_oracle(params: dict[str, torch.Tensor], tokens: torch.Tensor, groups
     """NestedMoE (renormalised at both levels, gelu experts) token by token in float64."""
     rows = []
     for u in tokens:
-        p = softmax64(params["group_router.weight"] @ u + params["group_router.bias"])
-        el = params["expert_router.weight"] @ u + params["expert_router.bias"]
+        p = softmax64(params["router.group_router.weight"] @ u + params["router.group_router.bias"])
+        el = params["router.expert_router.weight"] @ u + params["router.expert_router.bias"]
         chosen = top_indices(p, k_groups)
-        y = torch.zeros(params["w2"].shape[-1], dtype=torch.float64)
+        y = torch.zeros(params["experts.w2"].shape[-1], dtype=torch.float64)
         for g in chosen:
             q = p[g] / sum(p[c] for c in chosen)
             r = softmax64(el[g * per_group:(g + 1) * per_group])
             subs = top_indices(r, k_experts)
             for e in subs:
-                y = y + q * r[e] / sum(r[s] for s in subs) * expert64(params, "", g * per_group + e, u, "gelu")
+                y = y + q * r[e] / sum(r[s] for s in subs) * expert64(params, "experts.", g * per_group + e, u, "gelu")
         rows.append(y)
     return torch.stack(rows)
 

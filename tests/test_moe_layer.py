@@ -33,7 +33,7 @@ def oracle_topk_moe(layer: TopKMoE, params: dict[str, torch.Tensor], tokens: tor
         weights = weights / weights.sum()
         y = shared64(params, layer.num_shared_experts, u, layer.activation, layer.out_dim)
         for w, e in zip(weights, experts):
-            y = y + w * expert64(params, "", e, u, layer.activation)
+            y = y + w * expert64(params, "experts.", e, u, layer.activation)
             counts[e] += 1
         outputs.append(y)
         chosen.append(experts)

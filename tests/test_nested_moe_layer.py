@@ -24,8 +24,8 @@ def oracle_nested_moe(layer: NestedMoE, params: dict[str, torch.Tensor], tokens:
     sub_prob_sums = [torch.zeros(E, dtype=torch.float64) for _ in range(G)]
     for t in range(T):
         u = tokens[t] if contexts[t] is None else torch.cat([tokens[t], contexts[t]])
-        gl = params["group_router.weight"] @ u + params["group_router.bias"]
-        el = params["expert_router.weight"] @ u + params["expert_router.bias"]
+        gl = params["router.group_router.weight"] @ u + params["router.group_router.bias"]
+        el = params["router.expert_router.weight"] @ u + params["router.expert_router.bias"]
         p = softmax64(gl)
         group_probs.append(p)
         groups = top_indices(p, kg)
@@ -39,7 +39,7 @@ def oracle_nested_moe(layer: NestedMoE, params: dict[str, torch.Tensor], tokens:
             s = torch.stack([r[e] for e in subs])
             s = s / s.sum()
             for s_e, e in zip(s, subs):
-                y = y + q_g * s_e * expert64(params, "", g * E + e, tokens[t], layer.activation)
+                y = y + q_g * s_e * expert64(params, "experts.", g * E + e, tokens[t], layer.activation)
                 pairs.append((g, e))
                 sub_counts[g][e] += 1
             group_counts[g] += 1

@@ -1,6 +1,11 @@
-"""nn.Modules over the kernels: the MoE layers, Mamba-style attention and the networks' blocks."""
+"""nn.Modules over the kernels: the MoE composition and its parts, the MoE layers, Mamba-style
+attention and the networks' blocks."""
+from ._experts import ExpertMLPs
 from .mamba_attention import MambaStyleAttention
+from .mixture import MoE, MoERecord
 from .moe import TopKMoE, TopKMoE2d
 from .nested_moe import NestedMoE, NestedMoE2d
+from .routers import ContextLinear, NestedRouter, RouterLosses, TopKRouter
 
-__all__ = ["MambaStyleAttention", "NestedMoE", "NestedMoE2d", "TopKMoE", "TopKMoE2d"]
+__all__ = ["ContextLinear", "ExpertMLPs", "MambaStyleAttention", "MoE", "MoERecord", "NestedMoE", "NestedMoE2d",
+           "NestedRouter", "RouterLosses", "TopKMoE", "TopKMoE2d", "TopKRouter"]

@@ -3,18 +3,17 @@
 For a feature map x [B, C, H, W] and a per-image degradation context c [B, P], at each pixel t
 of image b, with u = LN(x)[b, :, t]:
 
-    logits_t = W_r [u ; W_c c_b] + b_r                       (router over features and context)
+    logits_t = W_r [u ; GELU(W_c c_b + b_c)] + b_r           (router over features and context)
     (w_t, e_t) = top-K of softmax(logits_t), renormalised    (``topk_route``)
     out_t = x_t + sum_k w_tk Expert_{e_tk}(u) + Shared(u)    (DGEA)
 
-Expert_e(u) = W2_e GELU(W1_e u + b1_e) + b2_e are pointwise MLPs run together by ``moe_mlp``;
-Shared is one more pointwise MLP that every pixel uses. The router's linear map over the
-concatenation is computed as W_x u + (W_c' c_b) (the same map, without materialising the
-concatenated [B*H*W, C + P'] tensor).
+that is, norm + ``MoE(TopKRouter, experts, shared expert)`` + residual, with the projected context
+as the router's context. Expert_e(u) = W2_e GELU(W1_e u + b1_e) + b2_e are pointwise MLPs; Shared
+is one more, which every pixel uses. The experts start as W ~ N(0, 1/fan_in) with zero biases;
+the router's blocks and the shared expert as ``nn.Linear`` layers start.
 
-After each forward, ``aux_loss`` holds the Switch load-balancing loss E * sum_e f_e P_e, with f_e
-the fraction of the T*K assignments given to expert e and P_e the mean router probability of e;
-it is 1 for perfectly balanced routing and is differentiable through P_e.
+After each forward, ``aux_loss`` is the router's load-balancing loss E * sum_e f_e P_e (1 for
+perfectly balanced routing, differentiable through P_e; see ``routers``).
 """
 from __future__ import annotations
 
@@ -23,17 +22,10 @@ import math
 import torch
 import torch.nn as nn
 
-from moe_restore.kernels import moe_mlp, topk_route
-from moe_restore.layers._experts import balance_loss
-from moe_restore.layers.restormer_blocks import LayerNorm2d
-
-
-def switch_balance_loss(logits: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """E * sum_e f_e * P_e for router logits [T, E] and chosen experts [T, K]."""
-    flat = experts.reshape(-1)
-    # A scatter-add, not bincount: bincount reads its maximum back to the host on a GPU.
-    counts = flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
-    return balance_loss(logits.float().softmax(dim=-1).mean(dim=0), counts, max(experts.numel(), 1))
+from ._experts import ExpertMLPs
+from .mixture import MoE, per_pixel
+from .restormer_blocks import LayerNorm2d
+from .routers import TopKRouter
 
 
 class ADEC(nn.Module):
@@ -45,7 +37,10 @@ class ADEC(nn.Module):
         num_experts: E; top_k: K experts per pixel.
         expansion: expert hidden width = ``expansion`` * C.
         context_proj: width P' of the context projection fed to the router.
-        backend: kernel backend of ``topk_route`` / ``moe_mlp`` (None: the backend rule).
+        backend: kernel backend of the routing and the experts (None: the backend rule).
+
+    Children: ``norm``, ``context_proj`` (Linear(P, P') + GELU) and ``moe`` (router
+    ``TopKRouter(C, E, K, context_dim=P', bias=True)``, ``experts``, ``shared_expert``).
     """
 
     def __init__(self, dim: int, context_dim: int, *, num_experts: int = 6, top_k: int = 2,
@@ -54,27 +49,43 @@ class ADEC(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         hidden = int(dim * expansion)
-        self.num_experts, self.top_k, self.backend = num_experts, top_k, backend
         self.norm = LayerNorm2d(dim)
         self.context_proj = nn.Sequential(nn.Linear(context_dim, context_proj), nn.GELU())
-        self.router_features = nn.Linear(dim, num_experts)
-        self.router_context = nn.Linear(context_proj, num_experts, bias=False)
-        self.w1 = nn.Parameter(torch.randn(num_experts, dim, hidden) / math.sqrt(dim))
-        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
-        self.w2 = nn.Parameter(torch.randn(num_experts, hidden, dim) / math.sqrt(hidden))
-        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
-        self.shared = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dim, 1))
-        self.aux_loss: torch.Tensor | None = None
+        router = TopKRouter(dim, num_experts, top_k, context_dim=context_proj, bias=True, backend=backend)
+        router.reset_fan_in_()
+        experts = ExpertMLPs(num_experts, dim, hidden, dim, activation="gelu", backend=backend)
+        with torch.no_grad():
+            experts.w1.normal_(0.0, 1 / math.sqrt(dim))
+            experts.w2.normal_(0.0, 1 / math.sqrt(hidden))
+            experts.b1.zero_()
+            experts.b2.zero_()
+        shared = ExpertMLPs(1, dim, hidden, dim, activation="gelu", backend=backend)
+        self.moe = MoE(router, experts, shared)
+        self.register_load_state_dict_pre_hook(_legacy_adec_keys)
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """The router's load-balancing loss of the last forward."""
+        return self.moe.aux_loss
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if context.dim() != 2 or context.shape[0] != x.shape[0]:
             raise ValueError(f"context must have shape [B={x.shape[0]}, P], got {tuple(context.shape)}")
-        b, c, h, w = x.shape
-        u = self.norm(x)
-        tokens = u.permute(0, 2, 3, 1).reshape(b * h * w, c)
-        context_logits = self.router_context(self.context_proj(context.to(x.dtype)))  # [B, E]
-        logits = (self.router_features(tokens).view(b, h * w, -1) + context_logits[:, None]).reshape(b * h * w, -1)
-        routing = topk_route(logits, self.top_k, backend=self.backend)
-        experts = moe_mlp(tokens, routing, self.w1, self.w2, self.b1, self.b2, activation="gelu", backend=self.backend)
-        self.aux_loss = switch_balance_loss(logits, routing.experts, self.num_experts)
-        return x + experts.view(b, h, w, c).permute(0, 3, 1, 2) + self.shared(u)
+        return x + per_pixel(self.moe, self.norm(x), self.context_proj(context.to(x.dtype)))
+
+
+def _legacy_adec_keys(_module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """Read ADEC state dicts written before ADEC was a composition: separate feature and context
+    router Linears, experts on ADEC itself, and the shared expert as two 1x1 convolutions."""
+    old = prefix + "router_features.weight"
+    if old not in state_dict:
+        return
+    new = prefix + "moe."
+    state_dict[new + "router.weight"] = torch.cat([state_dict.pop(old),
+                                                   state_dict.pop(prefix + "router_context.weight")], dim=1)
+    state_dict[new + "router.bias"] = state_dict.pop(prefix + "router_features.bias")
+    for name in ("w1", "b1", "w2", "b2"):
+        state_dict[new + "experts." + name] = state_dict.pop(prefix + name)
+    for conv, (weight, bias) in (("0", ("w1", "b1")), ("2", ("w2", "b2"))):
+        state_dict[new + "shared_expert." + weight] = state_dict.pop(f"{prefix}shared.{conv}.weight")[:, :, 0, 0].t()[None]
+        state_dict[new + "shared_expert." + bias] = state_dict.pop(f"{prefix}shared.{conv}.bias")[None]

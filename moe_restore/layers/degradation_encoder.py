@@ -15,11 +15,9 @@ on the image's contrast: noise and rain raise the high-frequency energy, blur lo
 lowers the mean and the variance, haze raises the mean and lowers the variance. Noise and rain
 differ in the shape of the high-pass distribution (Gaussian noise: kurtosis near 3; sparse rain
 streaks: heavy tails) and in direction (streaks fall near vertically: the horizontal gradient
-energy exceeds the vertical one). The CNN alone, whose pooled features are linear in the
-energies, learned them slowly: on 64 x 64 patches of the built-in set its classification
-cross-entropy was 1.15 after 600 steps of 4 (chance: ln 5 = 1.61); about 0.55 with the first four
-statistics, which called held-out rain images noise; about 0.3 with all seven, which classify
-all ten held-out images of the demo right (docs/m2ir.md).
+energy exceeds the vertical one). The CNN's pooled features are linear in the energies, so it
+learns these distinctions slowly on its own; the statistics give them directly (the measurements
+are in docs/m2ir.md).
 
 The classifier makes the embedding degradation-discriminative, as DA-CLIP's contrastive training
 does. A user with DA-CLIP passes its [B, 512] features to M2IR instead (``context=``), built with

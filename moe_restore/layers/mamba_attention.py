@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_restore.kernels.validation import check_positive_int
-from moe_restore.kernels.gated_scan import ORDERS, gated_scan_2d
+from moe_restore.kernels import ORDERS, gated_scan_2d
 
 DIRECTIONS = (1, 2, 4)
 INITIAL_DECAY = (0.8, 0.99)  # a = sigmoid(f) at initialisation: memories of ~5 to ~100 tokens

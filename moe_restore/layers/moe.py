@@ -1,65 +1,99 @@
 """TopKMoE: a top-K mixture of expert MLPs over tokens [..., dim], and TopKMoE2d over pixels.
 
-For tokens x[t] (router W_r [E, dim], no bias):
+``MoE(TopKRouter, ExpertMLPs, shared experts)``. For tokens x[t] (router W_r [E, dim], no bias):
 
     logits[t]       = W_r x[t]
     (w[t], e[t])    = topk_route(logits[t], k, scoring)           (renormalised over the k choices)
     y[t]            = sum_j w[t, j] * Expert_{e[t, j]}(x[t]) + sum_s Shared_s(x[t])
 
-After each forward:
-
-    aux_loss        = E * sum_e f_e * P_e      f_e: fraction of the T*k assignments given to e,
-                                              P_e: mean over tokens of the router probability of e
-    router_z_loss   = mean_t logsumexp(logits[t])^2
-
-The router probability is softmax(logits) for ``scoring="softmax"``; for ``"sigmoid"`` it is the
-sigmoid scores normalised to sum to 1 over the experts (DeepSeek-V3's balance loss), so that the
-balance loss is 1 at uniform routing in both cases.
+The losses of each forward (``aux_loss``, ``router_z_loss``: see ``routers``) are in its record,
+``last_record``, and read by the properties of the same names.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from moe_restore.kernels import Routing, topk_route
-from moe_restore.kernels.validation import check_positive_int
-from moe_restore.kernels.routing import SCORINGS
+from ._experts import ExpertMLPs, dense_mlp_dims
+from .mixture import MoE, per_pixel, rename_legacy_keys
+from .routers import TopKRouter, check_nonnegative_int
 
-from ._experts import MoELayer, balance_loss, per_pixel
+# Parameter names before TopKMoE and NestedMoE were compositions (state dicts written then still load).
+LEGACY_EXPERT_KEYS = {"w1": "experts.w1", "w2": "experts.w2", "b1": "experts.b1", "b2": "experts.b2",
+                      "shared_experts.": "shared_expert."}
 
 
-class TopKMoE(MoELayer):
+class ExpertLayer(MoE):
+    """What TopKMoE and NestedMoE share: the routed bank ``experts``, the shared bank
+    ``shared_expert`` (``num_shared_experts`` MLPs of the same shape, or None), upcycling, and the
+    bank's parameters under their former names (``w1``, ``w2``, ``b1``, ``b2``, ``shared_experts``)."""
+
+    def __init__(self, router_factory, dim: int, hidden_dim: int, num_experts: int, *, activation: str, bias: bool,
+                 num_shared_experts: int, out_dim: int | None, backend: str | None):
+        out_dim = dim if out_dim is None else out_dim
+        check_nonnegative_int("num_shared_experts", num_shared_experts)
+        experts = ExpertMLPs(num_experts, dim, hidden_dim, out_dim, activation=activation, bias=bias, backend=backend)
+        shared = (ExpertMLPs(num_shared_experts, dim, hidden_dim, out_dim, activation=activation, bias=bias,
+                             backend=backend) if num_shared_experts else None)
+        super().__init__(router_factory(), experts, shared)
+        self.num_shared_experts = num_shared_experts
+        rename_legacy_keys(self, LEGACY_EXPERT_KEYS)
+
+    num_experts = property(lambda self: self.experts.num_experts)
+    hidden_dim = property(lambda self: self.experts.hidden_dim)
+    activation = property(lambda self: self.experts.activation)
+    w1 = property(lambda self: self.experts.w1)
+    w2 = property(lambda self: self.experts.w2)
+    b1 = property(lambda self: self.experts.b1)
+    b2 = property(lambda self: self.experts.b2)
+    shared_experts = property(lambda self: self.shared_expert)
+
+    @classmethod
+    def _upcycled(cls, linear1: nn.Linear, linear2: nn.Linear, noise_std: float, *layout, **options) -> "ExpertLayer":
+        """``cls(dim, hidden_dim, *layout, bias=, out_dim=, **options)`` whose routed experts are
+        copies of the dense MLP and whose shared experts start at zero output (so the layer keeps
+        the dense function at initialisation and the shared experts learn from there). On the
+        device and dtype of ``linear1``."""
+        dim, hidden, out_dim, bias = dense_mlp_dims(linear1, linear2, options.get("activation", "gelu"))
+        layer = cls(dim, hidden, *layout, bias=bias, out_dim=out_dim, **options)
+        layer.to(device=linear1.weight.device, dtype=linear1.weight.dtype)
+        layer.experts.copy_dense_(linear1, linear2, noise_std)
+        if layer.shared_expert is not None:
+            layer.shared_expert.zero_output_()
+        return layer
+
+
+class TopKMoE(ExpertLayer):
     """Top-K mixture of ``num_experts`` expert MLPs (plus shared experts) over x [..., dim].
 
     Args:
         dim: token width D.
         hidden_dim: expert hidden width H.
         num_experts: E routed experts; top_k: k experts per token.
-        activation: "gelu" (exact), "silu", "swiglu" (w1 holds [gate | up], 2H columns) or "relu".
+        activation: "gelu" (exact), "gelu_tanh", "silu", "swiglu" (w1 holds [gate | up], 2H columns) or "relu".
         bias: expert biases b1, b2.
         num_shared_experts: expert MLPs every token uses with weight 1, added to the routed output.
         scoring: "softmax" or "sigmoid" router scores (see ``topk_route``).
         out_dim: output width (default: dim).
         backend: kernel backend ("triton", "torch" or None for the backend rule).
 
-    Parameters: ``router`` (Linear(dim, E, bias=False)), ``w1`` [E, D, H or 2H], ``w2`` [E, H, out_dim],
-    ``b1``, ``b2`` (None without bias), ``shared_experts`` (None without shared experts).
-    After each forward: ``aux_loss``, ``router_z_loss`` (scalars, float32) and ``last_routing``.
+    Children: ``router`` (TopKRouter: ``weight`` [E, dim], no bias), ``experts`` (ExpertMLPs:
+    ``w1`` [E, D, H or 2H], ``w2`` [E, H, out_dim], ``b1``, ``b2``, None without bias),
+    ``shared_expert`` (ExpertMLPs of the shared experts, or None). After each forward:
+    ``last_record``, and from it ``aux_loss``, ``router_z_loss`` (float32 scalars) and ``last_routing``.
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, *, activation: str = "gelu",
                  bias: bool = True, num_shared_experts: int = 0, scoring: str = "softmax", out_dim: int | None = None,
                  backend: str | None = None):
-        super().__init__(dim, hidden_dim, num_experts, activation=activation, bias=bias,
+        def router() -> TopKRouter:
+            return TopKRouter(dim, num_experts, top_k, scoring=scoring, backend=backend)
+
+        super().__init__(router, dim, hidden_dim, num_experts, activation=activation, bias=bias,
                          num_shared_experts=num_shared_experts, out_dim=out_dim, backend=backend)
-        check_positive_int("top_k", top_k)
-        if top_k > num_experts:
-            raise ValueError(f"top_k must be <= num_experts = {num_experts}, got {top_k}")
-        if scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-        self.top_k, self.scoring = top_k, scoring
-        self.router = nn.Linear(dim, num_experts, bias=False)
-        self.router_z_loss: torch.Tensor | None = None
+
+    top_k = property(lambda self: self.router.top_k)
+    scoring = property(lambda self: self.router.scoring)
 
     @classmethod
     def from_dense(cls, linear1: nn.Linear, linear2: nn.Linear, num_experts: int, top_k: int,
@@ -73,25 +107,9 @@ class TopKMoE(MoELayer):
         """
         return cls._upcycled(linear1, linear2, noise_std, num_experts, top_k, **options)
 
-    def router_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """The probabilities P of the balance loss, float32 [T, E]: softmax, or normalised sigmoid."""
-        logits = logits.float()
-        if self.scoring == "softmax":
-            return logits.softmax(dim=-1)
-        scores = logits.sigmoid()
-        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., dim] -> [..., out_dim]; sets ``aux_loss``, ``router_z_loss`` and ``last_routing``."""
-        tokens = self.tokens(x)
-        logits = self.router(tokens)
-        routing: Routing = topk_route(logits, self.top_k, scoring=self.scoring, backend=self.backend)
-        y = self.mix(tokens, routing)
-        num_tokens = max(tokens.shape[0], 1)  # empty input: losses 0, not NaN
-        mean_probs = self.router_probabilities(logits).sum(dim=0) / num_tokens
-        self.aux_loss = balance_loss(mean_probs, routing.expert_counts(), num_tokens * self.top_k)
-        self.router_z_loss = logits.float().logsumexp(dim=-1).square().sum() / num_tokens
-        return y.view(*x.shape[:-1], self.out_dim)
+        """x [..., dim] -> [..., out_dim]; its record (losses, routing) becomes ``last_record``."""
+        return super().forward(x)
 
 
 class TopKMoE2d(TopKMoE):

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_restore.layers.adec import ADEC
+from moe_restore.losses import LossWeights, restoration_loss
 from moe_restore.layers.degradation_encoder import DegradationEncoder
 from moe_restore.layers.mamba_attention import MambaStyleAttention
 from moe_restore.layers.restormer_blocks import Downsample, TransformerBlock, TransposedAttention, Upsample
@@ -139,6 +140,15 @@ class M2IR(nn.Module):
         if any(loss is None for loss in losses):
             raise RuntimeError("aux_loss is defined after a forward pass")
         return torch.stack(losses).mean()
+
+    def training_loss(self, degraded: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor | None,
+                      weights: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
+        """``restoration_loss`` of the restored batch (Charbonnier + FFT + load balance +
+        degradation classification; the objective protocol of ``moe_restore.models.objective``).
+        The labels also pick the output heads (``degradation_heads``)."""
+        restored = self(degraded, labels=labels)
+        return restoration_loss(restored.float(), clean, weights=weights, aux_loss=self.aux_loss,
+                                class_logits=self.class_logits, labels=labels, inputs=degraded)
 
     def forward(self, image: torch.Tensor, context: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:

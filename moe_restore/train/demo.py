@@ -38,11 +38,10 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     # starved (exponent 1). The settings tried are in docs/m2ir.md.
     "m2ir-tiny": {"steps": DEMO_STEPS, "batch": DEMO_BATCH, "patch": DEMO_PATCH, "lr": 2e-3, "warmup": 20,
                   "loss": LossWeights(fft=1.0, load_balance=0.01, classification=1.0, relative=0.75)},
-    # MiM-DiT's steps are cheap (0.1-0.2 s on one CPU thread), and a diffusion model needs many:
-    # after 300 steps its samples score 11 dB. The classification terms at 0.1, not 1.0: at 1.0
-    # they hold the flow loss back (0.17 against 0.12 at the end) for no better held-out scores.
-    # Rectified flow has no FFT or relative term. Sampling: 4 Euler steps, whose samples lie
-    # closer to the posterior mean, scored higher than 8 in every comparison (docs/mim_dit.md).
+    # MiM-DiT's steps are cheap and a diffusion model needs many of them; the classification
+    # terms at 0.1, since heavier ones hold the flow loss back; rectified flow has no FFT or
+    # relative term; 4 Euler steps, whose samples lie closer to the posterior mean than 8 steps'
+    # (the runs behind these choices are in docs/mim_dit.md).
     "mim-dit-tiny": {"steps": 2500, "batch": 8, "patch": DEMO_PATCH, "lr": 2e-3, "warmup": 50,
                      "loss": LossWeights(fft=0.0, load_balance=0.01, classification=0.1),
                      "model_overrides": {"sample_steps": 4}},

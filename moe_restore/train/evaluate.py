@@ -69,6 +69,12 @@ def comparison_table(results_by_name: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def results_folder(out: str | Path, index: int, count: int, model_name: str) -> Path:
+    """Where the results of checkpoint ``index`` of ``count`` evaluated together go: ``out`` for
+    a single checkpoint, ``out/<index>-<model_name>`` for each of several."""
+    return Path(out) if count == 1 else Path(out) / f"{index}-{model_name}"
+
+
 def write_results(results: dict[str, Any], out_dir: str | Path, *, stem: str = "results") -> tuple[Path, Path]:
     """Write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``; returns both paths."""
     out_dir = Path(out_dir)

@@ -63,6 +63,14 @@ def _ramp(length: int, overlap: int, at_start: bool, at_end: bool) -> torch.Tens
     return weight
 
 
+def restored_path(out: str | Path, source: str | Path, image_format: str | None = None) -> Path:
+    """The file a restored ``source`` image is written to in folder ``out``: the same stem, as
+    ``image_format`` ("png", "jpg"; None: the input's own format where it is PNG or JPEG, else PNG)."""
+    source = Path(source)
+    target = Path(out) / (source.stem + (f".{image_format}" if image_format else source.suffix.lower()))
+    return target if target.suffix in (".png", ".jpg", ".jpeg") else target.with_suffix(".png")
+
+
 def _restorer(model: nn.Module):
     """The network's restoration function: ``restore`` where it has one (MiM-DiT samples), else
     its forward (M2IR)."""

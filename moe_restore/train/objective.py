@@ -1,18 +1,17 @@
 """What the trainer optimises, as one module whose forward returns the loss (so that
 DistributedDataParallel, which synchronises gradients from its forward, can wrap it).
 
-A network either defines its own objective, ``training_loss(degraded, clean, labels, weights) ->
-(total, terms)`` (MiM-DiT: rectified flow), or is a direct restorer ``restored = net(degraded)``
-exposing ``aux_loss`` and ``class_logits`` after each forward (M2IR), trained with
-``restoration_loss``; it receives the degradation labels (``net(degraded, labels=labels)``), which
-M2IR's per-degradation output heads use in training.
+The network declares its objective through the protocol of ``moe_restore.models.objective``:
+``training_loss(degraded, clean, labels, weights) -> (total, terms)`` (M2IR: ``restoration_loss``
+of its output; MiM-DiT: rectified flow).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from moe_restore.train.losses import LossWeights, restoration_loss
+from moe_restore.losses import LossWeights
+from moe_restore.models.objective import TrainableRestorer
 
 
 class TrainingObjective(nn.Module):
@@ -20,12 +19,11 @@ class TrainingObjective(nn.Module):
 
     def __init__(self, model: nn.Module, weights: LossWeights):
         super().__init__()
+        if not isinstance(model, TrainableRestorer):
+            raise TypeError(f"{type(model).__name__} declares no training_loss(degraded, clean, labels, weights) "
+                            "(see moe_restore.models.objective)")
         self.model, self.weights = model, weights
 
     def forward(self, degraded: torch.Tensor, clean: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        if hasattr(self.model, "training_loss"):
-            return self.model.training_loss(degraded, clean, labels, self.weights)
-        restored = self.model(degraded, labels=labels)
-        return restoration_loss(restored.float(), clean, weights=self.weights, aux_loss=self.model.aux_loss,
-                                class_logits=self.model.class_logits, labels=labels, inputs=degraded)
+        return self.model.training_loss(degraded, clean, labels, self.weights)

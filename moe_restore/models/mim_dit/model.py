@@ -13,17 +13,12 @@ input channels start at zero, and every expert starts as a copy of the dense FFN
 becomes the shared expert and the routed experts start at zero output), so the upcycled model
 initially computes exactly what the pretrained DiT computed.
 
-Objective (rectified flow): x_t = (1 - t) x_0 + t eps, the network predicts v = eps - x_0 from
-(x_t, y, 1000 t); loss = ||v_hat - v||^2 + lambda_lb * sum of both routing levels' balance losses
-+ lambda_cls * (CE(classifier, degradation label) + CE(mean group probabilities, degradation
-label)), with lambda_lb and lambda_cls the pipeline's ``LossWeights`` (load_balance,
-classification). Sampling: diffusers' ``FlowMatchEulerDiscreteScheduler`` over a few steps,
-from pure noise (strength 1) or from the degraded image plus noise at t = strength.
+The objective (``objective.py``), the sampler (``sampling.py``) and persistence
+(``persistence.py``) are methods of ``MiMDiT`` implemented beside it.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +29,8 @@ import torch.nn.functional as F
 
 from moe_restore.layers.degradation_encoder import DegradationEncoder
 from moe_restore.layers.nested_moe import NestedMoE
-from moe_restore.train.losses import LossWeights
 
-_WEIGHTS = "mim_dit.pt"
-_CONFIG = "mim_dit.json"
+from . import objective, persistence, sampling
 
 
 @dataclass(frozen=True)
@@ -90,7 +83,7 @@ def _dense_ffn_layers(ff: nn.Module) -> tuple[nn.Linear, nn.Linear, str]:
     return act.proj, ff.net[2], "gelu_tanh" if approximate == "tanh" else "gelu"
 
 
-def _dit_class():
+def dit_class():
     try:
         from diffusers import DiTTransformer2DModel
     except ImportError as error:  # pragma: no cover - diffusers is a dependency
@@ -112,7 +105,7 @@ class MiMDiT(nn.Module):
         if config.ffn_init not in ("upcycle", "shared"):
             raise ValueError(f"ffn_init must be 'upcycle' or 'shared', got {config.ffn_init!r}")
         if dit is None:
-            dit = _dit_class()(num_attention_heads=config.heads, attention_head_dim=config.hidden // config.heads,
+            dit = dit_class()(num_attention_heads=config.heads, attention_head_dim=config.hidden // config.heads,
                                in_channels=config.sample_channels, num_layers=config.depth,
                                sample_size=config.sample_size, patch_size=config.patch)
         self.config = config
@@ -133,7 +126,7 @@ class MiMDiT(nn.Module):
         a hub id where a hub is reachable) and upcycle it. ``options`` are MiMDiTConfig fields other
         than the backbone's sizes (groups, experts_per_group, top_k_groups, top_k_experts,
         context_dim, ffn_init, noise_std, ...)."""
-        dit = _dit_class().from_pretrained(path)
+        dit = dit_class().from_pretrained(path)
         return cls(_config_of(dit, **options), dit=dit, vae=vae)
 
     def _widen_patch_embedding(self, cond_channels: int) -> None:
@@ -159,11 +152,8 @@ class MiMDiT(nn.Module):
         moe = NestedMoE(linear1.in_features, linear2.in_features, c.groups, c.experts_per_group, c.top_k_groups,
                         c.top_k_experts, num_shared_experts=1, out_dim=linear2.out_features,
                         bias=linear1.bias is not None, **options).to(linear1.weight)
-        moe.shared_experts.copy_dense_(linear1, linear2)
-        with torch.no_grad():
-            moe.w2.zero_()
-            if moe.b2 is not None:
-                moe.b2.zero_()
+        moe.shared_expert.copy_dense_(linear1, linear2)
+        moe.experts.zero_output_()
         return moe
 
     # ------------------------------------------------------------------ the network
@@ -232,87 +222,12 @@ class MiMDiT(nn.Module):
             sample = self.vae.decode(sample / self.vae.config.scaling_factor).sample
         return ((sample + 1) / 2).clamp(0, 1)
 
-    # ------------------------------------------------------------------ training and sampling
+    # ------------------------------------------------------------------ objective, sampling, persistence
 
-    def training_loss(self, degraded: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor | None = None,
-                      weights: LossWeights = LossWeights(), generator: torch.Generator | None = None
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Rectified-flow loss on a batch of degraded/clean images [B, 3, H, W] in [0, 1] (the
-        training pipeline's objective protocol). ``labels`` [B]: degradation index per image, which
-        is also the index of the expert group meant for it (-1: composite or unknown, no
-        classification terms). Returns (loss, its terms as floats); ``weights.fft`` is unused."""
-        with torch.no_grad():
-            x0, cond = self.encode(clean), self.encode(degraded)
-        t = torch.rand(x0.shape[0], device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
-        xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
-        context, class_logits = self.degradation_context(degraded)
-        v = self(xt, cond, 1000 * t, context)
-        terms = {"flow": F.mse_loss(v.float(), (noise - x0).float())}
-        if weights.load_balance:
-            terms["load_balance"] = weights.load_balance * torch.stack([m.aux_loss for m in self.moe_layers]).sum()
-        known = labels >= 0 if labels is not None else None
-        if weights.classification and known is not None and bool(known.any()):
-            group_probs = torch.stack([m.group_probs.reshape(x0.shape[0], -1, self.config.groups).mean(1)
-                                       for m in self.moe_layers]).mean(0)
-            terms["group_ce"] = weights.classification * F.nll_loss(group_probs[known].clamp_min(1e-8).log(),
-                                                                    labels[known])
-            if class_logits is not None:
-                terms["classification"] = weights.classification * F.cross_entropy(class_logits[known].float(),
-                                                                                   labels[known])
-        total = sum(terms.values())
-        return total, {k: float(v.detach()) for k, v in terms.items()}
-
-    @torch.no_grad()
-    def restore(self, degraded: torch.Tensor, *, steps: int | None = None, strength: float = 1.0,
-                generator: torch.Generator | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Restore degraded images [B, 3, H, W] in [0, 1] with ``steps`` Euler steps of diffusers'
-        FlowMatchEulerDiscreteScheduler. strength 1 starts from noise; strength s < 1 starts from
-        the degraded image plus noise at t = s (more fidelity, fewer steps needed). ``context``
-        replaces the degradation encoder's embedding (e.g. DA-CLIP features)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        steps = steps or self.config.sample_steps
-        cond = self.encode(degraded)
-        if context is None:
-            context, _ = self.degradation_context(degraded)
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-        sigmas = [strength * (1 - i / steps) for i in range(steps)]
-        scheduler.set_timesteps(sigmas=sigmas, device=degraded.device)
-        noise = torch.randn(cond.shape, device=cond.device, generator=generator, dtype=cond.dtype)
-        x = strength * noise + (1 - strength) * cond
-        for timestep in scheduler.timesteps:
-            v = self(x, cond, timestep.expand(x.shape[0]), context)
-            x = scheduler.step(v, timestep, x).prev_sample
-        return self.decode(x)
-
-    # ------------------------------------------------------------------ persistence
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write the configuration (MiM-DiT and DiT) and the weights to ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = {"mim_dit": dataclasses.asdict(self.config), "dit": dict(self.dit.config)}
-        (directory / _CONFIG).write_text(json.dumps(meta, indent=2, default=str))
-        state = {k: v for k, v in self.state_dict().items() if not k.startswith("vae.")}
-        torch.save(state, directory / _WEIGHTS)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, *, vae: nn.Module | None = None) -> "MiMDiT":
-        """Rebuild a model written by ``save_pretrained``."""
-        directory = Path(directory)
-        meta = json.loads((directory / _CONFIG).read_text())
-        dit_config = {k: v for k, v in meta["dit"].items() if not k.startswith("_")}
-        dit = _dit_class().from_config(dit_config)
-        model = cls(MiMDiTConfig(**meta["mim_dit"]), dit=dit, vae=vae)
-        missing, unexpected = model.load_state_dict(torch.load(directory / _WEIGHTS, map_location="cpu",
-                                                               weights_only=True), strict=False)
-        missing = [k for k in missing if not k.startswith("vae.")]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
-        return model
+    training_loss = objective.flow_matching_loss
+    restore = sampling.restore
+    save_pretrained = persistence.save_pretrained
+    from_pretrained = classmethod(persistence.from_pretrained)
 
 
 def _config_of(dit: nn.Module, **options: Any) -> MiMDiTConfig:
