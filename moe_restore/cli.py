@@ -1,10 +1,24 @@
-"""The ``moe-restore`` command line: argument parsing only; the work happens in the modules."""
+"""The ``moe-restore`` command line: argument parsing only; the work happens in the modules.
+
+A user's mistake ends the command with one line on stderr naming the problem and a non-zero exit
+status: 2 for arguments that argparse refuses (every numeric option is range-checked as it is
+parsed), 1 for a ``UserError`` raised by the modules (a missing or corrupt checkpoint, an empty
+data folder, a run folder in use, ...) or an ``OSError`` (a file that cannot be read or written),
+130 for Ctrl-C. Any other exception is a bug and keeps its traceback; ``--debug`` (or the
+environment variable ``MOE_RESTORE_DEBUG=1``) shows the traceback of every error.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
+from typing import Callable
+
+from moe_restore.errors import UserError
+
+DEBUG_VARIABLE = "MOE_RESTORE_DEBUG"
 
 BENCH_SUITES = ("moe", "nested", "scan")
 DEFAULT_TASKS = "noise,rain,haze,blur,lowlight"
@@ -30,6 +44,52 @@ def _tasks(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(error)) from error
 
 
+def _int_at_least(low: int, *, multiple_of: int = 1) -> Callable[[str], int]:
+    """An argparse type: an int >= ``low`` (and a multiple of ``multiple_of``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if value % multiple_of:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple_of}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    """An argparse type: a torch device that this machine has."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+_positive = _int_at_least(1)
+_non_negative = _int_at_least(0)
+
+
 def _train(args: argparse.Namespace) -> int:
     from moe_restore.train.trainer import TrainConfig, train
 
@@ -37,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
                          patch=args.patch, lr=args.lr, eval_every=args.eval_every,
                          checkpoint_every=args.checkpoint_every, seed=args.seed, out=args.out, amp=not args.no_amp,
                          backend=args.backend, device=args.device, workers=args.workers)
-    train(config, resume=args.resume)
+    train(config, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -66,16 +126,38 @@ def _restore(args: argparse.Namespace) -> int:
     from moe_restore.data.image_io import read_image, write_image
     from moe_restore.train.inference import load_model, restore_image
 
+    if args.overlap >= args.tile:
+        raise UserError(f"--overlap ({args.overlap}) must be smaller than --tile ({args.tile})")
+    targets = _restore_targets(list(map(Path, args.inputs)), Path(args.out), args.format)
     model, _ = load_model(args.checkpoint, device=args.device or _default_device(), backend=args.backend,
                           sample_steps=args.sample_steps)
-    out = Path(args.out)
-    for source in map(Path, args.inputs):
-        target = out / (source.stem + (f".{args.format}" if args.format else source.suffix.lower()))
-        if target.suffix not in (".png", ".jpg", ".jpeg"):
-            target = target.with_suffix(".png")
+    for source, target in targets.items():
         write_image(target, restore_image(model, read_image(source), tile=args.tile, overlap=args.overlap))
         print(f"{source} -> {target}")
     return 0
+
+
+def _restore_targets(sources: list[Path], out: Path, format: str | None) -> dict[Path, Path]:
+    """Output path of each input: ``out/<stem>.<format or the input's>`` (PNG for inputs in a
+    format that is not written). Refuses two inputs that would share an output, or an output
+    that would overwrite an input."""
+    targets: dict[Path, Path] = {}
+    for source in sources:
+        target = out / (source.stem + (f".{format}" if format else source.suffix.lower()))
+        if target.suffix not in (".png", ".jpg", ".jpeg"):
+            target = target.with_suffix(".png")
+        if source in targets:
+            raise UserError(f"input {str(source)!r} is given twice")
+        clash = next((s for s, t in targets.items() if t.resolve() == target.resolve()), None)
+        if clash is not None:
+            raise UserError(f"inputs {str(clash)!r} and {str(source)!r} would both be written to {str(target)!r}: "
+                            "restore them into different --out folders")
+        targets[source] = target
+    overwritten = [s for s, t in targets.items() if t.resolve() in {x.resolve() for x in targets}]
+    if overwritten:
+        raise UserError(f"restoring {str(overwritten[0])!r} into {str(out)!r} would overwrite an input: "
+                        "choose another --out folder")
+    return targets
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -99,15 +181,25 @@ def _default_device() -> str:
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sample-steps", type=int, default=None,
+    parser.add_argument("--sample-steps", type=_positive, default=None,
                         help="sampling steps of a MiM-DiT checkpoint (default: its own, 8); M2IR ignores it")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--device", type=_device, default=None,
+                        help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--backend", choices=("triton", "torch"), default=None,
                         help="kernel backend (default: Triton on CUDA, torch on the CPU)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose refusals are one line (``prog: error: ...``), without the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-restore", description=__doc__)
+    parser = _Parser(prog="moe-restore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of every error (also: {DEBUG_VARIABLE}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser("bench", help="time the kernels against eager PyTorch (GPU for kernel speeds)")
@@ -119,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train a tiny restorer on the built-in images, evaluate, write demo_out/")
     demo.add_argument("--model", default="m2ir-tiny", choices=("m2ir-tiny", "mim-dit-tiny"))
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's fixed budget)")
+    demo.add_argument("--steps", type=_positive, default=None, help="training steps (default: the demo's fixed budget)")
     demo.set_defaults(run=_demo)
 
     train = commands.add_parser("train", help="train a restorer (under torchrun: DistributedDataParallel)")
@@ -127,17 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", default="builtin", help="'builtin' or a folder (see moe_restore.data.sources)")
     train.add_argument("--tasks", type=_tasks, default=_tasks(DEFAULT_TASKS),
                        help=f"comma-separated degradations, composites with '+' (default: {DEFAULT_TASKS})")
-    train.add_argument("--steps", type=int, default=1000)
-    train.add_argument("--batch", type=int, default=8, help="images per step and process")
-    train.add_argument("--patch", type=int, default=64, help="training crop size (a multiple of 8)")
-    train.add_argument("--lr", type=float, default=2e-4)
-    train.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (0: none)")
-    train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=_positive, default=1000)
+    train.add_argument("--batch", type=_positive, default=8, help="images per step and process")
+    train.add_argument("--patch", type=_int_at_least(8, multiple_of=8), default=64,
+                       help="training crop size (a multiple of 8)")
+    train.add_argument("--lr", type=_positive_float, default=2e-4)
+    train.add_argument("--eval-every", type=_non_negative, default=500, help="steps between evaluations (0: none)")
+    train.add_argument("--checkpoint-every", type=_non_negative, default=500,
+                       help="steps between checkpoints (0: only at the end)")
+    train.add_argument("--seed", type=_non_negative, default=0)
     train.add_argument("--out", required=True, help="run folder (checkpoint.pt, log.jsonl, evaluations)")
-    train.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a folder that holds another one (deletes its checkpoint and log)")
     train.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast on CUDA")
-    train.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    train.add_argument("--workers", type=_non_negative, default=0, help="data-loading processes")
     _add_runtime_options(train)
     train.set_defaults(run=_train)
 
@@ -147,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--data", default="builtin", help="'builtin' or a folder")
     evaluation.add_argument("--tasks", type=_tasks, default=None, help="default: the checkpoint's tasks")
     evaluation.add_argument("--out", default="eval_out", help="folder for results.json and results.md")
-    evaluation.add_argument("--tile", type=int, default=256, help="tile size for large images")
+    evaluation.add_argument("--tile", type=_positive, default=256, help="tile size for large images")
     _add_runtime_options(evaluation)
     evaluation.set_defaults(run=_eval)
 
@@ -156,16 +253,28 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("inputs", nargs="+", metavar="IN", help="input images")
     restore.add_argument("--out", required=True, help="output folder")
     restore.add_argument("--format", choices=("png", "jpg"), default=None, help="default: the input's format")
-    restore.add_argument("--tile", type=int, default=256, help="tile size (tiles overlap by --overlap)")
-    restore.add_argument("--overlap", type=int, default=32)
+    restore.add_argument("--tile", type=_positive, default=256, help="tile size (tiles overlap by --overlap)")
+    restore.add_argument("--overlap", type=_non_negative, default=32, help="less than --tile")
     _add_runtime_options(restore)
     restore.set_defaults(run=_restore)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; a user's mistake raises ``SystemExit`` after one line on stderr."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    debug = args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    try:
+        return args.run(args)
+    except (UserError, OSError, KeyboardInterrupt) as error:
+        if debug:
+            raise
+        if isinstance(error, KeyboardInterrupt):
+            print(f"moe-restore {args.command}: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        message = " ".join(str(error).split())  # one line, whatever the message holds
+        print(f"moe-restore {args.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
