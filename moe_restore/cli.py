@@ -146,6 +146,8 @@ def _restore_targets(sources: list[Path], out: Path, format: str | None) -> dict
         target = out / (source.stem + (f".{format}" if format else source.suffix.lower()))
         if target.suffix not in (".png", ".jpg", ".jpeg"):
             target = target.with_suffix(".png")
+        if not source.is_file():
+            raise UserError(f"input {str(source)!r} does not exist or is not a file")
         if source in targets:
             raise UserError(f"input {str(source)!r} is given twice")
         clash = next((s for s, t in targets.items() if t.resolve() == target.resolve()), None)
