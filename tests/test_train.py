@@ -66,6 +66,10 @@ def _tensors(tree, prefix=""):
     return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
 
 
+def _logged_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
 def test_mim_dit_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path):
     """MiM-DiT draws noise and times in its loss: a run killed after step 3 of 4 (its checkpoint
     is step 2's, its log holds steps 1-3) and resumed ends with the uninterrupted run's every
@@ -85,9 +89,9 @@ def test_mim_dit_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path):
 
     with pytest.raises(_Crash):
         train(run_b, progress=False, on_step=crash_at_step_4)
-    assert [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert _logged_steps(tmp_path / "b") == [1, 2, 3]
     train(run_b, resume=True, progress=False)
-    assert [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert _logged_steps(tmp_path / "b") == [1, 2, 3, 4]
     a, b = (load_checkpoint(tmp_path / run / "checkpoint.pt") for run in ("a", "b"))
     assert a["step"] == b["step"] == 4
     tensors_a = _tensors({k: a[k] for k in ("model", "optimizer", "generators")})
@@ -129,7 +133,7 @@ def test_a_run_folder_in_use_needs_resume_or_overwrite(tmp_path):
         train(_config(tmp_path, steps=1), progress=False)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1
     train(_config(tmp_path, steps=2, checkpoint_every=0), overwrite=True, progress=False)
-    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert _logged_steps(tmp_path) == [1, 2]
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
 
 

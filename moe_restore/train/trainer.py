@@ -176,7 +176,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     # One stream per process (seed s, rank r never meets seed s + 1, rank r - 1 for r < 1_000_003).
-    objective_generator = torch.Generator(env.device).manual_seed(config.seed * 1_000_003 + env.rank)
+    objective_generator = torch.Generator(env.device).manual_seed((config.seed * 1_000_003 + env.rank) % 2**63)
     generators = {"objective": objective_generator}
     start = 0
     if env.is_main:
