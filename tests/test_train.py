@@ -2,6 +2,7 @@
 tiled inference, and DistributedDataParallel with gloo and 2 processes."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_restore.data import FixedDegradedDataset
+from moe_restore.data import FixedDegradedDataset, write_image
 from moe_restore.train import TrainConfig, restore_image, train
-from moe_restore.train.checkpoint import load_checkpoint
+from moe_restore.errors import UserError
+from moe_restore.train.checkpoint import load_checkpoint, save_checkpoint
 from moe_restore.train.demo import (
     DEMO_BATCH,
     DEMO_PATCH,
@@ -54,6 +56,85 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path):
     assert not [p for p in (tmp_path / "b").iterdir() if p.suffix == ".tmp"], "a temporary checkpoint was left"
     state = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     assert state["step"] == 3 and state["config"]["tasks"] == ["noise", "lowlight+haze"]
+
+
+def _tensors(tree, prefix=""):
+    """Every tensor of a nested dict/list (a state dict), by path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
+
+
+def _logged_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_mim_dit_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path):
+    """MiM-DiT draws noise and times in its loss: a run killed after step 3 of 4 (its checkpoint
+    is step 2's, its log holds steps 1-3) and resumed ends with the uninterrupted run's every
+    model, optimizer and generator tensor, bit for bit, and a log of each step once."""
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        write_image(tmp_path / "clean" / f"photo{i}.png", torch.rand(3, 24, 32, generator=g))
+    # The evaluation at step 2 samples (from the global RNG) after step 2's checkpoint was written.
+    tiny = dict(model="mim-dit-tiny", model_overrides={"hidden": 32, "depth": 1, "heads": 2, "sample_steps": 1},
+                steps=4, eval_every=2, data=str(tmp_path / "clean"))
+    run_a, run_b = _config(tmp_path / "a", **tiny), _config(tmp_path / "b", **tiny)
+    train(run_a, progress=False)
+
+    def crash_at_step_4(step, terms):
+        if step == 4:
+            raise _Crash  # steps 1-3 logged, step 2's checkpoint on disk
+
+    with pytest.raises(_Crash):
+        train(run_b, progress=False, on_step=crash_at_step_4)
+    assert _logged_steps(tmp_path / "b") == [1, 2, 3]
+    train(run_b, resume=True, progress=False)
+    assert _logged_steps(tmp_path / "b") == [1, 2, 3, 4]
+    a, b = (load_checkpoint(tmp_path / run / "checkpoint.pt") for run in ("a", "b"))
+    assert a["step"] == b["step"] == 4
+    tensors_a = _tensors({k: a[k] for k in ("model", "optimizer", "generators")})
+    tensors_b = _tensors({k: b[k] for k in ("model", "optimizer", "generators")})
+    assert tensors_a.keys() == tensors_b.keys() and len(tensors_a) > 50
+    differing = [name for name in tensors_a if not torch.equal(tensors_a[name], tensors_b[name])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
+def test_checkpoint_checksum_detects_a_flipped_byte_and_orphans_are_removed(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    model = torch.nn.Linear(64, 64)
+    save_checkpoint(path, model=model, step=7)
+    assert load_checkpoint(path)["step"] == 7
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(path)
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="not a moe-restore checkpoint"):
+        load_checkpoint(path)
+    # A save killed between creating its temporary file and the rename leaves this behind.
+    orphan = tmp_path / ".checkpoint.pt.k1ll3d.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".other.pt.x.tmp"
+    other.write_bytes(b"another checkpoint's")
+    save_checkpoint(path, model=model, step=8)
+    assert not orphan.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.x.tmp", "checkpoint.pt"]
+    state = load_checkpoint(path)
+    assert state["step"] == 8 and torch.equal(state["model"]["weight"], model.weight.detach())
+
+
+def test_a_run_folder_in_use_needs_resume_or_overwrite(tmp_path):
+    train(_config(tmp_path, steps=1), progress=False)
+    with pytest.raises(UserError, match="in use"):
+        train(_config(tmp_path, steps=1), progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1
+    train(_config(tmp_path, steps=2, checkpoint_every=0), overwrite=True, progress=False)
+    assert _logged_steps(tmp_path) == [1, 2]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
 
 
 def test_resume_refuses_a_different_run(tmp_path):

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from moe_restore.data.degradations import NOISE_STRENGTH, degrade, parse_task
 from moe_restore.data.image_io import list_images, read_image
+from moe_restore.errors import UserError
 
 AIO_TASK_FOLDERS = {"Denoise": "noise", "Derain": "rain", "Dehaze": "haze", "Deblur": "blur", "Enhance": "lowlight"}
 # Evaluation strength of each single degradation (noise: sigma 25, the 5-task benchmark level).
@@ -75,7 +76,7 @@ class SyntheticDataset(Dataset):
             raise ValueError("images must hold at least one clean image")
         small = [tuple(im.shape[1:]) for im in images if min(im.shape[1:]) < patch]
         if small:
-            raise ValueError(f"patch={patch} is larger than image(s) of size {small}")
+            raise UserError(f"patch={patch} is larger than image(s) of size {small}")
         self.images, self.tasks, self.patch, self.length, self.seed = list(images), check_tasks(tasks), patch, length, seed
 
     def __len__(self) -> int:
@@ -118,10 +119,10 @@ def _pairs(input_dir: Path, target_dir: Path) -> list[tuple[Path, Path]]:
     targets = {p.stem: p for p in list_images(target_dir)}
     missing = sorted(set(inputs) ^ set(targets))
     if missing:
-        raise ValueError(f"{input_dir} and {target_dir} must hold images of the same names; "
+        raise UserError(f"{input_dir} and {target_dir} must hold images of the same names; "
                          f"unmatched: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if not inputs:
-        raise ValueError(f"no images in {input_dir}")
+        raise UserError(f"no images in {input_dir}")
     return [(inputs[s], targets[s]) for s in sorted(inputs)]
 
 
@@ -146,10 +147,10 @@ class PairedFolderDataset(Dataset):
                 wanted = check_tasks(tasks)
                 self.entries = [e for e in self.entries if e[2] in wanted]
         else:
-            raise ValueError(f"data folder {str(root)!r} has neither input/ + target/ nor a {split}/ folder "
+            raise UserError(f"data folder {str(root)!r} has neither input/ + target/ nor a {split}/ folder "
                              f"with task folders {list(AIO_TASK_FOLDERS)}")
         if not self.entries:
-            raise ValueError(f"no image pairs for tasks {tasks} under {str(root)!r}")
+            raise UserError(f"no image pairs for tasks {tasks} under {str(root)!r}")
         self.tasks = tuple(sorted({task for _, _, task in self.entries}, key=self._task_order))
 
     @staticmethod
@@ -168,7 +169,7 @@ class PairedFolderDataset(Dataset):
                 clean_dir = task_dir / "target" if (task_dir / "target").is_dir() else task_dir
                 self.entries += [(None, t, task) for t in list_images(clean_dir)]
             else:
-                raise ValueError(f"{task_dir} must hold input/ and target/ folders")
+                raise UserError(f"{task_dir} must hold input/ and target/ folders")
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -181,7 +182,7 @@ class PairedFolderDataset(Dataset):
         else:
             degraded = read_image(input_path)
             if degraded.shape != target.shape:
-                raise ValueError(f"{input_path} is {tuple(degraded.shape[1:])} but its target "
+                raise UserError(f"{input_path} is {tuple(degraded.shape[1:])} but its target "
                                  f"{target_path} is {tuple(target.shape[1:])}")
         return degraded, target, self.tasks.index(task)
 
@@ -208,6 +209,6 @@ class PairedPatchDataset(Dataset):
         members = self.by_task[task_index]
         degraded, clean, _ = self.pairs[members[int(torch.randint(len(members), (), generator=gen))]]
         if min(clean.shape[1:]) < self.patch:
-            raise ValueError(f"patch={self.patch} is larger than a {tuple(clean.shape[1:])} training pair")
+            raise UserError(f"patch={self.patch} is larger than a {tuple(clean.shape[1:])} training pair")
         pair = _random_crop_flip(torch.stack([degraded, clean]), self.patch, gen)
         return pair[0], pair[1], task_index

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe_restore.errors import UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 WRITE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -24,7 +26,7 @@ def list_images(folder: str | Path) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"folder {str(folder)!r} does not exist or is not a directory")
+        raise UserError(f"folder {str(folder)!r} does not exist or is not a directory")
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
@@ -37,17 +39,17 @@ def array_to_tensor(array: np.ndarray, *, name: str = "image", min_size: int = 8
     elif np.issubdtype(array.dtype, np.floating):
         values = np.clip(array.astype(np.float32), 0.0, 1.0)
     else:
-        raise ValueError(f"{name}: unsupported pixel type {array.dtype} (want 8-bit, 16-bit or float)")
+        raise UserError(f"{name}: unsupported pixel type {array.dtype} (want 8-bit, 16-bit or float)")
     if values.ndim == 2:
         values = values[:, :, None]
     if values.ndim != 3 or values.shape[2] not in (1, 2, 3, 4):
-        raise ValueError(f"{name}: unsupported layout {array.shape} (want gray, gray+alpha, RGB or RGBA)")
+        raise UserError(f"{name}: unsupported layout {array.shape} (want gray, gray+alpha, RGB or RGBA)")
     if values.shape[2] in (1, 2):
         values = np.repeat(values[:, :, :1], 3, axis=2)
     values = values[:, :, :3]
     h, w = values.shape[:2]
     if min(h, w) < min_size:
-        raise ValueError(f"{name}: image is {h}x{w}, smaller than the minimum {min_size} px per side")
+        raise UserError(f"{name}: image is {h}x{w}, smaller than the minimum {min_size} px per side")
     return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
 
 
@@ -59,9 +61,9 @@ def read_image(path: str | Path, *, min_size: int = 8) -> torch.Tensor:
     try:
         array = np.asarray(iio.imread(path))
     except Exception as error:  # imageio raises many types for undecodable files
-        raise ValueError(f"cannot read image {str(path)!r}: {error}") from error
+        raise UserError(f"cannot read image {str(path)!r}: {error}") from error
     if array.ndim == 4:
-        raise ValueError(f"{path}: multi-frame images are not supported (shape {array.shape})")
+        raise UserError(f"{path}: multi-frame images are not supported (shape {array.shape})")
     return array_to_tensor(array, name=str(path), min_size=min_size)
 
 
@@ -80,7 +82,7 @@ def write_image(path: str | Path, image: torch.Tensor) -> None:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in WRITE_SUFFIXES:
-        raise ValueError(f"path {str(path)!r}: output format must be one of {WRITE_SUFFIXES}")
+        raise UserError(f"path {str(path)!r}: output format must be one of {WRITE_SUFFIXES}")
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = {"quality": 95} if suffix in (".jpg", ".jpeg") else {}
     iio.imwrite(path, tensor_to_uint8(image), **extra)

@@ -24,6 +24,7 @@ from moe_restore.data.builtin import builtin_images
 from moe_restore.data.datasets import (FixedDegradedDataset, PairedFolderDataset, PairedPatchDataset,
                                        SyntheticDataset, check_tasks)
 from moe_restore.data.image_io import list_images, read_image
+from moe_restore.errors import UserError
 
 _HELD_OUT_EVERY = 10
 
@@ -33,7 +34,7 @@ def _layout(data: str) -> str:
         return "builtin"
     root = Path(data)
     if not root.is_dir():
-        raise ValueError(f"data must be 'builtin' or an existing folder, got {data!r}")
+        raise UserError(f"data must be 'builtin' or an existing folder, got {data!r}")
     if (root / "Train").is_dir() or (root / "Test").is_dir():
         return "all-in-one"
     if (root / "input").is_dir() and (root / "target").is_dir():
@@ -44,7 +45,7 @@ def _layout(data: str) -> str:
 def _clean_split(data: str, split: str) -> tuple[list[str], list]:
     paths = list_images(data)
     if not paths:
-        raise ValueError(f"no images in {data!r}")
+        raise UserError(f"no images in {data!r}")
     if len(paths) >= 2:
         # Every 10th image is held out; a folder of fewer than 10 holds out its last one.
         held_out = set(range(_HELD_OUT_EVERY - 1, len(paths), _HELD_OUT_EVERY)) or {len(paths) - 1}

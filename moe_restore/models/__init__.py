@@ -33,6 +33,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from moe_restore.errors import UserError
 from moe_restore.models.m2ir import M2IR, M2IRConfig
 from moe_restore.models.mim_dit import MiMDiT, MiMDiTConfig
 
@@ -59,7 +60,7 @@ def names() -> list[str]:
 def config(name: str, **overrides: Any):
     """The configuration of ``name`` with ``overrides`` applied."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose from {names()}")
+        raise UserError(f"unknown model {name!r}; choose from {names()}")
     base = _REGISTRY[name][1]
     fields = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(overrides) - fields)

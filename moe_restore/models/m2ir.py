@@ -142,10 +142,12 @@ class M2IR(nn.Module):
         return torch.stack(losses).mean()
 
     def training_loss(self, degraded: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor | None,
-                      weights: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
+                      weights: LossWeights, *, generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
         """``restoration_loss`` of the restored batch (Charbonnier + FFT + load balance +
         degradation classification; the objective protocol of ``moe_restore.models.objective``).
-        The labels also pick the output heads (``degradation_heads``)."""
+        The labels also pick the output heads (``degradation_heads``). It draws nothing at random,
+        so ``generator`` is unused."""
         restored = self(degraded, labels=labels)
         return restoration_loss(restored.float(), clean, weights=weights, aux_loss=self.aux_loss,
                                 class_logits=self.class_logits, labels=labels, inputs=degraded)

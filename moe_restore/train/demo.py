@@ -77,7 +77,7 @@ def run_demo(out_dir: str | Path = "demo_out", *, steps: int | None = None, mode
     and write the demo's outputs; returns the evaluation results."""
     out_dir = Path(out_dir)
     config = demo_config(out_dir, steps=steps, model=model)
-    model = train(config, progress=progress)
+    model = train(config, overwrite=True, progress=progress)  # a demo starts afresh in its folder
     dataset = evaluation_set("builtin", config.tasks)
     results = evaluate(model, dataset)
     write_results(results, out_dir)

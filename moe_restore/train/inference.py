@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from moe_restore.errors import UserError
 from moe_restore.train.checkpoint import load_checkpoint
 
 
@@ -32,15 +33,23 @@ def load_model(checkpoint: str | Path, *, device: torch.device | str = "cpu", ba
     ignore it."""
     from moe_restore.models import build
 
+    if sample_steps is not None and (isinstance(sample_steps, bool) or not isinstance(sample_steps, int)
+                                     or sample_steps < 1):
+        raise UserError(f"sample_steps must be a positive int, got {sample_steps!r}")
     state = load_checkpoint(checkpoint)
     run = state["config"]
-    if "model" not in run:
-        raise ValueError(f"checkpoint {str(checkpoint)!r} holds no run configuration (not written by train)")
+    if not {"model", "model_config"} <= set(run):
+        raise UserError(f"checkpoint {str(checkpoint)!r} holds no run configuration (not written by train)")
     overrides = {"backend": pipeline_backend(backend, device)}
     if sample_steps is not None and "sample_steps" in run["model_config"]:
         overrides["sample_steps"] = sample_steps
     model = build(run["model"], **{**run["model_config"], **overrides})
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:  # missing, unexpected or mis-shaped tensors
+        first = str(error).strip().splitlines()
+        raise UserError(f"checkpoint {str(checkpoint)!r}: its weights do not fit a {run['model']} of its saved "
+                        f"configuration ({first[1].strip() if len(first) > 1 else first[0]})") from error
     return model.to(device).eval(), run
 
 
@@ -71,6 +80,28 @@ def restored_path(out: str | Path, source: str | Path, image_format: str | None 
     return target if target.suffix in (".png", ".jpg", ".jpeg") else target.with_suffix(".png")
 
 
+def restore_targets(sources: list[Path], out: str | Path, image_format: str | None = None) -> dict[Path, Path]:
+    """Output path of each input (``restored_path``). Refuses two inputs that would share an output, or an output
+    that would overwrite an input."""
+    targets: dict[Path, Path] = {}
+    for source in sources:
+        target = restored_path(out, source, image_format)
+        if not source.is_file():
+            raise UserError(f"input {str(source)!r} does not exist or is not a file")
+        if source in targets:
+            raise UserError(f"input {str(source)!r} is given twice")
+        clash = next((s for s, t in targets.items() if t.resolve() == target.resolve()), None)
+        if clash is not None:
+            raise UserError(f"inputs {str(clash)!r} and {str(source)!r} would both be written to {str(target)!r}: "
+                            "restore them into different --out folders")
+        targets[source] = target
+    overwritten = [s for s, t in targets.items() if t.resolve() in {x.resolve() for x in targets}]
+    if overwritten:
+        raise UserError(f"restoring {str(overwritten[0])!r} into {str(out)!r} would overwrite an input: "
+                        "choose another --out folder")
+    return targets
+
+
 def _restorer(model: nn.Module):
     """The network's restoration function: ``restore`` where it has one (MiM-DiT samples), else
     its forward (M2IR)."""
@@ -84,7 +115,7 @@ def restore_image(model: nn.Module, image: torch.Tensor, *, tile: int | None = 2
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"image must have shape [3, H, W], got {tuple(image.shape)}")
     if tile is not None and not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile={tile}), got {overlap}")
+        raise UserError(f"overlap must be in [0, tile={tile}), got {overlap}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     h, w = image.shape[1:]
     if tile is None or (h <= tile and w <= tile):

@@ -28,14 +28,16 @@ from torch.utils.data import DataLoader
 
 from moe_restore.data.datasets import check_tasks
 from moe_restore.data.sources import evaluation_set, training_set
+from moe_restore.errors import UserError
 from moe_restore.train import distributed
-from moe_restore.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from moe_restore.train.checkpoint import load_checkpoint, save_checkpoint, set_generator_states, set_rng_state
 from moe_restore.train.evaluate import evaluate, markdown_table, write_results
 from moe_restore.train.inference import pipeline_backend
 from moe_restore.train.losses import LossWeights
 from moe_restore.train.objective import TrainingObjective
 
 CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
 
 
 @dataclass
@@ -69,9 +71,9 @@ class TrainConfig:
         for name in ("steps", "batch", "patch", "eval_every", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if "every" in name else 1):
-                raise ValueError(f"{name} must be a {'non-negative' if 'every' in name else 'positive'} int, got {value!r}")
+                raise UserError(f"{name} must be a {'non-negative' if 'every' in name else 'positive'} int, got {value!r}")
         if self.patch % 8:
-            raise ValueError(f"patch must be a multiple of 8, got {self.patch}")
+            raise UserError(f"patch must be a multiple of 8, got {self.patch}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,19 +116,57 @@ def _resume_state(config: TrainConfig, path: Path) -> dict[str, Any]:
     saved = state["config"]["train"]
     changed = sorted(k for k, v in config.to_dict().items() if k not in _RESUMABLE and saved.get(k) != v)
     if changed:
-        raise ValueError(f"cannot resume {path}: the run was started with other {changed} "
+        raise UserError(f"cannot resume {path}: the run was started with other {changed} "
                          f"({ {k: saved.get(k) for k in changed} })")
     return state
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
+def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds another run's checkpoint or log, unless
+    ``overwrite`` (which deletes them); with ``resume`` the folder must hold a checkpoint."""
+    checkpoint, log = out / CHECKPOINT_NAME, out / LOG_NAME
+    if resume:
+        if not checkpoint.is_file():
+            raise UserError(f"--resume: no checkpoint at {checkpoint}")
+        return
+    in_use = [p.name for p in (checkpoint, log) if p.is_file()]
+    if in_use and not overwrite:
+        raise UserError(f"run folder {str(out)!r} is in use (it holds {', '.join(in_use)}): pass --resume to "
+                        "continue that run or --overwrite to start a new one in its place")
+    for name in in_use:
+        (out / name).unlink()
+
+
+def _open_log(path: Path, start: int):
+    """The step log opened for appending after step ``start``: the lines of later steps (written
+    after the checkpoint the run resumes from, which it is about to replay) and a line cut short
+    by a kill are dropped first, so that the log holds each step once."""
+    kept = []
+    if start and path.is_file():
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if line.endswith("\n") and entry.get("step", start + 1) <= start:
+                kept.append(line)
+    path.write_text("".join(kept))
+    return path.open("a")
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           on_step: Callable[[int, dict[str, float]], None] | None = None) -> nn.Module:
     """Train (or resume) the run described by ``config``; returns the trained model (unwrapped).
 
     Writes ``<out>/checkpoint.pt`` every ``checkpoint_every`` steps (0: only) at the end,
     ``<out>/log.jsonl`` (one line per step) and ``<out>/eval_step<N>.{json,md}`` every
     ``eval_every`` steps and at the end (process 0 only). ``on_step(step, terms)`` is called after
-    each step with the loss terms.
+    each step with the loss terms. A folder holding another run is refused (``UserError``) unless
+    ``resume`` (continue it from its checkpoint) or ``overwrite`` (start over in its place).
+
+    Every random draw of a step comes from checkpointed state: the data items are functions of
+    their index, and the objective (MiM-DiT's noise and times) draws from its own generator, seeded
+    from ``seed`` and the process rank and saved in the checkpoints.
     """
     env = distributed.setup(config.device)
     out = Path(config.out)
@@ -135,24 +175,32 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     model = _build_model(config, env.device).to(env.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
+    # One stream per process (seed s, rank r never meets seed s + 1, rank r - 1 for r < 1_000_003).
+    objective_generator = torch.Generator(env.device).manual_seed((config.seed * 1_000_003 + env.rank) % 2**63)
+    generators = {"objective": objective_generator}
     start = 0
-    if resume and checkpoint_path.is_file():
+    if env.is_main:
+        _claim_run_folder(out, resume=resume, overwrite=overwrite)
+    distributed.barrier(env)
+    if resume:
         state = _resume_state(config, checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
         set_rng_state(state["rng"])
-    elif resume:
-        raise ValueError(f"--resume: no checkpoint at {checkpoint_path}")
+        set_generator_states(state, generators)
 
     per_step = config.batch * env.world_size
     dataset = training_set(config.data, config.tasks, patch=config.patch, length=config.steps * per_step,
                            seed=config.seed)
     batches = [list(range(s * per_step + env.rank * config.batch, s * per_step + (env.rank + 1) * config.batch))
                for s in range(start, config.steps)]
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate, num_workers=config.workers)
-    objective = TrainingObjective(model, config.loss)
+    # The loader's own generator: its iterator draws the workers' base seed from it, not from the
+    # global RNG (whose restored state the step must find untouched).
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate, num_workers=config.workers,
+                        generator=torch.Generator().manual_seed(config.seed))
+    objective = TrainingObjective(model, config.loss, generator=objective_generator)
     if env.enabled:
         objective = nn.parallel.DistributedDataParallel(
             objective, device_ids=[env.device.index] if env.device.type == "cuda" else None)
@@ -169,7 +217,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc=f"train {config.model}", unit="step")
-    log = (out / "log.jsonl").open("a") if env.is_main else None
+    log = _open_log(out / LOG_NAME, start) if env.is_main else None
     model.train()
     tick = time.perf_counter()
     for step, (degraded, clean, labels) in enumerate(loader, start=start + 1):
@@ -197,7 +245,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         final = step == config.steps
         if env.is_main and (final or config.checkpoint_every and step % config.checkpoint_every == 0):
             save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                            config=run_config)
+                            config=run_config, generators=generators)
         if eval_set is not None and (final or step % config.eval_every == 0):
             results = evaluate(model, eval_set)
             write_results(results, out, stem=f"eval_step{step}")
