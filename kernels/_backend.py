@@ -7,7 +7,10 @@ Every public op takes ``backend: str | None``:
   ``moe_restore.kernels`` was first imported). Anything else raises ``RuntimeError``.
 * ``"torch"`` runs the vectorised eager PyTorch implementation (the CPU path and the profiling
   baseline).
-* ``None`` picks ``"triton"`` where it can run, else ``"torch"``.
+* ``None`` picks ``"triton"`` where it can run, else ``"torch"``; and never a path that is wrong
+  for the dtype: the expert MLP and the scan run float64 on "torch" only (their Triton kernels
+  compute in float32), so ``None`` sends float64 there and ``"triton"`` raises ``TypeError``
+  (``resolve_backend_for_dtype``). The per-op dtype table is in docs/kernels.md.
 
 On CUDA, "can run" means that Triton compiles for this GPU: the first CUDA call per device
 compiles and launches a one-element probe kernel. If that fails (a GPU older than Triton
@@ -172,6 +175,16 @@ def launch_size(variable: str, default: int, *, power_of_two: bool = False, mini
         kind = "a power of two" if power_of_two else "an integer"
         raise ValueError(f"{variable} must be {kind} >= {minimum}, got {text!r}")
     return value
+def resolve_backend_for_dtype(backend: str | None, t: torch.Tensor, name: str) -> str:
+    """``resolve_backend`` for an op whose Triton kernels take float32, float16 and bfloat16 only:
+    float64 ``t`` runs on "torch" (``None``) or raises TypeError naming ``name`` ("triton")."""
+    if backend is None and t.dtype == torch.float64:
+        return "torch"
+    backend = resolve_backend(backend, t.device)
+    if backend == "triton" and t.dtype == torch.float64:
+        raise TypeError(f"backend='triton' computes in float32 and takes float32, float16 or bfloat16; "
+                        f"{name} is float64 (use backend='torch' or None)")
+    return backend
 
 
 def _parse_pinned(text: str) -> dict[str, int]:

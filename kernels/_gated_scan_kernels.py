@@ -77,9 +77,11 @@ def _load_token(k, U, F, BM, CM, L, INNER, base_x, base_n, sx_o, sx_i, sn_o, sn_
     f = tl.load(F + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     bm = tl.load(BM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     cm = tl.load(CM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    # log a = log sigmoid(f) = min(f, 0) - log(1 + exp(-|f|)); log(1 - a) = log a - f
-    log_a = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))
-    return ox, on, u, log_a, tl.exp(log_a), tl.exp(log_a - f), bm, cm
+    # log a = log sigmoid(f) = min(f, 0) - log(1 + exp(-|f|)); log(1 - a) = log sigmoid(-f), written
+    # the same way (not as log a - f, which is inf - inf at f = +-inf: decay exactly 0 or 1)
+    soft = tl.log(1.0 + tl.exp(-tl.abs(f)))
+    log_a = tl.minimum(f, 0.0) - soft
+    return ox, on, u, log_a, tl.exp(log_a), tl.exp(tl.minimum(-f, 0.0) - soft), bm, cm
 
 
 @triton.jit

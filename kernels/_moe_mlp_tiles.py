@@ -59,8 +59,8 @@ def _activation(z, ACT: tl.constexpr):
         return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == SILU:
         return z * tl.sigmoid(z)
-    elif ACT == RELU:
-        return tl.maximum(z, 0.0)
+    elif ACT == RELU:  # a relu that keeps NaN, as torch's does (tl.maximum drops it)
+        return tl.where(z < 0.0, 0.0, z)
     elif ACT == GELU_TANH:
         return z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
     else:

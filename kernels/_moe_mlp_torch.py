@@ -25,6 +25,8 @@ def moe_mlp(x: torch.Tensor, routing: Routing, offsets: tuple[int, ...], w1: tor
         out = activate(z, activation) @ w2[e]
         pieces.append(out + b2[e] if b2 is not None else out)
     out_sorted = torch.cat(pieces) if pieces else x.new_zeros(0, w2.shape[-1])
-    scaled = out_sorted.float() * routing.weights.reshape(-1)[order, None]
+    # The weighted combine accumulates in float32 (float64 for float64 inputs).
+    acc = torch.promote_types(x.dtype, torch.float32)
+    scaled = out_sorted.to(acc) * routing.weights.reshape(-1)[order, None].to(acc)
     by_assignment = scaled.new_zeros(T * k, w2.shape[-1]).index_copy(0, order, scaled)
     return by_assignment.view(T, k, -1).sum(dim=1).to(x.dtype)

@@ -3,10 +3,10 @@
 Forward, one program per BLOCK_T tokens, each token's G group logits and G*E expert logits
 read once (the expert logits as one row of G*E columns c = g*E + e, group major):
 
-    p = softmax(gl[t]);  group ranks = the k_g arg-max passes over p;  q = p / sum_{chosen} p
+    group ranks = the k_g arg-max passes over gl[t];  p = softmax(gl[t]);  q = p / sum_{chosen} p
     for group rank i (group g_i, weight q_i):
-        r = softmax over the columns of group g_i only (the others masked to -inf, so r = 0 there)
-        sub-expert ranks j = the k_e arg-max passes over r inside the group;  s = r / sum_{chosen} r
+        sub-expert ranks j = the k_e arg-max passes over the logits of group g_i's columns
+        r = softmax over the columns of group g_i only (0 elsewhere);  s = r / sum_{chosen} r
         weights[t, i*k_e + j] = q_i * s_c,  experts[t, i*k_e + j] = c   (c = g_i*E + e is the id)
 
 Backward, with dw = dL/dweights and dq_in = dL/dgroup_weights, per group rank i:
@@ -17,7 +17,7 @@ Backward, with dw = dL/dweights and dq_in = dL/dgroup_weights, per group rank i:
     dgl[t]    = softmax/renormalisation backward of (p, dL/dq)
 
 Unchosen groups get a zero expert-logit gradient; every gradient element is written by the
-kernel (no memset). The softmax, top-k, renormalisation and their gradients are the jit helpers
+kernel (no memset). The top-k on logits, the stable weights and their gradients are the jit helpers
 of ``_routing_triton``, shared with ``topk_route``.
 """
 from __future__ import annotations
@@ -26,30 +26,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._routing_triton import (_block_e, _block_t, _load_logits, _renormalized, _router_scores,
-                              _router_scores_grad, _top_k_ranks)
+from ._routing_triton import _block_e, _block_t, _choice_weights, _choice_weights_grad, _load_logits, _top_k_ranks
 
 
 @triton.jit
 def _token_block(gl_ptr, el_ptr, T, G, E, stride_gt, stride_gg, stride_et, stride_ec,
                  BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GE: tl.constexpr):
-    """This program's tokens: rows, the group scores p [BLOCK_T, BLOCK_G] with their columns,
+    """This program's tokens: rows, the float32 group logits [BLOCK_T, BLOCK_G] with their columns,
     and the expert logits [BLOCK_T, BLOCK_GE] with their columns c = g*E + e and groups g."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
     gcols = tl.arange(0, BLOCK_G)
     gmask = gcols < G
-    p = _router_scores(_load_logits(gl_ptr, rows, gcols, row_mask, gmask, stride_gt, stride_gg), gmask, False)
+    gl = _load_logits(gl_ptr, rows, gcols, row_mask, gmask, stride_gt, stride_gg)
     cols = tl.arange(0, BLOCK_GE)
     cmask = cols < G * E
     el = _load_logits(el_ptr, rows, cols, row_mask, cmask, stride_et, stride_ec)
-    return rows, row_mask, p, gcols, gmask, el, cols, cmask, cols // E
-
-
-@triton.jit
-def _in_group_scores(expert_logits, in_group, cmask):
-    """Softmax of a [BLOCK_T, BLOCK_GE] expert tile over the columns of each row's group only."""
-    return _router_scores(tl.where(in_group, expert_logits, float("-inf")), cmask, False)
+    return rows, row_mask, gl, gcols, gmask, el, cols, cmask, cols // E
 
 
 @triton.jit
@@ -57,16 +50,13 @@ def _nested_scores_fwd_kernel(gl_ptr, el_ptr, weights_ptr, experts_ptr, group_we
                               bad_rows_ptr, T, G, E, KG, KE, stride_gt, stride_gg, stride_et, stride_ec,
                               RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
                               BLOCK_GE: tl.constexpr):
-    rows, row_mask, p, gcols, gmask, el, cols, cmask, col_group = _token_block(
+    rows, row_mask, gl, gcols, gmask, el, cols, cmask, col_group = _token_block(
         gl_ptr, el_ptr, T, G, E, stride_gt, stride_gg, stride_et, stride_ec, BLOCK_T, BLOCK_G, BLOCK_GE)
-    # A token with a NaN logit or an undefined score is counted for the host to raise on; the
-    # scores are zeroed so that the indices written stay in range until then.
-    bad = tl.max(((p != p) & gmask[None, :]).to(tl.int32), axis=1) | tl.max((el != el).to(tl.int32), axis=1)
-    p = tl.where(p == p, p, 0.0)
-    group_rank = _top_k_ranks(p, gmask, gcols, KG)
-    q = p
-    if RENORMALIZE:
-        q = _renormalized(p, group_rank >= 0)
+    # A refused token (a NaN logit anywhere, or an undefined score it uses) is counted for the
+    # host to raise on.
+    group_rank = _top_k_ranks(gl, gmask[None, :], gcols, KG)
+    q, bad = _choice_weights(gl, gmask[None, :], group_rank >= 0, False, RENORMALIZE)
+    bad = bad | tl.max(((el != el) & cmask[None, :]).to(tl.int32), axis=1)
     K = KG * KE
     for i in range(KG):
         is_i = group_rank == i
@@ -74,16 +64,11 @@ def _nested_scores_fwd_kernel(gl_ptr, el_ptr, weights_ptr, experts_ptr, group_we
         q_i = tl.sum(tl.where(is_i, q, 0.0), axis=1)
         tl.store(group_weights_ptr + rows * KG + i, q_i, mask=row_mask)
         tl.store(groups_ptr + rows * KG + i, group.to(tl.int64), mask=row_mask)
-        in_group = col_group[None, :] == group[:, None]
-        r = _in_group_scores(el, in_group, cmask)
-        bad = bad | tl.max(((r != r) & in_group).to(tl.int32), axis=1)
-        r = tl.where(r == r, r, 0.0)
-        # Columns outside the group score -1 so that no arg-max pass picks them.
-        rank = _top_k_ranks(tl.where(in_group, r, -1.0), cmask, cols, KE)
+        in_group = (col_group[None, :] == group[:, None]) & cmask[None, :]
+        rank = _top_k_ranks(el, in_group, cols, KE)
         chosen = rank >= 0
-        s = r
-        if RENORMALIZE:
-            s = _renormalized(r, chosen)
+        s, bad_i = _choice_weights(el, in_group, chosen, False, RENORMALIZE)
+        bad = bad | bad_i
         out = rows[:, None] * K + i * KE + rank
         out_mask = chosen & row_mask[:, None]
         tl.store(weights_ptr + out, q_i[:, None] * s, mask=out_mask)
@@ -96,15 +81,13 @@ def _nested_scores_bwd_kernel(gl_ptr, el_ptr, groups_ptr, experts_ptr, dweights_
                               dgl_ptr, del_ptr, T, G, E, KG, KE, stride_gt, stride_gg, stride_et, stride_ec,
                               RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
                               BLOCK_GE: tl.constexpr):
-    rows, row_mask, p, gcols, gmask, el, cols, cmask, col_group = _token_block(
+    rows, row_mask, gl, gcols, gmask, el, cols, cmask, col_group = _token_block(
         gl_ptr, el_ptr, T, G, E, stride_gt, stride_gg, stride_et, stride_ec, BLOCK_T, BLOCK_G, BLOCK_GE)
     group_chosen = tl.zeros((BLOCK_T, BLOCK_G), tl.int1)
     for i in range(KG):
         group = tl.load(groups_ptr + rows * KG + i, mask=row_mask, other=0)
         group_chosen = group_chosen | (gcols[None, :] == group[:, None])
-    q = p
-    if RENORMALIZE:
-        q = _renormalized(p, group_chosen)
+    q, _ = _choice_weights(gl, gmask[None, :], group_chosen, False, RENORMALIZE)
     K = KG * KE
     dq = tl.zeros((BLOCK_T, BLOCK_G), tl.float32)
     del_tile = tl.zeros((BLOCK_T, BLOCK_GE), tl.float32)
@@ -112,8 +95,7 @@ def _nested_scores_bwd_kernel(gl_ptr, el_ptr, groups_ptr, experts_ptr, dweights_
         group = tl.load(groups_ptr + rows * KG + i, mask=row_mask, other=0)
         is_group = gcols[None, :] == group[:, None]
         q_i = tl.sum(tl.where(is_group, q, 0.0), axis=1)
-        in_group = col_group[None, :] == group[:, None]
-        r = _in_group_scores(el, in_group, cmask)
+        in_group = (col_group[None, :] == group[:, None]) & cmask[None, :]
         dw = tl.zeros((BLOCK_T, BLOCK_GE), tl.float32)
         chosen = tl.zeros((BLOCK_T, BLOCK_GE), tl.int1)
         for j in range(KE):
@@ -122,16 +104,14 @@ def _nested_scores_bwd_kernel(gl_ptr, el_ptr, groups_ptr, experts_ptr, dweights_
             hit = cols[None, :] == expert[:, None]
             dw = tl.where(hit, grad[:, None], dw)
             chosen = chosen | hit
-        s = r
-        if RENORMALIZE:
-            s = _renormalized(r, chosen)
+        s, _ = _choice_weights(el, in_group, chosen, False, RENORMALIZE)
         # w = q_i * s: the product rule splits dw between q_i and s.
         dq_i = tl.load(dgroup_weights_ptr + rows * KG + i, mask=row_mask, other=0.0) \
             + tl.sum(tl.where(chosen, dw * s, 0.0), axis=1)
         dq = tl.where(is_group, dq_i[:, None], dq)
-        # r (hence this gradient) is 0 outside the group, so groups never overwrite each other.
-        del_tile += _router_scores_grad(r, dw * q_i[:, None], chosen, False, RENORMALIZE)
-    dgl = _router_scores_grad(p, dq, group_chosen, False, RENORMALIZE)
+        # s (hence this gradient) is 0 outside the group, so groups never overwrite each other.
+        del_tile += _choice_weights_grad(el, s, dw * q_i[:, None], False, RENORMALIZE)
+    dgl = _choice_weights_grad(gl, q, dq, False, RENORMALIZE)
     tl.store(dgl_ptr + rows[:, None] * G + gcols[None, :], dgl.to(dgl_ptr.dtype.element_ty),
              mask=row_mask[:, None] & gmask[None, :])
     tl.store(del_ptr + rows[:, None] * (G * E) + cols[None, :], del_tile.to(del_ptr.dtype.element_ty),

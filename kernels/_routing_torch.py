@@ -2,21 +2,40 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .naive import stable_top_k as top_k  # the one stable top-k, ties to the lower index
+from .naive import stable_top_k  # the one stable top-k, ties to the lower index
 
-__all__ = ["dispatch", "renormalized", "scores", "top_k"]
+__all__ = ["bad_rows", "choice_weights", "dispatch", "route"]
 
 
-def scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
-    """Router probabilities in float32: softmax over experts, or an elementwise sigmoid."""
+def choice_weights(logits: torch.Tensor, experts: torch.Tensor, scoring: str, renormalize: bool) -> torch.Tensor:
+    """Float32 weights of the chosen ``experts`` from float32 ``logits``, computed stably:
+
+        softmax, renormalised:   softmax(logits[chosen])
+        softmax:                 exp(logits[chosen] - logsumexp(logits))
+        sigmoid, renormalised:   softmax(log sigmoid(logits[chosen]))   (log space: no underflow)
+        sigmoid:                 sigmoid(logits[chosen])
+    Undefined rows (a +inf softmax logit, a best logit of -inf) come out NaN.
+    """
+    chosen = logits.gather(-1, experts)
+    if scoring == "softmax":
+        return chosen.softmax(-1) if renormalize else (chosen - logits.logsumexp(-1, keepdim=True)).exp()
+    return F.logsigmoid(chosen).softmax(-1) if renormalize else chosen.sigmoid()
+
+
+def bad_rows(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per row: a NaN logit, an undefined weight, or no usable score (the best logit is -inf)."""
+    return (logits.isnan().any(-1) | weights.isnan().any(-1) | (logits.amax(-1) == -torch.inf))
+
+
+def route(logits: torch.Tensor, k: int, scoring: str, renormalize: bool
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights [.., k] float32, experts [.., k] int64, bad rows [..] bool) of ``logits`` [.., E]."""
     logits = logits.float()
-    return logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
-
-
-def renormalized(w: torch.Tensor) -> torch.Tensor:
-    """Divide each row by its sum (guarded against an all-zero row of underflowed sigmoids)."""
-    return w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    experts = stable_top_k(logits, k)[1]  # ranked by the logits
+    weights = choice_weights(logits, experts, scoring, renormalize)
+    return weights, experts, bad_rows(logits, weights)
 
 
 def dispatch(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,15 +2,16 @@
 
 Top-K scoring, per token t over E experts (scores and their gradient in float32):
 
-    p[t]        = softmax(logits[t])            or  sigmoid(logits[t])
-    experts[t]  = the k largest p[t, e], ties to the lower e (k arg-max passes)
+    experts[t]  = the k largest logits[t, e], ties to the lower e (k arg-max passes on the logits:
+                  both scorings are monotone, and logits do not underflow)
     weights[t]  = p[t, experts[t]] / s[t],  s[t] = sum_j p[t, experts[t, j]]   (or / 1 without renormalise)
+                  with p = softmax(logits[t]) or sigmoid(logits[t]), computed stably (``_choice_weights``)
 
-Backward, with g = dL/dweights scattered onto the chosen columns (zero elsewhere):
+Backward, with g = dL/dweights scattered onto the chosen columns (zero elsewhere): every form but
+the plain sigmoid is a softmax of s = logits or s = log sigmoid(logits) (``_choice_weights_grad``):
 
-    renormalise:  dp_e = (g_e - sum_j g_j w_j) / s        on chosen e, 0 elsewhere
-    softmax:      dlogits = p * (dp - sum_e dp_e p_e)
-    sigmoid:      dlogits = dp * p * (1 - p)
+    dL/ds = w * (g - sum_e g_e w_e),   dlogits = dL/ds (softmax)  or  dL/ds * sigmoid(-logits)
+    plain sigmoid:  dlogits = g * sigmoid(logits) * sigmoid(-logits)
 
 Dispatch metadata, shared by every router (``dispatch``): assignment a = t*k + j goes to expert
 experts[t, j]; sorted_assignments lists the assignments expert by expert, in increasing a inside
@@ -37,51 +38,71 @@ def _block_t(block_e: int) -> int:
 
 
 @triton.jit
-def _router_scores(logits, col_mask, SIGMOID: tl.constexpr):
-    """Float32 router probabilities of a [BLOCK_T, BLOCK_E] tile; 0 on padding columns."""
-    if SIGMOID:
-        p = tl.sigmoid(logits)
-    else:
-        row_max = tl.max(logits, axis=1)
-        e = tl.exp(logits - row_max[:, None])
-        e = tl.where(col_mask[None, :], e, 0.0)
-        p = e / tl.sum(e, axis=1)[:, None]
-    return tl.where(col_mask[None, :], p, 0.0)
-
-
-@triton.jit
-def _top_k_ranks(p, col_mask, cols, K):
-    """rank[t, e] = j if e is token t's j-th choice (j < K), else -1. Ties go to the lower index
-    because arg-max breaks ties to the left; padding columns (-1) never win against p >= 0."""
-    work = tl.where(col_mask[None, :], p, -1.0)
-    rank = tl.full(p.shape, -1, tl.int32)
+def _top_k_ranks(logits, valid, cols, K):
+    """rank[t, e] = j if e is token t's j-th choice (j < K), else -1: the K largest logits among
+    the ``valid`` columns, ties to the lower index. Ranking is on an int32 key that orders floats
+    like their values (sign-magnitude bits turned two's complement; -0 is made +0 first), so that
+    a -inf logit still ranks above an invalid column and a taken one ranks below both."""
+    bits = (logits + 0.0).to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    # Below every float's key (-inf's is -2139095041): a NaN (its token is refused), then invalid
+    # columns, then taken ones.
+    key = tl.where(logits != logits, -2147483646, key)
+    work = tl.where(valid, key, -2147483647)
+    rank = tl.full(logits.shape, -1, tl.int32)
     for j in range(K):
         best = tl.argmax(work, axis=1, tie_break_left=True)
         hit = cols[None, :] == best[:, None]
         rank = tl.where(hit, j, rank)
-        work = tl.where(hit, -2.0, work)
+        work = tl.where(hit, -2147483647 - 1, work)
     return rank
 
 
 @triton.jit
-def _renormalized(p, chosen):
-    """p / s with s the row sum of p over the chosen columns (guarded against an all-zero row)."""
-    total = tl.sum(tl.where(chosen, p, 0.0), axis=1)
-    return p / tl.maximum(total, 1.1754943508222875e-38)[:, None]
+def _choice_weights(logits, valid, chosen, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """(weights, bad) of a [BLOCK_T, BLOCK_E] tile of float32 logits, computed stably:
+
+        softmax:               p = exp(l - max l) / sum_valid exp(l - max l)
+        softmax, renormalised: exp(l - max l) / sum_chosen exp(l - max l)   (= softmax of the chosen)
+        sigmoid:               sigmoid(l)
+        sigmoid, renormalised: softmax over the chosen of log sigmoid(l)     (log space: no underflow)
+
+    Renormalised weights are 0 off the chosen columns; softmax weights are 0 off the valid ones.
+    bad[t] = 1 for a row with a NaN logit, an undefined weight (a +inf softmax logit) or no
+    usable score (its best valid logit is -inf)."""
+    x = tl.where(valid, logits, float("-inf"))
+    best = tl.max(tl.where(x == x, x, float("-inf")), axis=1)
+    if SIGMOID:
+        if RENORMALIZE:
+            # log sigmoid(l) = min(l, 0) - log(1 + exp(-|l|)); the chosen maximum is at the best logit
+            ls = tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+            e = tl.where(chosen, tl.exp(ls - (tl.minimum(best, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(best))))[:, None]),
+                         0.0)
+            w = e / tl.sum(e, axis=1)[:, None]
+        else:
+            w = tl.sigmoid(x)
+    else:
+        e = tl.where(valid, tl.exp(x - best[:, None]), 0.0)
+        if RENORMALIZE:
+            e = tl.where(chosen, e, 0.0)
+        w = e / tl.sum(e, axis=1)[:, None]
+    w = tl.where(chosen if RENORMALIZE else valid, w, 0.0)
+    undefined = (logits != logits) | (w != w)
+    bad = tl.max((undefined & valid).to(tl.int32), axis=1) | (best == float("-inf")).to(tl.int32)
+    return tl.where(w == w, w, 0.0), bad
 
 
 @triton.jit
-def _router_scores_grad(p, dw, chosen, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr):
-    """dL/dlogits of a [BLOCK_T, BLOCK_E] tile from dw = dL/dweights on the chosen columns (0
-    elsewhere), through the renormalisation and the scoring; see the module docstring."""
-    dp = dw
-    if RENORMALIZE:
-        total = tl.maximum(tl.sum(tl.where(chosen, p, 0.0), axis=1), 1.1754943508222875e-38)
-        w = p / total[:, None]
-        dp = tl.where(chosen, (dw - tl.sum(tl.where(chosen, dw * w, 0.0), axis=1)[:, None]) / total[:, None], 0.0)
+def _choice_weights_grad(logits, w, dw, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """dL/dlogits of a tile from w (``_choice_weights``) and dw = dL/dweights on the chosen
+    columns (0 elsewhere). Softmax (either form) and renormalised sigmoid weights are a softmax
+    of s = l or s = log sigmoid(l): dL/ds = w (dw - sum_e dw_e w_e), and d log sigmoid(l)/dl =
+    sigmoid(-l); plain sigmoid: dL/dl = dw sigmoid(l) sigmoid(-l)."""
     if SIGMOID:
-        return dp * p * (1.0 - p)
-    return p * (dp - tl.sum(dp * p, axis=1)[:, None])
+        if RENORMALIZE:
+            return w * (dw - tl.sum(dw * w, axis=1)[:, None]) * tl.sigmoid(-logits)
+        return dw * w * tl.sigmoid(-logits)
+    return w * (dw - tl.sum(dw * w, axis=1)[:, None])
 
 
 @triton.jit
@@ -94,14 +115,12 @@ def _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_t, stride_e)
 
 
 @triton.jit
-def _block_scores(pid, logits_ptr, T, E, stride_t, stride_e, SIGMOID: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    """(rows, cols, row mask, column mask, scores) of token block ``pid``."""
+def _block_logits(pid, logits_ptr, T, E, stride_t, stride_e, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(rows, cols, row mask, column mask, float32 logits) of token block ``pid``."""
     rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     row_mask, col_mask = rows < T, cols < E
-    logits = _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_t, stride_e)
-    return rows, cols, row_mask, col_mask, _router_scores(logits, col_mask, SIGMOID)
+    return rows, cols, row_mask, col_mask, _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_t, stride_e)
 
 
 @triton.jit
@@ -110,20 +129,17 @@ def _topk_scores_fwd_kernel(logits_ptr, weights_ptr, experts_ptr, bad_rows_ptr,
                             SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
-    rows, cols, row_mask, col_mask, p = _block_scores(pid, logits_ptr, T, E, stride_t, stride_e,
-                                                      SIGMOID, BLOCK_T, BLOCK_E)
-    # A NaN score (NaN logit, +inf logit, an all -inf row) is counted for the host to raise on;
-    # it is zeroed so that the indices written stay in range until then.
-    bad = (p != p) & row_mask[:, None]
-    tl.store(bad_rows_ptr + pid, tl.sum(tl.max(bad.to(tl.int32), axis=1), axis=0))
-    p = tl.where(p == p, p, 0.0)
-    rank = _top_k_ranks(p, col_mask, cols, K)
+    rows, cols, row_mask, col_mask, logits = _block_logits(pid, logits_ptr, T, E, stride_t, stride_e,
+                                                           BLOCK_T, BLOCK_E)
+    valid = col_mask[None, :]
+    rank = _top_k_ranks(logits, valid, cols, K)
     chosen = rank >= 0
-    if RENORMALIZE:
-        p = _renormalized(p, chosen)
+    # A refused token (see ``_choice_weights``) is counted for the host to raise on.
+    w, bad = _choice_weights(logits, valid, chosen, SIGMOID, RENORMALIZE)
+    tl.store(bad_rows_ptr + pid, tl.sum(tl.where(row_mask, bad, 0), axis=0))
     out = rows[:, None] * K + rank
     out_mask = chosen & row_mask[:, None]
-    tl.store(weights_ptr + out, p, mask=out_mask)
+    tl.store(weights_ptr + out, w, mask=out_mask)
     tl.store(experts_ptr + out, (cols[None, :] + tl.zeros_like(rank)).to(tl.int64), mask=out_mask)
 
 
@@ -133,8 +149,8 @@ def _topk_scores_bwd_kernel(logits_ptr, experts_ptr, dweights_ptr, dlogits_ptr,
                             SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
-    rows, cols, row_mask, col_mask, p = _block_scores(pid, logits_ptr, T, E, stride_t, stride_e,
-                                                      SIGMOID, BLOCK_T, BLOCK_E)
+    rows, cols, row_mask, col_mask, logits = _block_logits(pid, logits_ptr, T, E, stride_t, stride_e,
+                                                           BLOCK_T, BLOCK_E)
     dp = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
     chosen = tl.zeros((BLOCK_T, BLOCK_E), tl.int1)
     for j in range(K):
@@ -143,7 +159,9 @@ def _topk_scores_bwd_kernel(logits_ptr, experts_ptr, dweights_ptr, dlogits_ptr,
         hit = cols[None, :] == expert[:, None]
         dp = tl.where(hit, grad[:, None], dp)
         chosen = chosen | hit
-    dlogits = _router_scores_grad(p, dp, chosen, SIGMOID, RENORMALIZE)
+    valid = col_mask[None, :]
+    w, _ = _choice_weights(logits, valid, chosen, SIGMOID, RENORMALIZE)
+    dlogits = _choice_weights_grad(logits, w, dp, SIGMOID, RENORMALIZE)
     ptrs = dlogits_ptr + rows[:, None] * E + cols[None, :]  # dlogits is contiguous, whatever the logits' strides
     tl.store(ptrs, dlogits.to(dlogits_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 

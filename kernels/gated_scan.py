@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from ._backend import autocast_inputs, autocast_off, resolve_backend
+from ._backend import autocast_inputs, autocast_off, resolve_backend_for_dtype
 from .validation import check_float, check_ndim, check_same_device, check_shape
 from ._gated_scan_torch import gated_scan_torch
 
@@ -154,13 +154,8 @@ def _triton_scan(u, f, bm, cm, d_skip, z, h0, column_major: bool, reverse: bool)
 
 
 def _pick_backend(backend: str | None, u: torch.Tensor, bm: torch.Tensor) -> str:
-    if backend is None and u.dtype == torch.float64:
-        backend = "torch"
-    backend = resolve_backend(backend, u.device)
+    backend = resolve_backend_for_dtype(backend, u, "u")
     if backend == "triton":
-        if u.dtype == torch.float64:
-            raise TypeError("backend='triton' keeps the state in float32 and takes float32, float16 or "
-                            "bfloat16 inputs; u is float64 (use backend='torch')")
         if bm.shape[-1] > MAX_STATE_TRITON:
             raise ValueError(f"Bm: the Triton kernels take a state size N <= {MAX_STATE_TRITON}, "
                              f"got {bm.shape[-1]} (use backend='torch')")

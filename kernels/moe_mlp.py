@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _moe_mlp_torch
-from ._backend import autocast_inputs, autocast_off, resolve_backend
+from ._backend import autocast_inputs, autocast_off, resolve_backend_for_dtype
 from ._device_checks import check_routing
 from .validation import check_float, check_ndim, check_same_device, check_shape
 from .activations import ACTIVATIONS, check_activation, first_layer_width, is_gated
@@ -43,12 +43,16 @@ def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
         raise ValueError(f"routing is for {routing.num_tokens} tokens but x has T = {T}")
     if routing.num_experts != E:
         raise ValueError(f"routing is over {routing.num_experts} experts but w1/w2 hold E = {E}")
-    for name, bias, shape in (("b1", b1, (E, w1_cols)), ("b2", b2, (E, D_out))):
-        if bias is not None:
-            check_float(name, bias)
-            check_shape(name, bias, shape, f"[E, {hidden if name == 'b1' else 'D_out'}]")
     if not (x.dtype == w1.dtype == w2.dtype):
         raise TypeError(f"x, w1 and w2 must share one dtype, got {x.dtype}, {w1.dtype}, {w2.dtype}")
+    b1_layout = "[E, 2H]" if activation == "swiglu" else "[E, H]"
+    for name, bias, shape, layout in (("b1", b1, (E, w1_cols), b1_layout), ("b2", b2, (E, D_out), "[E, D_out]")):
+        if bias is not None:
+            check_float(name, bias)
+            check_ndim(name, bias, 2, layout)
+            check_shape(name, bias, shape, layout)
+            if bias.dtype != x.dtype:
+                raise TypeError(f"{name} must have the dtype of x, w1 and w2 ({x.dtype}), got {bias.dtype}")
     check_same_device(x=x, w1=w1, w2=w2, b1=b1, b2=b2, weights=routing.weights,
                       sorted_assignments=routing.sorted_assignments)
 
@@ -58,11 +62,13 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
             activation: str = "gelu", backend: str | None = None) -> torch.Tensor:
     """Apply each token's routed experts and combine their outputs; see the module docstring.
 
-    Under ``torch.autocast`` x and the expert parameters are cast to the autocast dtype, which the
-    output then has (the routing weights stay float32; see the autocast policy in ``_backend``). An
-    inconsistent ``routing`` (e.g. built by hand, offsets that disagree with its assignments) is
-    refused before any kernel reads it: ValueError on the torch backend, a device-side assert on the
-    Triton path (ValueError under the interpreter); see ``_device_checks``.
+    x, w1, w2, b1 and b2 share one float dtype (float16, bfloat16, float32: both backends; float64:
+    the torch backend only, which ``backend=None`` then picks; ``backend="triton"`` raises
+    TypeError). Under ``torch.autocast`` x and the expert parameters are cast to the autocast
+    dtype, which the output then has (the routing weights stay float32; see the autocast policy in
+    ``_backend``). An inconsistent ``routing`` (e.g. built by hand, offsets that disagree with its
+    assignments) is refused before any kernel reads it: ValueError on the torch backend, a
+    device-side assert on the Triton path (ValueError under the interpreter); see ``_device_checks``.
     """
     check_float("x", x)
     x, w1, w2, b1, b2 = autocast_inputs(x, w1, w2, b1, b2)
@@ -72,7 +78,7 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
 
 def _moe_mlp(x, routing, w1, w2, b1, b2, activation: str, backend: str | None) -> torch.Tensor:
     _validate(x, routing, w1, w2, b1, b2, activation)
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend_for_dtype(backend, x, "x")
     if x.shape[0] == 0:
         # Empty, but attached to the graph so that every input gets a (zero) gradient.
         return x.new_zeros(0, w2.shape[2]) + sum(0 * t.sum() for t in (x, w1, w2, b1, b2) if t is not None)

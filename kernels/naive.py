@@ -43,9 +43,12 @@ def _renormalized(w: torch.Tensor) -> torch.Tensor:
 
 def topk_route(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax",
                renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights [T, k], experts [T, k]) for logits [T, E]: scores softmax (or sigmoid) of the logits,
-    the k highest chosen, their scores renormalised to sum to 1 per token if asked."""
-    weights, experts = stable_top_k(_scores(logits, scoring), top_k)
+    """(weights [T, k], experts [T, k]) for logits [T, E]: the k highest logits chosen (the scores
+    are monotone in them, and logits cannot underflow), their scores softmax (or sigmoid) of the
+    logits, renormalised to sum to 1 per token if asked."""
+    scores = _scores(logits, scoring)
+    experts = stable_top_k(logits.to(scores.dtype), top_k)[1]
+    weights = scores.gather(-1, experts)
     return (_renormalized(weights) if renormalize else weights), experts
 
 

@@ -4,11 +4,11 @@ For group logits gl [T, G] and expert logits el [T, G, E] (E sub-experts per gro
 all scores in float32:
 
     p_g       = softmax(gl[t])_g                                          over the G groups
-    S_G(t)    = the k_g largest p_g, ties to the lower g
+    S_G(t)    = the k_g largest gl[t, g] (so p_g), ties to the lower g
     q_g       = p_g / sum_{g' in S_G(t)} p_g'        (renormalize=True;  q_g = p_g otherwise)
     for each g in S_G(t):
         r_e|g = softmax(el[t, g])_e                                       over the E sub-experts
-        S_E(t, g) = the k_e largest r_e|g, ties to the lower e
+        S_E(t, g) = the k_e largest el[t, g, e] (so r_e|g), ties to the lower e
         s_e|g = r_e|g / sum_{e' in S_E(t, g)} r_e'|g (renormalize=True;  s_e|g = r_e|g otherwise)
     assignment (g, e), g in S_G(t), e in S_E(t, g): weight w = q_g * s_e|g, expert id g*E + e
 
@@ -20,8 +20,10 @@ top-K ``Routing`` over the G*E flattened experts, so the layer output
 
 is exactly ``moe_mlp`` with expert weights laid out [G*E, ...] (group major). k_g = G gives the
 dense Inter-MoE (every group, weighted); k_e = E likewise inside the groups. Only the chosen
-groups' expert logits are scored; a token is refused (ValueError) when any of its logits is NaN
-or a score it uses is undefined (e.g. a +inf logit, or a chosen group whose logits are all -inf).
+groups' expert logits are scored. Choices rank the logits (float32), so no underflow of a score
+changes them, and the weights are computed stably, as in ``topk_route``. A token is refused
+(ValueError) when any of its logits is NaN or a score it uses is undefined (a +inf logit among the
+groups or in a chosen group, or all -inf group logits, or a chosen group whose logits are all -inf).
 """
 from __future__ import annotations
 

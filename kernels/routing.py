@@ -2,10 +2,18 @@
 
 For logits [T, E] and k = top_k experts per token (token t's j-th choice is assignment a = t*k + j):
 
-    p[t]        = softmax(logits[t]) ("softmax")  or  sigmoid(logits[t]) ("sigmoid"), in float32
-    experts[t]  = indices of the k largest p[t], ties to the lower index
+    l[t]        = logits[t] rounded to float32 (all arithmetic below in float32)
+    p[t]        = softmax(l[t]) ("softmax")  or  sigmoid(l[t]) ("sigmoid")
+    experts[t]  = indices of the k largest l[t] (so of p[t]: both scorings are monotone), ties to
+                  the lower index; ranking the logits means no underflow of p changes the choice
     weights[t]  = p[t, experts[t]] / sum_j p[t, experts[t, j]]   (renormalize=True)
                 = p[t, experts[t]]                               (renormalize=False)
+
+The weights are computed stably: renormalised softmax weights are the softmax of the chosen
+logits, renormalised sigmoid weights the softmax of their log-sigmoids (so a row of very negative
+logits still gets weights summing to 1). A token is refused (ValueError) when a logit is NaN,
+when its scores are undefined (softmax with a +inf logit) or when it has no usable score: its
+best logit is -inf, so every p is exactly 0 (and renormalisation is 0/0).
 
 The dispatch layout lists the assignments expert by expert without moving any token:
 ``sorted_assignments`` [T*k] holds the ids a ordered by expert (increasing a inside an expert) and
@@ -130,11 +138,8 @@ def topk_route(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", re
 
         weights, experts, bad_rows = topk_scores(logits, k, scoring == "sigmoid", renormalize)
     else:
-        p = _routing_torch.scores(logits, scoring)
-        bad_rows = p.isnan().any(dim=-1).sum()
-        weights, experts = _routing_torch.top_k(p, k)
-        if renormalize:
-            weights = _routing_torch.renormalized(weights)
+        weights, experts, bad = _routing_torch.route(logits, k, scoring, renormalize)
+        bad_rows = bad.sum()
     return finish_routing(weights, experts, bad_rows, E, backend, "router logits")
 
 

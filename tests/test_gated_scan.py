@@ -28,7 +28,7 @@ def reference_scan(u, f, Bm, Cm, d_skip=None, z=None, h0=None, reverse=False):
     outs = [None] * length
     for t in (reversed(range(length)) if reverse else range(length)):
         a = torch.sigmoid(f[:, t])
-        h = a[:, :, None] * h + (1 - a)[:, :, None] * (u[:, t, :, None] * Bm[:, t, None, :])
+        h = a[:, :, None] * h + torch.sigmoid(-f[:, t])[:, :, None] * (u[:, t, :, None] * Bm[:, t, None, :])
         y = (h * Cm[:, t, None, :]).sum(-1)
         if d_skip is not None:
             y = y + d_skip.double() * u[:, t]
