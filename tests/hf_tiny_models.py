@@ -102,3 +102,36 @@ def logits_and_grads(model: torch.nn.Module, implementation: str, seed: int = 1)
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _table() -> None:
+    """Print docs/integration.md's family table: ``python tests/hf_tiny_models.py`` (torch backend)."""
+    import warnings
+
+    import moe_restore.integration.experts as experts_impl
+
+    print("| family | experts class | relative error, logits | relative error, gradients (max) | moe_mlp |")
+    print("|---|---|---|---|---|")
+    for family in hook_families():
+        try:
+            model = tiny_model(family)
+            y_ref, g_ref = logits_and_grads(model, "eager")
+            experts_impl._warned.clear()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                y, g = logits_and_grads(model, "moe_restore_torch")
+        except Exception as error:  # noqa: BLE001 - a row that says why
+            print(f"| {family} | | | | not built: {type(error).__name__} |")
+            continue
+        names = sorted({type(m).__name__ for m in model.modules() if is_hooked(type(m))})
+        fallback = [str(w.message).split(": ", 2)[-1].split(";")[0] for w in caught if "moe_restore" in str(w.message)]
+        err_g = max(relative_error(g[n], g_ref[n]) for n in g_ref)
+        used = f"fallback: {fallback[0]}" if fallback else "ran"
+        print(f"| {family} | {', '.join(names)} | {relative_error(y, y_ref):.1e} | {err_g:.1e} | {used} |")
+
+
+if __name__ == "__main__":
+    import moe_restore  # noqa: F401 - registers the implementations
+
+    torch.set_num_threads(1)
+    _table()

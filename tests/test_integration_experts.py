@@ -171,3 +171,14 @@ def test_unsupported_warns_once_and_runs_eager(count_moe_mlp):
         with pytest.raises(AssertionError, match="eager forward"):
             experts(x, index, weights)
     assert not count_moe_mlp
+
+
+def test_loss_already_holds_the_aux_loss():
+    """The README's claim: with labels and output_router_logits, out.loss = LM loss + coef * aux_loss."""
+    model = tiny_model("mixtral")
+    model.set_experts_implementation("moe_restore_torch")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False)
+    lm = nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert out.aux_loss > 0
+    torch.testing.assert_close(out.loss, lm + model.config.router_aux_loss_coef * out.aux_loss)
