@@ -92,13 +92,17 @@ class KernelSparseMoeBlock(nn.Module):
     def __init__(self, block: nn.Module, rule: BlockRule, backend: str | None = None):
         super().__init__()
         _check_experts(block.experts)
-        self.gate, self.experts = block.gate, block.experts
+        # The children in the original block's order, so that named_parameters() (hence an
+        # optimizer's state, which is keyed by position) keeps its order.
+        kept = ("gate", "experts") + (("shared_expert", "shared_expert_gate") if rule.shared_expert else ())
+        for name in sorted(kept, key=list(block._modules).index):
+            setattr(self, name, getattr(block, name))
         self.top_k = block.gate.top_k
         self.renormalize = rule.always_renormalize or bool(getattr(block.gate, "norm_topk_prob", False))
         self.weights_in_logits_dtype = rule.weights_in_logits_dtype
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0))
-        self.shared_expert = block.shared_expert if rule.shared_expert else None
-        self.shared_expert_gate = block.shared_expert_gate if rule.shared_expert else None
+        if not rule.shared_expert:
+            self.shared_expert = self.shared_expert_gate = None
         self.backend = backend
         self.source = type(block).__name__
 
