@@ -203,3 +203,17 @@ def test_parameter_order_and_optimizer_state_survive(family):
     opt2.step()
     for p in model.parameters():
         assert opt2.state[p]["exp_avg"].shape == p.shape and opt2.state[p]["step"] == 2
+
+
+def test_replaced_model_runs_under_accelerate_offload():
+    """cpu_offload keeps the weights on the meta device and loads them around each module's
+    forward; the replaced block reads the experts' weights through that hook."""
+    accelerate = pytest.importorskip("accelerate")
+    model = _tiny_model("qwen3_moe").cpu()
+    replace_moe(model, backend="torch")
+    ids = _tokens().cpu()
+    want = model(ids).logits
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"
+    got = model(ids).logits
+    assert torch.equal(got, want)
