@@ -182,3 +182,42 @@ def test_loss_already_holds_the_aux_loss():
     lm = nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))
     assert out.aux_loss > 0
     torch.testing.assert_close(out.loss, lm + model.config.router_aux_loss_coef * out.aux_loss)
+
+
+def _eager_and_ours(model, count):
+    """(output, grads) of the model's forward under "eager" and under "moe_restore_torch"."""
+    ref = logits_and_grads(model, "eager")
+    count.clear()
+    ours = logits_and_grads(model, "moe_restore_torch")
+    assert count == ["torch"] * 2, count
+    return ref, ours
+
+
+def test_peft_lora_on_experts(count_moe_mlp):
+    """LoRA on the experts' 3D Parameters (PEFT target_parameters): the LoRA'd weights reach moe_mlp
+    and the adapters' gradients equal eager's."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model("qwen3_moe")
+    config = peft.LoraConfig(r=2, target_modules=[], init_lora_weights=False,
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    lora = peft.get_peft_model(model, config)
+    (y_ref, g_ref), (y, g) = _eager_and_ours(lora.base_model.model, count_moe_mlp)
+    assert len(g_ref) == 8 and all("lora_" in n for n in g_ref)  # only the adapters train
+    assert set(g) == set(g_ref) and relative_error(y, y_ref) <= TOL
+    assert all(relative_error(g[n], g_ref[n]) <= TOL for n in g_ref)
+
+
+def test_accelerate_offload(count_moe_mlp):
+    """cpu_offload keeps the weights on the meta device and loads them around each module's
+    forward, the experts' included: the hook path reads them inside that forward."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_model("mixtral")
+    model.set_experts_implementation("eager")
+    with torch.no_grad():
+        want = model(input_ids=torch.arange(16).view(2, 8), use_cache=False).logits
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"
+    model.set_experts_implementation("moe_restore_torch")
+    with torch.no_grad():
+        got = model(input_ids=torch.arange(16).view(2, 8), use_cache=False).logits
+    assert count_moe_mlp == ["torch"] * 2 and relative_error(got, want) <= TOL
