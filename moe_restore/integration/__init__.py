@@ -3,7 +3,8 @@
 * ``replace_moe(model)``: swap the sparse MoE blocks of transformers models (Mixtral, Qwen2-MoE,
   Qwen3-MoE, OLMoE) for blocks that run ``topk_route`` and ``moe_mlp`` on the same weights.
 * ``upcycle_ffn(model, num_experts=, top_k=)``: turn dense feed-forward modules (diffusers
-  ``FeedForward``, timm-style ``Mlp``, any two-Linear MLP a ``match`` selects) into ``TopKMoE``
+  ``FeedForward``, timm-style ``Mlp`` and ``GluMlp``, Llama-style gated MLPs, any two-Linear MLP a
+  ``match`` selects) into ``TopKMoE``
   or ``NestedMoE`` layers whose experts start as copies of the dense MLP.
 
 Importing this package registers ``experts_implementation="moe_restore"`` with transformers'
