@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from moe_restore.kernels._backend import BACKENDS
+from moe_restore.kernels import BACKENDS
 
 
 @dataclass(frozen=True)
