@@ -182,3 +182,38 @@ def test_bad_model_is_refused_by_name():
         replace_moe("mixtral")
     with pytest.raises(ValueError, match="backend must be one of"):
         replace_moe(nn.Linear(2, 2), backend="cuda")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_parameter_order_and_optimizer_state_survive(family):
+    """An optimizer's state is keyed by parameter position: one saved before replace_moe must load
+    into an optimizer built after it and step the same parameters (shapes checked by Adam)."""
+    model = _tiny_model(family)
+    names_before = [n for n, _ in model.named_parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _loss(model, _tokens())[1].backward()
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    replace_moe(model, backend="torch")
+    assert [n for n, _ in model.named_parameters()] == names_before
+    opt2 = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt2.load_state_dict(state)
+    model.zero_grad()
+    _loss(model, _tokens())[1].backward()
+    opt2.step()
+    for p in model.parameters():
+        assert opt2.state[p]["exp_avg"].shape == p.shape and opt2.state[p]["step"] == 2
+
+
+def test_replaced_model_runs_under_accelerate_offload():
+    """cpu_offload keeps the weights on the meta device and loads them around each module's
+    forward; the replaced block reads the experts' weights through that hook."""
+    accelerate = pytest.importorskip("accelerate")
+    model = _tiny_model("qwen3_moe").cpu()
+    replace_moe(model, backend="torch")
+    ids = _tokens().cpu()
+    want = model(ids).logits
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"
+    got = model(ids).logits
+    assert torch.equal(got, want)

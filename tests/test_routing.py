@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_restore.kernels import Routing, topk_route
+from moe_restore.kernels import Routing, routing_from_topk, topk_route
 from utils import DEVICE, assert_close, backends, poisoned_allocations, raising_backends
 
 
@@ -149,3 +149,50 @@ def test_dispatch_invariants_hold_for_any_shape(T, E, data):
         _, want_e = oracle_topk(logits.cpu(), k, scoring, True)
         assert torch.equal(r.experts.cpu(), want_e)
         check_dispatch_invariants(r)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_routing_from_topk_layout_and_weight_gradient(backend):
+    T, k, E = 7, 3, 5
+    gen = torch.Generator().manual_seed(3)
+    experts = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).to(DEVICE, torch.int32)
+    weights = torch.rand(T, k, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    r = routing_from_topk(experts, weights, E, backend=backend)
+    assert r.weights.dtype == torch.float32 and torch.equal(r.experts.cpu(), experts.long().cpu())
+    # The dispatch layout of a hand loop: expert by expert, assignments a = t*k + j in increasing order.
+    flat = experts.reshape(-1).tolist()
+    order = [a for e in range(E) for a in range(T * k) if flat[a] == e]
+    offsets = [0] + [sum(flat[a] <= e for a in range(T * k)) for e in range(E)]
+    assert r.sorted_assignments.tolist() == order and r.expert_offsets.tolist() == offsets
+    check_dispatch_invariants(r)
+    probe = torch.arange(T * k, dtype=torch.float32, device=DEVICE).view(T, k)
+    (r.weights * probe).sum().backward()
+    assert torch.equal(weights.grad.cpu(), probe.double().cpu())
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_routing_from_topk_out_of_range_raises(backend, bad):
+    experts = torch.tensor([[0, 1], [2, bad]], device=DEVICE)
+    with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
+        routing_from_topk(experts, torch.ones(2, 2, device=DEVICE), 5, backend=backend)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_routing_from_topk_no_tokens(backend):
+    weights = torch.zeros(0, 2, device=DEVICE, requires_grad=True)
+    r = routing_from_topk(torch.zeros(0, 2, dtype=torch.long, device=DEVICE), weights, 4, backend=backend)
+    assert r.num_tokens == 0 and r.top_k == 2 and r.expert_offsets.tolist() == [0] * 5
+    assert r.sorted_assignments.numel() == 0
+    r.weights.sum().backward()
+    assert weights.grad is not None and weights.grad.shape == (0, 2)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: routing_from_topk(torch.zeros(2, 2), torch.ones(2, 2), 4), TypeError, "experts"),
+    (lambda: routing_from_topk(torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 3), 4), ValueError, "weights"),
+    (lambda: routing_from_topk(torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), 0), ValueError, "num_experts"),
+])
+def test_routing_from_topk_bad_input_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -92,13 +92,17 @@ class KernelSparseMoeBlock(nn.Module):
     def __init__(self, block: nn.Module, rule: BlockRule, backend: str | None = None):
         super().__init__()
         _check_experts(block.experts)
-        self.gate, self.experts = block.gate, block.experts
+        # The children in the original block's order, so that named_parameters() (hence an
+        # optimizer's state, which is keyed by position) keeps its order.
+        kept = ("gate", "experts") + (("shared_expert", "shared_expert_gate") if rule.shared_expert else ())
+        for name in sorted(kept, key=list(block._modules).index):
+            setattr(self, name, getattr(block, name))
         self.top_k = block.gate.top_k
         self.renormalize = rule.always_renormalize or bool(getattr(block.gate, "norm_topk_prob", False))
         self.weights_in_logits_dtype = rule.weights_in_logits_dtype
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0))
-        self.shared_expert = block.shared_expert if rule.shared_expert else None
-        self.shared_expert_gate = block.shared_expert_gate if rule.shared_expert else None
+        if not rule.shared_expert:
+            self.shared_expert = self.shared_expert_gate = None
         self.backend = backend
         self.source = type(block).__name__
 
@@ -115,15 +119,29 @@ class KernelSparseMoeBlock(nn.Module):
         routing = topk_route(logits, self.top_k, renormalize=self.renormalize, backend=self.backend)
         if self.weights_in_logits_dtype and logits.dtype != torch.float32:
             routing = dataclasses.replace(routing, weights=routing.weights.to(logits.dtype).float())
-        w1, w2 = self.expert_weights()
-        y = moe_mlp(x, routing, w1, w2, activation="swiglu", backend=self.backend)
+        y = _as_forward_of(self.experts, self._experts_mlp, x, routing)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y.reshape(shape)
 
+    def _experts_mlp(self, x: torch.Tensor, routing) -> torch.Tensor:
+        w1, w2 = self.expert_weights()
+        return moe_mlp(x, routing, w1, w2, activation="swiglu", backend=self.backend)
+
     def extra_repr(self) -> str:
         return (f"source={self.source}, top_k={self.top_k}, renormalize={self.renormalize}, "
                 f"shared_expert={self.shared_expert is not None}, backend={self.backend}")
+
+
+def _as_forward_of(module: nn.Module, fn, x: torch.Tensor, *rest):
+    """fn(x, *rest) run as ``module``'s forward for an accelerate hook on it (``cpu_offload``,
+    ``dispatch_model``, ``device_map``): the hook brings the module's weights (and x) to the
+    execution device before and puts them back after, as it does around a forward call."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return fn(x, *rest)
+    (x,), _ = hook.pre_forward(module, x)
+    return hook.post_forward(module, fn(x, *rest))
 
 
 def describe(block: KernelSparseMoeBlock) -> str:

@@ -10,10 +10,15 @@ Recognised modules:
   or tanh-approximate), ``LinearActivation`` (silu) or ``SwiGLU`` (its [up | gate] projection rows
   are reordered to moe_mlp's [gate | up]);
 * timm-style ``Mlp``: ``fc1``, ``act``, ``fc2`` (dropouts of p = 0 and an identity ``norm``);
+* timm-style ``GluMlp``: ``fc1`` projecting to [x1 | x2], ``x1 * act(x2)`` (``gate_last``, rows
+  reordered to [gate | up]) or ``act(x1) * x2``, ``fc2``; with SiLU that is swiglu;
+* Llama-style gated MLPs: ``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn`` SiLU, i.e.
+  ``down(silu(gate(u)) * up(u))`` (gate and up stacked into one [gate | up] projection);
 * with ``match``: any selected module whose children are, in order, Linear, activation, Linear
   (Identity and p = 0 Dropout children are ignored), e.g. ``nn.Sequential(Linear, GELU, Linear)``.
 
-Activations: GELU (exact or tanh), SiLU, ReLU (and swiglu as above). Anything else, a dropout with p > 0
+Activations: GELU (exact or tanh), SiLU, ReLU, also as transformers' activation modules (and swiglu as
+above). Anything else, a dropout with p > 0
 inside the MLP, or a norm between the Linears leaves the module as it was, named in the report.
 """
 from __future__ import annotations
@@ -46,13 +51,20 @@ def _gelu(approximate: str) -> str:
     return "gelu" if approximate == "none" else "gelu_tanh"
 
 
+# transformers' activation modules (transformers.activations), by class name so that it need not be imported.
+_HF_ACTIVATIONS = {"SiLUActivation": "silu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
+                   "NewGELUActivation": "gelu_tanh"}
+
+
 def _activation(act: nn.Module) -> str:
     if isinstance(act, nn.GELU):
         return _gelu(act.approximate)
-    if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
+    if isinstance(act, nn.SiLU):
         return "silu"
     if isinstance(act, nn.ReLU):
         return "relu"
+    if type(act).__module__.startswith("transformers.") and type(act).__name__ in _HF_ACTIVATIONS:
+        return _HF_ACTIVATIONS[type(act).__name__]
     raise NotConvertible(f"activation {type(act).__name__} has no moe_mlp counterpart (GELU, SiLU, ReLU, SwiGLU)")
 
 
@@ -75,6 +87,48 @@ def _gate_first(proj: nn.Linear) -> nn.Linear:
                 up, gate = theirs.chunk(2, dim=0)
                 mine.copy_(torch.cat([gate, up]))
     return out
+
+
+def _stacked(gate: nn.Linear, up: nn.Linear) -> nn.Linear:
+    """One Linear whose rows are [gate | up] (copies of the two projections' weights and biases)."""
+    if (gate.bias is None) != (up.bias is None) or gate.weight.shape != up.weight.shape:
+        raise NotConvertible("its gate and up projections differ in shape or in having a bias")
+    out = nn.Linear(gate.in_features, 2 * gate.out_features, bias=gate.bias is not None,
+                    device=gate.weight.device, dtype=gate.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([gate.weight, up.weight]))
+        if out.bias is not None:
+            out.bias.copy_(torch.cat([gate.bias, up.bias]))
+    return out
+
+
+def _swiglu_act(act: nn.Module) -> None:
+    if _activation(act) != "silu":
+        raise NotConvertible(f"its gate activation is {type(act).__name__}; moe_mlp gates with SiLU only (swiglu)")
+
+
+def _gated_mlp(mlp: nn.Module) -> DenseMLP:
+    """Llama-style: down_proj(act_fn(gate_proj(u)) * up_proj(u))."""
+    parts = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if not all(isinstance(p, nn.Linear) for p in parts):
+        raise NotConvertible("gate_proj/up_proj/down_proj are not nn.Linear")
+    _swiglu_act(mlp.act_fn)
+    return DenseMLP(_stacked(mlp.gate_proj, mlp.up_proj), mlp.down_proj, "swiglu",
+                    "gate_proj and up_proj stacked as [gate | up]")
+
+
+def _glu_mlp(mlp: nn.Module) -> DenseMLP:
+    """timm-style GluMlp: fc1 -> [x1 | x2] -> x1 * act(x2) (gate_last) or act(x1) * x2 -> fc2."""
+    if getattr(mlp, "chunk_dim", -1) != -1:
+        raise NotConvertible(f"it splits fc1's output along dim {mlp.chunk_dim} (convolutional), not the features")
+    dense = _timm_mlp(mlp)
+    _swiglu_act(mlp.act)
+    if dense.linear1.out_features % 2:
+        raise NotConvertible(f"fc1 has an odd width {dense.linear1.out_features}, not two halves")
+    if getattr(mlp, "gate_last", True):
+        return DenseMLP(_gate_first(dense.linear1), dense.linear2, "swiglu", "fc1 rows reordered from [up | gate] "
+                        "to [gate | up]")
+    return DenseMLP(dense.linear1, dense.linear2, "swiglu")
 
 
 def _feed_forward(ff: nn.Module) -> DenseMLP:
@@ -117,9 +171,23 @@ def _known_kind(module: nn.Module) -> Callable[[nn.Module], DenseMLP] | None:
     cls = type(module)
     if cls.__name__ == "FeedForward" and cls.__module__.startswith("diffusers.") and hasattr(module, "net"):
         return _feed_forward
-    if cls.__name__ == "Mlp" and all(hasattr(module, a) for a in ("fc1", "act", "fc2")):
+    timm_like = all(hasattr(module, a) for a in ("fc1", "act", "fc2"))
+    if cls.__name__ == "GluMlp" and timm_like:
+        return _glu_mlp
+    if cls.__name__ == "Mlp" and timm_like:
         return _timm_mlp
+    if cls.__name__.endswith("MLP") and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return _gated_mlp
     return None
+
+
+def _check_widths(dense: DenseMLP) -> None:
+    """linear1's output feeds linear2 (half of it for swiglu); else the module is not that MLP."""
+    width = dense.linear1.out_features // (2 if dense.activation == "swiglu" else 1)
+    if width != dense.linear2.in_features:
+        raise NotConvertible(f"its first Linear gives {dense.linear1.out_features} features but the second takes "
+                             f"{dense.linear2.in_features}" + (" (a gated MLP this release does not recognise?)"
+                                                                 if dense.activation != "swiglu" else ""))
 
 
 def _check_layout(num_experts, top_k, nested) -> tuple[int, int]:
@@ -182,6 +250,7 @@ def upcycle_ffn(model: nn.Module, *, num_experts: int | None = None, top_k: int 
         elif kind is None:
             return None
         dense = kind(module)
+        _check_widths(dense)
         options = dict(activation=dense.activation, backend=backend)
         if nested is None:
             layer = TopKMoE.from_dense(dense.linear1, dense.linear2, experts, k, noise_std, **options)

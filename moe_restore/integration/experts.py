@@ -1,0 +1,159 @@
+"""``experts_implementation="moe_restore"``: this library's grouped expert MLP as a transformers experts backend.
+
+transformers (>= 5) routes the experts of most MoE families through one hook: an experts class
+decorated with ``@use_experts_implementation`` calls the function registered under the model's
+``config._experts_implementation`` as ``fn(experts, hidden_states [T, D], top_k_index [T, k],
+top_k_weights [T, k])``, the family's own router having chosen the experts. Registered here, the
+function (``"moe_restore"``; ``"moe_restore_torch"`` and ``"moe_restore_triton"`` pin the kernels'
+backend) runs
+
+    routing = routing_from_topk(top_k_index, top_k_weights, E)
+    y       = moe_mlp(hidden_states, routing, w1, w2, b1, b2, activation=...)
+
+on the experts' own Parameters in their own dtype, through views (no copy):
+
+* ``gate_up_proj`` [E, 2I, D] (gate rows first: ``is_concatenated``) is w1 = ``gate_up_proj.transpose(1, 2)``
+  [E, D, 2I], ``down_proj`` [E, D, I] is w2 = ``down_proj.transpose(1, 2)``; with ``is_transposed`` they are
+  stored [E, D, 2I] and [E, I, D] already and are used as they are;
+* the activation is ``act_fn(gate) * up`` with SiLU, i.e. moe_mlp's "swiglu"; experts without a gate
+  (``has_gate=False``: ``up_proj``) take ``act_fn`` alone (SiLU, GELU, tanh-GELU or ReLU);
+* biases (``has_bias``): b1 = ``gate_up_proj_bias`` (or ``up_proj_bias``), b2 = ``down_proj_bias``.
+
+Everything else (interleaved gate/up rows, a family's own ``_apply_gate`` such as GPT-OSS's clamped
+SwiGLU, a gated activation other than SiLU, a post-expert norm, expert parallelism, quantised or
+mixed-dtype weights) runs the family's eager forward instead, with a warning given once per reason.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+
+import torch
+import torch.nn as nn
+
+from moe_restore.kernels import moe_mlp, routing_from_topk
+
+IMPLEMENTATION = "moe_restore"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_warned: set[str] = set()
+
+
+def _activation_name(act_fn: object) -> str | None:
+    """The moe_mlp activation that ``act_fn`` (a transformers ACT2FN module) computes, else None."""
+    from transformers import activations as hf_act
+
+    names = {hf_act.SiLUActivation: "silu", nn.SiLU: "silu", hf_act.GELUActivation: "gelu",
+             hf_act.GELUTanh: "gelu_tanh", hf_act.NewGELUActivation: "gelu_tanh", nn.ReLU: "relu"}
+    return names.get(type(act_fn))
+
+
+def plan(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+         top_k_weights: torch.Tensor) -> tuple[str, tuple] | str:
+    """(activation, (w1, w2, b1, b2)) for ``moe_mlp``, or the reason this call must run eagerly."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    if getattr(experts, "_is_expert_parallel", False):
+        return "expert parallelism (sentinel expert ids) is not supported"
+    if getattr(experts, "has_post_expert_norm", False):
+        return "a norm after each expert is not supported"
+    if hidden_states.dim() != 2 or top_k_index.dim() != 2 or top_k_weights.shape != top_k_index.shape:
+        return (f"the call is not (hidden_states [T, D], top_k_index [T, k], top_k_weights [T, k]): got "
+                f"{tuple(hidden_states.shape)}, {tuple(top_k_index.shape)}, {tuple(top_k_weights.shape)}")
+    activation = _activation_name(getattr(experts, "act_fn", None))
+    gated = getattr(experts, "has_gate", True)
+    if gated:
+        if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+            return f"{type(experts).__name__} has its own gated activation (_apply_gate)"
+        if not getattr(experts, "is_concatenated", True):
+            return "its gate and up rows are interleaved, and moe_mlp's swiglu takes [gate | up]"
+        if activation != "silu":
+            return f"its gated activation is {type(experts.act_fn).__name__}(gate) * up; moe_mlp gates with SiLU only"
+        activation = "swiglu"
+    elif activation is None:
+        return f"its activation {type(getattr(experts, 'act_fn', None)).__name__} is not one of moe_mlp's"
+    prefix = "gate_up" if gated else "up"
+    w1, w2 = getattr(experts, f"{prefix}_proj", None), getattr(experts, "down_proj", None)
+    if not all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in (w1, w2)):
+        return f"its {prefix}_proj/down_proj are not [E, ., .] tensors"
+    if not (w1.dtype == w2.dtype == hidden_states.dtype and w1.dtype in _FLOAT_DTYPES):
+        return (f"its weights ({w1.dtype}, {w2.dtype}) and hidden states ({hidden_states.dtype}) do not share "
+                "one float dtype")
+    if not getattr(experts, "is_transposed", False):
+        w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
+    b1 = b2 = None
+    if getattr(experts, "has_bias", False):
+        b1, b2 = getattr(experts, f"{prefix}_proj_bias", None), getattr(experts, "down_proj_bias", None)
+    return activation, (w1, w2, b1, b2)
+
+
+def _warn_once(experts: nn.Module, reason: str) -> None:
+    key = f"{type(experts).__name__}: {reason}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f'experts_implementation="{IMPLEMENTATION}": {key}; running the eager experts forward '
+                      "instead", stacklevel=3)
+
+
+def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """The experts forward registered with transformers (see the module docstring); ``backend`` as
+    for the kernels (None: Triton where it runs, else torch)."""
+    planned = plan(experts, hidden_states, top_k_index, top_k_weights)
+    if isinstance(planned, str):
+        _warn_once(experts, planned)
+        return type(experts).forward.__wrapped__(experts, hidden_states, top_k_index, top_k_weights)
+    activation, (w1, w2, b1, b2) = planned
+    routing = routing_from_topk(top_k_index, top_k_weights, w1.shape[0], backend=backend)
+    y = moe_mlp(hidden_states, routing, w1, w2, b1, b2, activation=activation, backend=backend)
+    return y.to(hidden_states.dtype)
+
+
+def _with_backend(backend: str | None):
+    def forward(experts, hidden_states, top_k_index, top_k_weights):
+        return experts_forward(experts, hidden_states, top_k_index, top_k_weights, backend)
+
+    forward.__name__ = forward.__qualname__ = f"experts_forward_{backend or 'auto'}"
+    return forward
+
+
+# The registered names: "moe_restore" picks the backend by device; the other two pin one.
+IMPLEMENTATIONS = {IMPLEMENTATION: _with_backend(None), f"{IMPLEMENTATION}_torch": _with_backend("torch"),
+                   f"{IMPLEMENTATION}_triton": _with_backend("triton")}
+
+
+_HOOK_MODULE = "transformers.integrations.moe"
+
+
+def register() -> None:
+    """Register ``IMPLEMENTATIONS`` with transformers' experts interface: now if transformers' experts
+    hook is imported already, else as soon as it is (importing it here would add seconds to every
+    ``import moe_restore``). Nothing happens where transformers is not installed. Idempotent."""
+    module = sys.modules.get(_HOOK_MODULE)
+    if module is not None:
+        for name, forward in IMPLEMENTATIONS.items():
+            module.ExpertsInterface.register(name, forward)
+    elif not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; wraps the loader of transformers' experts hook so that ``register``
+    runs right after that module has executed, then removes itself."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _HOOK_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            register()
+
+        spec.loader.exec_module = exec_and_register
+        return spec

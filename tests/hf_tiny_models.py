@@ -1,0 +1,137 @@
+"""Tiny random transformers models of every family whose experts use transformers' experts hook
+(``@use_experts_implementation``), found in the installed transformers, for the integration tests."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+# One tiny size for every family; a family reads the names it knows and ignores the others.
+TINY = dict(hidden_size=32, intermediate_size=32, moe_intermediate_size=16, expert_intermediate_size=16,
+            shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=16, vocab_size=64, num_experts=4, n_routed_experts=4, num_local_experts=4,
+            num_experts_per_tok=2, moe_topk=2, n_group=1, topk_group=1, n_shared_experts=1,
+            first_k_dense_replace=0, max_position_embeddings=64, kv_lora_rank=16, q_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16, num_dense_layers=0,
+            moe_layer_start_index=0, mlp_only_layers=[], expert_layer_offset=0, expert_layer_period=1,
+            decoder_sparse_step=1, moe_layer_freq=1)
+VOCAB = TINY["vocab_size"]
+
+
+def hook_families() -> list[str]:
+    """The model types whose modeling file decorates an experts class with the hook (read from the
+    source, without importing the 60-odd modules)."""
+    import transformers.models
+
+    root = os.path.dirname(transformers.models.__file__)
+    found = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, f"modeling_{name}.py")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                if "@use_experts_implementation" in f.read():
+                    found.append(name)
+    return found
+
+
+def is_hooked(cls: type) -> bool:
+    """Whether ``cls`` is an experts class decorated with ``@use_experts_implementation``: its
+    forward is the decorator's dispatcher (defined in transformers/integrations/moe.py)."""
+    forward = cls.__dict__.get("forward")
+    code = getattr(forward, "__code__", None)
+    return code is not None and code.co_filename.replace(os.sep, "/").endswith("integrations/moe.py")
+
+
+def _shrink(config) -> None:
+    """Set the tiny sizes on a config built with defaults (and on its sub-configs)."""
+    for key, value in TINY.items():
+        try:
+            current = getattr(config, key, None)
+            if current is not None and not isinstance(current, (list, dict)):
+                setattr(config, key, value)
+        except Exception:  # noqa: BLE001 - per-layer attributes refuse a global value: leave them
+            pass
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(config, key, None), int):
+            setattr(config, key, 0)
+    for sub in getattr(config, "sub_configs", None) or {}:
+        if getattr(config, sub, None) is not None:
+            _shrink(getattr(config, sub))
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A float32 tiny random model of ``family`` holding at least one hooked experts module: its
+    causal LM if that has experts, else its text model, else its base model. Raises if none builds."""
+    from transformers import PreTrainedModel
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    classes = [c for c in vars(module).values() if isinstance(c, type) and c.__module__ == module.__name__]
+    hooked = tuple(c for c in classes if is_hooked(c))
+    models = [c for c in classes if issubclass(c, PreTrainedModel) and not c.__name__.endswith("PreTrainedModel")]
+    ranked = ([c for c in models if c.__name__.endswith("ForCausalLM")] + [c for c in models if c.__name__.endswith("TextModel")]
+              + [c for c in models if c.__name__.endswith("Model")])
+    first_error: Exception | None = None
+    for cls in ranked:
+        try:
+            try:
+                config = cls.config_class(**TINY)
+            except Exception:  # noqa: BLE001 - a config that refuses one of the names: defaults, then shrink
+                config = cls.config_class()
+            _shrink(config)
+            torch.manual_seed(seed)
+            model = cls(config).float().eval()
+        except Exception as error:  # noqa: BLE001 - try the next class of the family
+            first_error = first_error or error
+            continue
+        if any(isinstance(m, hooked) for m in model.modules()):
+            return model
+    raise RuntimeError(f"no tiny {family} model with hooked experts builds: {first_error}")
+
+
+def logits_and_grads(model: torch.nn.Module, implementation: str, seed: int = 1):
+    """(output [B, S, V or D], {name: grad}) of a fixed random input and loss under ``implementation``."""
+    model.set_experts_implementation(implementation)
+    model.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(seed)
+    out = model(input_ids=torch.randint(0, VOCAB, (2, 8), generator=gen), use_cache=False)
+    y = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    (y * torch.randn(y.shape, generator=gen)).sum().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _table() -> None:
+    """Print docs/integration.md's family table: ``python tests/hf_tiny_models.py`` (torch backend)."""
+    import warnings
+
+    import moe_restore.integration.experts as experts_impl
+
+    print("| family | experts class | relative error, logits | relative error, gradients (max) | moe_mlp |")
+    print("|---|---|---|---|---|")
+    for family in hook_families():
+        try:
+            model = tiny_model(family)
+            y_ref, g_ref = logits_and_grads(model, "eager")
+            experts_impl._warned.clear()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                y, g = logits_and_grads(model, "moe_restore_torch")
+        except Exception as error:  # noqa: BLE001 - a row that says why
+            print(f"| {family} | | | | not built: {type(error).__name__} |")
+            continue
+        names = sorted({type(m).__name__ for m in model.modules() if is_hooked(type(m))})
+        fallback = [str(w.message).split(": ", 2)[-1].split(";")[0] for w in caught if "moe_restore" in str(w.message)]
+        err_g = max(relative_error(g[n], g_ref[n]) for n in g_ref)
+        used = f"fallback: {fallback[0]}" if fallback else "ran"
+        print(f"| {family} | {', '.join(names)} | {relative_error(y, y_ref):.1e} | {err_g:.1e} | {used} |")
+
+
+if __name__ == "__main__":
+    import moe_restore  # noqa: F401 - registers the implementations
+
+    torch.set_num_threads(1)
+    _table()

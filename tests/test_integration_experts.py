@@ -1,0 +1,222 @@
+"""experts_implementation="moe_restore": on a tiny random model of every family in the installed
+transformers whose experts use the hook, logits and every gradient equal transformers' "eager"
+experts (float32, <= 1e-5 relative) and moe_mlp really ran; where a family's layout or activation
+is not one of moe_mlp's, the call warns and runs the eager forward. Layouts no family of this
+release exercises with moe_mlp (biases, transposed storage, ungated experts) are checked on a
+decorated test class against transformers' own "batched_mm"."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+tf = pytest.importorskip("transformers")
+moe_hook = pytest.importorskip("transformers.integrations.moe")
+
+import moe_restore  # noqa: E402,F401 - registers the implementations
+import moe_restore.integration.experts as experts_impl  # noqa: E402
+from hf_tiny_models import hook_families, logits_and_grads, relative_error, tiny_model  # noqa: E402
+from utils import backends  # noqa: E402
+
+TOL = 1e-5
+# Families whose experts moe_mlp cannot compute, with the reason the fallback names.
+FALLBACK = {
+    "deepseek_v4": "_apply_gate", "gpt_oss": "_apply_gate", "inkling2": "_apply_gate",
+    "inkling2_loop": "_apply_gate", "minimax_m3_vl": "_apply_gate", "openai_privacy_filter": "_apply_gate",
+    "muse_spark": "norm after each expert", "nemotron_h": "ReLUSquaredActivation",
+}
+# Families the generic tiny config does not build (their attention needs family-specific sizes),
+# or whose eager model is too slow for CI on a CPU; docs/integration.md lists them.
+NOT_BUILT = {"axk1", "axk2", "beam", "deepseek_ocr2", "deepseek_v2", "deepseek_v3", "deepseek_v32",
+             "diffusion_gemma", "dots3_note", "ernie4_5_vl_moe", "gemma4", "glm4v_moe", "glm5_next", "glm_moe_dsa",
+             "granitemoehybrid", "hy_v4", "hy_v4_vl", "lfm2_moe", "mistral_large4"}
+TOO_SLOW = {"kimi_linear"}
+
+
+@pytest.fixture
+def count_moe_mlp(monkeypatch):
+    calls = []
+    real = experts_impl.moe_mlp
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experts_impl, "moe_mlp", counted)
+    return calls
+
+
+def test_registered_names():
+    names = set(moe_hook.ALL_EXPERTS_FUNCTIONS)
+    assert {"moe_restore", "moe_restore_torch", "moe_restore_triton"} <= names
+
+
+def test_families_found():
+    families = hook_families()
+    assert len(families) >= 40 and {"mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"} <= set(families)
+    unknown = (set(FALLBACK) | NOT_BUILT | TOO_SLOW) - set(families)
+    assert not unknown, f"listed families no longer use the hook: {unknown}"
+
+
+def _check_family(family: str, implementation: str, calls: list) -> tuple[float, float]:
+    model = tiny_model(family)
+    y_ref, g_ref = logits_and_grads(model, "eager")
+    experts_impl._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y, g = logits_and_grads(model, implementation)
+    ours = [str(w.message) for w in caught if "moe_restore" in str(w.message)]
+    assert set(g) == set(g_ref)
+    if family in FALLBACK:
+        assert not calls and len(ours) == 1 and FALLBACK[family] in ours[0], ours
+        assert torch.equal(y, y_ref) and all(torch.equal(g[n], g_ref[n]) for n in g_ref)
+        return 0.0, 0.0
+    assert calls and not ours, ours
+    err_y = relative_error(y, y_ref)
+    err_g = max(relative_error(g[n], g_ref[n]) for n in g_ref)
+    assert err_y <= TOL and err_g <= TOL, (family, err_y, err_g)
+    return err_y, err_g
+
+
+@pytest.mark.parametrize("family", hook_families())
+def test_family_matches_eager(family, count_moe_mlp):
+    if family in NOT_BUILT | TOO_SLOW:
+        pytest.skip("not built by the generic tiny config" if family in NOT_BUILT else "eager model too slow on CPU")
+    _check_family(family, "moe_restore_torch", count_moe_mlp)
+    assert set(count_moe_mlp) <= {"torch"}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "aria"])
+def test_family_matches_eager_triton(family, count_moe_mlp):
+    if "triton" not in backends():
+        pytest.skip("Triton needs TRITON_INTERPRET=1 or a GPU")
+    _check_family(family, "moe_restore_triton", count_moe_mlp)
+    assert count_moe_mlp and set(count_moe_mlp) == {"triton"}
+
+
+class _Config:
+    """What the hook reads from a config."""
+
+    _experts_implementation = "eager"
+
+    def __init__(self, act: str):
+        self.hidden_act = act
+
+
+def _experts_class(act: str, **layout):
+    @moe_hook.use_experts_implementation(**layout)
+    class Experts(nn.Module):
+        def __init__(self, config, E=3, D=8, H=6):
+            super().__init__()
+            gated = layout.get("has_gate", True)
+            prefix, width = ("gate_up", 2 * H) if gated else ("up", H)
+            shape1, shape2 = ((E, D, width), (E, H, D)) if layout.get("is_transposed") else ((E, width, D), (E, D, H))
+            setattr(self, f"{prefix}_proj", nn.Parameter(torch.randn(shape1) / D**0.5))
+            self.down_proj = nn.Parameter(torch.randn(shape2) / H**0.5)
+            if layout.get("has_bias"):
+                setattr(self, f"{prefix}_proj_bias", nn.Parameter(torch.randn(E, width) * 0.1))
+                self.down_proj_bias = nn.Parameter(torch.randn(E, D) * 0.1)
+            self.num_experts = E
+            self.act_fn = tf.activations.ACT2FN[act]
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            raise AssertionError("the eager forward is not the reference here")
+
+    return Experts
+
+
+@pytest.mark.parametrize("act, layout", [
+    ("silu", dict(is_transposed=True, has_bias=True)),
+    ("silu", dict(has_bias=True)),
+    ("gelu", dict(has_gate=False, has_bias=True)),
+    ("gelu_pytorch_tanh", dict(has_gate=False, is_transposed=True)),
+    ("relu", dict(has_gate=False)),
+])
+def test_layouts_match_batched_mm(act, layout, count_moe_mlp):
+    torch.manual_seed(0)
+    config = _Config(act)
+    experts = _experts_class(act, **layout)(config)
+    x = torch.randn(10, 8, requires_grad=True)
+    logits = torch.randn(10, 3, requires_grad=True)
+
+    def run(name):
+        config._experts_implementation = name
+        for t in (x, logits, *experts.parameters()):
+            t.grad = None
+        weights, index = logits.softmax(-1).topk(2, dim=-1)
+        y = experts(x, index, weights)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), [t.grad.clone() for t in (x, logits, *experts.parameters())]
+
+    y_ref, g_ref = run("batched_mm")
+    y, g = run("moe_restore_torch")
+    assert count_moe_mlp == ["torch"]
+    assert relative_error(y, y_ref) <= TOL
+    assert all(relative_error(a, b) <= TOL for a, b in zip(g, g_ref))
+
+
+def test_unsupported_warns_once_and_runs_eager(count_moe_mlp):
+    config = _Config("silu")
+    experts = _experts_class("silu", is_concatenated=False)(config)
+    x, index, weights = torch.randn(4, 8), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1)
+    config._experts_implementation = "moe_restore_torch"
+    experts_impl._warned.clear()
+    with pytest.warns(UserWarning, match="interleaved"), pytest.raises(AssertionError, match="eager forward"):
+        experts(x, index, weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AssertionError, match="eager forward"):
+            experts(x, index, weights)
+    assert not count_moe_mlp
+
+
+def test_loss_already_holds_the_aux_loss():
+    """The README's claim: with labels and output_router_logits, out.loss = LM loss + coef * aux_loss."""
+    model = tiny_model("mixtral")
+    model.set_experts_implementation("moe_restore_torch")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False)
+    lm = nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert out.aux_loss > 0
+    torch.testing.assert_close(out.loss, lm + model.config.router_aux_loss_coef * out.aux_loss)
+
+
+def _eager_and_ours(model, count):
+    """(output, grads) of the model's forward under "eager" and under "moe_restore_torch"."""
+    ref = logits_and_grads(model, "eager")
+    count.clear()
+    ours = logits_and_grads(model, "moe_restore_torch")
+    assert count == ["torch"] * 2, count
+    return ref, ours
+
+
+def test_peft_lora_on_experts(count_moe_mlp):
+    """LoRA on the experts' 3D Parameters (PEFT target_parameters): the LoRA'd weights reach moe_mlp
+    and the adapters' gradients equal eager's."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model("qwen3_moe")
+    config = peft.LoraConfig(r=2, target_modules=[], init_lora_weights=False,
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    lora = peft.get_peft_model(model, config)
+    (y_ref, g_ref), (y, g) = _eager_and_ours(lora.base_model.model, count_moe_mlp)
+    assert len(g_ref) == 8 and all("lora_" in n for n in g_ref)  # only the adapters train
+    assert set(g) == set(g_ref) and relative_error(y, y_ref) <= TOL
+    assert all(relative_error(g[n], g_ref[n]) <= TOL for n in g_ref)
+
+
+def test_accelerate_offload(count_moe_mlp):
+    """cpu_offload keeps the weights on the meta device and loads them around each module's
+    forward, the experts' included: the hook path reads them inside that forward."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_model("mixtral")
+    model.set_experts_implementation("eager")
+    with torch.no_grad():
+        want = model(input_ids=torch.arange(16).view(2, 8), use_cache=False).logits
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"
+    model.set_experts_implementation("moe_restore_torch")
+    with torch.no_grad():
+        got = model(input_ids=torch.arange(16).view(2, 8), use_cache=False).logits
+    assert count_moe_mlp == ["torch"] * 2 and relative_error(got, want) <= TOL
