@@ -90,14 +90,14 @@ def bench_shape(shape, dtype, device, copy_rate, impls) -> list[dict]:
             forward = lambda: sequential_scan(*inputs, **extra)  # noqa: E731
         else:
             forward = lambda name=name: gated_scan(*inputs, **extra, backend=name)  # noqa: E731
-        rows.append({"shape": f"B{batch} L{length} D{dim} N{state}", "impl": name,
+        rows.append({"shape": f"B{batch} L{length} D{dim} N{state}", "implementation": name,
                      **measure(forward, params, io_bytes, copy_rate)})
         if on_gpu():
             torch.cuda.empty_cache()  # the torch backend and the loop leave large caches behind
-    by_impl = {r["impl"]: r for r in rows}
+    by_impl = {r["implementation"]: r for r in rows}
     for row in rows:
         for other in ("torch", "loop"):
-            if other in by_impl and row["impl"] != other:
+            if other in by_impl and row["implementation"] != other:
                 row[f"fwd_x_vs_{other}"] = by_impl[other]["fwd_ms"] / row["fwd_ms"]
                 row[f"bwd_x_vs_{other}"] = by_impl[other]["bwd_ms"] / row["bwd_ms"]
     return rows
@@ -123,10 +123,10 @@ def bench_hgrn(shape, dtype, device, copy_rate) -> list[dict]:
     theirs = measure(lambda: chunk_hgrn(x, g)[0], [x, g], io_bytes, copy_rate)
     ours["fwd_x_vs_fla"] = theirs["fwd_ms"] / ours["fwd_ms"]
     ours["bwd_x_vs_fla"] = theirs["bwd_ms"] / ours["bwd_ms"]
-    return [{"shape": label, "impl": "triton", **ours}, {"shape": label, "impl": "fla chunk_hgrn", **theirs}]
+    return [{"shape": label, "implementation": "triton", **ours}, {"shape": label, "implementation": "fla chunk_hgrn", **theirs}]
 
 
-COLUMNS = ["shape", "impl", "fwd_ms", "bwd_ms", "peak_mb", "fwd_x_vs_torch", "bwd_x_vs_torch",
+COLUMNS = ["shape", "implementation", "fwd_ms", "bwd_ms", "peak_mb", "fwd_x_vs_torch", "bwd_x_vs_torch",
            "fwd_x_vs_loop", "fwd_x_vs_fla", "fwd_GBps", "fwd_frac_of_copy"]
 CPU_NOTE = ("No GPU: Triton kernel timings need a GPU. Timing only the torch backend against the "
             "sequential loop, float32, small shapes, as CPU wall time (not kernel speeds).")

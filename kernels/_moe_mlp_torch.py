@@ -1,9 +1,23 @@
-"""The "torch" backend of ``moe_mlp``: one gather into expert order, one contiguous slice per
-expert (no per-expert index_select), one combine back to tokens; autograd by PyTorch."""
+"""The "torch" backend of ``moe_mlp``: GEMMs per expert on contiguous slices of the assignments
+sorted by expert (host offsets, no per-expert search), everything else once over all of them,
+and a hand-written backward.
+
+With the N = T*k assignments sorted by expert (token t_a, weight w_a, expert e_a):
+
+    u = x[t],  z = u @ w1[e] + b1[e],  h = act(z),  o = h @ w2[e] + b2[e],  y[t_a] += w_a * o_a
+
+Only the inputs are kept for backward (x, the routing weights, experts and order, the parameters);
+z and h are recomputed from u there. With g = dy[t] and q = g @ w2[e]^T:
+
+    dw_a = q_a . h_a + g_a . b2[e_a]       (dy . o without recomputing o)
+    dW2[e] = h^T (w g),  db2[e] = sum_a w_a g_a,  dh = w q
+    dz = act'(z) dh,  dW1[e] = u^T dz,  db1[e] = sum_a dz_a,  dx[t_a] += dz_a @ w1[e]^T
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .routing import Routing
 
@@ -20,23 +34,104 @@ def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
     return F.silu(z) if activation == "silu" else F.relu(z)
 
 
+def activation_backward(dh: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
+    """dz = act'(z) dh for ``activate`` (swiglu: d gate = silu'(gate) up dh, d up = silu(gate) dh)."""
+    if activation == "swiglu":
+        gate, up = z.chunk(2, dim=-1)
+        return torch.cat([torch.ops.aten.silu_backward(dh * up, gate), dh * F.silu(gate)], dim=-1)
+    if activation in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward(dh, z, approximate="none" if activation == "gelu" else "tanh")
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(dh, z)
+    return torch.ops.aten.threshold_backward(dh, z, 0)
+
+
+def grouped_mm_ends(offsets: tuple[int, ...], *tensors: torch.Tensor) -> torch.Tensor | None:
+    """The group ends (int32) for ``torch._grouped_mm`` when it can run these GEMMs: on the CPU,
+    float32/bfloat16/float16, every row 16-byte aligned (torch 2.13); None for the loop instead."""
+    a = tensors[0]
+    if not (hasattr(torch, "_grouped_mm") and a.device.type == "cpu"
+            and a.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and all(t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)):
+        return None
+    return torch.tensor(offsets[1:], dtype=torch.int32)
+
+
+def _grouped(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor | None, offsets: tuple[int, ...],
+             transpose: bool = False) -> torch.Tensor:
+    """[N, out]: rows lo:hi of ``a`` (one expert's slice) times w[e], or w[e]^T."""
+    w = w.transpose(1, 2) if transpose else w
+    if ends is not None:
+        return torch._grouped_mm(a, w, offs=ends)
+    out = a.new_zeros(a.shape[0], w.shape[2])
+    for e, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+        if hi > lo:
+            torch.mm(a[lo:hi], w[e], out=out[lo:hi])
+    return out
+
+
+def _weight_grad(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor | None, offsets: tuple[int, ...]) -> torch.Tensor:
+    """[E, A, B]: a[lo:hi]^T b[lo:hi] for every expert's slice (zero for an expert without one)."""
+    if ends is not None:
+        return torch._grouped_mm(a.T, b, offs=ends)
+    out = a.new_zeros(len(offsets) - 1, a.shape[1], b.shape[1])
+    for e, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+        if hi > lo:
+            torch.mm(a[lo:hi].T, b[lo:hi], out=out[e])
+    return out
+
+
+def _first_layer(u, w1, b1, expert_of, ends, offsets):
+    z = _grouped(u, w1, ends, offsets)
+    return z if b1 is None else z.add_(b1.index_select(0, expert_of))
+
+
+class _ExpertLoop(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, experts, w1, w2, b1, b2, order, offsets, activation):
+        T, k = weights.shape
+        with torch.autocast(x.device.type, enabled=False):  # moe_mlp already cast to the autocast dtype
+            tokens, expert_of = order // k, experts.reshape(-1)[order]
+            ends = grouped_mm_ends(offsets, x, w1, w2)
+            h = activate(_first_layer(x.index_select(0, tokens), w1, b1, expert_of, ends, offsets), activation)
+            o = _grouped(h, w2, ends, offsets)
+            if b2 is not None:
+                o.add_(b2.index_select(0, expert_of))
+            y = torch.zeros(T, w2.shape[2], dtype=torch.float32, device=x.device)
+            y.index_add_(0, tokens, o * weights.reshape(-1)[order, None])
+        ctx.save_for_backward(x, weights, experts, w1, w2, b1, b2, order)
+        ctx.offsets, ctx.activation = offsets, activation
+        return y.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weights, experts, w1, w2, b1, b2, order = ctx.saved_tensors
+        offsets = ctx.offsets
+        T, k = weights.shape
+        with torch.autocast(x.device.type, enabled=False):
+            tokens, expert_of = order // k, experts.reshape(-1)[order]
+            scale = weights.reshape(-1)[order, None].to(x.dtype)
+            u, g = x.index_select(0, tokens), dy.to(x.dtype).index_select(0, tokens)
+            ends = grouped_mm_ends(offsets, x, w1, w2)
+            z = _first_layer(u, w1, b1, expert_of, ends, offsets)
+            h = activate(z, ctx.activation)
+            q = _grouped(g, w2, ends, offsets, transpose=True)
+            dw = (q * h).sum(dim=-1, dtype=torch.float32)
+            if b2 is not None:
+                dw += (g * b2.index_select(0, expert_of)).sum(dim=-1, dtype=torch.float32)
+            dweights = torch.zeros_like(dw).index_copy_(0, order, dw).view(T, k)
+            g.mul_(scale)  # now the gradient of o
+            dz = activation_backward(q.mul_(scale), z, ctx.activation)
+            dw1, dw2 = _weight_grad(u, dz, ends, offsets), _weight_grad(h, g, ends, offsets)
+            db1 = None if b1 is None else torch.zeros_like(b1).index_add_(0, expert_of, dz)
+            db2 = None if b2 is None else torch.zeros_like(b2).index_add_(0, expert_of, g)
+            dx = torch.zeros_like(x).index_add_(0, tokens, _grouped(dz, w1, ends, offsets, transpose=True))
+        return dx, dweights, None, dw1, dw2, db1, db2, None, None, None
+
+
 def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
             b1: torch.Tensor | None, b2: torch.Tensor | None, activation: str) -> torch.Tensor:
-    T, k = routing.experts.shape
-    order = routing.sorted_assignments
     offsets = routing.host_offsets or tuple(routing.expert_offsets.tolist())
-    x_sorted = x.index_select(0, order // k)
-    pieces = []
-    for e in range(routing.num_experts):
-        lo, hi = offsets[e], offsets[e + 1]
-        if lo == hi:
-            continue
-        z = x_sorted[lo:hi] @ w1[e]
-        if b1 is not None:
-            z = z + b1[e]
-        out = activate(z, activation) @ w2[e]
-        pieces.append(out + b2[e] if b2 is not None else out)
-    out_sorted = torch.cat(pieces) if pieces else x.new_zeros(0, w2.shape[-1])
-    scaled = out_sorted.float() * routing.weights.reshape(-1)[order, None]
-    by_assignment = scaled.new_zeros(T * k, w2.shape[-1]).index_copy(0, order, scaled)
-    return by_assignment.view(T, k, -1).sum(dim=1).to(x.dtype)
+    return _ExpertLoop.apply(x, routing.weights, routing.experts, w1, w2, b1, b2, routing.sorted_assignments,
+                             offsets, activation)
