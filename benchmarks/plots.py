@@ -30,7 +30,7 @@ def _grouped_bars(ax, rows: list[dict[str, Any]], key: str) -> bool:
         xs = [s + (i - (len(impls) - 1) / 2) * width for s in range(len(shapes)) if shapes[s] in values]
         ax.bar(xs, [values[s] for s in shapes if s in values], width, label=impl)
     ax.set_xticks(range(len(shapes)), shapes, rotation=15, ha="right", fontsize=8)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return True
 
 
@@ -83,7 +83,7 @@ def write_plots(results: str | Path) -> list[Path]:
         ax.set_xlabel("fraction of tokens sent to expert 0 (0: the router's own spread, 1: all)")
         ax.set_ylabel("fwd+bwd ms" + (" (CPU wall time)" if cpu else ""))
         ax.set_title(f"{results.stem}: skew sweep, {skewed[0]['shape'].rsplit(' skew', 1)[0]}", fontsize=9)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         save(fig, "skew")
     for path in written:
         print(f"chart written to {path}")
