@@ -6,7 +6,7 @@ With the N = T*k assignments sorted by expert (token t_a, weight w_a, expert e_a
 
     u = x[t],  z = u @ w1[e] + b1[e],  h = act(z),  o = h @ w2[e] + b2[e],  y[t_a] += w_a * o_a
 
-Only the inputs are kept for backward (x, the routing weights, experts and order, the parameters);
+Only the inputs are kept for backward (x, the routing weights and order, the parameters);
 z and h are recomputed from u there. With g = dy[t] and q = g @ w2[e]^T:
 
     dw_a = q_a . h_a + g_a . b2[e_a]       (dy . o without recomputing o)
@@ -64,9 +64,8 @@ def _grouped(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor | None, offset
     if ends is not None:
         return torch._grouped_mm(a, w, offs=ends)
     out = a.new_zeros(a.shape[0], w.shape[2])
-    for e, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
-        if hi > lo:
-            torch.mm(a[lo:hi], w[e], out=out[lo:hi])
+    for e, lo, hi in _slices(offsets):
+        torch.mm(a[lo:hi], w[e], out=out[lo:hi])
     return out
 
 
@@ -75,63 +74,78 @@ def _weight_grad(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor | None, of
     if ends is not None:
         return torch._grouped_mm(a.T, b, offs=ends)
     out = a.new_zeros(len(offsets) - 1, a.shape[1], b.shape[1])
-    for e, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
-        if hi > lo:
-            torch.mm(a[lo:hi].T, b[lo:hi], out=out[e])
+    for e, lo, hi in _slices(offsets):
+        torch.mm(a[lo:hi].T, b[lo:hi], out=out[e])
     return out
 
 
-def _first_layer(u, w1, b1, expert_of, ends, offsets):
-    z = _grouped(u, w1, ends, offsets)
-    return z if b1 is None else z.add_(b1.index_select(0, expert_of))
+def _slices(offsets: tuple[int, ...]):
+    """(e, lo, hi) of every expert with assignments."""
+    return ((e, lo, hi) for e, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])) if hi > lo)
+
+
+def _add_bias(a: torch.Tensor, b: torch.Tensor | None, offsets: tuple[int, ...]) -> torch.Tensor:
+    """a[lo:hi] += b[e] for every expert's slice (no [N, out] gather of the bias rows)."""
+    if b is not None:
+        for e, lo, hi in _slices(offsets):
+            a[lo:hi] += b[e]
+    return a
+
+
+def _bias_grad(a: torch.Tensor, like: torch.Tensor | None, offsets: tuple[int, ...]) -> torch.Tensor | None:
+    """db[e] = sum of a's rows lo:hi, None without a bias."""
+    if like is None:
+        return None
+    db = torch.zeros_like(like)
+    for e, lo, hi in _slices(offsets):
+        torch.sum(a[lo:hi], dim=0, out=db[e])
+    return db
 
 
 class _ExpertLoop(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, experts, w1, w2, b1, b2, order, offsets, activation):
+    def forward(ctx, x, weights, w1, w2, b1, b2, order, offsets, activation):
         T, k = weights.shape
         with torch.autocast(x.device.type, enabled=False):  # moe_mlp already cast to the autocast dtype
-            tokens, expert_of = order // k, experts.reshape(-1)[order]
+            tokens = order // k
             ends = grouped_mm_ends(offsets, x, w1, w2)
-            h = activate(_first_layer(x.index_select(0, tokens), w1, b1, expert_of, ends, offsets), activation)
-            o = _grouped(h, w2, ends, offsets)
-            if b2 is not None:
-                o.add_(b2.index_select(0, expert_of))
+            h = activate(_add_bias(_grouped(x.index_select(0, tokens), w1, ends, offsets), b1, offsets), activation)
+            o = _add_bias(_grouped(h, w2, ends, offsets), b2, offsets)
             y = torch.zeros(T, w2.shape[2], dtype=torch.float32, device=x.device)
             y.index_add_(0, tokens, o * weights.reshape(-1)[order, None])
-        ctx.save_for_backward(x, weights, experts, w1, w2, b1, b2, order)
+        ctx.save_for_backward(x, weights, w1, w2, b1, b2, order)
         ctx.offsets, ctx.activation = offsets, activation
         return y.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weights, experts, w1, w2, b1, b2, order = ctx.saved_tensors
+        x, weights, w1, w2, b1, b2, order = ctx.saved_tensors
         offsets = ctx.offsets
         T, k = weights.shape
         with torch.autocast(x.device.type, enabled=False):
-            tokens, expert_of = order // k, experts.reshape(-1)[order]
+            tokens = order // k
             scale = weights.reshape(-1)[order, None].to(x.dtype)
             u, g = x.index_select(0, tokens), dy.to(x.dtype).index_select(0, tokens)
             ends = grouped_mm_ends(offsets, x, w1, w2)
-            z = _first_layer(u, w1, b1, expert_of, ends, offsets)
+            z = _add_bias(_grouped(u, w1, ends, offsets), b1, offsets)
             h = activate(z, ctx.activation)
             q = _grouped(g, w2, ends, offsets, transpose=True)
             dw = (q * h).sum(dim=-1, dtype=torch.float32)
             if b2 is not None:
-                dw += (g * b2.index_select(0, expert_of)).sum(dim=-1, dtype=torch.float32)
+                for e, lo, hi in _slices(offsets):
+                    dw[lo:hi] += (g[lo:hi] @ b2[e]).float()
             dweights = torch.zeros_like(dw).index_copy_(0, order, dw).view(T, k)
             g.mul_(scale)  # now the gradient of o
             dz = activation_backward(q.mul_(scale), z, ctx.activation)
             dw1, dw2 = _weight_grad(u, dz, ends, offsets), _weight_grad(h, g, ends, offsets)
-            db1 = None if b1 is None else torch.zeros_like(b1).index_add_(0, expert_of, dz)
-            db2 = None if b2 is None else torch.zeros_like(b2).index_add_(0, expert_of, g)
+            db1, db2 = _bias_grad(dz, b1, offsets), _bias_grad(g, b2, offsets)
             dx = torch.zeros_like(x).index_add_(0, tokens, _grouped(dz, w1, ends, offsets, transpose=True))
-        return dx, dweights, None, dw1, dw2, db1, db2, None, None, None
+        return dx, dweights, dw1, dw2, db1, db2, None, None, None
 
 
 def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
             b1: torch.Tensor | None, b2: torch.Tensor | None, activation: str) -> torch.Tensor:
     offsets = routing.host_offsets or tuple(routing.expert_offsets.tolist())
-    return _ExpertLoop.apply(x, routing.weights, routing.experts, w1, w2, b1, b2, routing.sorted_assignments,
+    return _ExpertLoop.apply(x, routing.weights, w1, w2, b1, b2, routing.sorted_assignments,
                              offsets, activation)
