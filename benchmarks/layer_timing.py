@@ -13,9 +13,9 @@ For a forward function f(x) -> y over tokens x [T, D] with a fixed output gradie
 
 On a GPU calls rotate through copies of x so that a working set smaller than the L2 cache is not
 timed from the cache (``rotation_count``). On the CPU the times are wall times, not kernel speeds,
-and there is no peak-memory counter: ``fwd_bwd_ms`` is then the median of rounds that run every
-implementation once, in turn (``interleaved_fwd_bwd_ms``), so that the ratios between rows of one
-shape come from the same moments of a shared machine. A Triton row on the CPU (interpreter) has
+and there is no peak-memory counter: ``fwd_bwd_ms`` is then the median process CPU time of rounds
+that run every implementation once, in turn (``interleaved_fwd_bwd_ms``), so that the ratios
+between rows of one shape come from the same moments of a shared machine. A Triton row on the CPU (interpreter) has
 saved bytes only, no times.
 """
 from __future__ import annotations
@@ -72,16 +72,17 @@ def measure(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mo
 
 def interleaved_fwd_bwd_ms(forwards: Sequence[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor,
                            rounds: int = CPU_ROUNDS) -> list[float]:
-    """Median forward + backward wall time (ms) of each forward, over ``rounds`` rounds that each
-    run every forward once in turn (after one warm-up round)."""
+    """Median forward + backward time (ms) of each forward, over ``rounds`` rounds that each run
+    every forward once in turn (after one warm-up round). Timed as this process's CPU time, which
+    other processes on a shared machine do not inflate as they do wall time."""
     dy = torch.randn_like(forwards[0](x).detach())
     samples: list[list[float]] = [[] for _ in forwards]
     for r in range(rounds + 1):
         for f, times in zip(forwards, samples):
-            start = time.perf_counter()
+            start = time.process_time()
             f(x).backward(dy)
             if r:
-                times.append((time.perf_counter() - start) * 1e3)
+                times.append((time.process_time() - start) * 1e3)
     return [statistics.median(t) for t in samples]
 
 
