@@ -72,7 +72,8 @@ class _ExpertLoop(torch.autograd.Function):
             z = _linear(x.index_select(0, tokens), w1, b1, offsets)
             h = activate(z, activation)
             o = _linear(h, w2, b2, offsets)
-            y = torch.zeros(T, w2.shape[2], dtype=torch.float32, device=x.device)
+            # The combine accumulates in at least float32 (the routing weights' dtype).
+            y = torch.zeros(T, w2.shape[2], dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device)
             y.index_add_(0, tokens, o * weights.reshape(-1)[order, None])
         ctx.save_for_backward(x, weights, w1, w2, b1, b2, order, z)
         ctx.offsets, ctx.activation = offsets, activation
@@ -90,12 +91,12 @@ class _ExpertLoop(torch.autograd.Function):
             u, g = x.index_select(0, tokens), dy.to(x.dtype).index_select(0, tokens)
             h = activate(z, ctx.activation)
             q = torch.empty_like(h)
-            dw = torch.zeros(T * k, dtype=torch.float32, device=x.device)
+            dw = torch.zeros(T * k, dtype=weights.dtype, device=x.device)
             for e, lo, hi in _slices(offsets):
                 torch.mm(g[lo:hi], w2[e].T, out=q[lo:hi])
                 if b2 is not None:
                     dw[lo:hi] = g[lo:hi] @ b2[e]
-            dw += (q * h).sum(dim=-1, dtype=torch.float32)
+            dw += (q * h).sum(dim=-1, dtype=weights.dtype)
             dweights = torch.zeros_like(dw).index_copy_(0, order, dw).view(T, k)
             g.mul_(scale)  # now the gradient of o
             dz = activation_backward(q.mul_(scale), z, ctx.activation)
