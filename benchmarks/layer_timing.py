@@ -34,8 +34,9 @@ from .plots import write_plots
 from .common import (environment, floor_ms, format_table, measured_copy_bandwidth, measured_matmul_rate, on_gpu,
                      peak_memory_mb, rotation_count, time_ms, write_results)
 
-CPU_NOTE = ("No GPU: Triton kernel timings need a GPU. Timing only the torch backend against the eager "
-            "loop over experts, float32, small shapes, as CPU wall time (not kernel speeds).")
+CPU_NOTE = ("No GPU: Triton kernel timings need a GPU. Timing the torch backend and the baselines against the "
+            "eager loop, float32, small shapes, as CPU time (fwd_bwd_ms: interleaved rounds; not kernel speeds); "
+            "the Triton path's saved bytes are counted under the interpreter.")
 COLUMNS = ["shape", "implementation", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "saved_bytes_per_token",
            "fwd_bwd_x_vs_eager", "peak_vs_eager", "saved_vs_eager", "rel_err_vs_eager", "floor_ms"]
 CPU_ROUNDS = 15
