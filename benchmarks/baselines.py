@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from moe_restore.layers.moe import TopKMoE
 
-from .eager_moe import top_k
+from .eager_moe import activate, top_k
 
 
 def routed(layer: TopKMoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,12 +53,7 @@ def grouped_mm_topk_moe(layer: TopKMoE, x: torch.Tensor) -> torch.Tensor:
     z = torch._grouped_mm(x[order // k], layer.w1, offs=offsets)
     if layer.b1 is not None:
         z = z + layer.b1[expert_of]
-    if layer.activation == "swiglu":
-        gate, up = z.chunk(2, dim=-1)
-        h = nn.functional.silu(gate) * up
-    else:
-        h = {"gelu": nn.functional.gelu, "silu": nn.functional.silu, "relu": nn.functional.relu}[layer.activation](z)
-    out = torch._grouped_mm(h.contiguous(), layer.w2, offs=offsets)
+    out = torch._grouped_mm(activate(z, layer.activation).contiguous(), layer.w2, offs=offsets)
     if layer.b2 is not None:
         out = out + layer.b2[expert_of]
     scaled = out * weights.reshape(-1)[order, None]
@@ -80,7 +75,8 @@ def _transformers_experts(layer: TopKMoE, implementation: str) -> nn.Module | No
         def __init__(self, config):
             super().__init__()
             self.num_experts = layer.num_experts
-            self.act_fn = ACT2FN["silu" if gated else {"gelu": "gelu", "silu": "silu", "relu": "relu"}[layer.activation]]
+            name = "silu" if gated else {"gelu_tanh": "gelu_pytorch_tanh"}.get(layer.activation, layer.activation)
+            self.act_fn = ACT2FN[name]
 
         def forward(self, hidden_states, top_k_index, top_k_weights):
             # transformers' eager pattern (its Experts example): a one-hot mask, one linear per hit expert.

@@ -19,15 +19,21 @@ def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return probs.gather(-1, order), order
 
 
+def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(z); swiglu splits z into [gate | up] and gives silu(gate) * up."""
+    if activation == "swiglu":
+        gate, up = z.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    return {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[activation](z)
+
+
 def expert_mlp(u: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                b2: torch.Tensor | None, activation: str) -> torch.Tensor:
     """act(u @ w1 + b1) @ w2 + b2 for one expert; swiglu splits the first layer into [gate | up]."""
     z = u @ w1 if b1 is None else torch.addmm(b1, u, w1)
-    if activation == "swiglu":
-        gate, up = z.chunk(2, dim=-1)
-        h = F.silu(gate) * up
-    else:
-        h = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[activation](z)
+    h = activate(z, activation)
     return h @ w2 if b2 is None else torch.addmm(b2, h, w2)
 
 

@@ -132,10 +132,12 @@ def bench_hgrn(shape, dtype, device, copy_rate) -> list[dict]:
     theirs = measure(lambda: chunk_hgrn(x, g)[0], [x, g], io_bytes, copy_rate)
     ours["fwd_x_vs_fla"] = theirs["fwd_ms"] / ours["fwd_ms"]
     ours["bwd_x_vs_fla"] = theirs["bwd_ms"] / ours["bwd_ms"]
-    return [{"shape": label, "implementation": "triton", **ours}, {"shape": label, "implementation": "fla chunk_hgrn", **theirs}]
+    return [{"shape": label, "implementation": "triton", **ours},
+            {"shape": label, "implementation": "fla chunk_hgrn", **theirs}]
 
 
-COLUMNS = ["shape", "implementation", "fwd_ms", "bwd_ms", "peak_mb", "saved_bytes_per_token", "fwd_x_vs_torch", "bwd_x_vs_torch",
+COLUMNS = ["shape", "implementation", "fwd_ms", "bwd_ms", "peak_mb", "saved_bytes_per_token", "fwd_x_vs_torch",
+           "bwd_x_vs_torch",
            "fwd_x_vs_loop", "fwd_x_vs_fla", "fwd_GBps", "fwd_frac_of_copy"]
 CPU_NOTE = ("No GPU: Triton kernel timings need a GPU. Timing only the torch backend against the "
             "sequential loop, float32, small shapes, as CPU wall time (not kernel speeds).")

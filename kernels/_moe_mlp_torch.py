@@ -102,7 +102,8 @@ class _ExpertLoop(torch.autograd.Function):
             dz = activation_backward(q.mul_(scale), z, ctx.activation)
             # Every expert's rows are written below; those without assignments get zeros here.
             idle = [e for e in range(w1.shape[0]) if offsets[e + 1] == offsets[e]]
-            dw1, dw2, db1, db2 = (None if t is None else t.new_empty(t.shape).index_fill_(0, t.new_tensor(idle, dtype=torch.long), 0)
+            idle = torch.tensor(idle, dtype=torch.long, device=x.device)
+            dw1, dw2, db1, db2 = (None if t is None else t.new_empty(t.shape).index_fill_(0, idle, 0)
                                   for t in (w1, w2, b1, b2))
             du = torch.empty_like(u)
             for e, lo, hi in _slices(offsets):
