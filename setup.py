@@ -32,6 +32,7 @@ setup(
         "tqdm",
     ],
     extras_require={
+        "plot": ["matplotlib"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=5", "diffusers"],
     },
     entry_points={"console_scripts": ["moe-restore = moe_restore.cli:main"]},

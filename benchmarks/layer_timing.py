@@ -8,15 +8,22 @@ For a forward function f(x) -> y over tokens x [T, D] with a fixed output gradie
     peak_mb      peak device memory of f(x).backward(dy) above what was allocated before it
                  (parameters, inputs and dy; parameter gradients are freed first, so each
                  implementation pays for allocating them)
+    saved_bytes_per_token   bytes autograd keeps for backward over T (``memory.saved_bytes``:
+                 each storage once, parameters and x excluded), on any device
 
 On a GPU calls rotate through copies of x so that a working set smaller than the L2 cache is not
-timed from the cache (``rotation_count``). On the CPU the times are wall times of the torch path,
-not kernel speeds, and there is no peak-memory counter.
+timed from the cache (``rotation_count``). On the CPU the times are wall times, not kernel speeds,
+and there is no peak-memory counter: ``fwd_bwd_ms`` is then the median process CPU time of rounds
+that run every implementation once, in turn (``interleaved_fwd_bwd_ms``), so that the ratios
+between rows of one shape come from the same moments of a shared machine. A Triton row on the CPU (interpreter) has
+saved bytes only, no times.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -24,13 +31,17 @@ import torch
 
 from moe_restore.kernels.activations import first_layer_width
 
+from .memory import saved_bytes
+from .plots import write_plots
 from .common import (environment, floor_ms, format_table, measured_copy_bandwidth, measured_matmul_rate, on_gpu,
                      peak_memory_mb, rotation_count, time_ms, write_results)
 
-CPU_NOTE = ("No GPU: Triton kernel timings need a GPU. Timing only the torch backend against the eager "
-            "loop over experts, float32, small shapes, as CPU wall time (not kernel speeds).")
-COLUMNS = ["shape", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "fwd_bwd_x_vs_eager",
-           "peak_vs_eager", "rel_err_vs_eager", "floor_ms"]
+CPU_NOTE = ("No GPU: Triton kernel timings need a GPU. Timing the torch backend and the baselines against the "
+            "eager loop, float32, small shapes, as CPU time (fwd_bwd_ms: interleaved rounds; not kernel speeds); "
+            "the Triton path's saved bytes are counted under the interpreter.")
+COLUMNS = ["shape", "implementation", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "saved_bytes_per_token",
+           "fwd_bwd_x_vs_eager", "peak_vs_eager", "saved_vs_eager", "rel_err_vs_eager", "floor_ms"]
+CPU_ROUNDS = 15
 
 
 def expert_flops(num_tokens: int, top_k: int, dim: int, hidden: int, activation: str) -> float:
@@ -39,12 +50,17 @@ def expert_flops(num_tokens: int, top_k: int, dim: int, hidden: int, activation:
     return 2.0 * num_tokens * top_k * (dim * first + hidden * dim)
 
 
-def measure(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, module: torch.nn.Module) -> dict:
-    """fwd_ms, bwd_ms, fwd_bwd_ms and peak_mb of ``forward`` (see the module docstring)."""
+def measure(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, module: torch.nn.Module,
+            timed: bool = True) -> dict:
+    """fwd_ms, bwd_ms, fwd_bwd_ms, peak_mb and saved_bytes_per_token of ``forward`` (see the module
+    docstring); untimed: the saved bytes only."""
+    row = {"saved_bytes_per_token": saved_bytes(forward, x, module.parameters()) / x.shape[0]}
+    if not timed:
+        return {"fwd_ms": None, "bwd_ms": None, "fwd_bwd_ms": None, "peak_mb": None, **row}
     copies = rotation_count([x]) - 1 if on_gpu() else 0
     xs = [x] + [x.detach().clone().requires_grad_() for _ in range(copies)]
     dy = torch.randn_like(forward(x).detach())
-    row = {"fwd_ms": time_ms(forward, [(xi,) for xi in xs])}
+    row["fwd_ms"] = time_ms(forward, [(xi,) for xi in xs])
     graphs = [(forward(xi), dy) for xi in xs]
     row["bwd_ms"] = time_ms(lambda y, g: y.backward(g, retain_graph=True), graphs)
     del graphs
@@ -55,6 +71,22 @@ def measure(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mo
     if on_gpu():
         torch.cuda.empty_cache()  # the eager loop and the torch backend leave large caches behind
     return row
+
+
+def interleaved_fwd_bwd_ms(forwards: Sequence[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor,
+                           rounds: int = CPU_ROUNDS) -> list[float]:
+    """Median forward + backward time (ms) of each forward, over ``rounds`` rounds that each run
+    every forward once in turn (after one warm-up round). Timed as this process's CPU time, which
+    other processes on a shared machine do not inflate as they do wall time."""
+    dy = torch.randn_like(forwards[0](x).detach())
+    samples: list[list[float]] = [[] for _ in forwards]
+    for r in range(rounds + 1):
+        for f, times in zip(forwards, samples):
+            start = time.process_time()
+            f(x).backward(dy)
+            if r:
+                times.append((time.process_time() - start) * 1e3)
+    return [statistics.median(t) for t in samples]
 
 
 def _run_with_backend(layer: torch.nn.Module, backend: str, x: torch.Tensor) -> torch.Tensor:
@@ -76,18 +108,21 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 class Impl:
     """One implementation of a shape's layer: ``forward`` over tokens, the module owning its
     parameters, whether it computes the eager loop's function (so its output error against the
-    eager loop means something), and its floor in ms (None: not reported)."""
+    eager loop means something), its floor in ms (None: not reported) and whether it is timed
+    (False: the Triton interpreter on the CPU, saved bytes only)."""
 
     name: str
     forward: Callable[[torch.Tensor], torch.Tensor]
     module: torch.nn.Module
     same_function: bool = True
     floor_ms: float | None = None
+    timed: bool = True
 
 
 def measure_impls(label: str, impls: Sequence[Impl], x: torch.Tensor, eager: Impl) -> list[dict]:
     """Rows of ``measure`` for each implementation and the eager loop, with the relative error of
-    each forward output against the eager loop's and the speed and memory ratios against it."""
+    each forward output against the eager loop's and the speed and memory ratios against it. On the
+    CPU fwd_bwd_ms comes from one interleaved run of the timed implementations."""
     with torch.no_grad():
         reference = eager.forward(x)
     rows = []
@@ -96,13 +131,20 @@ def measure_impls(label: str, impls: Sequence[Impl], x: torch.Tensor, eager: Imp
         if impl.same_function and impl is not eager:
             with torch.no_grad():
                 error = relative_error(impl.forward(x), reference)
-        rows.append({"shape": label, "impl": impl.name, **measure(impl.forward, x, impl.module),
+        rows.append({"shape": label, "implementation": impl.name, **measure(impl.forward, x, impl.module, impl.timed),
                      "rel_err_vs_eager": error, "floor_ms": impl.floor_ms})
+    if not on_gpu():
+        timed = [(impl, row) for impl, row in zip([*impls, eager], rows) if impl.timed]
+        for (_, row), ms in zip(timed, interleaved_fwd_bwd_ms([impl.forward for impl, _ in timed], x)):
+            row["fwd_bwd_ms"] = ms
     base = rows[-1]
     for row in rows[:-1]:
-        row["fwd_bwd_x_vs_eager"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        if row["fwd_bwd_ms"] is not None:
+            row["fwd_bwd_x_vs_eager"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
         if row["peak_mb"] is not None and base["peak_mb"]:
             row["peak_vs_eager"] = row["peak_mb"] / base["peak_mb"]
+        if base["saved_bytes_per_token"]:
+            row["saved_vs_eager"] = row["saved_bytes_per_token"] / base["saved_bytes_per_token"]
     return rows
 
 
@@ -122,10 +164,12 @@ def training_floor_ms(flops_fwd: float, x: torch.Tensor, module: torch.nn.Module
 
 def run_suite(name: str, description: str, shapes: dict[str, Sequence[Any]], targets: str,
               bench_shape: Callable[..., list[dict]], argv: list[str] | None,
-              extra_columns: Sequence[str] = (), *, columns: Sequence[str] = COLUMNS, cpu_note: str = CPU_NOTE) -> int:
+              extra_columns: Sequence[str] = (), *, columns: Sequence[str] = COLUMNS, cpu_note: str = CPU_NOTE,
+              sweep: Callable[..., list[dict]] | None = None) -> int:
     """Parse ``--quick``, pick device, dtype and shapes, run ``bench_shape(shape, dtype, device,
     rates)`` for each shape, print the table (``columns`` + ``extra_columns``) and write the JSON
-    results.
+    results, then the charts beside them (``plots``). ``sweep(shapes, dtype, device)``, if given,
+    adds rows of a sweep (the moe suite's skew sweep) to the results, after the table.
 
     ``shapes`` has the keys "gpu", "gpu_quick", "cpu" and "cpu_quick"; ``rates`` is (copy bandwidth in B/s,
     matmul rate in FLOP/s) measured on the GPU, None on the CPU.
@@ -150,7 +194,10 @@ def run_suite(name: str, description: str, shapes: dict[str, Sequence[Any]], tar
     for shape in chosen:
         rows += bench_shape(shape, dtype, device, rates)
     print(format_table(rows, list(columns) + list(extra_columns)))
+    if sweep is not None:
+        rows += sweep(list(chosen), dtype, device)
     path = write_results(name, rows, {"dtype": str(dtype).replace("torch.", ""), "targets": targets,
                                       "quick": args.quick, "rates": rates})
     print(f"results written to {path}")
+    write_plots(path)
     return 0

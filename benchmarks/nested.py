@@ -9,11 +9,12 @@ Columns as in ``benchmarks.moe``, plus ``fwd_bwd_vs_flat``: a nested row's forwa
 time over the flattened single-level layer's on the same backend (the cost of the nesting). On
 a GPU: bf16 at the DiT-token and pixel-token shapes (``--quick``: small shapes). Without a GPU the
 script says that Triton timings need one and times the torch backend only, at small shapes,
-float32, as CPU wall time.
+float32, as CPU wall time; under TRITON_INTERPRET=1 the Triton rows carry saved bytes only.
 """
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from dataclasses import dataclass
 
@@ -62,15 +63,19 @@ def bench_shape(shape: NestedShape, dtype: torch.dtype, device: torch.device,
     x = torch.randn(shape.tokens, shape.dim, device=device, dtype=dtype, requires_grad=True)
     floor = training_floor_ms(expert_flops(shape.tokens, top_k, shape.dim, shape.hidden, "gelu"), x, nested, rates)
     impls = []
-    for backend in ("triton", "torch") if device.type == "cuda" else ("torch",):
+    # On the CPU under TRITON_INTERPRET=1 the Triton rows carry saved bytes only (untimed).
+    interpreted = device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1"
+    for backend in ("triton", "torch") if device.type == "cuda" or interpreted else ("torch",):
+        timed = backend == "torch" or device.type == "cuda"
         impls += [Impl(f"nested {backend}", backend_forward(nested, backend), nested,
-                       floor_ms=floor if backend == "triton" else None),
+                       floor_ms=floor if backend == "triton" else None, timed=timed),
                   Impl(f"flat top-{top_k} {backend}", backend_forward(flat, backend), flat,
-                       same_function=False)]
+                       same_function=False, timed=timed)]
     eager = Impl("eager two-level loop", functools.partial(eager_nested_moe, nested), nested)
     rows = measure_impls(shape.label, impls, x, eager)
     for nested_row, flat_row in zip(rows[0:-1:2], rows[1:-1:2]):
-        nested_row["fwd_bwd_vs_flat"] = nested_row["fwd_bwd_ms"] / flat_row["fwd_bwd_ms"]
+        if nested_row["fwd_bwd_ms"] is not None:
+            nested_row["fwd_bwd_vs_flat"] = nested_row["fwd_bwd_ms"] / flat_row["fwd_bwd_ms"]
     return rows
 
 

@@ -6,11 +6,14 @@ flash-linear-attention's chunked HGRN kernel (``fla-core``), when it imports.
 
 Reports forward and backward times, peak memory of forward + backward, and the forward's
 achieved bandwidth: bytes of the inputs read once plus the output written once, over time,
-against the measured device-to-device copy rate. Kernel speeds need a GPU: on a CPU the script
-says so and times only the torch backend against the loop, at small shapes, as wall time.
+against the measured device-to-device copy rate, and the bytes kept for backward per token
+(``memory.saved_bytes``; the inputs excluded). Kernel speeds need a GPU: on a CPU the script says
+so and times only the torch backend against the loop, at small shapes, as wall time; under
+``TRITON_INTERPRET=1`` it adds the Triton scan's saved bytes (untimed).
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -21,6 +24,7 @@ from moe_restore.kernels.gated_scan import gated_scan
 
 from .common import on_gpu, peak_memory_mb, time_ms
 from .layer_timing import run_suite
+from .memory import saved_bytes
 
 GPU_SHAPES = [(8, 16384, 192, 16), (8, 65536, 96, 16)]   # (B, L, D, N), bf16
 GPU_QUICK_SHAPES = [(2, 4096, 64, 16)]
@@ -42,15 +46,19 @@ def make_inputs(batch, length, dim, state, dtype, device, with_gates=True):
 
 
 def measure(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], io_bytes: int,
-            copy_rate: float | None) -> dict:
-    """Forward ms, backward ms (the backward pass alone), peak MiB of both, forward bandwidth."""
+            copy_rate: float | None, timed: bool = True) -> dict:
+    """Saved bytes per token; timed: forward ms, backward ms (the backward pass alone), peak MiB of
+    both, forward bandwidth."""
+    saved = {"saved_bytes_per_token": saved_bytes(lambda _: forward(), inputs[0], inputs) / inputs[0].shape[:2].numel()}
+    if not timed:
+        return {"fwd_ms": None, "bwd_ms": None, "peak_mb": None, **saved}
     fwd = time_ms(lambda: forward(), [()])
     out = forward()
     grad = torch.randn_like(out)
     bwd = time_ms(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True), [()])
     del out
     peak = peak_memory_mb(lambda: torch.autograd.grad(forward(), inputs, grad))
-    row = {"fwd_ms": fwd, "bwd_ms": bwd, "peak_mb": peak}
+    row = {"fwd_ms": fwd, "bwd_ms": bwd, "peak_mb": peak, **saved}
     if copy_rate is not None:
         rate = io_bytes / (fwd * 1e-3)
         row.update(fwd_GBps=rate / 1e9, fwd_frac_of_copy=rate / copy_rate)
@@ -74,14 +82,15 @@ def bench_shape(shape, dtype, device, copy_rate, impls) -> list[dict]:
             forward = lambda: naive.gated_scan(*inputs, **extra)[0]  # noqa: E731
         else:
             forward = lambda name=name: gated_scan(*inputs, **extra, backend=name)  # noqa: E731
-        rows.append({"shape": f"B{batch} L{length} D{dim} N{state}", "impl": name,
-                     **measure(forward, params, io_bytes, copy_rate)})
+        timed = name != "triton" or device.type == "cuda"
+        rows.append({"shape": f"B{batch} L{length} D{dim} N{state}", "implementation": name,
+                     **measure(forward, params, io_bytes, copy_rate, timed)})
         if on_gpu():
             torch.cuda.empty_cache()  # the torch backend and the loop leave large caches behind
-    by_impl = {r["impl"]: r for r in rows}
+    by_impl = {r["implementation"]: r for r in rows}
     for row in rows:
         for other in ("torch", "loop"):
-            if other in by_impl and row["impl"] != other:
+            if other in by_impl and row["implementation"] != other and row["fwd_ms"] is not None:
                 row[f"fwd_x_vs_{other}"] = by_impl[other]["fwd_ms"] / row["fwd_ms"]
                 row[f"bwd_x_vs_{other}"] = by_impl[other]["bwd_ms"] / row["bwd_ms"]
     return rows
@@ -107,10 +116,12 @@ def bench_hgrn(shape, dtype, device, copy_rate) -> list[dict]:
     theirs = measure(lambda: chunk_hgrn(x, g)[0], [x, g], io_bytes, copy_rate)
     ours["fwd_x_vs_fla"] = theirs["fwd_ms"] / ours["fwd_ms"]
     ours["bwd_x_vs_fla"] = theirs["bwd_ms"] / ours["bwd_ms"]
-    return [{"shape": label, "impl": "triton", **ours}, {"shape": label, "impl": "fla chunk_hgrn", **theirs}]
+    return [{"shape": label, "implementation": "triton", **ours},
+            {"shape": label, "implementation": "fla chunk_hgrn", **theirs}]
 
 
-COLUMNS = ["shape", "impl", "fwd_ms", "bwd_ms", "peak_mb", "fwd_x_vs_torch", "bwd_x_vs_torch",
+COLUMNS = ["shape", "implementation", "fwd_ms", "bwd_ms", "peak_mb", "saved_bytes_per_token", "fwd_x_vs_torch",
+           "bwd_x_vs_torch",
            "fwd_x_vs_loop", "fwd_x_vs_fla", "fwd_GBps", "fwd_frac_of_copy"]
 CPU_NOTE = ("No GPU: Triton kernel timings need a GPU. Timing only the torch backend against the "
             "sequential loop, float32, small shapes, as CPU wall time (not kernel speeds).")
@@ -119,7 +130,8 @@ CPU_NOTE = ("No GPU: Triton kernel timings need a GPU. Timing only the torch bac
 def bench_all(shape, dtype, device, rates) -> list[dict]:
     """Our scan (Triton on a GPU), the torch backend and the loop; fla's HGRN beside them on a GPU."""
     if device.type != "cuda":
-        return bench_shape(shape, dtype, device, None, ("torch", "loop"))
+        interpreted = ("triton",) if os.environ.get("TRITON_INTERPRET") == "1" else ()
+        return bench_shape(shape, dtype, device, None, (*interpreted, "torch", "loop"))
     copy_rate = rates[0]
     return bench_shape(shape, dtype, device, copy_rate, ("triton", "torch", "loop")) + \
         bench_hgrn(shape, dtype, device, copy_rate)

@@ -25,6 +25,14 @@ BENCH_SUITES = ("moe", "nested", "scan")
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.plot:
+        from moe_restore.benchmarks.plots import write_plots
+
+        for path in args.plot:
+            if not Path(path).is_file():
+                raise SystemExit(f"moe-restore bench --plot: no results file {path}")
+            write_plots(path)
+        return 0
     unknown = sorted(set(args.suites) - set(BENCH_SUITES))
     if unknown:
         raise SystemExit(f"moe-restore bench: unknown suite(s) {unknown}; choose from {list(BENCH_SUITES)}")
@@ -189,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("suites", nargs="*", metavar="SUITE",
                        help=f"which suites to run, of {', '.join(BENCH_SUITES)} (default: all)")
     bench.add_argument("--quick", action="store_true", help="small shapes only")
+    bench.add_argument("--plot", nargs="+", metavar="RESULTS.json", default=None,
+                       help="redraw the PNG charts of saved results (runs no suite)")
     bench.set_defaults(run=_bench)
 
     demo = commands.add_parser("demo", help="train a tiny restorer on the built-in images, evaluate, write demo_out/")

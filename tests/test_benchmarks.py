@@ -1,5 +1,6 @@
-"""pytest-benchmark tests of the MoE ops and layers (tiny shapes, torch backend), and a smoke test
-of ``moe-restore bench moe nested --quick``.
+"""pytest-benchmark tests of the MoE ops and layers (tiny shapes, torch backend), a smoke test
+of ``moe-restore bench moe nested --quick``, the saved-bytes count on a hand-checked graph, the
+charts and the Triton path's saved bytes against the eager loop's.
 
 CI runs pytest with --benchmark-disable, so each benchmarked call runs once; its result is then
 checked against the eager loop of ``benchmarks.eager_moe`` (the benchmarks' baseline), which is
@@ -9,9 +10,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from moe_restore.benchmarks.eager_moe import eager_nested_moe, eager_topk_moe
+from moe_restore.benchmarks.memory import saved_bytes
+from moe_restore.benchmarks.moe import MoEShape, triton_saved_bytes_per_token
 from moe_restore.cli import main as cli_main
 from moe_restore.kernels import moe_mlp, nested_route, topk_route
 from moe_restore.layers.moe import TopKMoE
@@ -86,10 +90,67 @@ def test_bench_command_quick_writes_results(tmp_path, monkeypatch, capsys):
         result = json.loads(path.read_text())
         assert {"device", "torch", "triton", "commit"} <= set(result["environment"])
         rows = result["rows"]
-        impls = {row["impl"] for row in rows}
+        impls = {row["implementation"] for row in rows}
         assert eager in impls and any(i.startswith(("torch", "nested torch")) for i in impls)
-        assert ("triton" in impls or "nested triton" in impls) == torch.cuda.is_available()
         for row in rows:
+            assert row["shape"] and row["saved_bytes_per_token"] > 0, row
+            if "triton" in row["implementation"] and not torch.cuda.is_available():
+                assert row["fwd_bwd_ms"] is None  # the interpreter is not timed
+                continue
             assert row["fwd_ms"] > 0 and row["bwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
             if row["rel_err_vs_eager"] is not None:
                 assert row["rel_err_vs_eager"] < (3e-2 if torch.cuda.is_available() else 1e-5), row
+        assert {path.with_name(f"{path.stem}-{chart}.png").is_file() for chart in ("speed", "saved")} == {True}
+    moe_rows = json.loads(next(tmp_path.glob("moe-*.json")).read_text())["rows"]
+    by_shape: dict[str, dict[str, dict]] = {}
+    for row in moe_rows:
+        by_shape.setdefault(row["shape"], {})[row["implementation"]] = row
+    for shape, rows in by_shape.items():
+        wanted = {"torch", "eager loop", "grouped_mm"} | ({"triton"} if "skew" not in rows["torch"] else set())
+        assert wanted <= set(rows), (shape, set(rows))
+        if "triton" in rows:
+            assert rows["triton"]["saved_bytes_per_token"] <= 0.1 * rows["eager loop"]["saved_bytes_per_token"]
+    assert any("skew" in row for row in moe_rows)
+
+
+def test_saved_bytes_counts_each_storage_once():
+    # z = x @ w saves x and w (input, parameter: skipped); sin saves z; the product saves sin(z)
+    # and a view of z (z's storage, already counted): two [T, N] float32 storages in all.
+    x = torch.randn(6, 3, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(3, 5))
+
+    def forward(x):
+        z = x @ w
+        return z.sin() * z[:, :1]
+
+    assert saved_bytes(forward, x, [w]) == 2 * 6 * 5 * 4
+    assert saved_bytes(lambda x: (x @ w).sum(), x, [w]) == 0
+    assert saved_bytes(forward, x) == 2 * 6 * 5 * 4 + 3 * 5 * 4  # w counted when not excluded
+
+
+def test_triton_keeps_a_tenth_of_the_eager_loops_bytes():
+    shape = MoEShape("t", 64, 32, 64, 4, 2)
+    torch.manual_seed(0)
+    layer = TopKMoE(shape.dim, shape.hidden, shape.experts, shape.top_k)
+    x = torch.randn(shape.tokens, shape.dim, requires_grad=True)
+    eager = saved_bytes(lambda x: eager_topk_moe(layer, x), x, layer.parameters()) / shape.tokens
+    # The eager loop keeps at least each assignment's hidden activations (k * H float32 per token).
+    assert eager >= shape.top_k * shape.hidden * 4
+    triton = triton_saved_bytes_per_token(shape, torch.float32, torch.device("cpu"), 0.0)
+    assert 0 < triton <= 0.1 * eager
+
+
+def test_plot_command_writes_pngs(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rows = [{"shape": s, "implementation": impl, "fwd_bwd_ms": ms, "saved_bytes_per_token": b}
+            for s in ("a", "b") for impl, ms, b in (("torch", 1.0, 200.0), ("eager loop", 2.0, 3000.0))]
+    rows += [{"shape": "a skew 0.50", "implementation": "torch", "fwd_bwd_ms": 1.5, "saved_bytes_per_token": 1.0,
+              "skew": 0.5}]
+    path = tmp_path / "moe-cpu-test.json"
+    path.write_text(json.dumps({"environment": {"device": "cpu", "timing": "cpu-wall"}, "rows": rows}))
+    assert cli_main(["bench", "--plot", str(path)]) == 0
+    for chart in ("speed", "saved", "skew"):
+        png = tmp_path / f"moe-cpu-test-{chart}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    with pytest.raises(SystemExit, match="no results file"):
+        cli_main(["bench", "--plot", str(tmp_path / "missing.json")])

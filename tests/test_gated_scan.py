@@ -356,8 +356,11 @@ def test_benchmark_baseline_and_quick_run(tmp_path, monkeypatch):
     (path,) = tmp_path.glob("scan-*.json")
     rows = json.loads(path.read_text())["rows"]
     expected = {"triton", "torch", "loop"} if DEVICE.type == "cuda" else {"torch", "loop"}
-    assert expected <= {r["impl"] for r in rows}
-    assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in rows)
+    assert expected <= {r["implementation"] for r in rows}
+    assert all(r["saved_bytes_per_token"] > 0 for r in rows)
+    # Without a GPU a Triton row (interpreter) carries saved bytes only.
+    timed = [r for r in rows if r["implementation"] != "triton" or DEVICE.type == "cuda"]
+    assert timed and all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in timed)
 
 
 # ---------------------------------------------------------------- errors ------------------
