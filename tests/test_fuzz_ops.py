@@ -14,7 +14,7 @@ from moe_restore.kernels import gated_scan, moe_mlp, topk_route
 from test_gated_scan import reference_scan
 from test_moe_mlp import oracle_moe_mlp
 from test_routing_underflow import oracle
-from utils import DEVICE, assert_close, backends
+from utils import DEVICE, assert_close, backends, raising_backends
 
 FUZZ = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                 phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure costs no more time
@@ -77,7 +77,11 @@ def test_fuzz_topk_route(backend, T, E, k, dtype, layout, scoring, renormalize, 
     refused = (rounded.isnan().any(1) | (rounded.amax(1) == -torch.inf)
                | ((rounded == torch.inf).any(1) if scoring == "softmax" else False))
     if refused.any():
-        with pytest.raises(ValueError, match=f"{int(refused.sum())} token"):
+        if backend not in raising_backends():  # a device-side assert on a GPU: test_device_checks
+            return
+        # The torch backend counts the refused tokens; the Triton path's device-side check cannot.
+        message = f"{int(refused.sum())} token" if backend == "torch" else "refusing to route"
+        with pytest.raises(ValueError, match=message):
             topk_route(logits, k, scoring=scoring, renormalize=renormalize, backend=backend)
         return
     r = topk_route(logits, k, scoring=scoring, renormalize=renormalize, backend=backend)
