@@ -42,7 +42,10 @@ def kernel_and_configs(launch: dict):
 
     module = importlib.import_module(launch["module"])
     fn = getattr(module, launch["kernel"])
-    tuner = next((v for v in vars(module).values() if isinstance(v, Autotuner) and v.fn is fn), None)
+    if isinstance(fn, Autotuner):  # decorated in place: the name is bound to the autotuner
+        fn, tuner = fn.fn, fn
+    else:
+        tuner = next((v for v in vars(module).values() if isinstance(v, Autotuner) and v.fn is fn), None)
     if tuner is None:
         return fn, [None]
     nargs = {k: _value(v) for k, v in launch["args"].items()}
@@ -105,7 +108,7 @@ def build(launch: dict, config, capability: int) -> dict:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+    fn = kernel_and_configs(launch)[0]
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     kwargs = {k: _value(v) for k, v in launch["kwargs"].items()}
