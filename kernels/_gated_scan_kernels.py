@@ -135,7 +135,7 @@ def _chunk_state_kernel(U, F, BM, CM, S, G,
 
 
 @triton.autotune(configs=kernel_configs("gated_scan_chunk_carry", {"BLOCK_E": 128, "num_warps": 4},
-                                        [{"BLOCK_E": 256, "num_warps": 4}, {"BLOCK_E": 64, "num_warps": 2}]),
+                                        [{"BLOCK_E": 256, "num_warps": 8}, {"BLOCK_E": 64, "num_warps": 2}]),
                  key=["DN", "NC"])
 @triton.jit
 def _chunk_carry_kernel(S, G, INIT, OUT, DN, N, NC,

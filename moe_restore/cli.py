@@ -244,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(evaluation)
     evaluation.set_defaults(run=_eval)
 
+    from moe_restore.kernels import compile_check
+
+    check = commands.add_parser("compile-check", help="compile every Triton kernel for sm_90a/sm_80 (no GPU needed)")
+    compile_check.add_arguments(check)
+    check.set_defaults(run=compile_check.run_from_args)
+
     restore = commands.add_parser("restore", help="restore images of any size (PNG/JPEG in and out)")
     restore.add_argument("--checkpoint", required=True)
     restore.add_argument("inputs", nargs="+", metavar="IN", help="input images")
