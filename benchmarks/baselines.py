@@ -19,12 +19,13 @@ import torch.nn as nn
 
 from moe_restore.layers.moe import TopKMoE
 
-from .eager_moe import activate, top_k
+from moe_restore.kernels.activations import activate
+from moe_restore.kernels.naive import stable_top_k
 
 
 def routed(layer: TopKMoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, k], experts [T, k]) of the eager loop's routing: softmax, top-k, renormalised."""
-    weights, experts = top_k(layer.router(x).float().softmax(dim=-1), layer.top_k)
+    weights, experts = stable_top_k(layer.router.logits(x).float().softmax(dim=-1), layer.top_k)
     return weights / weights.sum(dim=-1, keepdim=True), experts
 
 

@@ -10,6 +10,7 @@ is small; the widths, dtypes, strides and flags are the ones a GPU run at that w
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -126,10 +127,10 @@ def record(case_names: list[str], dtype_names: list[str]) -> list[dict]:
             return original(self, *args, grid=grid, warmup=warmup, **kwargs)
         return None
 
-    from . import _gated_scan_triton as scan
-    # The scan's launches use the chunk and carry-block sizes of a GPU run, not the interpreter's.
-    saved = scan.INTERPRET, scan._CARRY_BLOCK_C
-    scan.INTERPRET, scan._CARRY_BLOCK_C = False, 32
+    # The launches use the default launch sizes (a test run pins smaller ones; this runs in its
+    # own process, so unpinning them here changes nothing else).
+    for variable in ("MOE_RESTORE_SCAN_CHUNK", "MOE_RESTORE_SCAN_CARRY_BLOCK", "MOE_RESTORE_ROW_SPLITS"):
+        os.environ.pop(variable, None)
     InterpretedFunction.run = intercept
     try:
         for case_name in case_names:
@@ -139,5 +140,4 @@ def record(case_names: list[str], dtype_names: list[str]) -> list[dict]:
                 cases[case_name].run(DTYPES[dtype_name])
     finally:
         InterpretedFunction.run = original
-        scan.INTERPRET, scan._CARRY_BLOCK_C = saved
     return list(launches.values())
