@@ -12,15 +12,17 @@ experts hook (when transformers is installed): ``from_pretrained(..., experts_im
 "moe_restore")`` or ``model.set_experts_implementation("moe_restore")`` runs ``moe_mlp`` on the
 experts of every family that uses the hook (see ``experts``).
 
+``from_pretrained(model_class, path)`` loads a model saved after ``replace_moe`` and replaces it again.
+
 ``replace_moe`` and ``upcycle_ffn`` change the model in place and return an ``IntegrationReport`` (``.model``, ``.replaced``,
 ``.skipped``). See docs/integration.md.
 """
 from . import experts
 from .hf_blocks import KernelSparseMoeBlock
-from .replace import replace_moe
+from .replace import from_pretrained, replace_moe
 from .report import Change, IntegrationReport, Skip
 from .upcycle import upcycle_ffn
 
 experts.register()
 
-__all__ = ["Change", "IntegrationReport", "KernelSparseMoeBlock", "Skip", "replace_moe", "upcycle_ffn"]
+__all__ = ["Change", "IntegrationReport", "KernelSparseMoeBlock", "Skip", "from_pretrained", "replace_moe", "upcycle_ffn"]
