@@ -131,6 +131,16 @@ class KernelSparseMoeBlock(nn.Module):
             self.shared_expert = self.shared_expert_gate = None
         self.backend = backend
         self.source = type(block).__name__
+
+    @property
+    def backend(self) -> str | None:
+        """The kernels' backend (None: by device), for ``topk_route`` and, through the experts'
+        config, ``moe_mlp``."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str | None) -> None:
+        self._backend = backend
         unwrapped(self.experts).config._experts_implementation = implementation_name(backend)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
