@@ -9,26 +9,13 @@ import json
 import pytest
 import torch
 
-import moe_restore.integration.experts as experts_impl
 from moe_restore.integration import KernelSparseMoeBlock, from_pretrained, replace_moe
+from test_integration_experts import count_moe_mlp  # noqa: F401 - a fixture
 from test_integration_replace import _loss, _tiny_model, _tokens
 from utils import DEVICE, assert_close
 
 tf = pytest.importorskip("transformers")
 TOL = 1e-5
-
-
-@pytest.fixture
-def moe_mlp_calls(monkeypatch):
-    calls = []
-    real = experts_impl.moe_mlp
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("backend"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(experts_impl, "moe_mlp", counted)
-    return calls
 
 
 def _lora_config():
@@ -45,7 +32,7 @@ def _adapter_grads(model, ids):
 
 
 @pytest.mark.parametrize("family, lora_first", [("mixtral", False), ("qwen3_moe", False), ("qwen3_moe", True)])
-def test_lora_on_the_experts_of_a_replaced_model(family, lora_first, moe_mlp_calls):
+def test_lora_on_the_experts_of_a_replaced_model(family, lora_first, count_moe_mlp):
     """Adapters on both expert Parameters, added after replace_moe (or before it): logits and every
     adapter's gradient equal those of the same LoRA model without replace_moe ("eager" experts);
     the adapters change the output (so the LoRA'd weights reach moe_mlp) and an SGD step on them
@@ -67,9 +54,9 @@ def test_lora_on_the_experts_of_a_replaced_model(family, lora_first, moe_mlp_cal
             p.copy_(wanted[name])  # the same (random, non-zero) adapters on the same weights
     ids = _tokens()
     y_ref, g_ref = _adapter_grads(reference, ids)
-    moe_mlp_calls.clear()
+    count_moe_mlp.clear()
     y, g = _adapter_grads(model, ids)
-    assert moe_mlp_calls == ["torch"] * 2
+    assert count_moe_mlp == ["torch"] * 2
     assert len(g) == 8 and set(g) == set(g_ref)  # lora_A and lora_B of 2 Parameters x 2 layers
     assert_close(y, y_ref, torch.float32, what="logits")
     for name in g_ref:
@@ -86,7 +73,7 @@ def test_lora_on_the_experts_of_a_replaced_model(family, lora_first, moe_mlp_cal
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_saved_replaced_model_comes_back_replaced(family, tmp_path, moe_mlp_calls):
+def test_saved_replaced_model_comes_back_replaced(family, tmp_path, count_moe_mlp):
     model = _tiny_model(family).cpu()
     replace_moe(model, backend="torch")
     ids = _tokens().cpu()
@@ -97,10 +84,10 @@ def test_saved_replaced_model_comes_back_replaced(family, tmp_path, moe_mlp_call
     reloaded = from_pretrained(tf.AutoModelForCausalLM, tmp_path)
     blocks = [m for m in reloaded.modules() if isinstance(m, KernelSparseMoeBlock)]
     assert len(blocks) == 2 and all(b.backend == "torch" for b in blocks)
-    moe_mlp_calls.clear()
+    count_moe_mlp.clear()
     with torch.no_grad():
         got = reloaded.eval()(ids).logits
-    assert moe_mlp_calls == ["torch"] * 2
+    assert count_moe_mlp == ["torch"] * 2
     err = ((got - want).norm() / want.norm()).item()
     assert err <= TOL, f"logits after the reload: relative error {err:.1e}"  # float32; attention may differ
     stock = tf.AutoModelForCausalLM.from_pretrained(tmp_path)  # transformers alone: the stock blocks
