@@ -28,7 +28,6 @@ import torch.nn as nn
 from moe_restore.kernels import topk_route
 
 from .experts import IMPLEMENTATION
-
 from .report import NotConvertible
 
 
