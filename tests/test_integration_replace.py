@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import moe_restore.integration.experts as experts_impl
 from moe_restore.integration import KernelSparseMoeBlock, replace_moe
 from utils import DEVICE, assert_close, backends, poisoned_allocations
 
@@ -79,7 +80,15 @@ def test_replaced_model_matches_the_original(family, backend):
     assert report.skipped == []
 
 
-def test_replacement_shares_the_weights_and_keeps_the_state_dict():
+def test_replacement_shares_the_weights_and_keeps_the_state_dict(monkeypatch):
+    seen = []
+    real = experts_impl.moe_mlp
+
+    def moe_mlp(x, routing, w1, w2, *rest, **kwargs):
+        seen.append((w1, w2))
+        return real(x, routing, w1, w2, *rest, **kwargs)
+
+    monkeypatch.setattr(experts_impl, "moe_mlp", moe_mlp)
     model = _tiny_model("qwen2_moe")
     before = {name: p.data_ptr() for name, p in model.named_parameters()}
     keys = list(model.state_dict())
@@ -89,7 +98,9 @@ def test_replacement_shares_the_weights_and_keeps_the_state_dict():
     assert list(model.state_dict()) == keys
     block = model.model.layers[0].mlp
     assert isinstance(block, KernelSparseMoeBlock)
-    w1, w2 = block.expert_weights()
+    model(_tokens())
+    assert len(seen) == 2
+    w1, w2 = seen[0]
     assert w1.data_ptr() == block.experts.gate_up_proj.data_ptr() and w1.shape == (4, 16, 24)
     assert w2.data_ptr() == block.experts.down_proj.data_ptr() and w2.shape == (4, 12, 16)
     change = report.replaced[0]

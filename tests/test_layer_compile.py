@@ -158,7 +158,9 @@ def test_replaced_transformers_block_under_float16_autocast(backend):
     want = original.double()(x.double()[None])[0]
     with torch.autocast(DEVICE.type, dtype=torch.float16):
         y = block(x)
-    assert y.dtype == torch.float16
+    # The expert GEMMs run in float16; like the stock block, the experts module (transformers'
+    # experts hook) returns the hidden states' dtype.
+    assert y.dtype == x.dtype == torch.float32
     assert_close(y, want, torch.float16, backend=backend, what="autocast replaced block")
 
 

@@ -1,10 +1,12 @@
 """Drop the library's MoE layers into existing models.
 
 * ``replace_moe(model)``: swap the sparse MoE blocks of transformers models (Mixtral, Qwen2-MoE,
-  Qwen3-MoE, OLMoE) for blocks that run ``topk_route`` and ``moe_mlp`` on the same weights.
+  Qwen3-MoE, OLMoE) for blocks that run ``topk_route`` and, through the experts module, ``moe_mlp``
+  on the same weights.
 * ``upcycle_ffn(model, num_experts=, top_k=)``: turn dense feed-forward modules (diffusers
-  ``FeedForward``, timm-style ``Mlp`` and ``GluMlp``, Llama-style gated MLPs, any two-Linear MLP a
-  ``match`` selects) into ``TopKMoE``
+  ``FeedForward``, timm-style ``Mlp`` and ``GluMlp``, Llama-style gated MLPs, transformers'
+  ``fc1``/``activation_fn``/``fc2`` MLPs such as ``ViTMLP`` and split ``*Intermediate`` + ``output``
+  MLPs such as BERT's, any two-Linear MLP a ``match`` selects) into ``TopKMoE``
   or ``NestedMoE`` layers whose experts start as copies of the dense MLP.
 
 Importing this package registers ``experts_implementation="moe_restore"`` with transformers'
@@ -12,15 +14,17 @@ experts hook (when transformers is installed): ``from_pretrained(..., experts_im
 "moe_restore")`` or ``model.set_experts_implementation("moe_restore")`` runs ``moe_mlp`` on the
 experts of every family that uses the hook (see ``experts``).
 
+``from_pretrained(model_class, path)`` loads a model saved after ``replace_moe`` and replaces it again.
+
 ``replace_moe`` and ``upcycle_ffn`` change the model in place and return an ``IntegrationReport`` (``.model``, ``.replaced``,
-``.skipped``). See docs/integration.md.
+``.skipped``, ``.note``). See docs/integration.md.
 """
 from . import experts
 from .hf_blocks import KernelSparseMoeBlock
-from .replace import replace_moe
+from .replace import from_pretrained, replace_moe
 from .report import Change, IntegrationReport, Skip
 from .upcycle import upcycle_ffn
 
 experts.register()
 
-__all__ = ["Change", "IntegrationReport", "KernelSparseMoeBlock", "Skip", "replace_moe", "upcycle_ffn"]
+__all__ = ["Change", "IntegrationReport", "KernelSparseMoeBlock", "Skip", "from_pretrained", "replace_moe", "upcycle_ffn"]

@@ -10,20 +10,24 @@ Each known block routes tokens x [T, D] (hidden states flattened) as
            + sigmoid(x W_sg^T) * Shared(x)          (Qwen2-MoE only)
 
 Qwen2/3-MoE and OLMoE round w to the logits dtype before use; Mixtral keeps it float32. The experts
-are stored fused, ``gate_up_proj`` [E, 2H, D] (gate rows first) and ``down_proj`` [E, D, H], so
-``moe_mlp``'s swiglu layout w1 [E, D, 2H] and w2 [E, H, D] are transposed views of them: the
-replacement uses the same Parameters, no copy.
+are stored fused, ``gate_up_proj`` [E, 2H, D] (gate rows first) and ``down_proj`` [E, D, H], in an
+experts class that uses transformers' experts hook. The replaced block calls that experts module
+(``experts(x, e, w)``, the hook's contract) with ``experts_implementation="moe_restore"`` set on its
+config, so ``moe_mlp`` runs on transposed views of the same Parameters (no copy, see ``experts``),
+and whatever wraps the experts module applies as it does in the stock model: PEFT LoRA on the
+expert Parameters (``target_parameters``: a parametrisation active inside the wrapper's forward),
+accelerate's offload hooks (weights brought to the execution device around the forward).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from moe_restore.kernels import moe_mlp, topk_route
+from moe_restore.kernels import topk_route
 
+from .experts import IMPLEMENTATION
 from .report import NotConvertible
 
 
@@ -57,11 +61,23 @@ def _uses_silu(experts: nn.Module) -> bool:
     return type(experts.act_fn).__name__ in ("SiLU", "SiLUActivation")
 
 
+def unwrapped(experts: nn.Module) -> nn.Module:
+    """The experts module inside wrappers that keep it as their base layer (PEFT's ``ParamWrapper``,
+    nested once per targeted Parameter)."""
+    get_base_layer = getattr(experts, "get_base_layer", None)
+    return get_base_layer() if callable(get_base_layer) else experts
+
+
 def _check_experts(experts: nn.Module) -> None:
-    """Raise NotConvertible unless ``experts`` holds fused swiglu experts without biases."""
+    """Raise NotConvertible unless ``experts`` holds fused swiglu experts without biases behind
+    transformers' experts hook."""
+    experts = unwrapped(experts)
     for name in ("gate_up_proj", "down_proj", "act_fn"):
         if not hasattr(experts, name):
             raise NotConvertible(f"its experts module has no {name!r} (not the fused expert layout)")
+    if not (hasattr(experts, "_is_expert_parallel") and hasattr(type(experts).forward, "__wrapped__")
+            and hasattr(getattr(experts, "config", None), "_experts_implementation")):
+        raise NotConvertible("its experts class does not use transformers' experts hook (@use_experts_implementation)")
     if experts.gate_up_proj.dim() != 3 or experts.down_proj.dim() != 3:
         raise NotConvertible("its expert weights are not [E, ., .] tensors (e.g. sharded or packed)")
     if experts.gate_up_proj.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -77,16 +93,25 @@ def _check_experts(experts: nn.Module) -> None:
         raise NotConvertible("its experts' activation is not SiLU, so the expert MLP is not swiglu")
 
 
+def implementation_name(backend: str | None) -> str:
+    """The registered experts implementation that runs the kernels on ``backend``."""
+    return IMPLEMENTATION if backend is None else f"{IMPLEMENTATION}_{backend}"
+
+
 class KernelSparseMoeBlock(nn.Module):
-    """A transformers sparse MoE block running ``topk_route`` and ``moe_mlp`` (swiglu) on the
-    original block's own modules.
+    """A transformers sparse MoE block running ``topk_route`` and, through its experts module,
+    ``moe_mlp`` (swiglu) on the original block's own modules.
 
     It keeps the original ``gate`` (router), ``experts`` and, for Qwen2-MoE, ``shared_expert`` and
     ``shared_expert_gate`` as its children, so the parameters, their names in the state dict and
     the model's router-logits recording are unchanged. The router module is called for its logits
     (its own top-k result is discarded: an O(T*E) extra, small next to the experts); the routing
-    itself is ``topk_route``'s. Returns what the original block returns: the hidden states, in the
-    input's shape and dtype (under autocast: the autocast dtype).
+    itself is ``topk_route``'s, handed to the experts module as (expert ids [T, k], weights [T, k]).
+    Building the block sets the experts' config (the model's, shared by all its experts modules) to
+    ``experts_implementation="moe_restore"`` (``"moe_restore_<backend>"`` for a pinned backend); a
+    later ``model.set_experts_implementation(...)`` changes what computes the experts, not the
+    routing. Returns what the original block returns: the hidden states, in the input's shape and
+    dtype.
     """
 
     def __init__(self, block: nn.Module, rule: BlockRule, backend: str | None = None):
@@ -106,9 +131,16 @@ class KernelSparseMoeBlock(nn.Module):
         self.backend = backend
         self.source = type(block).__name__
 
-    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w1 [E, D, 2H], w2 [E, H, D]): views of the experts' fused parameters."""
-        return self.experts.gate_up_proj.transpose(1, 2), self.experts.down_proj.transpose(1, 2)
+    @property
+    def backend(self) -> str | None:
+        """The kernels' backend (None: by device), for ``topk_route`` and, through the experts'
+        config, ``moe_mlp``."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str | None) -> None:
+        self._backend = backend
+        unwrapped(self.experts).config._experts_implementation = implementation_name(backend)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -117,36 +149,23 @@ class KernelSparseMoeBlock(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         logits = self.gate(x)[0]
         routing = topk_route(logits, self.top_k, renormalize=self.renormalize, backend=self.backend)
+        weights = routing.weights
         if self.weights_in_logits_dtype and logits.dtype != torch.float32:
-            routing = dataclasses.replace(routing, weights=routing.weights.to(logits.dtype).float())
-        y = _as_forward_of(self.experts, self._experts_mlp, x, routing)
+            weights = weights.to(logits.dtype).float()
+        y = self.experts(x, routing.experts, weights)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y.reshape(shape)
-
-    def _experts_mlp(self, x: torch.Tensor, routing) -> torch.Tensor:
-        w1, w2 = self.expert_weights()
-        return moe_mlp(x, routing, w1, w2, activation="swiglu", backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"source={self.source}, top_k={self.top_k}, renormalize={self.renormalize}, "
                 f"shared_expert={self.shared_expert is not None}, backend={self.backend}")
 
 
-def _as_forward_of(module: nn.Module, fn, x: torch.Tensor, *rest):
-    """fn(x, *rest) run as ``module``'s forward for an accelerate hook on it (``cpu_offload``,
-    ``dispatch_model``, ``device_map``): the hook brings the module's weights (and x) to the
-    execution device before and puts them back after, as it does around a forward call."""
-    hook = getattr(module, "_hf_hook", None)
-    if hook is None:
-        return fn(x, *rest)
-    (x,), _ = hook.pre_forward(module, x)
-    return hook.post_forward(module, fn(x, *rest))
-
-
 def describe(block: KernelSparseMoeBlock) -> str:
     """The report's line for a replaced block."""
-    experts = block.experts
+    experts = unwrapped(block.experts)
     shared = "; shared expert: the model's own MLP with its sigmoid gate" if block.shared_expert is not None else ""
-    return (f"{experts.gate_up_proj.shape[0]} experts, swiglu, views of gate_up_proj/down_proj (no copy); "
+    return (f"{experts.gate_up_proj.shape[0]} experts, swiglu, views of gate_up_proj/down_proj (no copy) through "
+            f'the experts module (experts_implementation="{implementation_name(block.backend)}"); '
             f"softmax, top-{block.top_k}, {'renormalised' if block.renormalize else 'not renormalised'}{shared}")

@@ -1,6 +1,8 @@
 """``replace_moe``: swap the sparse MoE blocks of a transformers model for kernel-backed blocks."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn as nn
 
 from .hf_blocks import KNOWN_BLOCKS, KernelSparseMoeBlock, describe, qualified_name
@@ -25,6 +27,10 @@ def replace_moe(model: nn.Module, *, backend: str | None = None) -> IntegrationR
     The model is changed in place. Returns an ``IntegrationReport``: ``.model`` (the model),
     ``.replaced`` (one ``Change`` per swapped block) and ``.skipped`` (MoE-like blocks left alone,
     each with the reason, e.g. an unknown block class). ``backend`` is passed to the kernels.
+
+    When a block was replaced and ``model`` has a transformers config, the choice is recorded there
+    as ``config.moe_restore = {"replace_moe": {"backend": backend}}``; ``save_pretrained`` writes it
+    to config.json and ``from_pretrained`` (this module's) replays it on load.
     """
     check_arguments(model, backend)
 
@@ -41,4 +47,32 @@ def replace_moe(model: nn.Module, *, backend: str | None = None) -> IntegrationR
             raise NotConvertible("unknown MoE block class; left as it was")
         return None
 
-    return swap_modules(model, convert)
+    report = swap_modules(model, convert)
+    if not report.replaced and not report.skipped:
+        report.note = ("no MoE block found: looked for transformers' Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE "
+                       "sparse MoE blocks and for modules with an `experts` child")
+    config = getattr(report.model, "config", None)
+    if report.replaced and callable(getattr(config, "to_dict", None)):
+        setattr(config, CONFIG_KEY, {**(getattr(config, CONFIG_KEY, None) or {}), "replace_moe": {"backend": backend}})
+    return report
+
+
+CONFIG_KEY = "moe_restore"
+
+
+def from_pretrained(model_class: Any, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> nn.Module:
+    """``model_class.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)``, then
+    ``replace_moe`` again with the recorded backend if the saved config records a ``replace_moe``
+    (see ``replace_moe``): a model saved after ``replace_moe`` comes back replaced. A config
+    without the record loads as it would with transformers alone, and transformers alone loads a
+    replaced model's directory as the stock model (the parameters and their names are the same).
+    """
+    load = getattr(model_class, "from_pretrained", None)
+    if not callable(load):
+        raise TypeError(f"model_class must have a from_pretrained method (a transformers model class), got "
+                        f"{model_class!r}")
+    model = load(pretrained_model_name_or_path, *args, **kwargs)
+    recorded = (getattr(model.config, CONFIG_KEY, None) or {}).get("replace_moe")
+    if recorded is not None:
+        replace_moe(model, backend=recorded.get("backend"))
+    return model

@@ -33,14 +33,17 @@ class Skip:
 @dataclass
 class IntegrationReport:
     """The model after the swap (the same object, changed in place, unless the model itself was
-    swapped), what was ``replaced`` and what was ``skipped``."""
+    swapped), what was ``replaced`` and what was ``skipped``; ``note`` says why when neither lists
+    anything (what was looked for)."""
 
     model: nn.Module
     replaced: list[Change] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
+    note: str = ""
 
     def __str__(self) -> str:
         lines = [f"replaced {len(self.replaced)} module(s), skipped {len(self.skipped)}"]
+        lines += [f"  {self.note}"] if self.note else []
         lines += [f"  replaced {c.name or '<model>'}: {c.before} -> {c.after} ({c.detail})" for c in self.replaced]
         lines += [f"  skipped  {s.name or '<model>'}: {s.kind}: {s.reason}" for s in self.skipped]
         return "\n".join(lines)

@@ -14,6 +14,13 @@ Recognised modules:
   reordered to [gate | up]) or ``act(x1) * x2``, ``fc2``; with SiLU that is swiglu;
 * Llama-style gated MLPs: ``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn`` SiLU, i.e.
   ``down(silu(gate(u)) * up(u))`` (gate and up stacked into one [gate | up] projection);
+* transformers' ``fc1``, ``activation_fn``, ``fc2`` MLPs (``ViTMLP``, ``CLIPMLP``, ...), checked on a
+  random probe to compute ``fc2(activation_fn(fc1(u)))``;
+* transformers' split MLPs: an ``*Intermediate`` module (``dense``, ``intermediate_act_fn``) whose
+  second Linear is its sibling ``output.dense`` (``BertOutput``, DPT's ``DPTViTOutput``: dense, dropout,
+  the residual add, a norm). The intermediate module becomes the MoE layer and ``output.dense`` an
+  ``Identity``, so ``output`` keeps its dropout, residual and norm; checked on a random probe that
+  ``output`` applies ``dense`` to its first input before anything else;
 * with ``match``: any selected module whose children are, in order, Linear, activation, Linear
   (Identity and p = 0 Dropout children are ignored), e.g. ``nn.Sequential(Linear, GELU, Linear)``.
 
@@ -37,12 +44,14 @@ from .report import IntegrationReport, NotConvertible, check_arguments, swap_mod
 
 @dataclass(frozen=True)
 class DenseMLP:
-    """linear2(act(linear1(u))) in moe_mlp's terms; ``note`` is anything the report must say."""
+    """linear2(act(linear1(u))) in moe_mlp's terms; ``note`` is anything the report must say;
+    ``finish`` is run once the MoE layer has replaced the module (a change to a sibling)."""
 
     linear1: nn.Linear
     linear2: nn.Linear
     activation: str
     note: str = ""
+    finish: Callable[[], None] | None = None
 
 
 def _gelu(approximate: str) -> str:
@@ -131,6 +140,67 @@ def _glu_mlp(mlp: nn.Module) -> DenseMLP:
     return DenseMLP(dense.linear1, dense.linear2, "swiglu")
 
 
+def _probe(what: str, got: Callable[[torch.Tensor], torch.Tensor], want: Callable[[torch.Tensor], torch.Tensor],
+           like: nn.Linear, modules: tuple[nn.Module, ...]) -> None:
+    """Raise NotConvertible unless got(u) == want(u) on a random u [3, in_features of ``like``],
+    run in eval mode (no dropout) without gradients."""
+    modes = [m.training for m in modules]
+    u = torch.randn(3, like.in_features, generator=torch.Generator().manual_seed(0)).to(like.weight)
+    try:
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            a, b = got(u), want(u)
+    except Exception as error:  # noqa: BLE001 - a module that is not of this kind: its reason, not a crash
+        raise NotConvertible(f"{what}, checked on a random input, fails: {type(error).__name__}: {error}") from error
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+        raise NotConvertible(f"{what}, checked on a random input, does not hold")
+
+
+def _fc_mlp(mlp: nn.Module) -> DenseMLP:
+    """transformers' fc1, activation_fn, fc2 MLP (ViTMLP, CLIPMLP, ...)."""
+    if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
+        raise NotConvertible("fc1/fc2 are not nn.Linear")
+    others = [n for n, m in mlp.named_children() if n not in ("fc1", "activation_fn", "fc2") and not _is_passthrough(m)]
+    if others:
+        raise NotConvertible(f"it has children other than fc1, activation_fn, fc2: {', '.join(others)}")
+    activation = _activation(mlp.activation_fn)
+    _probe("forward = fc2(activation_fn(fc1(u)))", mlp, lambda u: mlp.fc2(mlp.activation_fn(mlp.fc1(u))), mlp.fc1,
+           (mlp,))
+    return DenseMLP(mlp.fc1, mlp.fc2, activation)
+
+
+def _split_mlp(intermediate: nn.Module, parent: nn.Module | None) -> DenseMLP:
+    """An ``*Intermediate`` (dense, intermediate_act_fn) and its sibling ``output`` (dense first)."""
+    output = getattr(parent, "output", None)
+    if not isinstance(intermediate.dense, nn.Linear) or not isinstance(getattr(output, "dense", None), nn.Linear):
+        raise NotConvertible("it and its sibling `output` have no nn.Linear `dense` (the split MLP's two Linears)")
+    activation = _activation(intermediate.intermediate_act_fn)
+    _probe("forward = intermediate_act_fn(dense(u))", intermediate,
+           lambda u: intermediate.intermediate_act_fn(intermediate.dense(u)), intermediate.dense, (intermediate,))
+    dense = output.dense
+    residual = torch.randn(3, dense.out_features, generator=torch.Generator().manual_seed(1)).to(dense.weight)
+
+    def without_dense(h: torch.Tensor) -> torch.Tensor:
+        output.dense = nn.Identity()
+        try:
+            return output(dense(h), residual)
+        finally:
+            output.dense = dense
+
+    _probe(f"{type(output).__name__} applying dense to its first input first", lambda h: output(h, residual),
+           without_dense, dense, (output,))
+
+    def finish() -> None:
+        output.dense = nn.Identity()
+
+    return DenseMLP(intermediate.dense, dense, activation, f"its second Linear is the sibling output.dense, now an "
+                    f"Identity ({type(output).__name__} keeps the rest of its forward: dropout, residual add, norm)", finish)
+
+
 def _feed_forward(ff: nn.Module) -> DenseMLP:
     """diffusers FeedForward: net = [act (with .proj), Dropout, Linear(, Dropout)]."""
     act, *rest = ff.net
@@ -168,7 +238,10 @@ def _two_linear(module: nn.Module) -> DenseMLP:
 
 
 def _known_kind(module: nn.Module) -> Callable[[nn.Module], DenseMLP] | None:
+    """The reader of a recognised module (see the module docstring); a split MLP's reader also
+    takes the module's parent."""
     cls = type(module)
+    from_transformers = cls.__module__.startswith("transformers.")
     if cls.__name__ == "FeedForward" and cls.__module__.startswith("diffusers.") and hasattr(module, "net"):
         return _feed_forward
     timm_like = all(hasattr(module, a) for a in ("fc1", "act", "fc2"))
@@ -178,7 +251,19 @@ def _known_kind(module: nn.Module) -> Callable[[nn.Module], DenseMLP] | None:
         return _timm_mlp
     if cls.__name__.endswith("MLP") and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return _gated_mlp
+    if from_transformers and cls.__name__.endswith(("MLP", "Mlp")) and all(
+            hasattr(module, a) for a in ("fc1", "activation_fn", "fc2")):
+        return _fc_mlp
+    if from_transformers and cls.__name__.endswith("Intermediate") and all(
+            hasattr(module, a) for a in ("dense", "intermediate_act_fn")):
+        return _split_mlp
     return None
+
+
+# What upcycle_ffn looks for without ``match``, for the report's note when it finds nothing.
+_LOOKED_FOR = ("diffusers FeedForward, timm-style Mlp/GluMlp (fc1, act, fc2), Llama-style *MLP (gate_proj, "
+               "up_proj, down_proj, act_fn), transformers' *MLP (fc1, activation_fn, fc2) and *Intermediate "
+               "(dense, intermediate_act_fn) with a sibling output.dense")
 
 
 def _check_widths(dense: DenseMLP) -> None:
@@ -222,14 +307,15 @@ def upcycle_ffn(model: nn.Module, *, num_experts: int | None = None, top_k: int 
         nested: (groups, experts_per_group, top_k_groups, top_k_experts) for a ``NestedMoE``
             instead (num_experts and top_k may then be left out).
         match: ``match(qualified_name, module) -> bool`` selects the modules to upcycle (any
-            two-Linear MLP, see the module docstring); default: every diffusers ``FeedForward``
-            and timm-style ``Mlp``.
+            two-Linear MLP, see the module docstring); default: every module of a kind the
+            module docstring lists (FeedForward, Mlp, GluMlp, gated and transformers' MLPs).
         noise_std: std of the independent Gaussian noise added to each expert copy's weights
             (0: the model's function is kept exactly at initialisation).
         backend: the new layers' kernel backend.
 
     Returns an ``IntegrationReport``: ``.model``, ``.replaced`` (one ``Change`` per new layer) and
-    ``.skipped`` (selected or recognised modules left as they were, with the reason). The new
+    ``.skipped`` (selected or recognised modules left as they were, with the reason); when neither
+    lists anything, ``.note`` says what was looked for. The new
     layers' ``aux_loss`` (load balance) is set on each forward; add it to the training loss.
     """
     check_arguments(model, backend)
@@ -238,6 +324,7 @@ def upcycle_ffn(model: nn.Module, *, num_experts: int | None = None, top_k: int 
     if not isinstance(noise_std, (int, float)) or noise_std < 0:
         raise ValueError(f"noise_std must be a number >= 0, got {noise_std!r}")
     experts, k = _check_layout(num_experts, top_k, nested)
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
 
     def convert(name: str, module: nn.Module):
         if isinstance(module, (TopKMoE, NestedMoE)):
@@ -249,7 +336,7 @@ def upcycle_ffn(model: nn.Module, *, num_experts: int | None = None, top_k: int 
             kind = kind or _two_linear
         elif kind is None:
             return None
-        dense = kind(module)
+        dense = _split_mlp(module, parents.get(id(module))) if kind is _split_mlp else kind(module)
         _check_widths(dense)
         options = dict(activation=dense.activation, backend=backend)
         if nested is None:
@@ -260,6 +347,12 @@ def upcycle_ffn(model: nn.Module, *, num_experts: int | None = None, top_k: int 
             layout = f"{nested[0]} groups x {nested[1]} experts, top-{nested[2]} groups x top-{nested[3]} experts"
         copies = "copies of the dense MLP" + (f" + N(0, {noise_std:g}^2) noise" if noise_std else "")
         note = f"; {dense.note}" if dense.note else ""
+        if dense.finish is not None:
+            dense.finish()
         return layer, f"{layout} ({copies}), {dense.activation}{note}"
 
-    return swap_modules(model, convert)
+    report = swap_modules(model, convert)
+    if not report.replaced and not report.skipped:  # every selected module is in one of them
+        report.note = ("no candidate FFN found: " + ("match selected no module" if match is not None else
+                                                      f"looked for {_LOOKED_FOR}"))
+    return report
