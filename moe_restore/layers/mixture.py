@@ -120,12 +120,17 @@ class MoE(nn.Module):
         return self._record().routing
 
 
-def per_pixel(forward: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor:
-    """Apply a token layer's ``forward`` to every pixel of x [B, C, H, W] -> [B, C_out, H, W]."""
+def pixel_tokens(x: torch.Tensor) -> torch.Tensor:
+    """The pixels of a feature map x [B, C, H, W] as tokens, the view [B, H, W, C]."""
     check_float("x", x)
     if x.dim() != 4:
         raise ValueError(f"x must have shape [B, C, H, W], got {tuple(x.shape)}")
-    return forward(x.movedim(1, -1), *args).movedim(-1, 1)
+    return x.movedim(1, -1)
+
+
+def per_pixel(forward: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor:
+    """Apply a token layer's ``forward`` to every pixel of x [B, C, H, W] -> [B, C_out, H, W]."""
+    return forward(pixel_tokens(x), *args).movedim(-1, 1)
 
 
 def rename_legacy_keys(module: nn.Module, renames: dict[str, str]) -> None:
