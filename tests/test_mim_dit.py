@@ -88,6 +88,46 @@ def test_save_and_reload(tmp_path):
         assert torch.equal(model(x, cond, t, context), again(x, cond, t, context))
 
 
+def test_the_degradation_context_lives_for_one_forward_only():
+    """The context reaches the MoE feed-forward layers during ``forward`` and no attribute holds
+    it after; a feed-forward layer that reads a context raises outside its model's forward (also
+    inside another model's), and so does a forward without the context it needs."""
+    config = MiMDiTConfig(hidden=16, depth=2, heads=2, sample_size=8, context_dim=4, encoder_width=8)
+    model, other = MiMDiT(config).eval(), MiMDiT(config).eval()
+    x, cond, t = torch.randn(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.tensor([300.0, 700.0])
+    context = torch.randn(2, 4)
+    seen = []
+    hook = model.dit.transformer_blocks[1].ff.register_forward_pre_hook(
+        lambda ff, args: seen.append(ff.scope.context()))
+    with torch.no_grad():
+        out = model(x, cond, t, context)
+        again = model(x, cond, t, 3 * context)
+    hook.remove()
+    assert seen[0] is context and not torch.equal(out, again), "the routers read this forward's context"
+    for module in model.modules():
+        kept = [name for name, value in vars(module).items() if isinstance(value, torch.Tensor)
+                and value.shape == context.shape and (value is context or torch.equal(value, 3 * context))]
+        assert not kept, f"{type(module).__name__} keeps the context in {kept}"
+    hidden = torch.randn(2, 16, 16)
+    for ff in (model.dit.transformer_blocks[0].ff, other.dit.transformer_blocks[0].ff):
+        with pytest.raises(RuntimeError, match="inside its MiMDiT.forward"):
+            ff(hidden)
+    with model.scope.active(context), pytest.raises(RuntimeError, match="inside its MiMDiT.forward"):
+        other.dit.transformer_blocks[0].ff(hidden)
+    with pytest.raises(ValueError, match="context"):
+        model(x, cond, t)
+
+    def fail(*_):
+        raise ArithmeticError("inside the forward")
+
+    hook = model.dit.transformer_blocks[1].register_forward_pre_hook(fail)
+    with pytest.raises(ArithmeticError):
+        model(x, cond, t, context)
+    hook.remove()
+    with pytest.raises(RuntimeError, match="inside its MiMDiT.forward"):
+        model.dit.transformer_blocks[0].ff(hidden)  # a forward that failed leaves no context behind
+
+
 def test_latent_space_with_a_local_vae(tmp_path):
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
