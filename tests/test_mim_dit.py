@@ -2,6 +2,8 @@
 sampling is deterministic and size-preserving, persistence round-trips, the model overfits a pair."""
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -108,6 +110,9 @@ def test_the_degradation_context_lives_for_one_forward_only():
         kept = [name for name, value in vars(module).items() if isinstance(value, torch.Tensor)
                 and value.shape == context.shape and (value is context or torch.equal(value, 3 * context))]
         assert not kept, f"{type(module).__name__} keeps the context in {kept}"
+    twin = pickle.loads(pickle.dumps(model))  # a copy's feed-forward layers read the copy's scope
+    with torch.no_grad():
+        assert twin.dit.transformer_blocks[0].ff.scope is twin.scope and torch.equal(twin(x, cond, t, context), out)
     hidden = torch.randn(2, 16, 16)
     for ff in (model.dit.transformer_blocks[0].ff, other.dit.transformer_blocks[0].ff):
         with pytest.raises(RuntimeError, match="inside its MiMDiT.forward"):
