@@ -94,7 +94,7 @@ def test_the_degradation_context_lives_for_one_forward_only():
     """The context reaches the MoE feed-forward layers during ``forward`` and no attribute holds
     it after; a feed-forward layer that reads a context raises outside its model's forward (also
     inside another model's), and so does a forward without the context it needs."""
-    config = MiMDiTConfig(hidden=16, depth=2, heads=2, sample_size=8, context_dim=4, encoder_width=8)
+    config = MiMDiTConfig(hidden=16, depth=2, heads=2, sample_size=8, context_dim=4, encoder_width=8, backend="torch")
     model, other = MiMDiT(config).eval(), MiMDiT(config).eval()
     x, cond, t = torch.randn(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.tensor([300.0, 700.0])
     context = torch.randn(2, 4)
@@ -119,6 +119,8 @@ def test_the_degradation_context_lives_for_one_forward_only():
             ff(hidden)
     with model.scope.active(context), pytest.raises(RuntimeError, match="inside its MiMDiT.forward"):
         other.dit.transformer_blocks[0].ff(hidden)
+    with model.scope.active(context), pytest.raises(RuntimeError, match="already running"):
+        model(x, cond, t, context)
     with pytest.raises(ValueError, match="context"):
         model(x, cond, t)
 
@@ -131,6 +133,20 @@ def test_the_degradation_context_lives_for_one_forward_only():
     hook.remove()
     with pytest.raises(RuntimeError, match="inside its MiMDiT.forward"):
         model.dit.transformer_blocks[0].ff(hidden)  # a forward that failed leaves no context behind
+
+
+@pytest.mark.skipif("triton" not in backends(), reason="compiles the Triton path (custom ops)")
+def test_the_model_compiles_to_one_graph():
+    """The scoped context costs no graph break: torch.compile(fullgraph=True) traces the whole
+    forward and follows a new context."""
+    torch.manual_seed(0)
+    model = MiMDiT(MiMDiTConfig(hidden=16, depth=1, heads=2, sample_size=8, context_dim=4, encoder_width=8,
+                                backend="triton")).eval()
+    x, cond, t, context = torch.randn(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.tensor([100.0, 600.0]), torch.randn(2, 4)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for c in (context, 3 * context):
+            torch.testing.assert_close(compiled(x, cond, t, c), model(x, cond, t, c), rtol=1e-5, atol=1e-5)
 
 
 def test_latent_space_with_a_local_vae(tmp_path):

@@ -19,15 +19,14 @@ The objective (``objective.py``), the sampler (``sampling.py``) and persistence
 Diffusers calls a block's feed-forward as ``ff(hidden_states)``, with no other argument (and
 ``cross_attention_kwargs`` reach only the attention processors), so ``MiMDiT.forward`` hands the
 degradation context to its MoE feed-forward layers through the model's ``DegradationScope``: the
-context is active for the duration of that one forward (in the calling thread or task, a
-``contextvars`` variable) and gone after it, even when the forward raises. No module keeps it, and
-a feed-forward layer whose routers read a context raises when it runs outside its model's forward.
+context is held for the duration of that one forward and forgotten after it, even when the forward
+raises. No module keeps it, and a feed-forward layer whose routers read a context raises when it
+runs outside its model's forward.
 """
 from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -70,37 +69,39 @@ class MiMDiTConfig:
         return dataclasses.asdict(self)
 
 
-# (scope, context) of the innermost MiMDiT forward running in this thread or task; None outside.
-_ACTIVE_CONTEXT: ContextVar[tuple["DegradationScope", torch.Tensor | None] | None] = ContextVar(
-    "mim_dit_degradation_context", default=None)
-
-
 class DegradationScope:
     """Hands the degradation context of one ``MiMDiT.forward`` to that model's feed-forward layers.
 
     ``with scope.active(context):`` makes ``context`` (a [B, P] tensor or None) what
-    ``scope.context()`` returns until the block exits; outside every ``active`` block of this
-    scope, ``context()`` raises. The scope itself holds no tensor: the context lives in a
-    ``contextvars`` variable, set for the block and reset after it.
+    ``scope.context()`` returns until the block exits, and forgets it on exit (also when the block
+    raises); outside the block ``context()`` raises, and so does entering a second block while one
+    is open. A plain slot rather than a ``contextvars`` variable, so that ``torch.compile`` traces
+    the model without graph breaks; like the MoE layers' records it is state of the model, so one
+    model runs one forward at a time.
     """
 
-    __slots__ = ()
+    __slots__ = ("_context", "_open")
+
+    def __init__(self) -> None:
+        self._context: torch.Tensor | None = None
+        self._open = False
 
     @contextmanager
     def active(self, context: torch.Tensor | None) -> Iterator[None]:
-        token = _ACTIVE_CONTEXT.set((self, context))
+        if self._open:
+            raise RuntimeError("a MiMDiT forward is already running on this model")
+        self._context, self._open = context, True
         try:
             yield
         finally:
-            _ACTIVE_CONTEXT.reset(token)
+            self._context, self._open = None, False
 
     def context(self) -> torch.Tensor | None:
-        """The context of the enclosing ``active`` block of this scope."""
-        active = _ACTIVE_CONTEXT.get()
-        if active is None or active[0] is not self:
+        """The context of the open ``active`` block."""
+        if not self._open:
             raise RuntimeError("a MiM-DiT feed-forward layer whose routers read the degradation context runs "
                                "only inside its MiMDiT.forward, which hands it the context")
-        return active[1]
+        return self._context
 
 
 class _DegradationRoutedFFN(nn.Module):
