@@ -110,6 +110,7 @@ def test_the_degradation_context_lives_for_one_forward_only():
         kept = [name for name, value in vars(module).items() if isinstance(value, torch.Tensor)
                 and value.shape == context.shape and (value is context or torch.equal(value, 3 * context))]
         assert not kept, f"{type(module).__name__} keeps the context in {kept}"
+    assert not any(isinstance(getattr(model.scope, slot), torch.Tensor) for slot in type(model.scope).__slots__)
     twin = pickle.loads(pickle.dumps(model))  # a copy's feed-forward layers read the copy's scope
     with torch.no_grad():
         assert twin.dit.transformer_blocks[0].ff.scope is twin.scope and torch.equal(twin(x, cond, t, context), out)
