@@ -143,7 +143,8 @@ def test_the_model_compiles_to_one_graph():
     torch.manual_seed(0)
     model = MiMDiT(MiMDiTConfig(hidden=16, depth=1, heads=2, sample_size=8, context_dim=4, encoder_width=8,
                                 backend="triton")).eval()
-    x, cond, t, context = torch.randn(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.tensor([100.0, 600.0]), torch.randn(2, 4)
+    x, cond, t = torch.randn(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.tensor([100.0, 600.0])
+    context = torch.randn(2, 4)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         for c in (context, 3 * context):

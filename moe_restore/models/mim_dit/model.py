@@ -223,7 +223,8 @@ class MiMDiT(nn.Module):
         """Velocity prediction for x_t ``noisy`` [B, C_s, H, W] given the condition ``cond``
         [B, C_c, H, W] (degraded image or its latents), DiT timesteps [B] (1000 t) and the
         degradation ``context`` [B, P] (required when ``context_dim`` > 0; handed to the MoE
-        feed-forward layers for this forward only, see ``DegradationScope``). Any H x W: padded to the patch grid and cropped back."""
+        feed-forward layers for this forward only, see ``DegradationScope``). Any H x W: padded
+        to the patch grid and cropped back."""
         B, _, H, W = noisy.shape
         if self.config.context_dim and context is None:
             raise ValueError(f"context [B, context_dim={self.config.context_dim}] is required: the routers read it")
