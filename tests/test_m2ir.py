@@ -135,3 +135,29 @@ def test_tiny_overfits_one_degraded_pair():
         if best > start + 10:
             break
     assert best > start + 10, f"PSNR {start:.2f} -> {best:.2f} dB after {step + 1} steps"
+
+
+def test_run_returns_the_record_the_objective_uses_and_keeps_nothing():
+    """``run`` gives (image, record) and stores nothing; ``training_loss`` scores that record;
+    ``forward`` keeps it for the accessors, with each ADEC's record as that ADEC's."""
+    from moe_restore.losses import LossWeights, restoration_loss
+
+    model = _wake_output(_tiny(num_classes=3, degradation_heads=True))
+    degraded, clean, labels = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16), torch.tensor([2, 0])
+    weights = LossWeights(classification=0.3)
+    restored, record = model.run(degraded, labels=labels)
+    assert model.last_record is None and all(adec.moe.last_record is None for adec in model.experts)
+    with pytest.raises(RuntimeError, match="after a forward"):
+        model.class_logits
+    _, want_logits = model.degradation_encoder(degraded)
+    assert torch.equal(record.class_logits, want_logits) and len(record.experts) == 3
+    assert torch.equal(record.aux_loss, torch.stack([r.losses.aux_loss for r in record.experts]).mean())
+    want = restoration_loss(restored.float(), clean, weights=weights, aux_loss=record.aux_loss,
+                            class_logits=record.class_logits, labels=labels, inputs=degraded)
+    got = model.training_loss(degraded, clean, labels, weights)
+    assert torch.equal(got[0], want[0]) and got[1] == want[1] and model.last_record is None
+    assert torch.equal(model(degraded, labels=labels), restored)
+    assert torch.equal(model.class_logits, record.class_logits) and torch.equal(model.aux_loss, record.aux_loss)
+    for adec, kept in zip(model.experts, record.experts):
+        assert torch.equal(adec.aux_loss, kept.losses.aux_loss)
+        assert torch.equal(adec.moe.last_routing.experts, kept.routing.experts)

@@ -2,6 +2,8 @@
 sampling is deterministic and size-preserving, persistence round-trips, the model overfits a pair."""
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -86,6 +88,67 @@ def test_save_and_reload(tmp_path):
     context, _ = model.degradation_context(cond)
     with torch.no_grad():
         assert torch.equal(model(x, cond, t, context), again(x, cond, t, context))
+
+
+def test_the_degradation_context_lives_for_one_forward_only():
+    """The context reaches the MoE feed-forward layers during ``forward`` and no attribute holds
+    it after; a feed-forward layer that reads a context raises outside its model's forward (also
+    inside another model's), and so does a forward without the context it needs."""
+    config = MiMDiTConfig(hidden=16, depth=2, heads=2, sample_size=8, context_dim=4, encoder_width=8, backend="torch")
+    model, other = MiMDiT(config).eval(), MiMDiT(config).eval()
+    x, cond, t = torch.randn(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.tensor([300.0, 700.0])
+    context = torch.randn(2, 4)
+    seen = []
+    hook = model.dit.transformer_blocks[1].ff.register_forward_pre_hook(
+        lambda ff, args: seen.append(ff.scope.context()))
+    with torch.no_grad():
+        out = model(x, cond, t, context)
+        again = model(x, cond, t, 3 * context)
+    hook.remove()
+    assert seen[0] is context and not torch.equal(out, again), "the routers read this forward's context"
+    for module in model.modules():
+        kept = [name for name, value in vars(module).items() if isinstance(value, torch.Tensor)
+                and value.shape == context.shape and (value is context or torch.equal(value, 3 * context))]
+        assert not kept, f"{type(module).__name__} keeps the context in {kept}"
+    assert not any(isinstance(getattr(model.scope, slot), torch.Tensor) for slot in type(model.scope).__slots__)
+    twin = pickle.loads(pickle.dumps(model))  # a copy's feed-forward layers read the copy's scope
+    with torch.no_grad():
+        assert twin.dit.transformer_blocks[0].ff.scope is twin.scope and torch.equal(twin(x, cond, t, context), out)
+    hidden = torch.randn(2, 16, 16)
+    for ff in (model.dit.transformer_blocks[0].ff, other.dit.transformer_blocks[0].ff):
+        with pytest.raises(RuntimeError, match="inside its MiMDiT.forward"):
+            ff(hidden)
+    with model.scope.active(context), pytest.raises(RuntimeError, match="inside its MiMDiT.forward"):
+        other.dit.transformer_blocks[0].ff(hidden)
+    with model.scope.active(context), pytest.raises(RuntimeError, match="already running"):
+        model(x, cond, t, context)
+    with pytest.raises(ValueError, match="context"):
+        model(x, cond, t)
+
+    def fail(*_):
+        raise ArithmeticError("inside the forward")
+
+    hook = model.dit.transformer_blocks[1].register_forward_pre_hook(fail)
+    with pytest.raises(ArithmeticError):
+        model(x, cond, t, context)
+    hook.remove()
+    with pytest.raises(RuntimeError, match="inside its MiMDiT.forward"):
+        model.dit.transformer_blocks[0].ff(hidden)  # a forward that failed leaves no context behind
+
+
+@pytest.mark.skipif("triton" not in backends(), reason="compiles the Triton path (custom ops)")
+def test_the_model_compiles_to_one_graph():
+    """The scoped context costs no graph break: torch.compile(fullgraph=True) traces the whole
+    forward and follows a new context."""
+    torch.manual_seed(0)
+    model = MiMDiT(MiMDiTConfig(hidden=16, depth=1, heads=2, sample_size=8, context_dim=4, encoder_width=8,
+                                backend="triton")).eval()
+    x, cond, t = torch.randn(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.tensor([100.0, 600.0])
+    context = torch.randn(2, 4)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for c in (context, 3 * context):
+            torch.testing.assert_close(compiled(x, cond, t, c), model(x, cond, t, c), rtol=1e-5, atol=1e-5)
 
 
 def test_latent_space_with_a_local_vae(tmp_path):

@@ -12,8 +12,10 @@ as the router's context. Expert_e(u) = W2_e GELU(W1_e u + b1_e) + b2_e are point
 is one more, which every pixel uses. The experts start as W ~ N(0, 1/fan_in) with zero biases;
 the router's blocks and the shared expert as ``nn.Linear`` layers start.
 
-After each forward, ``aux_loss`` is the router's load-balancing loss E * sum_e f_e P_e (1 for
-perfectly balanced routing, differentiable through P_e; see ``routers``).
+``run`` returns the output with the MoE's ``MoERecord`` (routing and losses) and keeps nothing;
+``forward`` keeps that record as its MoE's ``last_record``, so that after a forward ``aux_loss``
+is the router's load-balancing loss E * sum_e f_e P_e (1 for perfectly balanced routing,
+differentiable through P_e; see ``routers``).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ._experts import ExpertMLPs
-from .mixture import MoE, per_pixel
+from .mixture import MoE, MoERecord, pixel_tokens
 from .restormer_blocks import LayerNorm2d
 from .routers import TopKRouter
 
@@ -68,10 +70,18 @@ class ADEC(nn.Module):
         """The router's load-balancing loss of the last forward."""
         return self.moe.aux_loss
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, MoERecord]:
+        """(output [B, C, H, W], the MoE's record of the call) for x [B, C, H, W] and context
+        [B, P]; keeps nothing."""
         if context.dim() != 2 or context.shape[0] != x.shape[0]:
             raise ValueError(f"context must have shape [B={x.shape[0]}, P], got {tuple(context.shape)}")
-        return x + per_pixel(self.moe, self.norm(x), self.context_proj(context.to(x.dtype)))
+        y, record = self.moe.run(pixel_tokens(self.norm(x)), self.context_proj(context.to(x.dtype)))
+        return x + y.movedim(-1, 1), record
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The output of ``run``; its record becomes ``self.moe.last_record`` (read by ``aux_loss``)."""
+        out, self.moe.last_record = self.run(x, context)
+        return out
 
 
 def _legacy_adec_keys(_module: nn.Module, state_dict: dict, prefix: str, *_) -> None:

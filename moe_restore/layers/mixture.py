@@ -14,6 +14,7 @@ collect the losses after their forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -120,24 +121,30 @@ class MoE(nn.Module):
         return self._record().routing
 
 
-def per_pixel(forward: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor:
-    """Apply a token layer's ``forward`` to every pixel of x [B, C, H, W] -> [B, C_out, H, W]."""
+def pixel_tokens(x: torch.Tensor) -> torch.Tensor:
+    """The pixels of a feature map x [B, C, H, W] as tokens, the view [B, H, W, C]."""
     check_float("x", x)
     if x.dim() != 4:
         raise ValueError(f"x must have shape [B, C, H, W], got {tuple(x.shape)}")
-    return forward(x.movedim(1, -1), *args).movedim(-1, 1)
+    return x.movedim(1, -1)
+
+
+def per_pixel(forward: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor:
+    """Apply a token layer's ``forward`` to every pixel of x [B, C, H, W] -> [B, C_out, H, W]."""
+    return forward(pixel_tokens(x), *args).movedim(-1, 1)
 
 
 def rename_legacy_keys(module: nn.Module, renames: dict[str, str]) -> None:
     """Let ``module.load_state_dict`` read state dicts written before the layer was a composition:
     a key ``prefix + old + rest`` becomes ``prefix + new + rest`` for each (old, new) of ``renames``
-    (old a parameter name, or a child's name ending in '.')."""
-    def hook(_module, state_dict, prefix, *_):
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            local = key[len(prefix):]
-            for old, new in renames.items():
-                if local == old or (old.endswith(".") and local.startswith(old)):
-                    state_dict[prefix + new + local[len(old):]] = state_dict.pop(key)
-                    break
+    (old a parameter name, or a child's name ending in '.'). The hook pickles with the module."""
+    module.register_load_state_dict_pre_hook(partial(_rename_keys, dict(renames)))
 
-    module.register_load_state_dict_pre_hook(hook)
+
+def _rename_keys(renames: dict[str, str], _module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        local = key[len(prefix):]
+        for old, new in renames.items():
+            if local == old or (old.endswith(".") and local.startswith(old)):
+                state_dict[prefix + new + local[len(old):]] = state_dict.pop(key)
+                break

@@ -24,9 +24,12 @@ degradation) or from the caller (e.g. DA-CLIP's 512-d degradation features, with
 cropped back. The output convs and input filters start at zero, so an untrained M2IR is the
 identity map.
 
-After a forward, ``aux_loss`` is the mean of the ADEC load-balancing losses and
-``class_logits`` the degradation logits: the encoder's, or its classifier applied to the given
-context.
+``run`` returns the restored image with an ``M2IRRecord`` (the degradation ``class_logits``: the
+encoder's, or its classifier applied to the given context; each ADEC layer's ``MoERecord``; and
+from them ``aux_loss``, the mean of the ADEC load-balancing losses) and keeps nothing; the
+objective (``training_loss``) reads that record. ``forward`` returns the image and keeps the
+record as ``last_record`` (read by the ``aux_loss`` and ``class_logits`` properties), with each
+ADEC's record as that ADEC's, as the layers' own forwards do.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_restore.layers.adec import ADEC
+from moe_restore.layers.mixture import MoERecord
 from moe_restore.losses import LossWeights, restoration_loss
 from moe_restore.layers.degradation_encoder import DegradationEncoder
 from moe_restore.layers.mamba_attention import MambaStyleAttention
@@ -71,12 +75,27 @@ class M2IRConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class M2IRRecord:
+    """One M2IR call: the degradation ``class_logits`` [B, num_classes] and ``experts``, the
+    ``MoERecord`` of each ADEC layer (decoder order: levels 3, 2, 1)."""
+
+    class_logits: torch.Tensor
+    experts: tuple[MoERecord, ...]
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Mean load-balancing loss of the ADEC layers (float32 scalar)."""
+        return torch.stack([record.losses.aux_loss for record in self.experts]).mean()
+
+
 class M2IR(nn.Module):
     """The M2IR network (see the module docstring).
 
-    ``forward(image [B, 3, H, W], context=None, labels=None)``: ``context`` an external [B, P]
-    degradation embedding instead of the encoder's; ``labels`` [B] the degradation classes, which
-    pick the output heads in training (``degradation_heads``; ignored with a single head).
+    ``forward(image [B, 3, H, W], context=None, labels=None)`` and ``run`` (the same arguments):
+    ``context`` an external [B, P] degradation embedding instead of the encoder's; ``labels`` [B]
+    the degradation classes, which pick the output heads in training (``degradation_heads``;
+    ignored with a single head).
     """
 
     def __init__(self, config: M2IRConfig):
@@ -131,40 +150,56 @@ class M2IR(nn.Module):
             nn.init.zeros_(self.input_filter.weight)
         self.degradation_encoder = DegradationEncoder(config.context_dim, config.num_classes,
                                                       width=config.encoder_width)
-        self.class_logits: torch.Tensor | None = None
+        self.last_record: M2IRRecord | None = None
+
+    def _record(self) -> M2IRRecord:
+        if self.last_record is None:
+            raise RuntimeError("aux_loss and class_logits are defined after a forward pass")
+        return self.last_record
 
     @property
     def aux_loss(self) -> torch.Tensor:
         """Mean load-balancing loss of the ADEC layers in the last forward."""
-        losses = [m.aux_loss for m in self.experts]
-        if any(loss is None for loss in losses):
-            raise RuntimeError("aux_loss is defined after a forward pass")
-        return torch.stack(losses).mean()
+        return self._record().aux_loss
+
+    @property
+    def class_logits(self) -> torch.Tensor:
+        """The degradation logits [B, num_classes] of the last forward."""
+        return self._record().class_logits
 
     def training_loss(self, degraded: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor | None,
                       weights: LossWeights, *, generator: torch.Generator | None = None
                       ) -> tuple[torch.Tensor, dict[str, float]]:
         """``restoration_loss`` of the restored batch (Charbonnier + FFT + load balance +
-        degradation classification; the objective protocol of ``moe_restore.models.objective``).
-        The labels also pick the output heads (``degradation_heads``). It draws nothing at random,
-        so ``generator`` is unused."""
-        restored = self(degraded, labels=labels)
-        return restoration_loss(restored.float(), clean, weights=weights, aux_loss=self.aux_loss,
-                                class_logits=self.class_logits, labels=labels, inputs=degraded)
+        degradation classification, from the call's ``M2IRRecord``; the objective protocol of
+        ``moe_restore.models.objective``). The labels also pick the output heads
+        (``degradation_heads``). It draws nothing at random, so ``generator`` is unused."""
+        restored, record = self.run(degraded, labels=labels)
+        return restoration_loss(restored.float(), clean, weights=weights, aux_loss=record.aux_loss,
+                                class_logits=record.class_logits, labels=labels, inputs=degraded)
 
     def forward(self, image: torch.Tensor, context: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The restored image of ``run``; its record becomes ``last_record``."""
+        restored, self.last_record = self.run(image, context, labels)
+        for adec, record in zip(self.experts, self.last_record.experts):
+            adec.moe.last_record = record
+        return restored
+
+    def run(self, image: torch.Tensor, context: torch.Tensor | None = None,
+            labels: torch.Tensor | None = None) -> tuple[torch.Tensor, M2IRRecord]:
+        """(restored image [B, 3, H, W], the call's M2IRRecord); keeps nothing."""
         if image.dim() != 4 or image.shape[1] != 3:
             raise ValueError(f"image must have shape [B, 3, H, W], got {tuple(image.shape)}")
         if context is None:
-            context, self.class_logits = self.degradation_encoder(image)
+            context, class_logits = self.degradation_encoder(image)
         else:
             if context.shape != (image.shape[0], self.config.context_dim):
                 raise ValueError(f"context must have shape [B, context_dim] = "
                                  f"{(image.shape[0], self.config.context_dim)}, got {tuple(context.shape)}")
             # A linear probe of the external context (the encoder's classifier), trained by the
             # classification loss; it picks the output head.
-            self.class_logits = self.degradation_encoder.classifier(context)
+            class_logits = self.degradation_encoder.classifier(context)
         if labels is not None:
             # The range is checked only on the CPU, where it costs no device sync; on a GPU an index
             # out of range fails in the head selection (a device-side assert).
@@ -186,10 +221,12 @@ class M2IR(nn.Module):
             skips.append(features)
             features = down(features)
         features = self.latent(features)
+        records = []
         for up, reduce, decoder, experts, skip in zip(self.ups, self.reduces, self.decoders, self.experts,
                                                       reversed(skips)):
             features = reduce(torch.cat([up(features), skip], dim=1))
-            features = experts(decoder(features), context)
+            features, record = experts.run(decoder(features), context)
+            records.append(record)
         features = self.refinement(features)
         correction = self.output(features)
         if self.input_filter is not None:
@@ -199,7 +236,7 @@ class M2IR(nn.Module):
             # head learns from its degradation only (mixing the heads by the posterior let the
             # strong haze and low-light corrections leak into blurred images); at inference the
             # most probable degradation's head.
-            head = self.class_logits.argmax(-1) if labels is None else labels
+            head = class_logits.argmax(-1) if labels is None else labels
             rows = torch.arange(head.shape[0], device=head.device)
             correction = correction.unflatten(1, (self.output_heads, 3))[rows, head]
-        return (correction + x)[:, :, :h, :w]
+        return (correction + x)[:, :, :h, :w], M2IRRecord(class_logits, tuple(records))

@@ -15,13 +15,21 @@ initially computes exactly what the pretrained DiT computed.
 
 The objective (``objective.py``), the sampler (``sampling.py``) and persistence
 (``persistence.py``) are methods of ``MiMDiT`` implemented beside it.
+
+Diffusers calls a block's feed-forward as ``ff(hidden_states)``, with no other argument (and
+``cross_attention_kwargs`` reach only the attention processors), so ``MiMDiT.forward`` hands the
+degradation context to its MoE feed-forward layers through the model's ``DegradationScope``: the
+context is held for the duration of that one forward and forgotten after it, even when the forward
+raises. No module keeps it, and a feed-forward layer whose routers read a context raises when it
+runs outside its model's forward.
 """
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -61,17 +69,53 @@ class MiMDiTConfig:
         return dataclasses.asdict(self)
 
 
-class _DegradationRoutedFFN(nn.Module):
-    """The block's ``ff``: a NestedMoE whose routers read the per-image context that
-    ``MiMDiT.forward`` sets before running the blocks (diffusers calls ``ff(hidden_states)``)."""
+class DegradationScope:
+    """Hands the degradation context of one ``MiMDiT.forward`` to that model's feed-forward layers.
 
-    def __init__(self, moe: NestedMoE):
+    ``with scope.active(context):`` makes ``context`` (a [B, P] tensor or None) what
+    ``scope.context()`` returns until the block exits, and forgets it on exit (also when the block
+    raises); outside the block ``context()`` raises, and so does entering a second block while one
+    is open. A plain slot rather than a ``contextvars`` variable, so that ``torch.compile`` traces
+    the model without graph breaks; like the MoE layers' records it is state of the model, so one
+    model runs one forward at a time.
+    """
+
+    __slots__ = ("_context", "_open")
+
+    def __init__(self) -> None:
+        self._context: torch.Tensor | None = None
+        self._open = False
+
+    @contextmanager
+    def active(self, context: torch.Tensor | None) -> Iterator[None]:
+        if self._open:
+            raise RuntimeError("a MiMDiT forward is already running on this model")
+        self._context, self._open = context, True
+        try:
+            yield
+        finally:
+            self._context, self._open = None, False
+
+    def context(self) -> torch.Tensor | None:
+        """The context of the open ``active`` block."""
+        if not self._open:
+            raise RuntimeError("a MiM-DiT feed-forward layer whose routers read the degradation context runs "
+                               "only inside its MiMDiT.forward, which hands it the context")
+        return self._context
+
+
+class _DegradationRoutedFFN(nn.Module):
+    """The block's ``ff``: a NestedMoE whose routers read the per-image context of the running
+    ``MiMDiT.forward``, from the model's ``scope`` (diffusers calls ``ff(hidden_states)``)."""
+
+    def __init__(self, moe: NestedMoE, scope: DegradationScope):
         super().__init__()
-        self.moe = moe
-        self.context: torch.Tensor | None = None
+        self.moe, self.scope = moe, scope
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.moe(hidden_states, self.context if self.moe.group_context_dim else None)
+        if not self.moe.group_context_dim:
+            return self.moe(hidden_states)
+        return self.moe(hidden_states, self.scope.context())
 
 
 def _dense_ffn_layers(ff: nn.Module) -> tuple[nn.Linear, nn.Linear, str]:
@@ -112,8 +156,9 @@ class MiMDiT(nn.Module):
         self.dit = dit
         self.vae = vae.requires_grad_(False).eval() if vae is not None else None
         self._widen_patch_embedding(config.cond_channels)
+        self.scope = DegradationScope()
         for block in dit.transformer_blocks:
-            block.ff = _DegradationRoutedFFN(self._nested_ffn(block.ff))
+            block.ff = _DegradationRoutedFFN(self._nested_ffn(block.ff), self.scope)
         self.degradation_encoder = (DegradationEncoder(config.context_dim, config.num_classes,
                                                        width=config.encoder_width, in_channels=3)
                                     if config.context_dim else None)
@@ -177,8 +222,12 @@ class MiMDiT(nn.Module):
                 context: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity prediction for x_t ``noisy`` [B, C_s, H, W] given the condition ``cond``
         [B, C_c, H, W] (degraded image or its latents), DiT timesteps [B] (1000 t) and the
-        degradation ``context`` [B, P]. Any H x W: padded to the patch grid and cropped back."""
+        degradation ``context`` [B, P] (required when ``context_dim`` > 0; handed to the MoE
+        feed-forward layers for this forward only, see ``DegradationScope``). Any H x W: padded
+        to the patch grid and cropped back."""
         B, _, H, W = noisy.shape
+        if self.config.context_dim and context is None:
+            raise ValueError(f"context [B, context_dim={self.config.context_dim}] is required: the routers read it")
         p = self.config.patch
         x = torch.cat([noisy, cond.to(noisy.dtype)], dim=1)
         pad_h, pad_w = (-H) % p, (-W) % p
@@ -187,9 +236,8 @@ class MiMDiT(nn.Module):
         if class_labels is None:
             class_labels = torch.full((B,), self.null_class, dtype=torch.long, device=x.device)
         timestep = timestep.to(x.device, torch.float32).expand(B)
-        for moe_ffn in self.dit.transformer_blocks:
-            moe_ffn.ff.context = context
-        out = self._dit_forward(x, timestep, class_labels)
+        with self.scope.active(context):
+            out = self._dit_forward(x, timestep, class_labels)
         return out[:, :self.config.sample_channels, :H, :W]
 
     def _dit_forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
