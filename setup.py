@@ -33,7 +33,8 @@ setup(
     ],
     extras_require={
         "plot": ["matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=5", "diffusers"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=5", "diffusers", "peft", "accelerate",
+                 "matplotlib"],
     },
     entry_points={"console_scripts": ["moe-restore = moe_restore.cli:main"]},
 )
