@@ -17,10 +17,11 @@ from typing import Callable
 import torch
 
 # (kernel-shape case name, what it runs); the widths are the benchmark suites' (benchmarks/moe.py S1-S3,
-# nested.py DiT/pixel, scan.py) plus the fused path's widest width (256) and the scan's N=1 / N=64.
+# nested.py DiT/pixel, scan.py) plus the fused path's widest width (128), the grouped path just past it
+# (256) and the scan's N=1 / N=64.
 MOE_SHAPES = {  # name: (D, H, E, k, activation)
     "S1": (64, 128, 8, 2, "gelu"), "S2": (768, 3072, 8, 2, "gelu"), "S3": (2048, 768, 128, 8, "swiglu"),
-    "F256": (256, 512, 8, 2, "gelu"),
+    "F128": (128, 256, 8, 2, "gelu"), "F256": (256, 512, 8, 2, "gelu"),
 }
 FUSED_ACTIVATIONS = ("gelu", "silu", "relu", "swiglu", "gelu_tanh")
 NESTED_SHAPES = {"DiT": (768, 3072, 5, 4, 2, 1), "pixel": (64, 128, 5, 4, 2, 2)}  # D, H, G, E, kg, ke
@@ -81,7 +82,7 @@ def _scan_case(D, N, two_d=False):
 
 
 def all_cases() -> dict[str, Case]:
-    """Every case by name: MoE shapes (fused S1/F256 at every activation), nested, scans."""
+    """Every case by name: MoE shapes (S1/F128/F256 at every activation), nested, scans."""
     cases = {}
     for name, (D, H, E, k, act) in MOE_SHAPES.items():
         acts = FUSED_ACTIVATIONS if D <= 256 else (act,)

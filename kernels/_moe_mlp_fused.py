@@ -1,5 +1,11 @@
 """Fused expert-MLP path, for model widths D, D_out <= FUSED_MAX_WIDTH (pixel tokens).
 
+The limit is what the compile check (``moe-restore compile-check``, docs/benchmarks.md) measured to
+fit: at D=256 the backward holds a [BLOCK_M, D] dx tile and a [D, BLOCK_H] dW1 tile per program
+and spills at every configuration tried (backward-weights 296-7124 B on sm_90a at the default,
+624-11804 B at the other candidates; in fp32 the backward-rows kernel needs 164-232 KiB of shared
+memory, over sm_80's 163 KiB); wider inputs take the grouped path.
+
 One program owns BLOCK_M rows of one expert and streams the hidden layer through registers in
 BLOCK_H chunks, so no [T*k, H] tensor ever reaches global memory, forward or backward. Weight
 gradients come from a second kernel that splits each expert's rows into S parts and writes float32
@@ -15,7 +21,7 @@ from ._backend import kernel_configs
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _hidden, _hidden_grads, _load_matrix, _load_rows,
                              SWIGLU, _row_splits, _Weights, _width_blocks)
 
-FUSED_MAX_WIDTH = 256
+FUSED_MAX_WIDTH = 128
 
 @triton.jit
 def _fused_up(x, w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h,
@@ -171,7 +177,7 @@ def _fused_bwd_weights_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, weights_ptr
 
 
 _fused_fwd = triton.autotune(
-    kernel_configs("moe_fused_fwd", {"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2},
+    kernel_configs("moe_fused_fwd", {"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2},
                    [{"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 3},
                     {"BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
                     {"BLOCK_M": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3}]),
