@@ -42,25 +42,24 @@ from .activations import triton_code
 
 # The automatic choice takes the fused path where its kernels were measured to fit a GPU at their
 # defaults (compile check, docs/benchmarks.md): the live state per program grows with the width,
-# doubles with swiglu (two up-projection halves) and with float32 tiles. Measured at the default
-# configurations on sm_90a and sm_80: bf16 fits at D=128 (gelu, gelu_tanh) and D=64 (swiglu);
-# the backward-weights kernel spills at D=128 with swiglu in bf16 (32-740 B), in fp32 at D=128
-# (324-1960 B) and at D=64 with swiglu (20-60 B).
-_FUSED_FIT = 128  # max(D, D_out) x (2 for swiglu) x (2 for float32)
+# with swiglu (two up-projection halves) and with float32 tiles. Widest fitting max(D, D_out) by
+# (swiglu, float32), measured on sm_90a and sm_80: the backward-weights kernel spills at D=128 with
+# swiglu in bf16 (32-740 B), at D=128 in fp32 (324-1960 B) and with swiglu in fp32 even at D=32
+# (16 B; 20-60 B at D=64).
+_FUSED_FIT = {(False, False): 128, (True, False): 64, (False, True): 64, (True, True): 0}
 
 
 def use_fused_path(d_in: int, d_out: int, activation: str = "gelu", dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the expert MLP takes the fused path: MOE_RESTORE_MLP_PATH pins one ("fused" |
     "grouped"; "fused" needs D, D_out <= FUSED_MAX_WIDTH, else ValueError); "auto" (the default)
-    takes it where it fits without spilling: max(D, D_out) x (2 for swiglu) x (2 for float32)
-    <= 128."""
+    takes it where it fits without spilling: max(D, D_out) <= 128 in bfloat16 and float16, <= 64 with
+    swiglu or in float32, never for swiglu in float32."""
     choice = os.environ.get("MOE_RESTORE_MLP_PATH", "auto")
     if choice not in ("auto", "fused", "grouped"):
         raise ValueError(f"MOE_RESTORE_MLP_PATH must be auto, fused or grouped, got {choice!r}")
     width = max(d_in, d_out)
     if choice == "auto":
-        load = width * (2 if activation == "swiglu" else 1) * (2 if dtype == torch.float32 else 1)
-        return width <= FUSED_MAX_WIDTH and load <= _FUSED_FIT
+        return width <= _FUSED_FIT[activation == "swiglu", dtype == torch.float32]
     if choice == "fused" and width > FUSED_MAX_WIDTH:
         raise ValueError(f"the fused path needs D, D_out <= {FUSED_MAX_WIDTH}, got {d_in}, {d_out}")
     return choice == "fused"
