@@ -123,7 +123,8 @@ def _blocks(G: int, E: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_G, BLOCK_GE). The kernels hold the group and the expert tiles with their
     selections, so a block takes half the tokens of a top-k score block, at 8 warps (at the full
     BLOCK_T the compile check measured 424-448 B spilled in the forward and 1.5-2.2 KB in the
-    backward at 4 warps, 8-48 B at 8, 200 B at 16)."""
+    backward at 4 warps, 8-48 B at 8, 200 B at 16; at the half block, 8 warps: none, except 92 B in
+    the backward at the pixel shape on sm_80)."""
     block_g, block_ge = _block_e(G), _block_e(G * E)
     return max(1, _block_t(max(block_g, block_ge)) // 2), block_g, block_ge
 
