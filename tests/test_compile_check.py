@@ -90,3 +90,22 @@ def test_automatic_path_is_fused_only_where_the_compile_check_saw_it_fit(monkeyp
     else:
         with pytest.raises(ValueError, match="fused path needs"):
             use_fused_path(width, width, activation, getattr(torch, dtype))
+
+
+def test_backward_candidates_are_pruned_where_the_compile_check_saw_them_spill():
+    from moe_restore.kernels._moe_mlp_fused import _fitting_candidates
+    from moe_restore.kernels.activations import triton_code
+
+    configs = ["default", "candidate 1", "candidate 2"]
+
+    def kept(width, activation, dtype, width_out=None):
+        return _fitting_candidates(configs, {"x_ptr": torch.empty(0, dtype=dtype)}, BLOCK_D=width,
+                                   BLOCK_DO=width_out or width, ACT=triton_code(activation))
+
+    assert kept(64, "gelu", torch.bfloat16) == configs
+    assert kept(32, "swiglu", torch.float16) == configs
+    assert kept(32, "relu", torch.float32) == configs
+    for width, activation, dtype in [(128, "gelu", torch.bfloat16), (64, "swiglu", torch.bfloat16),
+                                     (64, "gelu", torch.float32)]:
+        assert kept(width, activation, dtype) == ["default"]
+    assert kept(32, "gelu", torch.bfloat16, width_out=128) == ["default"]
