@@ -17,11 +17,13 @@ from typing import Callable
 import torch
 
 # (kernel-shape case name, what it runs); the widths are the benchmark suites' (benchmarks/moe.py S1-S3,
-# nested.py DiT/pixel, scan.py) plus the fused path's widest width (256) and the scan's N=1 / N=64.
+# nested.py DiT/pixel, scan.py) plus the fused path's widest widths (128; 32 for
+# float32 swiglu), the grouped path just past them (256) and the scan's N=1 / N=64.
 MOE_SHAPES = {  # name: (D, H, E, k, activation)
     "S1": (64, 128, 8, 2, "gelu"), "S2": (768, 3072, 8, 2, "gelu"), "S3": (2048, 768, 128, 8, "swiglu"),
-    "F256": (256, 512, 8, 2, "gelu"),
+    "F32": (32, 64, 8, 2, "swiglu"), "F128": (128, 256, 8, 2, "gelu"), "F256": (256, 512, 8, 2, "gelu"),
 }
+SWEPT = ("S1", "F128", "F256")  # the shapes run at every activation
 FUSED_ACTIVATIONS = ("gelu", "silu", "relu", "swiglu", "gelu_tanh")
 NESTED_SHAPES = {"DiT": (768, 3072, 5, 4, 2, 1), "pixel": (64, 128, 5, 4, 2, 2)}  # D, H, G, E, kg, ke
 SCAN_SHAPES = {"scan-D192": (192, 16), "scan-D96": (96, 16), "scan-N1": (64, 1), "scan-N64": (64, 64)}  # D, N
@@ -81,10 +83,10 @@ def _scan_case(D, N, two_d=False):
 
 
 def all_cases() -> dict[str, Case]:
-    """Every case by name: MoE shapes (fused S1/F256 at every activation), nested, scans."""
+    """Every case by name: MoE shapes (S1/F128/F256 at every activation), nested, scans."""
     cases = {}
     for name, (D, H, E, k, act) in MOE_SHAPES.items():
-        acts = FUSED_ACTIVATIONS if D <= 256 else (act,)
+        acts = FUSED_ACTIVATIONS if name in SWEPT else (act,)
         for a in acts:
             label = name if a == act else f"{name}-{a}"
             cases[label] = Case(label, _moe_case(D, H, E, k, a))

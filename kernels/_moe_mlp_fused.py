@@ -1,5 +1,11 @@
 """Fused expert-MLP path, for model widths D, D_out <= FUSED_MAX_WIDTH (pixel tokens).
 
+The limit is what the compile check (``moe-restore compile-check``, docs/benchmarks.md) measured to
+fit: at D=256 the backward holds a [BLOCK_M, D] dx tile and a [D, BLOCK_H] dW1 tile per program
+and spills at every configuration tried (backward-weights 296-7124 B on sm_90a at the default,
+624-11804 B at the other candidates; in fp32 the backward-rows kernel needs 164-232 KiB of shared
+memory, over sm_80's 163 KiB); wider inputs take the grouped path.
+
 One program owns BLOCK_M rows of one expert and streams the hidden layer through registers in
 BLOCK_H chunks, so no [T*k, H] tensor ever reaches global memory, forward or backward. Weight
 gradients come from a second kernel that splits each expert's rows into S parts and writes float32
@@ -12,10 +18,11 @@ import triton
 import triton.language as tl
 
 from ._backend import kernel_configs
+from .activations import TRITON_CODES
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _hidden, _hidden_grads, _load_matrix, _load_rows,
                              SWIGLU, _row_splits, _Weights, _width_blocks)
 
-FUSED_MAX_WIDTH = 256
+FUSED_MAX_WIDTH = 128
 
 @triton.jit
 def _fused_up(x, w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h,
@@ -170,8 +177,20 @@ def _fused_bwd_weights_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, weights_ptr
         tl.store(db2_ptr + part * DO + do, db2, mask=do < DO)
 
 
+def _fitting_candidates(configs: list, named_args: dict, **kwargs) -> list:
+    """The backward kernels' configurations the autotuner may try: the default (first) always, the
+    other candidates only at max(D, D_out) x (2 for swiglu) x (2 for float32) <= 64. The compile
+    check (``--all-configs``, docs/benchmarks.md) saw every candidate other than the default spill
+    beyond that: 12-248 B (rows) and 108-3120 B (weights) at bf16 swiglu D=64, 78-148 B and 512-852 B
+    at bf16 D=128, 124 B and 324-784 B at fp32 D=64, on sm_90a or sm_80."""
+    width = max(kwargs["BLOCK_D"], kwargs["BLOCK_DO"])
+    load = width * (2 if kwargs["ACT"] == TRITON_CODES["swiglu"] else 1) * (
+        2 if named_args["x_ptr"].dtype == torch.float32 else 1)
+    return configs if load <= 64 else configs[:1]
+
+
 _fused_fwd = triton.autotune(
-    kernel_configs("moe_fused_fwd", {"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2},
+    kernel_configs("moe_fused_fwd", {"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2},
                    [{"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 3},
                     {"BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
                     {"BLOCK_M": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3}]),
@@ -181,12 +200,14 @@ _fused_bwd_rows = triton.autotune(
                    [{"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 3},
                     {"BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
                     {"BLOCK_M": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2}]),
-    key=["D", "H", "DO", "E"])(_fused_bwd_rows_kernel)
+    key=["D", "H", "DO", "E", "ACT"], prune_configs_by={"early_config_prune": _fitting_candidates}
+)(_fused_bwd_rows_kernel)
+# No BLOCK_M=64, BLOCK_H=64, 8-warp candidate: it spilled at every width (60-1036 B at bf16 D=64).
 _fused_bwd_weights = triton.autotune(
     kernel_configs("moe_fused_bwd_weights", {"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2},
-                   [{"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 3},
-                    {"BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3}]),
-    key=["D", "H", "DO", "E", "SPLITS"])(_fused_bwd_weights_kernel)
+                   [{"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 3}]),
+    key=["D", "H", "DO", "E", "SPLITS", "ACT"], prune_configs_by={"early_config_prune": _fitting_candidates}
+)(_fused_bwd_weights_kernel)
 
 def _forward_fused(d: _Dispatch, x: torch.Tensor, w: _Weights, act: int) -> torch.Tensor:
     out = torch.empty(d.num_assignments, w.w2.shape[2], dtype=x.dtype, device=x.device)

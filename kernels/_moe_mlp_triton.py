@@ -17,8 +17,13 @@ Backward, with g_t = dL/dy_t:
 Only the inputs are saved; z and h are recomputed in backward.
 
 Two paths share the tile schedule and the activation code (``_moe_mlp_tiles``): fused
-(``_moe_mlp_fused``, small widths, the hidden layer never reaches global memory) and grouped
-(``_moe_mlp_grouped``, any width, grouped GEMMs with a transient [T*k, H] hidden buffer).
+(``_moe_mlp_fused``, D, D_out <= FUSED_MAX_WIDTH = 128, the hidden layer never reaches global
+memory) and grouped (``_moe_mlp_grouped``, any width, grouped GEMMs with a transient [T*k, H]
+hidden buffer). The fused limit is where its kernels fit a GPU: at D=256 the compile check
+(docs/benchmarks.md) measured spills in the fused backward at every configuration and, in fp32,
+more shared memory than an sm_80 block has, so wider inputs take the grouped path; below it the
+automatic choice (``use_fused_path``) also sends swiglu and float32 inputs to the grouped path
+where the fused backward was measured to spill.
 The combine back to token order sums the k rows of each token in a fixed order (no atomics), so
 every path is deterministic.
 """
@@ -35,17 +40,29 @@ from ._moe_mlp_tiles import _Dispatch, _Weights
 from .activations import triton_code
 
 
-def use_fused_path(d_in: int, d_out: int) -> bool:
-    """The fused path for small widths unless MOE_RESTORE_MLP_PATH pins one ("fused" | "grouped")."""
+# The automatic choice takes the fused path where its kernels were measured to fit a GPU at their
+# defaults (compile check, docs/benchmarks.md): the live state per program grows with the width,
+# with swiglu (two up-projection halves) and with float32 tiles. Widest fitting max(D, D_out) by
+# (swiglu, float32), measured on sm_90a and sm_80: the backward-weights kernel spills at D=128 with
+# swiglu in bf16 (32-740 B), at D=128 in fp32 (324-1960 B) and with swiglu in fp32 even at D=32
+# (16 B; 20-60 B at D=64).
+_FUSED_FIT = {(False, False): 128, (True, False): 64, (False, True): 64, (True, True): 0}
+
+
+def use_fused_path(d_in: int, d_out: int, activation: str = "gelu", dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the expert MLP takes the fused path: MOE_RESTORE_MLP_PATH pins one ("fused" |
+    "grouped"; "fused" needs D, D_out <= FUSED_MAX_WIDTH, else ValueError); "auto" (the default)
+    takes it where it fits without spilling: max(D, D_out) <= 128 in bfloat16 and float16, <= 64 with
+    swiglu or in float32, never for swiglu in float32."""
     choice = os.environ.get("MOE_RESTORE_MLP_PATH", "auto")
     if choice not in ("auto", "fused", "grouped"):
         raise ValueError(f"MOE_RESTORE_MLP_PATH must be auto, fused or grouped, got {choice!r}")
+    width = max(d_in, d_out)
     if choice == "auto":
-        return max(d_in, d_out) <= FUSED_MAX_WIDTH
-    if choice == "fused" and max(d_in, d_out) > FUSED_MAX_WIDTH:
+        return width <= _FUSED_FIT[activation == "swiglu", dtype == torch.float32]
+    if choice == "fused" and width > FUSED_MAX_WIDTH:
         raise ValueError(f"the fused path needs D, D_out <= {FUSED_MAX_WIDTH}, got {d_in}, {d_out}")
     return choice == "fused"
-
 
 
 def _combine(by_assignment: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:

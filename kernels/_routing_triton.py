@@ -37,6 +37,13 @@ def _block_t(block_e: int) -> int:
     return max(1, min(128, 8192 // block_e))
 
 
+def _score_warps(block_t: int, block_e: int) -> int:
+    """Warps for a score kernel's [BLOCK_T, BLOCK_E] tiles: one per 512 elements, 4 to 8. At 4 warps
+    the compile check measured 2.1-2.2 KB spilled at E=128 (8K-element tiles) in the top-k forward
+    (sm_90a, sm_80); at 8 none. 16 warps cap a thread at 128 registers and spilled again."""
+    return max(4, min(8, block_t * block_e // 512))
+
+
 @triton.jit
 def _top_k_ranks(logits, valid, cols, K):
     """rank[t, e] = j if e is token t's j-th choice (j < K), else -1: the K largest logits among
@@ -179,7 +186,8 @@ def topk_scores(logits: torch.Tensor, k: int, sigmoid: bool, renormalize: bool
     bad_rows = torch.empty(grid[0], dtype=torch.int32, device=logits.device)
     _topk_scores_fwd_kernel[grid](logits, weights, experts, bad_rows, T, E, k,
                                   logits.stride(0), logits.stride(1), SIGMOID=sigmoid,
-                                  RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e)
+                                  RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
+                                  num_warps=_score_warps(block_t, block_e))
     return weights, experts, bad_rows.sum(dtype=torch.int64)
 
 
@@ -201,7 +209,8 @@ def topk_scores_backward(dweights: torch.Tensor, logits: torch.Tensor, experts: 
     dlogits = torch.empty(T, E, dtype=logits.dtype, device=logits.device)
     _topk_scores_bwd_kernel[(triton.cdiv(T, block_t),)](
         logits, experts, dweights.contiguous(), dlogits, T, E, k, logits.stride(0), logits.stride(1),
-        SIGMOID=sigmoid, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e)
+        SIGMOID=sigmoid, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
+        num_warps=_score_warps(block_t, block_e))
     return dlogits
 
 

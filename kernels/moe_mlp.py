@@ -87,6 +87,6 @@ def _moe_mlp(x, routing, w1, w2, b1, b2, activation: str, backend: str | None) -
         return _moe_mlp_torch.moe_mlp(x, routing, host_offsets, w1, w2, b1, b2, activation)
     from ._moe_mlp_triton import moe_mlp_forward, use_fused_path
 
-    fused = use_fused_path(x.shape[1], w2.shape[2])
+    fused = use_fused_path(x.shape[1], w2.shape[2], activation, x.dtype)
     return moe_mlp_forward(x, routing.weights, w1, w2, b1, b2, routing.sorted_assignments,
                            routing.expert_offsets, activation, fused)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
+from moe_restore.kernels._moe_mlp_triton import use_fused_path
 from moe_restore.kernels.compile_check import annotate, run_compile_check
 
 _HAS_PTXAS = importlib.util.find_spec("triton") is not None and importlib.util.find_spec(
@@ -42,15 +44,10 @@ def test_checker_flags_each_kind_of_problem():
 # (kernel, target, kind). The test fails when the set changes either way: a new problem is a
 # regression; a fixed one must be removed here. Measured numbers are in docs/benchmarks.md.
 KNOWN_GAPS = {
-    # BLOCK_M=32 defaults: 32-row dots go to mma.sync. BLOCK_M=64 (wgmma) spills at these widths
-    # (fused backward-weights: 128-1908 B at D=64; forward at D=256 fp32: 464-2224 B and 168-256 KiB).
-    ("_fused_fwd_kernel", "sm_90a", "not wgmma"),
+    # The fused backward's BLOCK_M=32 defaults put its 32-row dots on mma.sync; BLOCK_M=64 (wgmma)
+    # spills in its backward-weights kernel (84-1908 B at D=64).
     ("_fused_bwd_rows_kernel", "sm_90a", "not wgmma"),
     ("_fused_bwd_weights_kernel", "sm_90a", "not wgmma"),
-    # D=256 fp32 on sm_80: the fused backward does not fit (needs tiling over D).
-    ("_fused_bwd_rows_kernel", "sm_80", "shared memory"),
-    ("_fused_bwd_rows_kernel", "sm_80", "spills"),
-    ("_fused_bwd_weights_kernel", "sm_80", "spills"),
 }
 
 
@@ -61,9 +58,9 @@ def _kind(problem: str) -> str:
 @pytest.mark.skipif(not _HAS_PTXAS, reason="needs Triton's NVIDIA backend (ptxas)")
 def test_representative_kernels_compile_and_report():
     # sm_90a: the fused path at S1's widths with swiglu (two up-projection dots) and the routing and
-    # dispatch kernels; sm_80: the fused backward at the widest fused width in fp32.
+    # dispatch kernels; sm_80: the fused backward at the widest width the automatic path gives it.
     rows = run_compile_check(targets=(90,), cases=["S1-swiglu"], dtypes=["bf16"], jobs=2)
-    rows += run_compile_check(targets=(80,), cases=["F256"], dtypes=["fp32"],
+    rows += run_compile_check(targets=(80,), cases=["F128"], dtypes=["bf16"],
                               kernels=["_fused_bwd_rows_kernel", "_fused_bwd_weights_kernel"], jobs=2)
     kernels = {r["kernel"] for r in rows}
     assert {"_fused_fwd_kernel", "_fused_bwd_rows_kernel", "_fused_bwd_weights_kernel", "_topk_scores_fwd_kernel",
@@ -76,3 +73,39 @@ def test_representative_kernels_compile_and_report():
                 d["kind"] == "wgmma" for d in r["dots"]) else "HMMA"] > 0, r
     found = {(r["kernel"], r["target"], _kind(p)) for r in rows for p in r["problems"]}
     assert found == KNOWN_GAPS
+
+
+@pytest.mark.parametrize(("width", "activation", "dtype", "fused"), [
+    (128, "gelu", "bfloat16", True), (64, "swiglu", "float16", True), (64, "gelu", "float32", True),
+    (32, "swiglu", "float32", False), (129, "gelu", "bfloat16", False), (128, "swiglu", "bfloat16", False),
+    (128, "gelu", "float32", False), (64, "swiglu", "float32", False), (256, "relu", "float16", False)])
+def test_automatic_path_is_fused_only_where_the_compile_check_saw_it_fit(monkeypatch, width, activation, dtype,
+                                                                        fused):
+    monkeypatch.delenv("MOE_RESTORE_MLP_PATH", raising=False)
+    assert use_fused_path(width, width, activation, getattr(torch, dtype)) is fused
+    assert use_fused_path(width // 2, width, activation, getattr(torch, dtype)) is fused  # D_out counts too
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", "fused")  # a pin may take it up to the kernels' limit
+    if width <= 128:
+        assert use_fused_path(width, width, activation, getattr(torch, dtype))
+    else:
+        with pytest.raises(ValueError, match="fused path needs"):
+            use_fused_path(width, width, activation, getattr(torch, dtype))
+
+
+def test_backward_candidates_are_pruned_where_the_compile_check_saw_them_spill():
+    from moe_restore.kernels._moe_mlp_fused import _fitting_candidates
+    from moe_restore.kernels.activations import triton_code
+
+    configs = ["default", "candidate 1", "candidate 2"]
+
+    def kept(width, activation, dtype, width_out=None):
+        return _fitting_candidates(configs, {"x_ptr": torch.empty(0, dtype=dtype)}, BLOCK_D=width,
+                                   BLOCK_DO=width_out or width, ACT=triton_code(activation))
+
+    assert kept(64, "gelu", torch.bfloat16) == configs
+    assert kept(32, "swiglu", torch.float16) == configs
+    assert kept(32, "relu", torch.float32) == configs
+    for width, activation, dtype in [(128, "gelu", torch.bfloat16), (64, "swiglu", torch.bfloat16),
+                                     (64, "gelu", torch.float32)]:
+        assert kept(width, activation, dtype) == ["default"]
+    assert kept(32, "gelu", torch.bfloat16, width_out=128) == ["default"]
