@@ -17,6 +17,15 @@ TINY = dict(hidden_size=32, intermediate_size=32, moe_intermediate_size=16, expe
             moe_layer_start_index=0, mlp_only_layers=[], expert_layer_offset=0, expert_layer_period=1,
             decoder_sparse_step=1, moe_layer_freq=1)
 VOCAB = TINY["vocab_size"]
+# Family-specific sizes on top of TINY, each with why the generic size does not build.
+_MLA = dict(head_dim=8)  # MLA: the rotary tables are built from head_dim, which must equal qk_rope_head_dim
+# MLA with sparse (DSA) attention: keys are expanded per head, so grouped KV heads would repeat them again;
+# the indexer's sizes default to the full model's.
+_DSA = dict(_MLA, num_key_value_heads=2, index_n_heads=2, index_head_dim=16, index_topk=4)
+OVERRIDES: dict[str, dict] = {
+    "deepseek_v2": _MLA, "deepseek_v3": _MLA, "deepseek_v32": _DSA, "glm_moe_dsa": _DSA,
+    "mistral_large4": _DSA, "axk1": _MLA, "axk2": _DSA,
+}
 
 
 def hook_families() -> list[str]:
@@ -43,9 +52,9 @@ def is_hooked(cls: type) -> bool:
     return code is not None and code.co_filename.replace(os.sep, "/").endswith("integrations/moe.py")
 
 
-def _shrink(config) -> None:
-    """Set the tiny sizes on a config built with defaults (and on its sub-configs)."""
-    for key, value in TINY.items():
+def _shrink(config, sizes: dict) -> None:
+    """Set the tiny ``sizes`` on a config built with defaults (and on its sub-configs)."""
+    for key, value in sizes.items():
         try:
             current = getattr(config, key, None)
             if current is not None and not isinstance(current, (list, dict)):
@@ -57,7 +66,7 @@ def _shrink(config) -> None:
             setattr(config, key, 0)
     for sub in getattr(config, "sub_configs", None) or {}:
         if getattr(config, sub, None) is not None:
-            _shrink(getattr(config, sub))
+            _shrink(getattr(config, sub), sizes)
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
@@ -71,14 +80,15 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     models = [c for c in classes if issubclass(c, PreTrainedModel) and not c.__name__.endswith("PreTrainedModel")]
     ranked = ([c for c in models if c.__name__.endswith("ForCausalLM")] + [c for c in models if c.__name__.endswith("TextModel")]
               + [c for c in models if c.__name__.endswith("Model")])
+    sizes = {**TINY, **OVERRIDES.get(family, {})}
     first_error: Exception | None = None
     for cls in ranked:
         try:
             try:
-                config = cls.config_class(**TINY)
+                config = cls.config_class(**sizes)
             except Exception:  # noqa: BLE001 - a config that refuses one of the names: defaults, then shrink
                 config = cls.config_class()
-            _shrink(config)
+            _shrink(config, sizes)
             torch.manual_seed(seed)
             model = cls(config).float().eval()
         except Exception as error:  # noqa: BLE001 - try the next class of the family
