@@ -24,7 +24,10 @@ _MLA = dict(head_dim=8)  # MLA: the rotary tables are built from head_dim, which
 _DSA = dict(_MLA, num_key_value_heads=2, index_n_heads=2, index_head_dim=16, index_topk=4)
 OVERRIDES: dict[str, dict] = {
     "deepseek_v2": _MLA, "deepseek_v3": _MLA, "deepseek_v32": _DSA, "glm_moe_dsa": _DSA,
-    "mistral_large4": _DSA, "axk1": _MLA, "axk2": _DSA,
+    "mistral_large4": _DSA, "axk1": _MLA, "axk2": _DSA, "hy_v4": _DSA, "hy_v4_vl": _DSA,
+    # multimodal rope: the three position sections must fill the rotary half-width (16 * 0.5 / 2)
+    "glm4v_moe": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                           mrope_section=[2, 1, 1])),
 }
 
 
@@ -57,7 +60,8 @@ def _shrink(config, sizes: dict) -> None:
     for key, value in sizes.items():
         try:
             current = getattr(config, key, None)
-            if current is not None and not isinstance(current, (list, dict)):
+            # A per-layer list or a dict is left alone unless a list or dict replaces it
+            if current is not None and (isinstance(value, (list, dict)) or not isinstance(current, (list, dict))):
                 setattr(config, key, value)
         except Exception:  # noqa: BLE001 - per-layer attributes refuse a global value: leave them
             pass
