@@ -25,6 +25,13 @@ _DSA = dict(_MLA, num_key_value_heads=2, index_n_heads=2, index_head_dim=16, ind
 OVERRIDES: dict[str, dict] = {
     "deepseek_v2": _MLA, "deepseek_v3": _MLA, "deepseek_v32": _DSA, "glm_moe_dsa": _DSA,
     "mistral_large4": _DSA, "axk1": _MLA, "axk2": _DSA, "hy_v4": _DSA, "hy_v4_vl": _DSA,
+    # per-layer attention: two indexed (DSA) layers, so no sliding-window per-layer config is needed
+    "dots3_note": dict(_DSA, layer_types=["indexed_attention"] * 2, mlp_layer_types=["sparse"] * 2,
+                       shared_experts_intermediate_size=16),
+    # mamba layers: heads x head width must equal mamba_expand (2) x hidden_size
+    "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, layer_types=["linear_attention", "full_attention"]),
+    # the router reads its own top-k name, with no default
+    "diffusion_gemma": dict(top_k_experts=2),
     # multimodal rope: the three position sections must fill the rotary half-width (16 * 0.5 / 2)
     "glm4v_moe": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
                                            mrope_section=[2, 1, 1])),
