@@ -32,6 +32,10 @@ OVERRIDES: dict[str, dict] = {
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, layer_types=["linear_attention", "full_attention"]),
     # the router reads its own top-k name, with no default
     "diffusion_gemma": dict(top_k_experts=2),
+    # the MoE block is off by default, its top-k name has no default; per-layer embeddings are full-size
+    "gemma4": dict(enable_moe_block=True, top_k_experts=2, vocab_size_per_layer_input=64, hidden_size_per_layer_input=8),
+    # one short-conv and one attention layer (the per-layer list has no default)
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     # multimodal rope: the three position sections must fill the rotary half-width (16 * 0.5 / 2)
     "glm4v_moe": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
                                            mrope_section=[2, 1, 1])),

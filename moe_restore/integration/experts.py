@@ -41,9 +41,13 @@ _warned: set[str] = set()
 
 
 def _activation_name(act_fn: object) -> str | None:
-    """The moe_mlp activation that ``act_fn`` (a transformers ACT2FN module) computes, else None."""
+    """The moe_mlp activation that ``act_fn`` (a transformers ACT2FN module, or a plain
+    ``torch.nn.functional`` function as in LFM2-MoE) computes, else None."""
     from transformers import activations as hf_act
 
+    functions = {nn.functional.silu: "silu", nn.functional.gelu: "gelu", nn.functional.relu: "relu"}
+    if callable(act_fn) and not isinstance(act_fn, nn.Module) and act_fn in functions:
+        return functions[act_fn]
     names = {hf_act.SiLUActivation: "silu", nn.SiLU: "silu", hf_act.GELUActivation: "gelu",
              hf_act.GELUTanh: "gelu_tanh", hf_act.NewGELUActivation: "gelu_tanh", nn.ReLU: "relu"}
     return names.get(type(act_fn))
