@@ -36,6 +36,11 @@ OVERRIDES: dict[str, dict] = {
     "gemma4": dict(enable_moe_block=True, top_k_experts=2, vocab_size_per_layer_input=64, hidden_size_per_layer_input=8),
     # one short-conv and one attention layer (the per-layer list has no default)
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    # the per-layer MLP kinds have no default in these configs: both layers sparse
+    "beam": dict(mlp_layer_types=["sparse"] * 2), "glm5_next": dict(mlp_layer_types=["sparse"] * 2),
+    "deepseek_ocr2": dict(mlp_layer_types=["sparse"] * 2),
+    # 3D rope: height+width and time sections fill the half head width (16 / 2)
+    "ernie4_5_vl_moe": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[3, 3, 2])),
     # multimodal rope: the three position sections must fill the rotary half-width (16 * 0.5 / 2)
     "glm4v_moe": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
                                            mrope_section=[2, 1, 1])),
