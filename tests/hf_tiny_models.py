@@ -29,11 +29,13 @@ OVERRIDES: dict[str, dict] = {
     "dots3_note": dict(_DSA, layer_types=["indexed_attention"] * 2, mlp_layer_types=["sparse"] * 2,
                        shared_experts_intermediate_size=16),
     # mamba layers: heads x head width must equal mamba_expand (2) x hidden_size
-    "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, layer_types=["linear_attention", "full_attention"]),
+    "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16,
+                             layer_types=["linear_attention", "full_attention"]),
     # the router reads its own top-k name, with no default
     "diffusion_gemma": dict(top_k_experts=2),
     # the MoE block is off by default, its top-k name has no default; per-layer embeddings are full-size
-    "gemma4": dict(enable_moe_block=True, top_k_experts=2, vocab_size_per_layer_input=64, hidden_size_per_layer_input=8),
+    "gemma4": dict(enable_moe_block=True, top_k_experts=2, vocab_size_per_layer_input=64,
+                   hidden_size_per_layer_input=8),
     # one short-conv and one attention layer (the per-layer list has no default)
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     # the per-layer MLP kinds have no default in these configs: both layers sparse

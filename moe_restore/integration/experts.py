@@ -15,8 +15,9 @@ on the experts' own Parameters in their own dtype, through views (no copy):
 * ``gate_up_proj`` [E, 2I, D] (gate rows first: ``is_concatenated``) is w1 = ``gate_up_proj.transpose(1, 2)``
   [E, D, 2I], ``down_proj`` [E, D, I] is w2 = ``down_proj.transpose(1, 2)``; with ``is_transposed`` they are
   stored [E, D, 2I] and [E, I, D] already and are used as they are;
-* the activation is ``act_fn(gate) * up`` with SiLU, i.e. moe_mlp's "swiglu"; experts without a gate
-  (``has_gate=False``: ``up_proj``) take ``act_fn`` alone (SiLU, GELU, tanh-GELU or ReLU);
+* the activation is ``act_fn(gate) * up`` with SiLU (an ACT2FN module or ``F.silu`` itself), i.e.
+  moe_mlp's "swiglu"; experts without a gate (``has_gate=False``: ``up_proj``) take ``act_fn`` alone
+  (SiLU, GELU, tanh-GELU or ReLU);
 * biases (``has_bias``): b1 = ``gate_up_proj_bias`` (or ``up_proj_bias``), b2 = ``down_proj_bias``.
 
 Everything else (interleaved gate/up rows, a family's own ``_apply_gate`` such as GPT-OSS's clamped
