@@ -39,8 +39,11 @@ OVERRIDES: dict[str, dict] = {
     # one short-conv and one attention layer (the per-layer list has no default)
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     # the per-layer MLP kinds have no default in these configs: both layers sparse
-    "beam": dict(mlp_layer_types=["sparse"] * 2), "glm5_next": dict(mlp_layer_types=["sparse"] * 2),
+    "beam": dict(mlp_layer_types=["sparse"] * 2),
     "deepseek_ocr2": dict(mlp_layer_types=["sparse"] * 2),
+    # linear-attention heads (and glm5_next's indexer) keep their full-model sizes (64 x 128: ~20 s eager on a CPU)
+    "glm5_next": dict(_DSA, mlp_layer_types=["sparse"] * 2, linear_num_heads=2, linear_head_dim=16),
+    "kimi_linear": dict(linear_num_heads=2, linear_head_dim=16),
     # 3D rope: height+width and time sections fill the half head width (16 / 2)
     "ernie4_5_vl_moe": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[3, 3, 2])),
     # multimodal rope: the three position sections must fill the rotary half-width (16 * 0.5 / 2)
