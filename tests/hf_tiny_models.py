@@ -17,6 +17,39 @@ TINY = dict(hidden_size=32, intermediate_size=32, moe_intermediate_size=16, expe
             moe_layer_start_index=0, mlp_only_layers=[], expert_layer_offset=0, expert_layer_period=1,
             decoder_sparse_step=1, moe_layer_freq=1)
 VOCAB = TINY["vocab_size"]
+# Family-specific sizes on top of TINY, each with why the generic size does not build.
+_MLA = dict(head_dim=8)  # MLA: the rotary tables are built from head_dim, which must equal qk_rope_head_dim
+# MLA with sparse (DSA) attention: keys are expanded per head, so grouped KV heads would repeat them again;
+# the indexer's sizes default to the full model's.
+_DSA = dict(_MLA, num_key_value_heads=2, index_n_heads=2, index_head_dim=16, index_topk=4)
+OVERRIDES: dict[str, dict] = {
+    "deepseek_v2": _MLA, "deepseek_v3": _MLA, "deepseek_v32": _DSA, "glm_moe_dsa": _DSA,
+    "mistral_large4": _DSA, "axk1": _MLA, "axk2": _DSA, "hy_v4": _DSA, "hy_v4_vl": _DSA,
+    # per-layer attention: two indexed (DSA) layers, so no sliding-window per-layer config is needed
+    "dots3_note": dict(_DSA, layer_types=["indexed_attention"] * 2, mlp_layer_types=["sparse"] * 2,
+                       shared_experts_intermediate_size=16),
+    # mamba layers: heads x head width must equal mamba_expand (2) x hidden_size
+    "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16,
+                             layer_types=["linear_attention", "full_attention"]),
+    # the router reads its own top-k name, with no default
+    "diffusion_gemma": dict(top_k_experts=2),
+    # the MoE block is off by default, its top-k name has no default; per-layer embeddings are full-size
+    "gemma4": dict(enable_moe_block=True, top_k_experts=2, vocab_size_per_layer_input=64,
+                   hidden_size_per_layer_input=8),
+    # one short-conv and one attention layer (the per-layer list has no default)
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    # the per-layer MLP kinds have no default in these configs: both layers sparse
+    "beam": dict(mlp_layer_types=["sparse"] * 2),
+    "deepseek_ocr2": dict(mlp_layer_types=["sparse"] * 2),
+    # linear-attention heads (and glm5_next's indexer) keep their full-model sizes (64 x 128: ~20 s eager on a CPU)
+    "glm5_next": dict(_DSA, mlp_layer_types=["sparse"] * 2, linear_num_heads=2, linear_head_dim=16),
+    "kimi_linear": dict(linear_num_heads=2, linear_head_dim=16),
+    # 3D rope: height+width and time sections fill the half head width (16 / 2)
+    "ernie4_5_vl_moe": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[3, 3, 2])),
+    # multimodal rope: the three position sections must fill the rotary half-width (16 * 0.5 / 2)
+    "glm4v_moe": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                           mrope_section=[2, 1, 1])),
+}
 
 
 def hook_families() -> list[str]:
@@ -43,12 +76,13 @@ def is_hooked(cls: type) -> bool:
     return code is not None and code.co_filename.replace(os.sep, "/").endswith("integrations/moe.py")
 
 
-def _shrink(config) -> None:
-    """Set the tiny sizes on a config built with defaults (and on its sub-configs)."""
-    for key, value in TINY.items():
+def _shrink(config, sizes: dict) -> None:
+    """Set the tiny ``sizes`` on a config built with defaults (and on its sub-configs)."""
+    for key, value in sizes.items():
         try:
             current = getattr(config, key, None)
-            if current is not None and not isinstance(current, (list, dict)):
+            # A per-layer list or a dict is left alone unless a list or dict replaces it
+            if current is not None and (isinstance(value, (list, dict)) or not isinstance(current, (list, dict))):
                 setattr(config, key, value)
         except Exception:  # noqa: BLE001 - per-layer attributes refuse a global value: leave them
             pass
@@ -57,7 +91,7 @@ def _shrink(config) -> None:
             setattr(config, key, 0)
     for sub in getattr(config, "sub_configs", None) or {}:
         if getattr(config, sub, None) is not None:
-            _shrink(getattr(config, sub))
+            _shrink(getattr(config, sub), sizes)
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
@@ -71,14 +105,15 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     models = [c for c in classes if issubclass(c, PreTrainedModel) and not c.__name__.endswith("PreTrainedModel")]
     ranked = ([c for c in models if c.__name__.endswith("ForCausalLM")] + [c for c in models if c.__name__.endswith("TextModel")]
               + [c for c in models if c.__name__.endswith("Model")])
+    sizes = {**TINY, **OVERRIDES.get(family, {})}
     first_error: Exception | None = None
     for cls in ranked:
         try:
             try:
-                config = cls.config_class(**TINY)
+                config = cls.config_class(**sizes)
             except Exception:  # noqa: BLE001 - a config that refuses one of the names: defaults, then shrink
                 config = cls.config_class()
-            _shrink(config)
+            _shrink(config, sizes)
             torch.manual_seed(seed)
             model = cls(config).float().eval()
         except Exception as error:  # noqa: BLE001 - try the next class of the family

@@ -15,8 +15,9 @@ on the experts' own Parameters in their own dtype, through views (no copy):
 * ``gate_up_proj`` [E, 2I, D] (gate rows first: ``is_concatenated``) is w1 = ``gate_up_proj.transpose(1, 2)``
   [E, D, 2I], ``down_proj`` [E, D, I] is w2 = ``down_proj.transpose(1, 2)``; with ``is_transposed`` they are
   stored [E, D, 2I] and [E, I, D] already and are used as they are;
-* the activation is ``act_fn(gate) * up`` with SiLU, i.e. moe_mlp's "swiglu"; experts without a gate
-  (``has_gate=False``: ``up_proj``) take ``act_fn`` alone (SiLU, GELU, tanh-GELU or ReLU);
+* the activation is ``act_fn(gate) * up`` with SiLU (an ACT2FN module or ``F.silu`` itself), i.e.
+  moe_mlp's "swiglu"; experts without a gate (``has_gate=False``: ``up_proj``) take ``act_fn`` alone
+  (SiLU, GELU, tanh-GELU or ReLU);
 * biases (``has_bias``): b1 = ``gate_up_proj_bias`` (or ``up_proj_bias``), b2 = ``down_proj_bias``.
 
 Everything else (interleaved gate/up rows, a family's own ``_apply_gate`` such as GPT-OSS's clamped
@@ -41,9 +42,13 @@ _warned: set[str] = set()
 
 
 def _activation_name(act_fn: object) -> str | None:
-    """The moe_mlp activation that ``act_fn`` (a transformers ACT2FN module) computes, else None."""
+    """The moe_mlp activation that ``act_fn`` (a transformers ACT2FN module, or a plain
+    ``torch.nn.functional`` function as in LFM2-MoE) computes, else None."""
     from transformers import activations as hf_act
 
+    functions = {nn.functional.silu: "silu", nn.functional.gelu: "gelu", nn.functional.relu: "relu"}
+    if callable(act_fn) and not isinstance(act_fn, nn.Module) and act_fn in functions:
+        return functions[act_fn]
     names = {hf_act.SiLUActivation: "silu", nn.SiLU: "silu", hf_act.GELUActivation: "gelu",
              hf_act.GELUTanh: "gelu_tanh", hf_act.NewGELUActivation: "gelu_tanh", nn.ReLU: "relu"}
     return names.get(type(act_fn))
