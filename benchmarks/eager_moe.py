@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_restore.kernels.naive import expert_mlp, stable_top_k as top_k
+from moe_restore.kernels.naive import expert_mlp, stable_top_k as top_k, topk_route
 from moe_restore.layers.moe import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
 
@@ -21,9 +21,7 @@ def _add_expert(y: torch.Tensor, layer, e: int, x: torch.Tensor, tokens: torch.T
 
 def eager_topk_moe(layer: TopKMoE, x: torch.Tensor) -> torch.Tensor:
     """The TopKMoE's routed experts (softmax scoring, renormalised) for tokens x [T, dim], expert by expert."""
-    probs = layer.router.logits(x).float().softmax(dim=-1)
-    weights, experts = top_k(probs, layer.top_k)
-    weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights, experts = topk_route(layer.router.logits(x), layer.top_k)
     y = x.new_zeros(x.shape[0], layer.out_dim)
     for e in range(layer.num_experts):
         tokens, slots = torch.where(experts == e)

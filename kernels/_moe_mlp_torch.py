@@ -17,23 +17,10 @@ recomputed from x and z there. With g = dy[t] and q = g @ w2[e]^T:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .activations import activate
+from .activations import activate, activation_backward
 from .routing import Routing
-
-
-def activation_backward(dh: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
-    """dz = act'(z) dh for ``activate`` (swiglu: d gate = silu'(gate) up dh, d up = silu(gate) dh)."""
-    if activation == "swiglu":
-        gate, up = z.chunk(2, dim=-1)
-        return torch.cat([torch.ops.aten.silu_backward(dh * up, gate), dh * F.silu(gate)], dim=-1)
-    if activation in ("gelu", "gelu_tanh"):
-        return torch.ops.aten.gelu_backward(dh, z, approximate="none" if activation == "gelu" else "tanh")
-    if activation == "silu":
-        return torch.ops.aten.silu_backward(dh, z)
-    return torch.ops.aten.threshold_backward(dh, z, 0)
 
 
 def _slices(offsets: tuple[int, ...]):

@@ -1,5 +1,5 @@
 """The expert MLP's activations, decided in one place: the names, the code each name has in the
-Triton kernels, and the PyTorch function of each name.
+Triton kernels, and the PyTorch function of each name and its derivative.
 
 ``act(z)`` for the hidden layer z of an expert (see ``moe_mlp``):
 
@@ -61,6 +61,18 @@ def first_layer_width(activation: str, hidden: int) -> int:
 def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
     """act(z) in PyTorch (see the module docstring); for "swiglu" z = [gate | up] on the last axis."""
     return _FUNCTIONS[check_activation(activation)](z)
+
+
+def activation_backward(dh: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
+    """dz = act'(z) dh for ``activate`` (swiglu: d gate = silu'(gate) up dh, d up = silu(gate) dh)."""
+    if activation == "swiglu":
+        gate, up = z.chunk(2, dim=-1)
+        return torch.cat([torch.ops.aten.silu_backward(dh * up, gate), dh * F.silu(gate)], dim=-1)
+    if activation in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward(dh, z, approximate="none" if activation == "gelu" else "tanh")
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(dh, z)
+    return torch.ops.aten.threshold_backward(dh, z, 0)
 
 
 def triton_code(activation: str) -> int:
