@@ -21,7 +21,10 @@ Kernel configurations: on a GPU each kernel autotunes over a small pruned set ke
 shapes. ``MOE_RESTORE_AUTOTUNE=0`` pins every kernel to its default configuration, and
 ``MOE_RESTORE_CONFIG_<KERNEL>="BLOCK_M=64,BLOCK_N=64,num_warps=4,num_stages=3"`` pins one kernel
 (``<KERNEL>`` is the kernel's name in upper case). Under the interpreter only the default
-configuration is used: there is nothing to tune on a CPU.
+configuration is used: there is nothing to tune on a CPU. A kernel whose tiles differ by
+tensor-core generation (``arch_autotune``) has one configuration list for sm_90 to sm_11x
+(wgmma / tcgen05: 64-row tiles per warp group) and one for the others (mma.sync); the
+interpreter runs the first's default.
 
 Launch sizes: a few sizes that are not tile shapes are rules of the input size and the device,
 the same rule under the interpreter as on a GPU, and each can be pinned by an environment
@@ -56,7 +59,8 @@ import contextlib
 import importlib.util
 import os
 import warnings
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -215,3 +219,40 @@ def kernel_configs(kernel: str, default: dict[str, int], candidates: Iterable[di
     if INTERPRET or os.environ.get("MOE_RESTORE_AUTOTUNE", "1") == "0" or deterministic():
         return [to_config(default)]
     return [to_config(default)] + [to_config(c) for c in candidates if c != default]
+
+
+def wide_tiles(major: int) -> bool:
+    """Whether GPUs of compute capability ``major`` take the 64-row-per-warp-group tiles of
+    wgmma (sm_90) or tcgen05 (sm_100 to sm_11x); the others (sm_80/86/89, sm_120) use mma.sync."""
+    return 9 <= major < 12
+
+
+@dataclass(frozen=True)
+class ArchTuned:
+    """One kernel autotuned over a configuration list per tensor-core generation (``wide_tiles``)."""
+
+    wide: Any  # triton Autotuner
+    narrow: Any
+
+    def for_capability(self, major: int):
+        return self.wide if wide_tiles(major) else self.narrow
+
+    def for_device(self, device: torch.device):
+        """The autotuner for tensors on ``device``; off CUDA (the interpreter) the wide one."""
+        if device.type != "cuda":
+            return self.wide
+        return self.for_capability(torch.cuda.get_device_capability(device)[0])
+
+
+def arch_autotune(fn, name: str, key: list[str], wide: tuple[dict, list[dict]], narrow: tuple[dict, list[dict]],
+                  wide_prune: Callable | None = None, narrow_prune: Callable | None = None) -> ArchTuned:
+    """``fn`` autotuned per tensor-core generation: ``wide`` and ``narrow`` are (default,
+    candidates) as ``kernel_configs`` takes them, under the one pinning name ``name``;
+    ``wide_prune`` / ``narrow_prune`` are the lists' ``early_config_prune``."""
+    import triton
+
+    def tuner(spec, prune):
+        extra = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
+        return triton.autotune(kernel_configs(name, *spec), key=key, **extra)(fn)
+
+    return ArchTuned(tuner(wide, wide_prune), tuner(narrow, narrow_prune))

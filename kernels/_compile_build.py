@@ -36,16 +36,21 @@ def _value(spec):
     return _FakeTensor(spec["tensor"], spec["aligned"]) if isinstance(spec, dict) else spec
 
 
-def kernel_and_configs(launch: dict):
-    """(the JITFunction, its autotuner's configs after pruning for these arguments, or [None])."""
+def kernel_and_configs(launch: dict, capability: int):
+    """(the JITFunction, the configs its autotuner for sm_``capability`` keeps after pruning for
+    these arguments, or [None] for a kernel without one)."""
     from triton.runtime.autotuner import Autotuner
+
+    from ._backend import ArchTuned
 
     module = importlib.import_module(launch["module"])
     fn = getattr(module, launch["kernel"])
+    tuners = [v for v in vars(module).values() if isinstance(v, Autotuner)]
+    tuners += [v.for_capability(capability // 10) for v in vars(module).values() if isinstance(v, ArchTuned)]
     if isinstance(fn, Autotuner):  # decorated in place: the name is bound to the autotuner
         fn, tuner = fn.fn, fn
     else:
-        tuner = next((v for v in vars(module).values() if isinstance(v, Autotuner) and v.fn is fn), None)
+        tuner = next((t for t in tuners if t.fn is fn), None)
     if tuner is None:
         return fn, [None]
     nargs = {k: _value(v) for k, v in launch["args"].items()}
@@ -108,7 +113,7 @@ def build(launch: dict, config, capability: int) -> dict:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    fn = kernel_and_configs(launch)[0]
+    fn = kernel_and_configs(launch, capability)[0]
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     kwargs = {k: _value(v) for k, v in launch["kwargs"].items()}

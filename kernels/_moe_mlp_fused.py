@@ -1,15 +1,15 @@
 """Fused expert-MLP path, for model widths D, D_out <= FUSED_MAX_WIDTH (pixel tokens).
 
 The limit is what the compile check (``moe-restore compile-check``, docs/benchmarks.md) measured to
-fit: at D=256 the backward holds a [BLOCK_M, D] dx tile and a [D, BLOCK_H] dW1 tile per program
-and spills at every configuration tried (backward-weights 296-7124 B on sm_90a at the default,
-624-11804 B at the other candidates; in fp32 the backward-rows kernel needs 164-232 KiB of shared
-memory, over sm_80's 163 KiB); wider inputs take the grouped path.
+fit: at D=256 the backward holds a [BLOCK_M, D] dx tile or a [BLOCK_H, D] weight-gradient tile per
+program and spills at the sm_90a defaults (bf16: rows 444-604 B, dW1 1388-1408 B, dW2 272-352 B);
+wider inputs take the grouped path.
 
 One program owns BLOCK_M rows of one expert and streams the hidden layer through registers in
 BLOCK_H chunks, so no [T*k, H] tensor ever reaches global memory, forward or backward. Weight
-gradients come from a second kernel that splits each expert's rows into S parts and writes float32
-partial sums (no atomics). The math is in ``_moe_mlp_triton``.
+gradients come from two more kernels (dW2/db2, and dW1/db1 per W1 half) that split each expert's
+rows into S parts and write float32 partial sums (no atomics). The math is in ``_moe_mlp_triton``.
+Tile sizes differ by tensor-core generation (``_backend.arch_autotune``).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import kernel_configs
+from ._backend import arch_autotune, kernel_configs
 from .activations import TRITON_CODES
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _hidden, _hidden_grads, _load_matrix, _load_rows,
                              SWIGLU, _row_splits, _Weights, _width_blocks)
@@ -109,80 +109,145 @@ def _fused_bwd_rows_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, weight
 
 
 @triton.jit
-def _fused_bwd_weights_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, weights_ptr, order_ptr, offsets_ptr,
-                              dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
-                              D, H, DO, E, TOPK, SPLITS,
-                              stride_xt, stride_xd, stride_gt, stride_gd,
-                              stride_w1e, stride_w1d, stride_w1h, stride_b1e, stride_b1h,
-                              stride_w2e, stride_w2h, stride_w2d,
-                              HAS_B1: tl.constexpr, ACT: tl.constexpr,
-                              BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Float32 partial weight gradients of part ``split`` of expert e's rows, hidden chunk hh.
-
-    Partial buffers: dw1 [S, E, D, W1 columns], db1 [S, E, W1 columns], dw2 [S, E, H, DO],
-    db2 [S, E, DO] (contiguous); the host sums over S.
-    """
-    pid_es, pid_h = tl.program_id(0), tl.program_id(1)
-    expert, split = pid_es // SPLITS, pid_es % SPLITS
+def _expert_part(pid, offsets_ptr, SPLITS):
+    """(expert, split, first row, end row) of the weight-gradient program ``pid``: expert e's rows
+    [lo, hi) cut into SPLITS parts of ceil((hi - lo) / SPLITS)."""
+    expert, split = pid // SPLITS, pid % SPLITS
     lo = tl.load(offsets_ptr + expert)
     hi = tl.load(offsets_ptr + expert + 1)
     share = (hi - lo + SPLITS - 1) // SPLITS
     start = lo + split * share
-    end = tl.minimum(hi, start + share)
+    return expert, split, start, tl.minimum(hi, start + share)
+
+
+@triton.jit
+def _part_rows(p0, end, order_ptr, x_ptr, dy_ptr, weights_ptr, d, D, do, DO, TOPK,
+               stride_xt, stride_xd, stride_gt, stride_gd, BLOCK_M: tl.constexpr):
+    """(x, dy, w) of the BLOCK_M sorted positions from p0 (rows at or past ``end`` read as zero)."""
+    p = p0 + tl.arange(0, BLOCK_M)
+    row_mask = p < end
+    a = tl.load(order_ptr + p, mask=row_mask, other=0)
+    x = _load_rows(x_ptr, a // TOPK, row_mask, d, D, stride_xt, stride_xd)
+    dy = _load_rows(dy_ptr, a // TOPK, row_mask, do, DO, stride_gt, stride_gd)
+    return x, dy, tl.load(weights_ptr + a, mask=row_mask, other=0.0)
+
+
+@triton.jit
+def _up_chunk(w1_e, b1_e, d, D, hh, H, col0, stride_w1d, stride_w1h, stride_b1h, HAS_B1: tl.constexpr):
+    """(W1[:, col0 + hh], b1[col0 + hh] or zeros) of one expert."""
+    w = _load_matrix(w1_e, d, D, hh + col0, col0 + H, stride_w1d, stride_w1h)
+    b = tl.zeros(hh.shape, tl.float32)
+    if HAS_B1:
+        b = tl.load(b1_e + (hh + col0) * stride_b1h, mask=hh < H, other=0.0).to(tl.float32)
+    return w, b
+
+
+@triton.jit
+def _up_chunks(w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1: tl.constexpr,
+               WITH_UP: tl.constexpr):
+    """The gate (or only) half's chunk of W1 and b1, and with WITH_UP swiglu's up half's: loaded once
+    per program, since the weight-gradient programs own a fixed hidden chunk."""
+    w1_gate, b1_gate = _up_chunk(w1_e, b1_e, d, D, hh, H, 0, stride_w1d, stride_w1h, stride_b1h, HAS_B1)
+    w1_up, b1_up = w1_gate, b1_gate
+    if WITH_UP:
+        w1_up, b1_up = _up_chunk(w1_e, b1_e, d, D, hh, H, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1)
+    return w1_gate, b1_gate, w1_up, b1_up
+
+
+@triton.jit
+def _project(x, w1_gate, b1_gate, w1_up, b1_up, WITH_UP: tl.constexpr):
+    """(z, z_up) of an x tile; z_up is z itself without WITH_UP."""
+    z = tl.dot(x, w1_gate) + b1_gate[None, :]
+    z_up = z
+    if WITH_UP:
+        z_up = tl.dot(x, w1_up) + b1_up[None, :]
+    return z, z_up
+
+
+# The weight gradients sum over an expert's rows r, with z = x W1 + b1, h = act(z), w_r the routing
+# weight and g = dy W2^T:  dW2 = sum_r (w_r h_r)^T dy_r,  dW1 = sum_r x_r^T dz_r,
+# dz_r = act'(z_r) * w_r g_r.  They are two kernels, and for swiglu dW1's gate and up halves are
+# two launches: each program then keeps one [BLOCK_H, width] float32 accumulator, which is what
+# lets 64-row tiles (wgmma on sm_90) compile without spills (both accumulators in one program spilled
+# 52-1908 B at every 64-row configuration). The price is recomputing z: 5 dots per row tile instead
+# of 4 (8 instead of 6 for swiglu). Every accumulating dot has the hidden chunk as its M dimension,
+# so its rows are BLOCK_H, never the model width.
+@triton.jit
+def _fused_bwd_w2_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, weights_ptr, order_ptr, offsets_ptr, dw2_ptr, db2_ptr,
+                         D, H, DO, E, TOPK, SPLITS,
+                         stride_xt, stride_xd, stride_gt, stride_gd,
+                         stride_w1e, stride_w1d, stride_w1h, stride_b1e, stride_b1h,
+                         HAS_B1: tl.constexpr, ACT: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Float32 partial dW2 [S, E, H, DO] and db2 [S, E, DO] of part ``split`` of expert e, hidden chunk hh."""
+    expert, split, start, end = _expert_part(tl.program_id(0), offsets_ptr, SPLITS)
+    pid_h = tl.program_id(1)
     d, do = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DO)
     hh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     e64 = expert.to(tl.int64)
     w1_e, b1_e = w1_ptr + e64 * stride_w1e, b1_ptr + e64 * stride_b1e
-    w2_e = w2_ptr + e64 * stride_w2e
-    w2_t = _load_matrix(w2_e, do, DO, hh, H, stride_w2d, stride_w2h)
-    dw1 = tl.zeros((BLOCK_D, BLOCK_H), tl.float32)
-    dw1_up = tl.zeros((BLOCK_D, BLOCK_H), tl.float32)
-    db1 = tl.zeros((BLOCK_H,), tl.float32)
-    db1_up = tl.zeros((BLOCK_H,), tl.float32)
+    w1_gate, b1_gate, w1_up, b1_up = _up_chunks(w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h,
+                                                HAS_B1, ACT == SWIGLU)
     dw2 = tl.zeros((BLOCK_H, BLOCK_DO), tl.float32)
     db2 = tl.zeros((BLOCK_DO,), tl.float32)
     for p0 in range(start, end, BLOCK_M):
-        p = p0 + tl.arange(0, BLOCK_M)
-        row_mask = p < end
-        a = tl.load(order_ptr + p, mask=row_mask, other=0)
-        x = _load_rows(x_ptr, a // TOPK, row_mask, d, D, stride_xt, stride_xd)
-        dy = _load_rows(dy_ptr, a // TOPK, row_mask, do, DO, stride_gt, stride_gd)
-        w = tl.load(weights_ptr + a, mask=row_mask, other=0.0)
-        z, z_up = _fused_up(x, w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1, ACT)
-        g = tl.dot(dy, w2_t)
-        dz, dz_up = _hidden_grads(z, z_up, w[:, None] * g, ACT)
-        x_t = tl.trans(x)
-        dw1 = tl.dot(x_t, dz.to(x.dtype), dw1)
-        db1 += tl.sum(dz, axis=0)
-        if ACT == SWIGLU:
-            dw1_up = tl.dot(x_t, dz_up.to(x.dtype), dw1_up)
-            db1_up += tl.sum(dz_up, axis=0)
-        scaled_dy = w[:, None] * dy.to(tl.float32)
-        dw2 = tl.dot(tl.trans(_hidden(z, z_up, ACT).to(x.dtype)), scaled_dy.to(x.dtype), dw2)
-        db2 += tl.sum(scaled_dy, axis=0)
-    w1_cols = 2 * H if ACT == SWIGLU else H
+        x, dy, w = _part_rows(p0, end, order_ptr, x_ptr, dy_ptr, weights_ptr, d, D, do, DO, TOPK,
+                              stride_xt, stride_xd, stride_gt, stride_gd, BLOCK_M)
+        z, z_up = _project(x, w1_gate, b1_gate, w1_up, b1_up, ACT == SWIGLU)
+        weighted_h = (_hidden(z, z_up, ACT) * w[:, None]).to(x.dtype)
+        dw2 = tl.dot(tl.trans(weighted_h), dy, dw2)
+        db2 += tl.sum(dy.to(tl.float32) * w[:, None], axis=0)
     part = split.to(tl.int64) * E + expert  # flat index into the [S, E] partials
-    hmask = hh < H
-    tl.store(dw1_ptr + (part * D + d[:, None]) * w1_cols + hh[None, :], dw1, mask=(d[:, None] < D) & hmask[None, :])
-    tl.store(dw2_ptr + (part * H + hh[:, None]) * DO + do[None, :], dw2, mask=hmask[:, None] & (do[None, :] < DO))
-    if HAS_B1:
-        tl.store(db1_ptr + part * w1_cols + hh, db1, mask=hmask)
-    if ACT == SWIGLU:
-        tl.store(dw1_ptr + (part * D + d[:, None]) * w1_cols + H + hh[None, :], dw1_up,
-                 mask=(d[:, None] < D) & hmask[None, :])
-        if HAS_B1:
-            tl.store(db1_ptr + part * w1_cols + H + hh, db1_up, mask=hmask)
+    tl.store(dw2_ptr + (part * H + hh[:, None]) * DO + do[None, :], dw2, mask=(hh[:, None] < H) & (do[None, :] < DO))
     if pid_h == 0:
         tl.store(db2_ptr + part * DO + do, db2, mask=do < DO)
 
 
+@triton.jit
+def _fused_bwd_w1_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, weights_ptr, order_ptr, offsets_ptr, dw1_ptr, db1_ptr,
+                         D, H, DO, E, TOPK, SPLITS,
+                         stride_xt, stride_xd, stride_gt, stride_gd,
+                         stride_w1e, stride_w1d, stride_w1h, stride_b1e, stride_b1h,
+                         stride_w2e, stride_w2h, stride_w2d,
+                         HAS_B1: tl.constexpr, ACT: tl.constexpr, UP: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Float32 partial dW1 [S, E, D, W1 columns] and db1 [S, E, W1 columns] of part ``split`` of expert
+    e, hidden chunk hh: the columns hh, or for swiglu with UP the up half's columns H + hh."""
+    expert, split, start, end = _expert_part(tl.program_id(0), offsets_ptr, SPLITS)
+    d, do = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DO)
+    hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    e64 = expert.to(tl.int64)
+    w1_e, b1_e = w1_ptr + e64 * stride_w1e, b1_ptr + e64 * stride_b1e
+    w2_t = _load_matrix(w2_ptr + e64 * stride_w2e, do, DO, hh, H, stride_w2d, stride_w2h)
+    # swiglu's gate gradient needs z_up; its up half's needs only the gate
+    w1_gate, b1_gate, w1_up, b1_up = _up_chunks(w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h,
+                                                HAS_B1, ACT == SWIGLU and not UP)
+    dw1_t = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)  # transposed: the hidden chunk is the dot's M
+    db1 = tl.zeros((BLOCK_H,), tl.float32)
+    for p0 in range(start, end, BLOCK_M):
+        x, dy, w = _part_rows(p0, end, order_ptr, x_ptr, dy_ptr, weights_ptr, d, D, do, DO, TOPK,
+                              stride_xt, stride_xd, stride_gt, stride_gd, BLOCK_M)
+        z, z_up = _project(x, w1_gate, b1_gate, w1_up, b1_up, ACT == SWIGLU and not UP)
+        dz, dz_up = _hidden_grads(z, z_up, w[:, None] * tl.dot(dy, w2_t), ACT)
+        dcol = dz_up if UP else dz
+        dw1_t = tl.dot(tl.trans(dcol.to(x.dtype)), x, dw1_t)
+        db1 += tl.sum(dcol, axis=0)
+    cols = 2 * H if ACT == SWIGLU else H
+    col = hh + (H if UP else 0)
+    part = split.to(tl.int64) * E + expert
+    tl.store(dw1_ptr + (part * D + d[None, :]) * cols + col[:, None], dw1_t, mask=(d[None, :] < D) & (hh[:, None] < H))
+    if HAS_B1:
+        tl.store(db1_ptr + part * cols + col, db1, mask=hh < H)
+
+
 def _fitting_candidates(configs: list, named_args: dict, **kwargs) -> list:
-    """The backward kernels' configurations the autotuner may try: the default (first) always, the
-    other candidates only at max(D, D_out) x (2 for swiglu) x (2 for float32) <= 64. The compile
-    check (``--all-configs``, docs/benchmarks.md) saw every candidate other than the default spill
-    beyond that: 12-248 B (rows) and 108-3120 B (weights) at bf16 swiglu D=64, 78-148 B and 512-852 B
-    at bf16 D=128, 124 B and 324-784 B at fp32 D=64, on sm_90a or sm_80."""
+    """The backward-rows kernel's configurations the autotuner may try below sm_90: the default
+    (first) always, the other candidates only at max(D, D_out) x (2 for swiglu) x (2 for float32)
+    <= 64. The compile check (``--all-configs``, docs/benchmarks.md) saw the candidate spill beyond
+    that on sm_80: 12-112 B at bf16/fp16 swiglu D=64, 44-78 B at D=128. (Two more candidates, 64-row
+    tiles at 3 stages, spilled 6-8 B even at bf16 D=64 and were dropped.)"""
     width = max(kwargs["BLOCK_D"], kwargs["BLOCK_DO"])
     load = width * (2 if kwargs["ACT"] == TRITON_CODES["swiglu"] else 1) * (
         2 if named_args["x_ptr"].dtype == torch.float32 else 1)
@@ -195,19 +260,26 @@ _fused_fwd = triton.autotune(
                     {"BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
                     {"BLOCK_M": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3}]),
     key=["D", "H", "DO", "E"])(_fused_fwd_kernel)
-_fused_bwd_rows = triton.autotune(
-    kernel_configs("moe_fused_bwd_rows", {"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2},
-                   [{"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 3},
-                    {"BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
-                    {"BLOCK_M": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2}]),
-    key=["D", "H", "DO", "E", "ACT"], prune_configs_by={"early_config_prune": _fitting_candidates}
-)(_fused_bwd_rows_kernel)
-# No BLOCK_M=64, BLOCK_H=64, 8-warp candidate: it spilled at every width (60-1036 B at bf16 D=64).
-_fused_bwd_weights = triton.autotune(
-    kernel_configs("moe_fused_bwd_weights", {"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2},
-                   [{"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 3}]),
-    key=["D", "H", "DO", "E", "SPLITS", "ACT"], prune_configs_by={"early_config_prune": _fitting_candidates}
-)(_fused_bwd_weights_kernel)
+# The backward's tiles per tensor-core generation (measured by the compile check, docs/benchmarks.md):
+# on sm_90+ 64-row tiles (wgmma needs 64 rows per warp group, and the weight kernels' accumulating
+# dots need BLOCK_H >= 64 rows); below, mma.sync takes its operands through registers, and the same
+# tiles spill there (42-964 B in the rows kernel, 48-232 B in the weight kernels), so 32-row tiles.
+_fused_bwd_rows = arch_autotune(
+    _fused_bwd_rows_kernel, "moe_fused_bwd_rows", key=["D", "H", "DO", "E", "ACT"],
+    wide=({"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2},
+          [{"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 1}]),
+    narrow=({"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2},
+            [{"BLOCK_M": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2}]),
+    narrow_prune=_fitting_candidates)
+_fused_bwd_w2 = arch_autotune(
+    _fused_bwd_w2_kernel, "moe_fused_bwd_w2", key=["D", "H", "DO", "E", "SPLITS", "ACT"],
+    wide=({"BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 8, "num_stages": 1}, []),
+    narrow=({"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2}, []))
+_fused_bwd_w1 = arch_autotune(
+    _fused_bwd_w1_kernel, "moe_fused_bwd_w1", key=["D", "H", "DO", "E", "SPLITS", "ACT", "UP"],
+    wide=({"BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 4, "num_stages": 1}, []),
+    narrow=({"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2}, []))
+
 
 def _forward_fused(d: _Dispatch, x: torch.Tensor, w: _Weights, act: int) -> torch.Tensor:
     out = torch.empty(d.num_assignments, w.w2.shape[2], dtype=x.dtype, device=x.device)
@@ -226,23 +298,25 @@ def _backward_fused(d: _Dispatch, x, dy, w: _Weights, act: int, need_dx: bool, n
     blocks = _width_blocks(x, w)
     dx = torch.empty(d.num_assignments, D, dtype=x.dtype, device=x.device)
     dweights = torch.empty(d.num_assignments, dtype=torch.float32, device=x.device)
-    _fused_bwd_rows[d.row_grid()](x, dy, w.w1, b1, w.w2, b2, d.weights, d.order, d.offsets, dx, dweights,
-                                  D, H, DO, E, d.top_k, *x.stride(), *dy.stride(), *w.fused_strides(),
-                                  *w.b2_args()[1:], *dx.stride(),
-                                  HAS_B1=w.b1 is not None, HAS_B2=w.b2 is not None, ACT=act,
-                                  BLOCK_E=d.block_e, **blocks)
+    _fused_bwd_rows.for_device(x.device)[d.row_grid()](
+        x, dy, w.w1, b1, w.w2, b2, d.weights, d.order, d.offsets, dx, dweights,
+        D, H, DO, E, d.top_k, *x.stride(), *dy.stride(), *w.fused_strides(), *w.b2_args()[1:], *dx.stride(),
+        HAS_B1=w.b1 is not None, HAS_B2=w.b2 is not None, ACT=act, BLOCK_E=d.block_e, **blocks)
     grads = (None,) * 4
     if need_weights:
-        splits = _row_splits(d.num_assignments, E, triton.cdiv(H, 32), x.device)
+        splits = _row_splits(d.num_assignments, E, triton.cdiv(H, 64), x.device)
         f32 = dict(dtype=torch.float32, device=x.device)
         dw1 = torch.empty(splits, E, D, w.w1.shape[2], **f32)
         db1 = torch.empty(splits, E, w.w1.shape[2], **f32)
         dw2 = torch.empty(splits, E, H, DO, **f32)
         db2 = torch.empty(splits, E, DO, **f32)
         grid = lambda meta: (E * splits, triton.cdiv(H, meta["BLOCK_H"]))  # noqa: E731
-        _fused_bwd_weights[grid](x, dy, w.w1, b1, w.w2, d.weights, d.order, d.offsets, dw1, db1, dw2, db2,
-                                 D, H, DO, E, d.top_k, splits, *x.stride(), *dy.stride(), *w.fused_strides(),
-                                 HAS_B1=w.b1 is not None, ACT=act, **blocks)
+        rows = (d.weights, d.order, d.offsets)
+        common = (D, H, DO, E, d.top_k, splits, *x.stride(), *dy.stride(), *w.w1.stride(), *w.b1_args()[1:])
+        _fused_bwd_w2.for_device(x.device)[grid](x, dy, w.w1, b1, *rows, dw2, db2, *common,
+                                                 HAS_B1=w.b1 is not None, ACT=act, **blocks)
+        for up in ((False, True) if act == TRITON_CODES["swiglu"] else (False,)):
+            _fused_bwd_w1.for_device(x.device)[grid](x, dy, w.w1, b1, w.w2, *rows, dw1, db1, *common, *w.w2.stride(),
+                                                     HAS_B1=w.b1 is not None, ACT=act, UP=up, **blocks)
         grads = (dw1.sum(0), db1.sum(0) if w.b1 is not None else None, dw2.sum(0), db2.sum(0))
     return (dx if need_dx else None), dweights, grads
-

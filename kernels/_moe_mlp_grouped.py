@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import kernel_configs
+from ._backend import arch_autotune, kernel_configs
+from .activations import TRITON_CODES
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _expert_tile, _hidden, _hidden_grads, _load_matrix,
                              SWIGLU, _load_rows, _row_splits, _Weights)
 
@@ -157,20 +158,40 @@ def _grouped_xty_kernel(x_ptr, y_ptr, weights_ptr, order_ptr, offsets_ptr, out_p
             tl.store(dbias_ptr + part * NY + j, dbias, mask=j < NY)
 
 
-_grouped_matmul = triton.autotune(
-    kernel_configs("moe_grouped_matmul", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
-                   [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-                    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-                    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}]),
-    key=["N", "K", "E", "ACT"])(_grouped_matmul_kernel)
+def _swiglu_default_only(configs: list, named_args: dict, **kwargs) -> list:
+    """sm_90+ grouped matmul: the default only for swiglu, whose gate and up tiles double the live
+    accumulators; the compile check (``--all-configs``) saw every candidate spill (8-236 B) or need
+    more than 227 KiB of shared memory (256-320 KiB in fp32) there."""
+    return configs[:1] if kwargs["ACT"] == TRITON_CODES["swiglu"] else configs
+
+
+def _fp32_swiglu_default_only(configs: list, named_args: dict, **kwargs) -> list:
+    """sm_90+ hidden gradient: the default only for swiglu in float32, where the candidate
+    BLOCK_K=64 at 4 warps spilled 32 B (S3, compile check ``--all-configs``)."""
+    swiglu_fp32 = kwargs["ACT"] == TRITON_CODES["swiglu"] and named_args["x_ptr"].dtype == torch.float32
+    return configs[:1] if swiglu_fp32 else configs
+
+
+# Below sm_90 (mma.sync) only the defaults: there the compile check saw the larger candidates spill
+# at swiglu (24-556 B), in float32 (16-152 B) and at D=256 in bf16 (8-24 B).
+_grouped_matmul = arch_autotune(
+    _grouped_matmul_kernel, "moe_grouped_matmul", key=["N", "K", "E", "ACT"],
+    wide=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
+          [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+           {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+           {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}]),
+    narrow=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}, []),
+    wide_prune=_swiglu_default_only)
 # Its column-block count sizes the partial dL/dw buffer, so BLOCK_N stays fixed across configs.
 _HIDDEN_GRAD_BLOCK_N = 64
 # 8 warps at the default: at 4 the S3 build (D=2048, swiglu) spilled 40 B on sm_80 (compile check).
-_grouped_hidden_grad = triton.autotune(
-    kernel_configs("moe_grouped_hidden_grad", {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
-                   [{"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-                    {"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}]),
-    key=["D", "H", "DO", "E", "ACT"])(_grouped_hidden_grad_kernel)
+_grouped_hidden_grad = arch_autotune(
+    _grouped_hidden_grad_kernel, "moe_grouped_hidden_grad", key=["D", "H", "DO", "E", "ACT"],
+    wide=({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+          [{"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+           {"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}]),
+    narrow=({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []),
+    wide_prune=_fp32_swiglu_default_only)
 _grouped_xty = triton.autotune(
     kernel_configs("moe_grouped_xty", {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 3},
                    [{"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3},
@@ -181,7 +202,7 @@ _grouped_xty = triton.autotune(
 def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | None, out, n: int, k_dim: int, *,
                            gather: bool, scatter: bool, act: int, scale: bool) -> None:
     bias_ptr, stride_be, stride_bn = (b, 0, 0) if bias is None else (bias, bias.stride(0), bias.stride(1))
-    _grouped_matmul[d.row_grid(lambda meta: triton.cdiv(n, meta["BLOCK_N"]))](
+    _grouped_matmul.for_device(a.device)[d.row_grid(lambda meta: triton.cdiv(n, meta["BLOCK_N"]))](
         a, b, bias_ptr, d.weights, d.order, d.offsets, out, n, k_dim, d.num_experts, d.top_k,
         a.stride(0), a.stride(1), *b_strides, stride_be, stride_bn, out.stride(0), out.stride(1),
         GATHER_A=gather, SCATTER_OUT=scatter, HAS_BIAS=bias is not None, ACT=act, SCALE_ROWS=scale,
@@ -220,7 +241,7 @@ def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: int, need_dx: bool,
     hidden = torch.empty(A, H, dtype=x.dtype, device=x.device)
     dz = torch.empty(A, w.w1.shape[2], dtype=x.dtype, device=x.device)
     dweights = torch.empty(column_blocks, A, dtype=torch.float32, device=x.device)
-    _grouped_hidden_grad[d.row_grid(lambda meta: column_blocks)](
+    _grouped_hidden_grad.for_device(x.device)[d.row_grid(lambda meta: column_blocks)](
         x, dy, w.w1, b1, w.w2, b2, d.weights, d.order, d.offsets, hidden, dz, dweights,
         D, H, DO, E, d.top_k, A, *x.stride(), *dy.stride(), *w.w1.stride(), stride_b1e, stride_b1h,
         *w.w2.stride(), stride_b2e, stride_b2d,

@@ -50,7 +50,7 @@ def _stage(stage: str, payload: dict, interpret: bool) -> list:
 def _build_job(job):
     from ._compile_build import build, kernel_and_configs
     launch, index, capability = job
-    config = kernel_and_configs(launch)[1][index]
+    config = kernel_and_configs(launch, capability)[1][index]
     return build(launch, config, capability)
 
 
@@ -58,9 +58,9 @@ def _compile_stage(payload: dict) -> list[dict]:
     from ._compile_build import config_label, kernel_and_configs
     jobs, meta = [], []
     for launch in payload["launches"]:
-        configs = kernel_and_configs(launch)[1]
-        for index in range(len(configs) if payload["all_configs"] else 1):
-            for capability in payload["targets"]:
+        for capability in payload["targets"]:
+            configs = kernel_and_configs(launch, capability)[1]
+            for index in range(len(configs) if payload["all_configs"] else 1):
                 jobs.append((launch, index, capability))
                 config = configs[index]
                 meta.append({"cases": launch["cases"], "default": index == 0, "constexprs": launch["kwargs"],

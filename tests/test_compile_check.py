@@ -43,12 +43,9 @@ def test_checker_flags_each_kind_of_problem():
 # What the issue's criteria still flag at the default configurations of this subset, as
 # (kernel, target, kind). The test fails when the set changes either way: a new problem is a
 # regression; a fixed one must be removed here. Measured numbers are in docs/benchmarks.md.
-KNOWN_GAPS = {
-    # The fused backward's BLOCK_M=32 defaults put its 32-row dots on mma.sync; BLOCK_M=64 (wgmma)
-    # spills in its backward-weights kernel (84-1908 B at D=64).
-    ("_fused_bwd_rows_kernel", "sm_90a", "not wgmma"),
-    ("_fused_bwd_weights_kernel", "sm_90a", "not wgmma"),
-}
+KNOWN_GAPS: set[tuple[str, str, str]] = set()
+
+_FUSED_BACKWARD = ["_fused_bwd_rows_kernel", "_fused_bwd_w1_kernel", "_fused_bwd_w2_kernel"]
 
 
 def _kind(problem: str) -> str:
@@ -61,10 +58,12 @@ def test_representative_kernels_compile_and_report():
     # dispatch kernels; sm_80: the fused backward at the widest width the automatic path gives it.
     rows = run_compile_check(targets=(90,), cases=["S1-swiglu"], dtypes=["bf16"], jobs=2)
     rows += run_compile_check(targets=(80,), cases=["F128"], dtypes=["bf16"],
-                              kernels=["_fused_bwd_rows_kernel", "_fused_bwd_weights_kernel"], jobs=2)
+                              kernels=_FUSED_BACKWARD, jobs=2)
     kernels = {r["kernel"] for r in rows}
-    assert {"_fused_fwd_kernel", "_fused_bwd_rows_kernel", "_fused_bwd_weights_kernel", "_topk_scores_fwd_kernel",
+    assert {"_fused_fwd_kernel", *_FUSED_BACKWARD, "_topk_scores_fwd_kernel",
             "_topk_scores_bwd_kernel", "_dispatch_rank_kernel", "_dispatch_scatter_kernel"} <= kernels
+    # swiglu's dW1 is two launches (gate half, up half), each compiled
+    assert {r["constexprs"]["UP"] for r in rows if r["kernel"] == "_fused_bwd_w1_kernel"} == {False, True}
     assert [r["error"] for r in rows if r["error"]] == []
     for r in rows:  # every dot is on tensor cores, and the SASS has their instructions
         assert all(d["kind"] != "fma" for d in r["dots"]), r
@@ -109,3 +108,16 @@ def test_backward_candidates_are_pruned_where_the_compile_check_saw_them_spill()
                                      (64, "gelu", torch.float32)]:
         assert kept(width, activation, dtype) == ["default"]
     assert kept(32, "gelu", torch.bfloat16, width_out=128) == ["default"]
+
+
+def test_fused_backward_tiles_follow_the_tensor_core_generation():
+    from moe_restore.kernels._backend import wide_tiles
+    from moe_restore.kernels._moe_mlp_fused import _fused_bwd_rows, _fused_bwd_w1, _fused_bwd_w2
+
+    assert [wide_tiles(m) for m in (7, 8, 9, 10, 11, 12)] == [False, False, True, True, True, False]
+    for tuned, wide_h in [(_fused_bwd_rows, 32), (_fused_bwd_w1, 64), (_fused_bwd_w2, 64)]:
+        wide, narrow = tuned.for_capability(9).configs[0], tuned.for_capability(8).configs[0]
+        # wgmma: 64 rows per warp group in every dot, incl. the weight kernels' BLOCK_H-row accumulators
+        assert (wide.kwargs["BLOCK_M"], wide.kwargs["BLOCK_H"]) == (64, wide_h)
+        assert (narrow.kwargs["BLOCK_M"], narrow.kwargs["BLOCK_H"]) == (32, 32)
+        assert tuned.for_device(torch.device("cpu")) is tuned.wide  # the interpreter's

@@ -99,6 +99,20 @@ def test_matches_oracle_float32(monkeypatch, backend, path, T, D, H, E, k, D_out
     check_against_oracle(problem, k, activation, scoring, backend, torch.float32)
 
 
+@pytest.mark.skipif("triton" not in backends(), reason="needs the Triton backend")
+@pytest.mark.parametrize("T,D,H,E,k,D_out,activation,bias,scoring", [CASES[2], CASES[3]])
+def test_fused_path_with_the_other_generations_tiles(monkeypatch, T, D, H, E, k, D_out, activation, bias, scoring):
+    # The fused backward's tiles differ by tensor-core generation (64-row on sm_90+, 32-row below);
+    # a run uses one of them, so the other is checked here by choosing it explicitly.
+    from moe_restore.kernels._backend import ArchTuned
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", "fused")
+    on_cuda = ArchTuned.for_device
+    monkeypatch.setattr(ArchTuned, "for_device", lambda self, device: (
+        self.narrow if on_cuda(self, device) is self.wide else self.wide))
+    problem = make_problem(T, D, H, E, k, D_out, activation, bias, scoring, torch.float32, seed=T + D + H + E + k)
+    check_against_oracle(problem, k, activation, scoring, "triton", torch.float32)
+
+
 @pytest.mark.parametrize("backend,path", backend_paths())
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_matches_oracle_float16(monkeypatch, backend, path, activation):
