@@ -71,7 +71,7 @@ def _scan_forward(u, f, bm, cm, d_skip, z, h0, geo: _Geometry):
     """Run the forward kernels; returns (out, chunk end states H [B, NC, D, N], log decays G)."""
     states, log_decay = geo.chunk_buffers(u.device)
     flags = dict(REVERSE=geo.reverse, CHUNK=geo.chunk, BLOCK_N=geo.block_n)
-    _chunk_state_kernel[geo.grid](u, f, bm, cm, states, log_decay, *geo.args, **flags)
+    _chunk_state_kernel[geo.grid](u, f, bm, cm, states, log_decay, *geo.args, TILE_N=min(geo.block_n, 16), **flags)
     ends = geo.carry(states, log_decay, h0, reverse_chunks=False)
     out = torch.empty_like(u)
     _chunk_output_kernel[geo.grid](u, f, bm, cm, u if z is None else z, u if d_skip is None else d_skip,

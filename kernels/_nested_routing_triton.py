@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._routing_triton import (_block_e, _block_t, _choice_weights, _choice_weights_grad, _load_logits, _score_warps,
-                              _top_k_ranks)
+from ._routing_triton import (_block_e, _block_t, _choice_weights, _choice_weights_grad, _chosen_grads, _load_logits,
+                              _score_warps, _top_k_ranks)
 
 
 @triton.jit
@@ -44,6 +44,13 @@ def _token_block(gl_ptr, el_ptr, T, G, E, stride_gt, stride_gg, stride_et, strid
     cmask = cols < G * E
     el = _load_logits(el_ptr, rows, cols, row_mask, cmask, stride_et, stride_ec)
     return rows, row_mask, gl, gcols, gmask, el, cols, cmask, cols // E
+
+
+@triton.jit
+def _group(groups_ptr, rows, row_mask, KG, i):
+    """Each row's i-th chosen group, as int32: compared in int64 with the int32 column tiles, it made
+    those comparisons 64-bit (the backward spilled 92-108 B on sm_80 at the pixel shape; as int32, none)."""
+    return tl.load(groups_ptr + rows * KG + i, mask=row_mask, other=0).to(tl.int32)
 
 
 @triton.jit
@@ -86,25 +93,19 @@ def _nested_scores_bwd_kernel(gl_ptr, el_ptr, groups_ptr, experts_ptr, dweights_
         gl_ptr, el_ptr, T, G, E, stride_gt, stride_gg, stride_et, stride_ec, BLOCK_T, BLOCK_G, BLOCK_GE)
     group_chosen = tl.zeros((BLOCK_T, BLOCK_G), tl.int1)
     for i in range(KG):
-        group = tl.load(groups_ptr + rows * KG + i, mask=row_mask, other=0)
+        group = _group(groups_ptr, rows, row_mask, KG, i)
         group_chosen = group_chosen | (gcols[None, :] == group[:, None])
     q, _ = _choice_weights(gl, gmask[None, :], group_chosen, False, RENORMALIZE)
     K = KG * KE
     dq = tl.zeros((BLOCK_T, BLOCK_G), tl.float32)
     del_tile = tl.zeros((BLOCK_T, BLOCK_GE), tl.float32)
     for i in range(KG):
-        group = tl.load(groups_ptr + rows * KG + i, mask=row_mask, other=0)
+        group = _group(groups_ptr, rows, row_mask, KG, i)
         is_group = gcols[None, :] == group[:, None]
         q_i = tl.sum(tl.where(is_group, q, 0.0), axis=1)
         in_group = (col_group[None, :] == group[:, None]) & cmask[None, :]
-        dw = tl.zeros((BLOCK_T, BLOCK_GE), tl.float32)
-        chosen = tl.zeros((BLOCK_T, BLOCK_GE), tl.int1)
-        for j in range(KE):
-            expert = tl.load(experts_ptr + rows * K + i * KE + j, mask=row_mask, other=-1)
-            grad = tl.load(dweights_ptr + rows * K + i * KE + j, mask=row_mask, other=0.0)
-            hit = cols[None, :] == expert[:, None]
-            dw = tl.where(hit, grad[:, None], dw)
-            chosen = chosen | hit
+        dw, chosen = _chosen_grads(experts_ptr, dweights_ptr, rows, row_mask, cols, K, i * KE, KE,
+                                   BLOCK_T, BLOCK_GE)
         s, _ = _choice_weights(el, in_group, chosen, False, RENORMALIZE)
         # w = q_i * s: the product rule splits dw between q_i and s.
         dq_i = tl.load(dgroup_weights_ptr + rows * KG + i, mask=row_mask, other=0.0) \
@@ -123,8 +124,8 @@ def _blocks(G: int, E: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_G, BLOCK_GE). The kernels hold the group and the expert tiles with their
     selections, so a block takes half the tokens of a top-k score block, at 8 warps (at the full
     BLOCK_T the compile check measured 424-448 B spilled in the forward and 1.5-2.2 KB in the
-    backward at 4 warps, 8-48 B at 8, 200 B at 16; at the half block, 8 warps: none, except 92 B in
-    the backward at the pixel shape on sm_80)."""
+    backward at 4 warps, 8-48 B at 8, 200 B at 16; at the half block, 8 warps: none, once the backward
+    compares groups in int32, see ``_group``)."""
     block_g, block_ge = _block_e(G), _block_e(G * E)
     return max(1, _block_t(max(block_g, block_ge)) // 2), block_g, block_ge
 
