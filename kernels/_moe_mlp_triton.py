@@ -43,9 +43,9 @@ from .activations import triton_code
 # The automatic choice takes the fused path where its kernels were measured to fit a GPU at their
 # defaults (compile check, docs/benchmarks.md): the live state per program grows with the width,
 # with swiglu (two up-projection halves) and with float32 tiles. Widest fitting max(D, D_out) by
-# (swiglu, float32), measured on sm_90a and sm_80: the backward-weights kernel spills at D=128 with
-# swiglu in bf16 (32-740 B), at D=128 in fp32 (324-1960 B) and with swiglu in fp32 even at D=32
-# (16 B; 20-60 B at D=64).
+# (swiglu, float32), measured on sm_90a and sm_80: the sm_90a backward defaults spill at D=128 with
+# swiglu in bf16 (rows 360 B, dW1 224 B, dW2 172 B), at D=128 in fp32 (rows 336 B, dW1 168-184 B,
+# dW2 120-144 B) and with swiglu in fp32 even at D=32 (dW1 16 B; at D=64 dW1 164 B, dW2 80 B).
 _FUSED_FIT = {(False, False): 128, (True, False): 64, (False, True): 64, (True, True): 0}
 
 
