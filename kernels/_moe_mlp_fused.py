@@ -28,15 +28,9 @@ FUSED_MAX_WIDTH = 128
 def _fused_up(x, w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h,
               HAS_B1: tl.constexpr, ACT: tl.constexpr):
     """(z, z_up) of one hidden chunk hh for an x tile whose full width is in registers."""
-    z = tl.dot(x, _load_matrix(w1_e, d, D, hh, H, stride_w1d, stride_w1h))
-    z_up = z
-    if ACT == SWIGLU:
-        z_up = tl.dot(x, _load_matrix(w1_e, d, D, hh + H, 2 * H, stride_w1d, stride_w1h))
-    if HAS_B1:
-        z += tl.load(b1_e + hh * stride_b1h, mask=hh < H, other=0.0).to(tl.float32)[None, :]
-        if ACT == SWIGLU:
-            z_up += tl.load(b1_e + (hh + H) * stride_b1h, mask=hh < H, other=0.0).to(tl.float32)[None, :]
-    return z, z_up
+    w1_gate, b1_gate, w1_up, b1_up = _up_chunks(w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h,
+                                                HAS_B1, ACT == SWIGLU)
+    return _project(x, w1_gate, b1_gate, w1_up, b1_up, HAS_B1, ACT == SWIGLU)
 
 
 @triton.jit
@@ -145,8 +139,8 @@ def _up_chunk(w1_e, b1_e, d, D, hh, H, col0, stride_w1d, stride_w1h, stride_b1h,
 @triton.jit
 def _up_chunks(w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1: tl.constexpr,
                WITH_UP: tl.constexpr):
-    """The gate (or only) half's chunk of W1 and b1, and with WITH_UP swiglu's up half's: loaded once
-    per program, since the weight-gradient programs own a fixed hidden chunk."""
+    """The gate (or only) half's chunk of W1 and b1, and with WITH_UP swiglu's up half's (the
+    weight-gradient programs own a fixed hidden chunk, so they load these once)."""
     w1_gate, b1_gate = _up_chunk(w1_e, b1_e, d, D, hh, H, 0, stride_w1d, stride_w1h, stride_b1h, HAS_B1)
     w1_up, b1_up = w1_gate, b1_gate
     if WITH_UP:
@@ -155,12 +149,16 @@ def _up_chunks(w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h, HAS_
 
 
 @triton.jit
-def _project(x, w1_gate, b1_gate, w1_up, b1_up, WITH_UP: tl.constexpr):
+def _project(x, w1_gate, b1_gate, w1_up, b1_up, HAS_B1: tl.constexpr, WITH_UP: tl.constexpr):
     """(z, z_up) of an x tile; z_up is z itself without WITH_UP."""
-    z = tl.dot(x, w1_gate) + b1_gate[None, :]
+    z = tl.dot(x, w1_gate)
     z_up = z
     if WITH_UP:
-        z_up = tl.dot(x, w1_up) + b1_up[None, :]
+        z_up = tl.dot(x, w1_up)
+    if HAS_B1:
+        z += b1_gate[None, :]
+        if WITH_UP:
+            z_up += b1_up[None, :]
     return z, z_up
 
 
@@ -194,7 +192,7 @@ def _fused_bwd_w2_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, weights_ptr, order_ptr, 
     for p0 in range(start, end, BLOCK_M):
         x, dy, w = _part_rows(p0, end, order_ptr, x_ptr, dy_ptr, weights_ptr, d, D, do, DO, TOPK,
                               stride_xt, stride_xd, stride_gt, stride_gd, BLOCK_M)
-        z, z_up = _project(x, w1_gate, b1_gate, w1_up, b1_up, ACT == SWIGLU)
+        z, z_up = _project(x, w1_gate, b1_gate, w1_up, b1_up, HAS_B1, ACT == SWIGLU)
         weighted_h = (_hidden(z, z_up, ACT) * w[:, None]).to(x.dtype)
         dw2 = tl.dot(tl.trans(weighted_h), dy, dw2)
         db2 += tl.sum(dy.to(tl.float32) * w[:, None], axis=0)
@@ -229,7 +227,7 @@ def _fused_bwd_w1_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, weights_ptr, ord
     for p0 in range(start, end, BLOCK_M):
         x, dy, w = _part_rows(p0, end, order_ptr, x_ptr, dy_ptr, weights_ptr, d, D, do, DO, TOPK,
                               stride_xt, stride_xd, stride_gt, stride_gd, BLOCK_M)
-        z, z_up = _project(x, w1_gate, b1_gate, w1_up, b1_up, ACT == SWIGLU and not UP)
+        z, z_up = _project(x, w1_gate, b1_gate, w1_up, b1_up, HAS_B1, ACT == SWIGLU and not UP)
         dz, dz_up = _hidden_grads(z, z_up, w[:, None] * tl.dot(dy, w2_t), ACT)
         dcol = dz_up if UP else dz
         dw1_t = tl.dot(tl.trans(dcol.to(x.dtype)), x, dw1_t)
