@@ -18,10 +18,12 @@ on the experts' own Parameters in their own dtype, through views (no copy):
 * the activation is ``act_fn(gate) * up`` with SiLU (an ACT2FN module or ``F.silu`` itself), i.e.
   moe_mlp's "swiglu"; experts without a gate (``has_gate=False``: ``up_proj``) take ``act_fn`` alone
   (SiLU, GELU, tanh-GELU or ReLU);
-* biases (``has_bias``): b1 = ``gate_up_proj_bias`` (or ``up_proj_bias``), b2 = ``down_proj_bias``.
+* biases (``has_bias``): b1 = ``gate_up_proj_bias`` (or ``up_proj_bias``), b2 = ``down_proj_bias``;
+* slots that repeat an expert of their row or hold a sentinel id >= E (expert parallelism) are
+  folded into distinct ids first (``distinct_slots``), the sum over slots unchanged.
 
 Everything else (interleaved gate/up rows, a family's own ``_apply_gate`` such as GPT-OSS's clamped
-SwiGLU, a gated activation other than SiLU, a post-expert norm, expert parallelism, quantised or
+SwiGLU, a gated activation other than SiLU, a post-expert norm, more slots than experts, quantised or
 mixed-dtype weights) runs the family's eager forward instead, with a warning given once per reason.
 """
 from __future__ import annotations
@@ -59,13 +61,14 @@ def plan(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Ten
     """(activation, (w1, w2, b1, b2)) for ``moe_mlp``, or the reason this call must run eagerly."""
     from transformers.integrations.moe import _default_apply_gate
 
-    if getattr(experts, "_is_expert_parallel", False):
-        return "expert parallelism (sentinel expert ids) is not supported"
     if getattr(experts, "has_post_expert_norm", False):
         return "a norm after each expert is not supported"
     if hidden_states.dim() != 2 or top_k_index.dim() != 2 or top_k_weights.shape != top_k_index.shape:
         return (f"the call is not (hidden_states [T, D], top_k_index [T, k], top_k_weights [T, k]): got "
                 f"{tuple(hidden_states.shape)}, {tuple(top_k_index.shape)}, {tuple(top_k_weights.shape)}")
+    num_experts = getattr(experts, "num_experts", None)
+    if isinstance(num_experts, int) and top_k_index.shape[1] > num_experts:
+        return f"it routes each token to {top_k_index.shape[1]} slots over {num_experts} experts (k > E)"
     activation = _activation_name(getattr(experts, "act_fn", None))
     gated = getattr(experts, "has_gate", True)
     if gated:
@@ -101,6 +104,56 @@ def _warn_once(experts: nn.Module, reason: str) -> None:
                       "instead", stacklevel=3)
 
 
+def eager_forward(experts: nn.Module):
+    """The family's own (eager) forward of ``experts``: the function that transformers' hook wraps.
+
+    The hooked class is found in the MRO, since a subclass may override ``forward`` and call the
+    hooked one through ``super()`` (Ergo's experts add a norm per route that way). Its dispatcher
+    keeps the eager forward as ``functools.wraps``' ``__wrapped__`` or, failing that, in its
+    closure (``original_forward``); a hook that keeps neither is reported, never guessed at."""
+    for cls in type(experts).__mro__:
+        dispatcher = cls.__dict__.get("forward")
+        code = getattr(dispatcher, "__code__", None)
+        if code is None or not code.co_filename.replace("\\", "/").endswith("integrations/moe.py"):
+            continue
+        original = getattr(dispatcher, "__wrapped__", None)
+        if original is None and "original_forward" in code.co_freevars:
+            original = dispatcher.__closure__[code.co_freevars.index("original_forward")].cell_contents
+        if callable(original):
+            return original
+    raise RuntimeError(f"{type(experts).__name__}: no class in its MRO has transformers' experts hook with a "
+                       "recoverable eager forward, so it cannot fall back to eager")
+
+
+def distinct_slots(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same expert mixture as transformers' (ids, weights) [T, k], with the ids of every row
+    distinct and in [0, E), as ``routing_from_topk`` requires; static shapes, no host read.
+
+    transformers' experts contract sums every slot, and a slot may repeat an expert of its row
+    (LongCat-Flash maps its zero-computation experts onto real ids with weight 0) or hold a
+    sentinel id >= E (expert parallelism: another rank's expert, contributing nothing). Here the
+    first slot of each expert carries the summed weight of all its row's slots with that id
+    (sum_j w_j f_e(x) = (sum_j w_j) f_e(x), so every weight keeps its gradient f_e(x) . dy), and
+    each other slot gets a constant weight 0 and an id its row does not use, taken from 0..k-1
+    (with k <= E, at most k - #kept of those are used, and that many slots need one)."""
+    T, k = top_k_index.shape
+    ids = top_k_index.long()
+    valid = (ids >= 0) & (ids < num_experts)
+    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # [T, k, k]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=ids.device).tril(-1)  # [j, i]: i < j
+    keep = valid & ~(same & earlier).any(-1)
+    merged = (same.to(top_k_weights.dtype) * top_k_weights[:, None, :]).sum(-1)
+    weights = torch.where(keep, merged, torch.zeros_like(merged))
+    candidates = torch.arange(k, device=ids.device)
+    taken = ((ids[:, :, None] == candidates) & keep[:, :, None]).any(1)  # [T, k candidates]
+    free_rank = (~taken).long().cumsum(-1) - 1
+    slot_rank = (~keep).long().cumsum(-1) - 1
+    pick = ~taken[:, None, :] & (free_rank[:, None, :] == slot_rank[:, :, None])  # [T, slot, candidate]
+    ids = torch.where(keep, ids, pick.long().argmax(-1))
+    return ids, weights
+
+
 def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """The experts forward registered with transformers (see the module docstring); ``backend`` as
@@ -108,9 +161,10 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     planned = plan(experts, hidden_states, top_k_index, top_k_weights)
     if isinstance(planned, str):
         _warn_once(experts, planned)
-        return type(experts).forward.__wrapped__(experts, hidden_states, top_k_index, top_k_weights)
+        return eager_forward(experts)(experts, hidden_states, top_k_index, top_k_weights)
     activation, (w1, w2, b1, b2) = planned
-    routing = routing_from_topk(top_k_index, top_k_weights, w1.shape[0], backend=backend)
+    ids, weights = distinct_slots(top_k_index, top_k_weights, w1.shape[0])
+    routing = routing_from_topk(ids, weights, w1.shape[0], backend=backend)
     y = moe_mlp(hidden_states, routing, w1, w2, b1, b2, activation=activation, backend=backend)
     return y.to(hidden_states.dtype)
 
