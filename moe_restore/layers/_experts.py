@@ -43,6 +43,11 @@ def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
     return nn.init.uniform_(t, -bound, bound)
 
 
+def _local_shard(param: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's part of a DTensor parameter (differentiable: its gradient becomes the DTensor's), else ``param``."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 class ExpertMLPs(nn.Module):
     """E expert MLPs in the ``moe_mlp`` layout (see the module docstring), initialised as
     ``nn.Linear`` layers are. ``forward(tokens [T, dim], routing=None) -> [T, out_dim]``."""
@@ -63,13 +68,16 @@ class ExpertMLPs(nn.Module):
         self.b2 = nn.Parameter(_uniform_(torch.empty(num_experts, out_dim), hidden_dim)) if bias else None
 
     def forward(self, tokens: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
-        """sum_j w[t, j] * Expert_{e[t, j]}(tokens[t]); without a routing, sum_e Expert_e(tokens[t])."""
+        """sum_j w[t, j] * Expert_{e[t, j]}(tokens[t]); without a routing, sum_e Expert_e(tokens[t]).
+
+        Weights sharded over ranks (DTensors: ``moe_restore.parallel.ExpertParallel``) are used
+        through their local shard, the experts this rank holds, which the routing then addresses."""
         if routing is None:
             every = torch.arange(self.num_experts, device=tokens.device).expand(tokens.shape[0], -1)
             routing = routing_from_topk(every, torch.ones(every.shape, device=tokens.device), self.num_experts,
                                         backend=self.backend)
-        return moe_mlp(tokens, routing, self.w1, self.w2, self.b1, self.b2, activation=self.activation,
-                       backend=self.backend)
+        w1, w2, b1, b2 = (_local_shard(p) for p in (self.w1, self.w2, self.b1, self.b2))
+        return moe_mlp(tokens, routing, w1, w2, b1, b2, activation=self.activation, backend=self.backend)
 
     @torch.no_grad()
     def copy_dense_(self, linear1: nn.Linear, linear2: nn.Linear, noise_std: float = 0.0) -> None:
