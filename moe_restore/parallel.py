@@ -85,8 +85,8 @@ class _TokenExchange:
     def __init__(self, mesh: DeviceMesh, local_experts: int):
         self.group = mesh.get_group()
         self.world, self.local_experts = mesh.size(), local_experts
-        # A stack, so that a recomputation (activation checkpointing) pairs each dispatch with its combine.
-        self.pending: list[_Pending] = []
+        # Set by a call's dispatch, read by its combine: the bank's hooks run in that order, one call at a time.
+        self.pending: _Pending | None = None
 
     def _exchange(self, rows: torch.Tensor, out_sizes: list[int], in_sizes: list[int]) -> torch.Tensor:
         # Waited on at once: the kernels read the rows through their pointers, which a pending
@@ -115,11 +115,11 @@ class _TokenExchange:
         local_ids = local_ids.repeat_interleave(recv_counts.reshape(-1), output_size=received.shape[0])
         local = routing_from_topk(local_ids[:, None], torch.ones(local_ids.shape[0], 1, device=tokens.device),
                                   self.local_experts, backend=bank.backend)
-        self.pending.append(_Pending(order, routing.weights, send_sizes, recv_sizes))
+        self.pending = _Pending(order, routing.weights, send_sizes, recv_sizes)
         return received, local
 
     def combine(self, _bank: nn.Module, outputs: torch.Tensor, _mesh: DeviceMesh) -> torch.Tensor:
-        state = self.pending.pop()
+        state, self.pending = self.pending, None
         returned = self._exchange(outputs, state.send_sizes, state.recv_sizes)
         # Back from expert order to assignment order a = t*k + j.
         per_assignment = torch.zeros_like(returned).index_copy(0, state.order, returned)
