@@ -6,7 +6,8 @@ an exception in any rank fails the test with that rank's traceback, and a rank t
 collective some rank never joined) fails it after ``timeout`` seconds instead of blocking CI.
 Forked, not spawned: the children start with torch and the library already imported (a spawned
 process re-imports them, seconds on a busy CPU); each child makes its own process group after
-the fork.
+the fork. torch._dynamo, which DTensor imports on its first use (seconds), is imported here, before
+the fork, so that the ranks do not each import it again.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import tempfile
 import time
 
 import torch
+import torch._dynamo  # noqa: F401 - see run_on_ranks
 import torch.distributed as dist
 import torch.multiprocessing as mp
 

@@ -18,6 +18,11 @@ from hf_tiny_models import logits_and_grads, relative_error, tiny_model
 
 pytest.importorskip("transformers")
 import moe_restore  # noqa: E402,F401 - registers the implementations
+import moe_restore.integration.experts as experts_impl  # noqa: E402
+# Imported before the ranks are forked, so that they do not each import them again (seconds).
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.distributed import DistributedConfig  # noqa: E402
+from transformers.distributed import expert_parallel  # noqa: E402,F401
 
 WORLD = 2
 IMPLEMENTATIONS = ("eager", "grouped_mm", "moe_restore_torch")
@@ -28,11 +33,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _same_under_expert_parallelism(rank: int, world: int, path: str, single_logits: torch.Tensor) -> None:
-    from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
-
-    import moe_restore.integration.experts as experts_impl
-
     seen_ids = []
     real_distinct_slots = experts_impl.distinct_slots
 
