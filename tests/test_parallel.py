@@ -30,7 +30,8 @@ TOKENS = (5, 0, 9, 3)
 
 
 def _layers(world: int):
-    """(name, single-process layer, tokens per rank [leading dim], extra forward args per rank) of each case."""
+    """(name, single-process layer, tokens per rank (leading dim), whether it reads a per-image context)
+    of each case."""
     torch.manual_seed(0)
     topk = TopKMoE(6, 5, 8, 2, activation="swiglu", num_shared_experts=1, backend="torch").to(DTYPE)
     # Every token prefers experts 0 and 1 (rank 0's): coordinate 0 of the tokens is large and only
@@ -47,13 +48,14 @@ def _layers(world: int):
 def _check_case(rank: int, world: int, name: str, reference, counts: tuple[int, ...], with_context: bool) -> None:
     mesh = init_device_mesh("cpu", (world,))
     layer = parallelize_module(copy.deepcopy(reference), mesh, ExpertParallel())
+    dtype, backend = reference.experts.w1.dtype, reference.backend
     gen = torch.Generator().manual_seed(1)
     shape = (sum(counts), 3, 6) if with_context else (sum(counts), 6)
-    x = torch.randn(shape, generator=gen, dtype=DTYPE)
+    x = torch.randn(shape, generator=gen, dtype=dtype)
     if name == "skewed":
         x[..., 0] = 3.0
-    dy = torch.randn(shape, generator=gen, dtype=DTYPE)
-    context = torch.randn(sum(counts), 3, generator=gen, dtype=DTYPE) if with_context else None
+    dy = torch.randn(shape, generator=gen, dtype=dtype)
+    context = torch.randn(sum(counts), 3, generator=gen, dtype=dtype) if with_context else None
     mine = slice(sum(counts[:rank]), sum(counts[:rank + 1]))
 
     x_all = x.clone().requires_grad_()
@@ -66,8 +68,8 @@ def _check_case(rank: int, world: int, name: str, reference, counts: tuple[int, 
     (y * dy[mine]).sum().backward()
 
     what = f"{name}, {world} ranks, rank {rank}"
-    assert_close(y, y_all[mine], DTYPE, what=f"{what}: output")
-    assert_close(x_mine.grad, x_all.grad[mine], ROUTED, what=f"{what}: dx")
+    assert_close(y, y_all[mine], dtype, backend=backend, what=f"{what}: output")
+    assert_close(x_mine.grad, x_all.grad[mine], ROUTED, backend=backend, what=f"{what}: dx")
     received = reference.last_routing.expert_counts().view(world, -1).sum(1)
     if name == "skewed":
         assert received[1:].sum() == 0  # every token went to rank 0's experts
@@ -82,18 +84,28 @@ def _check_case(rank: int, world: int, name: str, reference, counts: tuple[int, 
             assert torch.equal(got, want)
             grad = got.grad.clone()
             dist.all_reduce(grad)
-        assert_close(grad, want.grad, ROUTED if key.startswith("router.") else DTYPE,
+        assert_close(grad, want.grad, ROUTED if key.startswith("router.") else dtype, backend=backend,
                      what=f"{what}: gradient of {key}")
 
 
-def _equal_to_single_process(rank: int, world: int) -> None:
-    for case in _layers(world):
+def _equal_to_single_process(rank: int, world: int, backend: str) -> None:
+    if backend == "torch":
+        cases = _layers(world)
+    else:  # float32, Triton routing (no host offsets) and kernels on the rows that came through the exchange
+        torch.manual_seed(0)
+        cases = [("triton", TopKMoE(6, 5, 8, 2, activation="gelu", backend="triton"), TOKENS[:world], False)]
+    for case in cases:
         _check_case(rank, world, *case)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_forward_and_gradients_equal_the_single_process_layer(world):
-    run_on_ranks(world, _equal_to_single_process)
+    run_on_ranks(world, _equal_to_single_process, "torch")
+
+
+@pytest.mark.slow
+def test_triton_backend_under_expert_parallelism():
+    run_on_ranks(2, _equal_to_single_process, "triton")
 
 
 def _refusals_and_checkpoint(rank: int, world: int, checkpoint: str) -> None:
