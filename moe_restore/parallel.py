@@ -26,7 +26,7 @@ The layer is attached through its experts bank (``layer.experts``), not through 
 classes: its weights are sharded with ``distribute_module`` and the exchange is the bank's forward
 pre-hook (steps 1-2's inputs) and forward hook (step 3), around the bank's own ``forward``, which
 runs ``moe_mlp`` on the local shards of its weights. So any ``MoE`` whose ``experts`` is an
-``ExpertMLPs`` called as ``experts(tokens [T, D], routing)`` is served (TopKMoE, NestedMoE and
+``ExpertMLPs`` called positionally as ``experts(tokens [T, D], routing)`` is served (TopKMoE, NestedMoE and
 their 2-D forms). Bytes sent per token and how to launch it: ``docs/parallel.md``.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ __all__ = ["ExpertParallel"]
 _EXPERT_PARAMETERS = ("w1", "w2", "b1", "b2")
 
 
-def check_expert_mesh(mesh: DeviceMesh, num_experts: int) -> int:
+def _check_expert_mesh(mesh: DeviceMesh, num_experts: int) -> int:
     """E_l = num_experts / W for a 1-D ``mesh`` of W ranks; ValueError for a mesh of another
     dimension or a W that does not divide the experts."""
     if not isinstance(mesh, DeviceMesh):
@@ -154,7 +154,7 @@ class ExpertParallel(ParallelStyle):
         bank = module.experts
         if getattr(bank, "_distribute_module_applied", False):
             raise RuntimeError(f"the experts of this {type(module).__name__} are sharded already")
-        local_experts = check_expert_mesh(device_mesh, bank.num_experts)
+        local_experts = _check_expert_mesh(device_mesh, bank.num_experts)
         if self.src_data_rank is not None:
             # The router and the shared experts are replicated: everyone takes the source rank's.
             source = dist.get_global_rank(device_mesh.get_group(), self.src_data_rank)

@@ -122,10 +122,20 @@ def _refusals_and_checkpoint(rank: int, world: int, checkpoint: str) -> None:
     with pytest.raises(RuntimeError, match="sharded already"):
         parallelize_module(layer, mesh, ExpertParallel())
 
+    # Ranks that start from different weights: by default all take rank 0's (router broadcast,
+    # experts scattered); with src_data_rank=None each keeps its own router and its own slice.
+    torch.manual_seed(1 + rank)
+    own = TopKMoE(6, 5, 2 * world, 2, backend="torch")
+    kept = parallelize_module(copy.deepcopy(own), mesh, ExpertParallel(), src_data_rank=None)
+    assert torch.equal(kept.router.weight, own.router.weight)
+    assert torch.equal(kept.experts.w1.to_local(), own.experts.w1.chunk(world)[rank])
+    restored = parallelize_module(own, mesh, ExpertParallel())
+    routers = [torch.empty_like(restored.router.weight) for _ in range(world)]
+    dist.all_gather(routers, restored.router.weight.detach())
+    assert all(torch.equal(r, routers[0]) for r in routers)
+
     # Distributed checkpoint: each rank writes its shard; another sharded layer reads them back.
     dcp.save(layer.state_dict(), checkpoint_id=checkpoint)
-    torch.manual_seed(1 + rank)
-    restored = parallelize_module(TopKMoE(6, 5, 2 * world, 2, backend="torch"), mesh, ExpertParallel())
     state = restored.state_dict()
     dcp.load(state, checkpoint_id=checkpoint)
     restored.load_state_dict(state)
