@@ -3,7 +3,8 @@ single-process layer on all ranks' tokens together: the output and the input gra
 rank's tokens, the expert weights' gradients (gathered from their shards), the router's and the
 shared experts' gradients summed over the ranks. Uneven token counts, a rank without tokens and
 a routing that sends every token to one rank's experts (the other ranks compute nothing) are
-included; then the errors for a bad mesh, and a distributed checkpoint round trip."""
+included; the expert dimension of a 2-D mesh; then the errors for a bad mesh, the source rank of
+the weights, and a distributed checkpoint round trip."""
 from __future__ import annotations
 
 import copy
@@ -101,6 +102,35 @@ def _equal_to_single_process(rank: int, world: int, backend: str) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_forward_and_gradients_equal_the_single_process_layer(world):
     run_on_ranks(world, _equal_to_single_process, "torch")
+
+
+def _expert_dimension_of_a_2d_mesh(rank: int, world: int) -> None:
+    """EP over the "ep" dimension of a (dp=2, ep=world/2) mesh: each dp replica holds all the experts,
+    so the experts' gradients are summed over "dp" and everything else's over all ranks (docs/parallel.md)."""
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "ep"))
+    torch.manual_seed(0)
+    reference = TopKMoE(6, 5, 4, 2, activation="silu", backend="torch").to(DTYPE)
+    layer = parallelize_module(copy.deepcopy(reference), mesh["ep"], ExpertParallel())
+    gen = torch.Generator().manual_seed(2)
+    x, dy = (torch.randn(4 * world, 6, generator=gen, dtype=DTYPE) for _ in range(2))
+    mine = slice(4 * rank, 4 * (rank + 1))
+    (reference(x) * dy).sum().backward()
+    (layer(x[mine]) * dy[mine]).sum().backward()
+    for key, want in reference.named_parameters():
+        got = dict(layer.named_parameters())[key]
+        if isinstance(got, DTensor):
+            grad = got.grad.to_local()
+            dist.all_reduce(grad, group=mesh["dp"].get_group())
+            grad = got.grad.full_tensor()
+        else:
+            grad = got.grad.clone()
+            dist.all_reduce(grad)
+        assert_close(grad, want.grad, ROUTED if key.startswith("router.") else DTYPE,
+                     what=f"2-D mesh, rank {rank}: gradient of {key}")
+
+
+def test_expert_dimension_of_a_2d_mesh():
+    run_on_ranks(4, _expert_dimension_of_a_2d_mesh)
 
 
 @pytest.mark.slow
