@@ -105,7 +105,7 @@ def _train(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if args.no_amp:
         given["amp"] = False
-    train(TrainConfig(**given), resume=args.resume, overwrite=args.overwrite)
+    train(TrainConfig(**given), resume=args.resume, overwrite=args.overwrite, strict=args.strict)
     return 0
 
 
@@ -146,8 +146,8 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from moe_restore.train.demo import run_demo, tasks_not_beating_identity
-    from moe_restore.train.evaluate import markdown_table
+    from moe_restore.train.demo import run_demo
+    from moe_restore.train.evaluate import markdown_table, tasks_not_beating_identity
 
     results = run_demo(args.out, model=args.model, steps=args.steps)
     print(markdown_table(results), end="")
@@ -228,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     start = train.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", default=False, help="continue from <out>/checkpoint.pt")
     start.add_argument("--overwrite", action="store_true", default=False,
-                       help="start a new run in a folder that holds another one (deletes its checkpoint and log)")
+                       help="start a new run in a folder that holds another one (its checkpoint and log are "
+                            "replaced when the new run has written its first checkpoint)")
+    train.add_argument("--strict", action="store_true", default=False,
+                       help="exit with status 1 when the final evaluation finds the model worse than its input")
     train.add_argument("--no-amp", action="store_true", default=False, help="no bfloat16 autocast on CUDA")
     train.add_argument("--workers", type=_non_negative, help=f"data-loading processes (default: {defaults.workers})")
     _add_runtime_options(train)

@@ -137,6 +137,50 @@ def test_a_run_folder_in_use_needs_resume_or_overwrite(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
 
 
+def test_overwrite_keeps_the_earlier_run_until_its_first_checkpoint(tmp_path):
+    """--overwrite deletes nothing before the new run has read its data, and the earlier
+    checkpoint and log stay whole until the new run's first checkpoint has replaced them."""
+    train(_config(tmp_path, steps=2, checkpoint_every=0), progress=False)
+    earlier = (tmp_path / "checkpoint.pt").read_bytes()
+    empty = tmp_path.parent / f"{tmp_path.name}-no-images"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no images"):
+        train(_config(tmp_path, data=str(empty)), overwrite=True, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == earlier and _logged_steps(tmp_path) == [1, 2]
+
+    def crash_at_step_2(step, terms):
+        assert (tmp_path / "checkpoint.pt").read_bytes() == earlier and _logged_steps(tmp_path) == [1, 2]
+        if step == 2:
+            raise _Crash
+    with pytest.raises(_Crash):
+        train(_config(tmp_path, steps=3, checkpoint_every=3), overwrite=True, progress=False,
+              on_step=crash_at_step_2)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2 and _logged_steps(tmp_path) == [1, 2]
+    train(_config(tmp_path, steps=3, checkpoint_every=2), overwrite=True, progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3 and _logged_steps(tmp_path) == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.json", "log.jsonl"]
+
+
+def test_resume_past_the_last_step_says_so(tmp_path, capsys):
+    train(_config(tmp_path, steps=2), progress=False)
+    with pytest.raises(UserError, match="at step 2, already at or past --steps 2"):
+        train(_config(tmp_path, steps=2), resume=True, progress=False)
+    train(_config(tmp_path, steps=3), resume=True)
+    out = capsys.readouterr().out
+    assert "train m2ir-tiny" in out and "resumed from step 2" in out and "1 step(s) to go" in out
+
+
+def test_a_model_worse_than_its_input_is_reported(tmp_path, capsys):
+    """One step of a fresh model restores worse than the identity: a warning on stderr, and a
+    UserError under strict after the checkpoint and evaluation were written."""
+    config = _config(tmp_path, steps=1, eval_every=1)
+    train(config, progress=False)
+    assert "warning: the trained model restores worse than its input" in capsys.readouterr().err
+    with pytest.raises(UserError, match="worse than its input"):
+        train(config, overwrite=True, progress=False, strict=True)
+    assert (tmp_path / "eval_step1.json").is_file() and load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1
+
+
 def test_resume_refuses_a_different_run(tmp_path):
     train(_config(tmp_path, steps=1), progress=False)
     with pytest.raises(ValueError, match="patch"):

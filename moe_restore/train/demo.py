@@ -84,7 +84,3 @@ def run_demo(out_dir: str | Path = "demo_out", *, steps: int | None = None, mode
     write_image(out_dir / "grid.png", before_after_grid(model, dataset))
     return results
 
-
-def tasks_not_beating_identity(results: dict) -> list[str]:
-    """The tasks on which the model's mean PSNR does not exceed the identity baseline's."""
-    return [task for task, row in results["tasks"].items() if row["model"]["psnr"] <= row["identity"]["psnr"]]
