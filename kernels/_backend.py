@@ -124,10 +124,17 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cpu" and INTERPRET
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """Apply the backend rule for tensors on ``device``; see the module docstring."""
+def check_backend(backend: object) -> str | None:
+    """``backend`` if it is a backend name the ops take ("triton", "torch" or None), else
+    ValueError; layers call it when they are built, so that a misspelt name fails there."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Apply the backend rule for tensors on ``device``; see the module docstring."""
+    check_backend(backend)
     if backend == "torch":
         return "torch"
     runnable = triton_can_run(device)

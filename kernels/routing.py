@@ -29,7 +29,7 @@ from . import _routing_torch
 from ._backend import resolve_backend
 from ._deprecation import renamed_keywords
 from ._device_checks import assert_on_device
-from .validation import check_float, check_ndim, check_positive_int, check_same_device, check_shape, check_tensor
+from .validation import check_bool, check_float, check_ndim, check_positive_int, check_same_device, check_shape, check_tensor
 
 SCORINGS = ("softmax", "sigmoid")
 
@@ -124,6 +124,7 @@ def topk_route(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", re
     check_float("logits", logits)
     check_ndim("logits", logits, 2, "[T, E]")
     check_positive_int("top_k", top_k)
+    check_bool("renormalize", renormalize)
     T, E = logits.shape
     k = top_k
     if k > E:

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from ._backend import check_backend
+
+__all__ = ["check_backend", "check_bool", "check_finite_non_negative", "check_float", "check_ndim", "check_positive_int", "check_same_device", "check_shape",
+           "check_tensor"]
+
 
 def check_tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
@@ -42,4 +47,18 @@ def check_positive_int(name: str, value: object) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a bool (a flag given 0, "yes" or None would silently mean something)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_finite_non_negative(name: str, value: object) -> float:
+    """``value`` if it is a finite real number >= 0 (not a bool), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return value
