@@ -198,6 +198,17 @@ def resolve_backend_for_dtype(backend: str | None, t: torch.Tensor, name: str) -
     return backend
 
 
+def refuse_double_backward(op: str, alternative: str):
+    """The autograd formula of a Triton backward op: its kernels compute first derivatives only,
+    so a gradient of a gradient (``create_graph=True`` then backward again) raises
+    NotImplementedError naming the op and what to use instead, rather than PyTorch's "no autograd
+    formula was registered"."""
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"{op} on backend='triton' has no second derivative (a gradient of a gradient, "
+                                  f"double backward); {alternative}")
+    return backward
+
+
 def _parse_pinned(text: str) -> dict[str, int]:
     pinned = {}
     for item in text.split(","):
