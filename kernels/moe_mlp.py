@@ -18,7 +18,7 @@ import torch
 from . import _moe_mlp_torch
 from ._backend import INTERPRET, autocast_inputs, autocast_off, resolve_backend_for_dtype
 from ._device_checks import check_routing
-from .validation import check_float, check_ndim, check_same_device, check_shape
+from .validation import check_float, check_has_values, check_ndim, check_same_device, check_shape
 from .activations import ACTIVATIONS, check_activation, first_layer_width, is_gated
 from .routing import Routing
 
@@ -87,6 +87,7 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
     device-side assert on the Triton path (ValueError under the interpreter); see ``_device_checks``.
     """
     check_float("x", x)
+    check_has_values("x", x)
     x, w1, w2, b1, b2 = autocast_inputs(x, w1, w2, b1, b2)
     with autocast_off(x.device.type):
         return _moe_mlp(x, routing, w1, w2, b1, b2, activation, backend)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_restore.kernels import gated_scan, moe_mlp, naive, nested_route, topk_route
+from moe_restore.kernels import gated_scan, moe_mlp, naive, nested_route, routing_from_topk, topk_route
+from moe_restore.layers.moe import TopKMoE
 from utils import DEVICE, assert_close, backends
 
 
@@ -57,3 +58,27 @@ def test_double_backward_on_triton_is_a_clear_not_implemented_error(op):
     (grad,) = torch.autograd.grad(calls[op]().square().sum(), x, create_graph=True)
     with pytest.raises(NotImplementedError, match=f"{op} on backend='triton' has no second derivative"):
         grad.square().sum().backward()
+
+
+def test_an_input_of_another_dtype_than_the_layer_is_named():
+    layer = TopKMoE(6, 8, 3, 2, backend="torch")
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(TypeError, match=f"x is {dtype} but the layer's parameters are torch.float32"):
+            layer(torch.randn(4, 6, dtype=dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts them to one dtype: no refusal
+        assert layer(torch.randn(4, 6)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("op, name", [
+    (lambda m: topk_route(torch.zeros(5, 3, device=m), 2), "logits"),
+    (lambda m: nested_route(torch.zeros(5, 2, device=m), torch.zeros(5, 2, 3, device=m), 1, 1), "group_logits"),
+    (lambda m: routing_from_topk(torch.zeros(5, 1, dtype=torch.int64, device=m), torch.ones(5, 1, device=m), 2),
+     "experts"),
+    (lambda m: moe_mlp(torch.zeros(5, 4, device=m), topk_route(torch.zeros(5, 2), 1), torch.zeros(2, 4, 8, device=m),
+                       torch.zeros(2, 8, 4, device=m)), "x"),
+    (lambda m: gated_scan(*[torch.zeros(1, 6, 3, device=m)] * 2, *[torch.zeros(1, 6, 2, device=m)] * 2), "u"),
+    (lambda m: TopKMoE(6, 8, 3, 2).to(m)(torch.zeros(4, 6, device=m)), "logits"),
+])
+def test_meta_tensors_are_refused_naming_the_argument(op, name):
+    with pytest.raises(ValueError, match=f"^{name} is on the meta device"):
+        op("meta")

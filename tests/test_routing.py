@@ -131,10 +131,10 @@ def test_empty_input(backend):
     (lambda: topk_route(torch.randn(4, 3), 1, scoring="relu"), ValueError, "scoring must be"),
     (lambda: topk_route(torch.randn(4, 3), 1, backend="cuda"), ValueError, "backend must be"),
     (lambda: topk_route([[1.0]], 1), TypeError, "logits must be a torch.Tensor"),
-    (lambda: topk_route(torch.randn(4, 3), 1, renormalize=0, backend="torch"), TypeError, "renormalize must be True"),
-    (lambda: topk_route(torch.randn(4, 3), 1, renormalize="no"), TypeError, "renormalize must be True"),
+    (lambda: topk_route(torch.randn(4, 3), 1, renormalize=0, backend="torch"), TypeError, "renormalize must be a bool"),
+    (lambda: topk_route(torch.randn(4, 3), 1, renormalize="no"), TypeError, "renormalize must be a bool"),
     (lambda: nested_route(torch.randn(4, 2), torch.randn(4, 2, 3), 1, 1, renormalize=None), TypeError,
-     "renormalize must be True"),
+     "renormalize must be a bool"),
 ])
 def test_bad_input_is_named(call, error, match):
     with pytest.raises(error, match=match):

@@ -124,6 +124,10 @@ class ContextLinear(nn.Linear):
     def logits(self, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """W_x x[t] + (W_c c[b] + bias), [T, out_features]."""
         self.check_context(tokens, context)
+        if tokens.dtype != self.weight.dtype and not torch.is_autocast_enabled(tokens.device.type):
+            raise TypeError(f"x is {tokens.dtype} but the layer's parameters are {self.weight.dtype}: convert one to "
+                            f"the other (layer.to({tokens.dtype}) or x.to({self.weight.dtype})), or run under "
+                            "torch.autocast")
         if context is None:
             return F.linear(tokens, self.weight, self.bias)
         images = context.shape[0]
