@@ -34,6 +34,24 @@ def _grouped_bars(ax, rows: list[dict[str, Any]], key: str) -> bool:
     return True
 
 
+def load_results(path: Path) -> dict[str, Any]:
+    """The results JSON at ``path``, checked for what the charts read; ``UserError`` (one line on
+    the command line) for a file that is not JSON or not a benchmark's results."""
+    from moe_restore.errors import UserError
+
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); pass a results file that moe-restore bench wrote") \
+            from None
+    environment, rows = (data.get("environment"), data.get("rows")) if isinstance(data, dict) else (None, None)
+    if not (isinstance(environment, dict) and "device" in environment and isinstance(rows, list)
+            and all(isinstance(r, dict) and {"shape", "implementation"} <= set(r) for r in rows)):
+        raise UserError(f"{path} is not a benchmark's results (want 'environment' with 'device' and 'rows', each "
+                        "with 'shape' and 'implementation'); pass a results file that moe-restore bench wrote")
+    return data
+
+
 def write_plots(results: str | Path) -> list[Path]:
     """Draw the charts of a results JSON file beside it; return the paths written."""
     try:
@@ -45,7 +63,7 @@ def write_plots(results: str | Path) -> list[Path]:
         print("matplotlib is not installed: no charts (pip install 'moe-restore[plot]')")
         return []
     results = Path(results)
-    data = json.loads(results.read_text())
+    data = load_results(results)
     device = data["environment"]["device"]
     rows = [r for r in data["rows"] if "skew" not in r]
     skewed = [r for r in data["rows"] if "skew" in r]

@@ -134,6 +134,39 @@ def test_user_mistakes_end_in_one_line_and_status_1(tmp_path, capsys, trained):
     assert load_checkpoint(trained / "run" / "checkpoint.pt")["step"] == 1, "a refused run touched the folder"
 
 
+def test_faults_that_used_to_end_in_a_traceback_are_one_line(tmp_path, capsys, trained, monkeypatch):
+    """A checkpoint with NaN weights or a configuration of another version, --backend triton where
+    Triton cannot run, a corrupt results file for --plot, a resume with nothing left to train."""
+    state = load_checkpoint(trained / "run" / "checkpoint.pt")
+    model = build(state["config"]["model"], **state["config"]["model_config"])
+    model.load_state_dict(state["model"])
+    next(model.parameters()).data[0] = float("nan")
+    save_checkpoint(tmp_path / "nan.pt", model=model, config=state["config"])
+    unknown = {**state["config"], "model_config": {**state["config"]["model_config"], "bogus": 3}}
+    save_checkpoint(tmp_path / "unknown.pt", model=model, config=unknown)
+    (tmp_path / "corrupt.json").write_text('{"rows": [')
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    clean = str(trained / "clean")
+    evaluate = ["eval", "--data", clean, "--out", str(tmp_path / "eval"), "--checkpoint"]
+    cases = [
+        ([*evaluate, str(tmp_path / "nan.pt")], "NaN or infinite weights"),
+        ([*evaluate, str(tmp_path / "unknown.pt")], "does not fit this version"),
+        (["bench", "--plot", str(tmp_path / "corrupt.json")], "not valid JSON"),
+        (["bench", "--plot", str(tmp_path / "other.json")], "not a benchmark's results"),
+        (["train", "--data", clean, "--tasks", "noise", "--batch", "1", "--patch", "16", "--out",
+          str(trained / "run"), "--steps", "1", "--resume"], "nothing to train"),
+    ]
+    for argv, problem in cases:
+        assert problem in _refused(capsys, argv, 1), argv
+    from moe_restore.kernels import _backend
+
+    monkeypatch.setattr(_backend, "INTERPRET", False)  # a CPU without the interpreter: Triton cannot run
+    argv = ["train", "--data", clean, "--batch", "1", "--patch", "16", "--out", str(tmp_path / "r"), "--steps", "1",
+            "--device", "cpu", "--backend", "triton"]
+    assert "--backend triton on cpu" in _refused(capsys, argv, 1)
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_checkpoint_of_another_model_is_refused(tmp_path, capsys, trained):
     state = load_checkpoint(trained / "run" / "checkpoint.pt")
     config = {**state["config"], "model": "mim-dit-tiny",
