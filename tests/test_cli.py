@@ -44,6 +44,26 @@ def test_train_eval_restore_end_to_end(tmp_path, capsys):
     assert read_image(restored_dir / "big.png").shape == (3, 70, 90)
 
 
+def test_version_and_complete_help(capsys):
+    """--version prints the package version; every option of every command has a help text, and
+    train's --model names every registered model."""
+    import argparse
+
+    from moe_restore import __version__
+    from moe_restore.cli import build_parser
+    from moe_restore.models import names
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"moe-restore {__version__}"
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.option_strings or action.dest)
+    model_help = next(a.help for a in commands["train"]._actions if "--model" in a.option_strings)
+    assert all(model in model_help for model in names())
+
+
 def _refused(capsys, argv: list[str], status: int) -> str:
     """Run the command line on a mistake; returns the one line it wrote on stderr."""
     capsys.readouterr()
