@@ -23,6 +23,8 @@ from moe_restore.train.demo import (
     before_after_grid,
     demo_config,
 )
+from moe_restore.data.sources import evaluation_set
+from moe_restore.train import demo
 from moe_restore.train.inference import load_model
 
 
@@ -206,10 +208,19 @@ def test_tiled_restoration_blends_to_the_untiled_result():
 
 
 def test_before_after_grid_layout():
-    images = [torch.rand(3, 40, 60), torch.rand(3, 50, 50)]
+    """A header row, then one row per (task, image) of cells of one size: degraded, restored,
+    clean (the images, fitted to the cell), each row with its PSNR captions drawn in."""
+    images = [torch.rand(3, 40, 60), torch.rand(3, 50, 50), torch.rand(3, 30, 90)]
     dataset = FixedDegradedDataset(images, ("noise", "blur"))
     grid = before_after_grid(torch.nn.Identity(), dataset)
-    assert grid.shape == (3, 2 * 192, 3 * 288)
+    box_h, box_w = demo._BOX
+    assert grid.shape == (3, demo._TEXT + 6 * (box_h + demo._TEXT), demo._LABEL_WIDTH + 3 * box_w)
+    top = demo._TEXT + 2 * (box_h + demo._TEXT)  # the third row: noise, third image (30 x 90)
+    clean = grid[:, top:top + box_h, demo._LABEL_WIDTH + 2 * box_w:]
+    assert torch.allclose(clean, demo._fit(images[2]), atol=1 / 255)
+    caption = grid[:, top + box_h:top + box_h + demo._TEXT, demo._LABEL_WIDTH:demo._LABEL_WIDTH + box_w]
+    assert (caption < 0.5).any(), "no PSNR caption under the degraded image"
+    assert len(evaluation_set("builtin", ("noise",))) >= 3, "fewer than three held-out images per task"
 
 
 def test_each_model_gets_its_own_demo_run_and_the_mim_dit_sampling_reaches_restore(tmp_path):
