@@ -23,7 +23,6 @@ from moe_restore.train.demo import (
     before_after_grid,
     demo_config,
 )
-from moe_restore.data.sources import evaluation_set
 from moe_restore.train import demo
 from moe_restore.train.inference import load_model
 
@@ -220,7 +219,6 @@ def test_before_after_grid_layout():
     assert torch.allclose(clean, demo._fit(images[2]), atol=1 / 255)
     caption = grid[:, top + box_h:top + box_h + demo._TEXT, demo._LABEL_WIDTH:demo._LABEL_WIDTH + box_w]
     assert (caption < 0.5).any(), "no PSNR caption under the degraded image"
-    assert len(evaluation_set("builtin", ("noise",))) >= 3, "fewer than three held-out images per task"
 
 
 def test_each_model_gets_its_own_demo_run_and_the_mim_dit_sampling_reaches_restore(tmp_path):
