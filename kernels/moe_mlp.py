@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _moe_mlp_torch
-from ._backend import INTERPRET, autocast_inputs, autocast_off, resolve_backend_for_dtype
+from ._backend import autocast_inputs, autocast_off, interpreter_dot_is_wrong, resolve_backend_for_dtype
 from ._device_checks import check_routing
 from .validation import check_float, check_has_values, check_ndim, check_same_device, check_shape
 from .activations import ACTIVATIONS, check_activation, first_layer_width, is_gated
@@ -59,10 +59,9 @@ def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
 
 def _resolve_backend(backend: str | None, x: torch.Tensor) -> str:
     """``resolve_backend_for_dtype``, and no bfloat16 on the Triton interpreter (CPU tensors): its
-    bfloat16 ``tl.dot`` returns wrong products (relative error 4e10 measured on a 7-token problem;
-    float16 and float32 are right), so there ``None`` takes the torch backend and ``"triton"``
-    raises TypeError rather than return wrong numbers."""
-    interpreted_bf16 = x.dtype == torch.bfloat16 and x.device.type == "cpu" and INTERPRET
+    bfloat16 ``tl.dot`` returns wrong products (``interpreter_dot_is_wrong``), so there ``None``
+    takes the torch backend and ``"triton"`` raises TypeError rather than return wrong numbers."""
+    interpreted_bf16 = interpreter_dot_is_wrong(x.dtype, x.device)
     if backend is None and interpreted_bf16:
         return "torch"
     backend = resolve_backend_for_dtype(backend, x, "x")
