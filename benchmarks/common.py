@@ -1,9 +1,10 @@
 """Shared benchmark harness: timing, peak memory, physical floors, JSON results, tables.
 
 Kernel speeds are GPU measurements only: ``time_ms`` uses ``triton.testing.do_bench`` (median of
-repeated runs after warm-up) on CUDA. On a machine without CUDA it returns the median wall time
-of a few runs of the torch path, labelled ``"cpu-wall"`` in the results: that is not a kernel
-speed and the tables say so.
+repeated runs after warm-up) on CUDA. On a machine without CUDA the suites time training steps
+with ``cpu_step_times``: wall time, forward and backward of each step timed in the same round so
+that a step is the sum of its parts, medians and interquartile ranges over interleaved rounds,
+labelled ``"cpu-wall-rounds"`` in the results and "CPU" in the tables: not kernel speeds.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def environment() -> dict[str, Any]:
         commit = None
     return {
         "device": torch.cuda.get_device_name() if on_gpu() else f"cpu ({platform.processor() or platform.machine()})",
-        "timing": "do_bench-median" if on_gpu() else "cpu-wall",
+        "timing": "do_bench-median" if on_gpu() else "cpu-wall-rounds",
         "torch": torch.__version__,
         "triton": triton_version,
         "commit": commit,
@@ -74,6 +75,50 @@ def time_ms(fn: Callable[..., Any], input_sets: Sequence[Sequence[Any]]) -> floa
         call()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+CPU_ROUNDS = 15
+
+
+def cpu_step_times(steps: Sequence[tuple[Callable[[], Any], Callable[[Any], Any]]], *, rounds: int = CPU_ROUNDS,
+                   label: str = "") -> list[dict[str, float]]:
+    """CPU wall times (ms) of training steps, each a pair (forward, backward): ``forward()`` returns
+    what ``backward(out)`` consumes.
+
+    One warm-up round, then ``rounds`` rounds (odd: a median is one of them) that each run every
+    step once in turn, so that the steps compared on one line share the moments of a shared
+    machine. In a round a step's forward and backward are timed back to back (``perf_counter``).
+    Per step: ``fwd_bwd_ms``, the median step time, and ``fwd_ms`` and ``bwd_ms``, the parts of
+    that median round, which add up to it exactly (medians of each part taken separately need not,
+    when a busy machine stalls one part of some rounds); ``fwd_iqr_ms``, ``bwd_iqr_ms`` and
+    ``fwd_bwd_iqr_ms``, the interquartile range of each over the rounds (the spread). A progress
+    bar on stderr counts the rounds."""
+    if rounds < 1 or rounds % 2 == 0:
+        raise ValueError(f"rounds must be odd and positive, got {rounds}")
+    from tqdm.auto import tqdm
+
+    samples = [{"fwd": [], "bwd": [], "fwd_bwd": []} for _ in steps]
+    with tqdm(total=rounds + 1, desc=f"{label} (CPU wall time, rounds)", unit="round", leave=False) as bar:
+        for r in range(rounds + 1):
+            for (forward, backward), times in zip(steps, samples):
+                start = time.perf_counter()
+                out = forward()
+                middle = time.perf_counter()
+                backward(out)
+                end = time.perf_counter()
+                if r:  # round 0 warms up
+                    for key, seconds in (("fwd", middle - start), ("bwd", end - middle), ("fwd_bwd", end - start)):
+                        times[key].append(seconds * 1e3)
+            bar.update(1)
+    results = []
+    for times in samples:
+        median_round = sorted(range(rounds), key=times["fwd_bwd"].__getitem__)[rounds // 2]
+        row = {f"{key}_ms": values[median_round] for key, values in times.items()}
+        for key, values in times.items():
+            q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if rounds > 1 else (0, 0, 0)
+            row[f"{key}_iqr_ms"] = q3 - q1
+        results.append(row)
+    return results
 
 
 def rotation_count(example_inputs: Sequence[Any]) -> int:
@@ -133,8 +178,9 @@ def write_results(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] |
     return path
 
 
-def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A Markdown table of ``columns`` of ``rows`` (floats to 3 significant digits)."""
+def format_table(rows: list[dict[str, Any]], columns: Sequence[str], headers: dict[str, str] | None = None) -> str:
+    """A Markdown table of ``columns`` of ``rows`` (floats to 3 significant digits); ``headers``
+    renames columns in the header line."""
     def cell(v: Any) -> str:
         if v is None:
             return "-"
@@ -142,6 +188,6 @@ def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
             return f"{v:.3g}"
         return str(v)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join((headers or {}).get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)

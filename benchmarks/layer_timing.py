@@ -12,18 +12,15 @@ For a forward function f(x) -> y over tokens x [T, D] with a fixed output gradie
                  each storage once, parameters and x excluded), on any device
 
 On a GPU calls rotate through copies of x so that a working set smaller than the L2 cache is not
-timed from the cache (``rotation_count``). On the CPU the times are wall times, not kernel speeds,
-and there is no peak-memory counter: ``fwd_bwd_ms`` is then the median process CPU time of rounds
-that run every implementation once, in turn (``interleaved_fwd_bwd_ms``), so that the ratios
-between rows of one shape come from the same moments of a shared machine. A Triton row on the CPU (interpreter) has
+timed from the cache (``rotation_count``). On the CPU every time is wall time (``cpu_step_times``:
+the median step over interleaved rounds and its forward and backward, which add up to it, with
+the interquartile ranges as ``*_iqr_ms``), not a kernel speed, and there is no peak-memory counter. A Triton row on the CPU (interpreter) has
 saved bytes only, no times.
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -33,15 +30,16 @@ from moe_restore.kernels.activations import first_layer_width
 
 from .memory import saved_bytes
 from .plots import write_plots
-from .common import (environment, floor_ms, format_table, measured_copy_bandwidth, measured_matmul_rate, on_gpu,
-                     peak_memory_mb, rotation_count, time_ms, write_results)
+from .common import (CPU_ROUNDS, cpu_step_times, environment, floor_ms, format_table, measured_copy_bandwidth,
+                     measured_matmul_rate, on_gpu, peak_memory_mb, rotation_count, time_ms, write_results)
 
-CPU_NOTE = ("No GPU: Triton kernel timings need a GPU. Timing the torch backend and the baselines against the "
-            "eager loop, float32, small shapes, as CPU time (fwd_bwd_ms: interleaved rounds; not kernel speeds); "
-            "the Triton path's saved bytes are counted under the interpreter.")
-COLUMNS = ["shape", "implementation", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "saved_bytes_per_token",
-           "fwd_bwd_x_vs_eager", "peak_vs_eager", "saved_vs_eager", "rel_err_vs_eager", "floor_ms"]
-CPU_ROUNDS = 15
+CPU_NOTE = (f"No GPU: Triton kernel timings need a GPU. Timing the torch backend and the baselines against the "
+            f"eager loop, float32, small shapes: CPU wall time in ms, the median step of {CPU_ROUNDS} interleaved "
+            "rounds and its parts (fwd_bwd = fwd + bwd), iqr = interquartile range (not kernel speeds); the Triton "
+            "path's saved bytes are counted under the interpreter.")
+COLUMNS = ["shape", "implementation", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_iqr_ms", "peak_mb",
+           "saved_bytes_per_token", "fwd_bwd_x_vs_eager", "peak_vs_eager", "saved_vs_eager", "rel_err_vs_eager",
+           "floor_ms"]
 
 
 def expert_flops(num_tokens: int, top_k: int, dim: int, hidden: int, activation: str) -> float:
@@ -55,7 +53,7 @@ def measure(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mo
     """fwd_ms, bwd_ms, fwd_bwd_ms, peak_mb and saved_bytes_per_token of ``forward`` (see the module
     docstring); untimed: the saved bytes only."""
     row = {"saved_bytes_per_token": saved_bytes(forward, x, module.parameters()) / x.shape[0]}
-    if not timed:
+    if not timed or not on_gpu():  # the CPU's times come from cpu_step_times (measure_impls)
         return {"fwd_ms": None, "bwd_ms": None, "fwd_bwd_ms": None, "peak_mb": None, **row}
     copies = rotation_count([x]) - 1 if on_gpu() else 0
     xs = [x] + [x.detach().clone().requires_grad_() for _ in range(copies)]
@@ -71,22 +69,6 @@ def measure(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mo
     if on_gpu():
         torch.cuda.empty_cache()  # the eager loop and the torch backend leave large caches behind
     return row
-
-
-def interleaved_fwd_bwd_ms(forwards: Sequence[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor,
-                           rounds: int = CPU_ROUNDS) -> list[float]:
-    """Median forward + backward time (ms) of each forward, over ``rounds`` rounds that each run
-    every forward once in turn (after one warm-up round). Timed as this process's CPU time, which
-    other processes on a shared machine do not inflate as they do wall time."""
-    dy = torch.randn_like(forwards[0](x).detach())
-    samples: list[list[float]] = [[] for _ in forwards]
-    for r in range(rounds + 1):
-        for f, times in zip(forwards, samples):
-            start = time.process_time()
-            f(x).backward(dy)
-            if r:
-                times.append((time.process_time() - start) * 1e3)
-    return [statistics.median(t) for t in samples]
 
 
 def _run_with_backend(layer: torch.nn.Module, backend: str, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +104,7 @@ class Impl:
 def measure_impls(label: str, impls: Sequence[Impl], x: torch.Tensor, eager: Impl) -> list[dict]:
     """Rows of ``measure`` for each implementation and the eager loop, with the relative error of
     each forward output against the eager loop's and the speed and memory ratios against it. On the
-    CPU fwd_bwd_ms comes from one interleaved run of the timed implementations."""
+    CPU the times come from one interleaved run of the timed implementations (``cpu_step_times``)."""
     with torch.no_grad():
         reference = eager.forward(x)
     rows = []
@@ -135,8 +117,11 @@ def measure_impls(label: str, impls: Sequence[Impl], x: torch.Tensor, eager: Imp
                      "rel_err_vs_eager": error, "floor_ms": impl.floor_ms})
     if not on_gpu():
         timed = [(impl, row) for impl, row in zip([*impls, eager], rows) if impl.timed]
-        for (_, row), ms in zip(timed, interleaved_fwd_bwd_ms([impl.forward for impl, _ in timed], x)):
-            row["fwd_bwd_ms"] = ms
+        dy = torch.randn_like(reference)
+        steps = [(functools.partial(impl.forward, x), functools.partial(torch.Tensor.backward, gradient=dy))
+                 for impl, _ in timed]
+        for (_, row), times in zip(timed, cpu_step_times(steps, label=label)):
+            row.update(times)
     base = rows[-1]
     for row in rows[:-1]:
         if row["fwd_bwd_ms"] is not None:
@@ -191,10 +176,15 @@ def run_suite(name: str, description: str, shapes: dict[str, Sequence[Any]], tar
         print(cpu_note)
 
     rows: list[dict] = []
-    for shape in chosen:
+    for index, shape in enumerate(chosen, start=1):
+        print(f"[{index}/{len(chosen)}] {getattr(shape, 'label', shape)} ...", flush=True)
         rows += bench_shape(shape, dtype, device, rates)
-    print(format_table(rows, list(columns) + list(extra_columns)))
+    shown = list(columns) + list(extra_columns)
+    # Every time on the CPU is a CPU wall time: the header says so.
+    headers = {} if on_gpu() else {c: f"CPU {c}" for c in shown if c.endswith("_ms")}
+    print(format_table(rows, shown, headers))
     if sweep is not None:
+        print("skew sweep ...", flush=True)
         rows += sweep(list(chosen), dtype, device)
     path = write_results(name, rows, {"dtype": str(dtype).replace("torch.", ""), "targets": targets,
                                       "quick": args.quick, "rates": rates})

@@ -9,7 +9,7 @@ Reports forward, backward and forward + backward times and the peak memory of fo
 its output error against the eager loop, and the Triton path's floor from the measured matmul
 and copy rates. On a GPU: bf16 at the shapes S1-S3 (``--quick``: small shapes). Without a GPU the
 script says that Triton timings need one, times the torch backend and the baselines at small
-shapes, float32, as CPU wall time (ratios from one interleaved run), and counts the Triton path's
+shapes, float32, as CPU wall time (medians and spreads from one interleaved run), and counts the Triton path's
 saved bytes under the interpreter (in a subprocess with TRITON_INTERPRET=1 if this one lacks it).
 A skew sweep moves tokens onto expert 0, from the router's own spread to every token; each suite
 writes PNG charts beside its JSON when matplotlib is installed.
@@ -87,6 +87,8 @@ def triton_saved_bytes_per_token(shape: MoEShape, dtype: torch.dtype, device: to
     code = ("import json, sys, torch; from moe_restore.benchmarks.moe import MoEShape, triton_saved_bytes_per_token; "
             "a = json.loads(sys.argv[1]); print(triton_saved_bytes_per_token(MoEShape(**a['shape']), "
             "getattr(torch, a['dtype']), torch.device('cpu'), a['skew']))")
+    print(f"{shape.label}: counting the Triton path's saved bytes under the interpreter (a subprocess) ...",
+          flush=True)
     arg = json.dumps({"shape": asdict(shape), "dtype": str(dtype).replace("torch.", ""), "skew": skew})
     done = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"})

@@ -2,7 +2,7 @@
 moe-restore[plot]``; without it the charts are skipped with a note).
 
     <results>-speed.png   forward + backward time per implementation and shape (ms; on the CPU
-                          process time from one interleaved run: compare bars within a shape only)
+                          wall time from one interleaved run: compare bars within a shape only)
     <results>-saved.png   bytes kept for backward per token, per implementation and shape (log scale)
     <results>-skew.png    forward + backward time against the skew of the routing (moe suite)
 
@@ -34,6 +34,24 @@ def _grouped_bars(ax, rows: list[dict[str, Any]], key: str) -> bool:
     return True
 
 
+def load_results(path: Path) -> dict[str, Any]:
+    """The results JSON at ``path``, checked for what the charts read; ``UserError`` (one line on
+    the command line) for a file that is not JSON or not a benchmark's results."""
+    from moe_restore.errors import UserError
+
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); pass a results file that moe-restore bench wrote") \
+            from None
+    environment, rows = (data.get("environment"), data.get("rows")) if isinstance(data, dict) else (None, None)
+    if not (isinstance(environment, dict) and "device" in environment and isinstance(rows, list)
+            and all(isinstance(r, dict) and {"shape", "implementation"} <= set(r) for r in rows)):
+        raise UserError(f"{path} is not a benchmark's results (want 'environment' with 'device' and 'rows', each "
+                        "with 'shape' and 'implementation'); pass a results file that moe-restore bench wrote")
+    return data
+
+
 def write_plots(results: str | Path) -> list[Path]:
     """Draw the charts of a results JSON file beside it; return the paths written."""
     try:
@@ -45,11 +63,15 @@ def write_plots(results: str | Path) -> list[Path]:
         print("matplotlib is not installed: no charts (pip install 'moe-restore[plot]')")
         return []
     results = Path(results)
-    data = json.loads(results.read_text())
+    data = load_results(results)
     device = data["environment"]["device"]
     rows = [r for r in data["rows"] if "skew" not in r]
     skewed = [r for r in data["rows"] if "skew" in r]
-    cpu = data["environment"].get("timing") == "cpu-wall"
+    # CPU results of this version: wall time over interleaved rounds; older ones timed fwd_bwd as
+    # process time.
+    timing = data["environment"].get("timing", "")
+    clock = {"cpu-wall-rounds": " (CPU wall time, median of interleaved rounds)",
+             "cpu-wall": " (CPU process time, interleaved)"}.get(timing, "")
     written = []
 
     def save(fig, suffix: str) -> None:
@@ -63,8 +85,7 @@ def write_plots(results: str | Path) -> list[Path]:
     if key is not None:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         _grouped_bars(ax, rows, key)
-        clock = " (CPU process time, interleaved)" if key == "fwd_bwd_ms" else " (CPU wall time)"
-        ax.set_ylabel(key.replace("_ms", " ms") + (clock if cpu else ""))
+        ax.set_ylabel(key.replace("_ms", " ms") + clock)
         ax.set_title(f"{results.stem}: time per implementation ({device})", fontsize=9)
         save(fig, "speed")
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -82,7 +103,7 @@ def write_plots(results: str | Path) -> list[Path]:
             if points:
                 ax.plot(*zip(*points), marker="o", label=impl)
         ax.set_xlabel("fraction of tokens sent to expert 0 (0: the router's own spread, 1: all)")
-        ax.set_ylabel("fwd_bwd ms" + (" (CPU process time, interleaved)" if cpu else ""))
+        ax.set_ylabel("fwd_bwd ms" + clock)
         ax.set_title(f"{results.stem}: skew sweep, {skewed[0]['shape'].rsplit(' skew', 1)[0]}", fontsize=9)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         save(fig, "skew")

@@ -8,7 +8,8 @@ Reports forward and backward times, peak memory of forward + backward, and the f
 achieved bandwidth: bytes of the inputs read once plus the output written once, over time,
 against the measured device-to-device copy rate, and the bytes kept for backward per token
 (``memory.saved_bytes``; the inputs excluded). Kernel speeds need a GPU: on a CPU the script says
-so and times only the torch backend against the loop, at small shapes, as wall time; under
+so and times only the torch backend against the loop, at small shapes, as CPU wall time
+(``common.cpu_step_times``: medians and spreads of the forward, the backward and the step); under
 ``TRITON_INTERPRET=1`` it adds the Triton scan's saved bytes (untimed).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from moe_restore.kernels import naive
 from moe_restore.kernels.gated_scan import gated_scan
 
-from .common import on_gpu, peak_memory_mb, time_ms
+from .common import CPU_ROUNDS, cpu_step_times, on_gpu, peak_memory_mb, time_ms
 from .layer_timing import run_suite
 from .memory import saved_bytes
 
@@ -46,12 +47,17 @@ def make_inputs(batch, length, dim, state, dtype, device, with_gates=True):
 
 
 def measure(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], io_bytes: int,
-            copy_rate: float | None, timed: bool = True) -> dict:
+            copy_rate: float | None, timed: bool = True, label: str = "") -> dict:
     """Saved bytes per token; timed: forward ms, backward ms (the backward pass alone), peak MiB of
-    both, forward bandwidth."""
+    both, forward bandwidth; on the CPU wall times from ``cpu_step_times`` (medians, spreads and
+    the step, fwd_bwd_ms = fwd + bwd), without peak memory or bandwidth."""
     saved = {"saved_bytes_per_token": saved_bytes(lambda _: forward(), inputs[0], inputs) / inputs[0].shape[:2].numel()}
     if not timed:
         return {"fwd_ms": None, "bwd_ms": None, "peak_mb": None, **saved}
+    if not on_gpu():  # CPU wall time, forward and backward of one step in the same round
+        grad = torch.randn_like(forward())
+        times = cpu_step_times([(forward, lambda out: torch.autograd.grad(out, inputs, grad))], label=label)[0]
+        return {**times, "peak_mb": None, **saved}
     fwd = time_ms(lambda: forward(), [()])
     out = forward()
     grad = torch.randn_like(out)
@@ -83,8 +89,9 @@ def bench_shape(shape, dtype, device, copy_rate, impls) -> list[dict]:
         else:
             forward = lambda name=name: gated_scan(*inputs, **extra, backend=name)  # noqa: E731
         timed = name != "triton" or device.type == "cuda"
-        rows.append({"shape": f"B{batch} L{length} D{dim} N{state}", "implementation": name,
-                     **measure(forward, params, io_bytes, copy_rate, timed)})
+        label = f"B{batch} L{length} D{dim} N{state}"
+        rows.append({"shape": label, "implementation": name,
+                     **measure(forward, params, io_bytes, copy_rate, timed, label=f"{label} {name}")})
         if on_gpu():
             torch.cuda.empty_cache()  # the torch backend and the loop leave large caches behind
     by_impl = {r["implementation"]: r for r in rows}
@@ -123,8 +130,11 @@ def bench_hgrn(shape, dtype, device, copy_rate) -> list[dict]:
 COLUMNS = ["shape", "implementation", "fwd_ms", "bwd_ms", "peak_mb", "saved_bytes_per_token", "fwd_x_vs_torch",
            "bwd_x_vs_torch",
            "fwd_x_vs_loop", "fwd_x_vs_fla", "fwd_GBps", "fwd_frac_of_copy"]
-CPU_NOTE = ("No GPU: Triton kernel timings need a GPU. Timing only the torch backend against the "
-            "sequential loop, float32, small shapes, as CPU wall time (not kernel speeds).")
+CPU_COLUMNS = ["shape", "implementation", "fwd_ms", "fwd_iqr_ms", "bwd_ms", "bwd_iqr_ms", "fwd_bwd_ms",
+               "fwd_bwd_iqr_ms", "saved_bytes_per_token", "fwd_x_vs_torch", "bwd_x_vs_torch", "fwd_x_vs_loop"]
+CPU_NOTE = (f"No GPU: Triton kernel timings need a GPU. Timing only the torch backend against the sequential loop, "
+            f"float32, small shapes: CPU wall time in ms, the median step of {CPU_ROUNDS} rounds and its parts "
+            "(fwd_bwd = fwd + bwd), iqr = interquartile range (not kernel speeds).")
 
 
 def bench_all(shape, dtype, device, rates) -> list[dict]:
@@ -140,7 +150,7 @@ def bench_all(shape, dtype, device, rates) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     shapes = {"gpu": GPU_SHAPES, "gpu_quick": GPU_QUICK_SHAPES, "cpu": CPU_SHAPES, "cpu_quick": CPU_QUICK_SHAPES}
     return run_suite("scan", __doc__.split("\n\n")[0], shapes, TARGETS, bench_all, argv,
-                     columns=COLUMNS, cpu_note=CPU_NOTE)
+                     columns=COLUMNS if on_gpu() else CPU_COLUMNS, cpu_note=CPU_NOTE)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,47 @@ states the autocast policy shared by every op). Public submodules: ``naive`` (on
 reference per op), ``activations`` (the expert activations by name) and ``validation``
 (argument checks).
 """
-from ._backend import BACKENDS
-from .gated_scan import ORDERS, gated_scan, gated_scan_2d
-from .moe_mlp import ACTIVATIONS, moe_mlp
-from .nested_routing import nested_route
-from .routing import SCORINGS, Routing, routing_from_topk, topk_route
+import sys as _sys
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "ORDERS", "SCORINGS", "Routing", "gated_scan", "gated_scan_2d", "moe_mlp",
-           "nested_route", "routing_from_topk", "topk_route"]
+
+def _hand_over_the_top_level_name() -> None:
+    """This folder imported as a top-level ``kernels`` (not as ``moe_restore.kernels``, the only
+    name it is installed under): the repository root is on ``sys.path``, as ``python -m pytest`` or
+    a script run from the root puts it. The name belongs to Hugging Face's ``kernels`` package,
+    which transformers imports, so load that one from the rest of ``sys.path`` and put it in
+    ``sys.modules`` in this module's place (the import statement returns what ``sys.modules``
+    holds once this file has run); if it is not installed, ``import kernels`` fails as it would
+    without this folder. The folder's own modules are not loaded under the top-level name, so no
+    second copy of the ops (and of their Triton kernels) comes into being."""
+    import importlib.util
+    import os
+    from importlib.machinery import PathFinder
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    elsewhere = [entry for entry in _sys.path if os.path.abspath(entry or os.curdir) != root]
+    spec = PathFinder.find_spec("kernels", elsewhere)
+    if spec is None or spec.loader is None:
+        del _sys.modules[__name__]
+        raise ModuleNotFoundError(
+            f"No module named 'kernels': {os.path.dirname(os.path.abspath(__file__))} is moe_restore.kernels (import "
+            "it under that name); Hugging Face's kernels package is not installed", name="kernels")
+    module = importlib.util.module_from_spec(spec)
+    _sys.modules[__name__] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del _sys.modules[__name__]
+        raise
+
+
+if __name__ == "kernels":
+    _hand_over_the_top_level_name()
+else:
+    from ._backend import BACKENDS
+    from .gated_scan import ORDERS, gated_scan, gated_scan_2d
+    from .moe_mlp import ACTIVATIONS, moe_mlp
+    from .nested_routing import nested_route
+    from .routing import SCORINGS, Routing, routing_from_topk, topk_route
+
+    __all__ = ["ACTIVATIONS", "BACKENDS", "ORDERS", "SCORINGS", "Routing", "gated_scan", "gated_scan_2d", "moe_mlp",
+               "nested_route", "routing_from_topk", "topk_route"]

@@ -124,10 +124,17 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cpu" and INTERPRET
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """Apply the backend rule for tensors on ``device``; see the module docstring."""
+def check_backend(backend: object) -> str | None:
+    """``backend`` if it is a backend name the ops take ("triton", "torch" or None), else
+    ValueError; layers call it when they are built, so that a misspelt name fails there."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Apply the backend rule for tensors on ``device``; see the module docstring."""
+    check_backend(backend)
     if backend == "torch":
         return "torch"
     runnable = triton_can_run(device)
@@ -189,6 +196,40 @@ def resolve_backend_for_dtype(backend: str | None, t: torch.Tensor, name: str) -
         raise TypeError(f"backend='triton' computes in float32 and takes float32, float16 or bfloat16; "
                         f"{name} is float64 (use backend='torch' or None)")
     return backend
+
+
+# True while the compile check records interpreted launches without executing them.
+_LAUNCHES_ONLY = False
+
+
+@contextlib.contextmanager
+def launches_only():
+    """A context in which interpreted kernel launches are recorded, not executed (the compile
+    check's recorder), so that refusals which protect computed values do not apply."""
+    global _LAUNCHES_ONLY
+    saved, _LAUNCHES_ONLY = _LAUNCHES_ONLY, True
+    try:
+        yield
+    finally:
+        _LAUNCHES_ONLY = saved
+
+
+def interpreter_dot_is_wrong(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a Triton ``tl.dot`` of ``dtype`` operands on ``device`` would compute wrong values:
+    bfloat16 under the interpreter (measured: relative error 4e10 on a 7-token expert MLP; float16
+    and float32 are right), unless launches are only recorded (``launches_only``)."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and INTERPRET and not _LAUNCHES_ONLY
+
+
+def refuse_double_backward(op: str, alternative: str):
+    """The autograd formula of a Triton backward op: its kernels compute first derivatives only,
+    so a gradient of a gradient (``create_graph=True`` then backward again) raises
+    NotImplementedError naming the op and what to use instead, rather than PyTorch's "no autograd
+    formula was registered"."""
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"{op} on backend='triton' has no second derivative (a gradient of a gradient, "
+                                  f"double backward); {alternative}")
+    return backward
 
 
 def _parse_pinned(text: str) -> dict[str, int]:

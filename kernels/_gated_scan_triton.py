@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import triton
 
-from ._backend import launch_size
+from ._backend import launch_size, refuse_double_backward
 from ._gated_scan_kernels import (_chunk_adjoint_kernel, _chunk_backward_kernel, _chunk_carry_kernel,
                                   _chunk_output_kernel, _chunk_state_kernel)
 
@@ -178,3 +178,4 @@ def _backward(ctx, grad_out, grad_final, _grad_ends, _grad_log_decay):
 
 
 gated_scan_forward.register_autograd(_backward, setup_context=_setup_context)
+gated_scan_backward.register_autograd(refuse_double_backward("gated_scan", "use backend='torch', which supports it"))

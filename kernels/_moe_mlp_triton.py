@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from ._backend import refuse_double_backward
 from ._moe_mlp_fused import FUSED_MAX_WIDTH, _backward_fused, _forward_fused
 from ._moe_mlp_grouped import _backward_grouped, _forward_grouped
 from ._moe_mlp_tiles import _Dispatch, _Weights
@@ -136,3 +137,5 @@ def _moe_mlp_grad(ctx, dy):
 
 
 moe_mlp_forward.register_autograd(_moe_mlp_grad, setup_context=_moe_mlp_setup)
+moe_mlp_backward.register_autograd(refuse_double_backward("moe_mlp", "neither backend supports it"))
+

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._backend import refuse_double_backward
 from ._routing_triton import (_block_e, _block_t, _choice_weights, _choice_weights_grad, _chosen_grads, _load_logits,
                               _score_warps, _top_k_ranks)
 
@@ -203,3 +204,4 @@ def _nested_scores_grad(ctx, dweights, _dexperts, dgroup_weights, _dgroups, _dba
 
 
 nested_scores.register_autograd(_nested_scores_grad, setup_context=_nested_scores_setup)
+nested_scores_backward.register_autograd(refuse_double_backward("nested_route", "use backend='torch', which supports it"))

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._backend import refuse_double_backward
+
 
 def _block_e(num_experts: int) -> int:
     return max(16, triton.next_power_of_2(num_experts))
@@ -240,6 +242,7 @@ def _topk_scores_grad(ctx, dweights, _dexperts, _dbad):
 
 
 topk_scores.register_autograd(_topk_scores_grad, setup_context=_topk_scores_setup)
+topk_scores_backward.register_autograd(refuse_double_backward("topk_route", "use backend='torch', which supports it"))
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from ._backend import autocast_inputs, autocast_off, resolve_backend_for_dtype
-from .validation import check_float, check_ndim, check_same_device, check_shape
+from .validation import check_bool, check_float, check_has_values, check_ndim, check_same_device, check_shape
 from ._gated_scan_torch import gated_scan_torch
 
 ORDERS = ("row", "col")
@@ -86,9 +86,10 @@ def gated_scan_2d(u: torch.Tensor, f: torch.Tensor, Bm: torch.Tensor, Cm: torch.
 def _scan(u, f, bm, cm, d_skip, z, h0, order: str | None, reverse: bool, return_final_state: bool,
           backend: str | None):
     """Both scans: ``order`` None for sequences [B, L, *], else the grid's visit ("row" | "col")."""
-    _check_bool("reverse", reverse)
-    _check_bool("return_final_state", return_final_state)
+    check_bool("reverse", reverse)
+    check_bool("return_final_state", return_final_state)
     check_float("u", u)
+    check_has_values("u", u)
     u, f, bm, cm, z = autocast_inputs(u, f, bm, cm, z)
     with autocast_off(u.device.type):
         return _scan_cast(u, f, bm, cm, d_skip, z, h0, order, reverse, return_final_state, backend)
@@ -164,11 +165,6 @@ def _pick_backend(backend: str | None, u: torch.Tensor, bm: torch.Tensor) -> str
     return backend
 
 
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
 def _check_inputs(u, f, bm, cm, d_skip, z, layout: str, state_layout: str) -> None:
     ndim = layout.count(",") + 1
     check_float("u", u)
@@ -180,9 +176,10 @@ def _check_inputs(u, f, bm, cm, d_skip, z, layout: str, state_layout: str) -> No
     if bm.shape[-1] == 0:
         raise ValueError("Bm must have a state size N >= 1, got 0")
     tokens = tuple(u.shape[:-1])
+    # Bm against u's tokens before Cm against Bm, so that a wrong Bm is blamed on Bm.
     for name, t, shape, where in (("f", f, u.shape, layout), ("z", z, u.shape, layout),
-                                  ("Cm", cm, bm.shape, state_layout),
-                                  ("Bm", bm, (*tokens, bm.shape[-1]), state_layout)):
+                                  ("Bm", bm, (*tokens, bm.shape[-1]), state_layout),
+                                  ("Cm", cm, bm.shape, f"{state_layout} (Bm's shape)")):
         if t is None:
             continue
         check_float(name, t)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from . import _moe_mlp_torch
-from ._backend import autocast_inputs, autocast_off, resolve_backend_for_dtype
+from ._backend import autocast_inputs, autocast_off, interpreter_dot_is_wrong, resolve_backend_for_dtype
 from ._device_checks import check_routing
-from .validation import check_float, check_ndim, check_same_device, check_shape
+from .validation import check_float, check_has_values, check_ndim, check_same_device, check_shape
 from .activations import ACTIVATIONS, check_activation, first_layer_width, is_gated
 from .routing import Routing
 
@@ -57,20 +57,36 @@ def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
                       sorted_assignments=routing.sorted_assignments)
 
 
+def _resolve_backend(backend: str | None, x: torch.Tensor) -> str:
+    """``resolve_backend_for_dtype``, and no bfloat16 on the Triton interpreter (CPU tensors): its
+    bfloat16 ``tl.dot`` returns wrong products (``interpreter_dot_is_wrong``), so there ``None``
+    takes the torch backend and ``"triton"`` raises TypeError rather than return wrong numbers."""
+    interpreted_bf16 = interpreter_dot_is_wrong(x.dtype, x.device)
+    if backend is None and interpreted_bf16:
+        return "torch"
+    backend = resolve_backend_for_dtype(backend, x, "x")
+    if backend == "triton" and interpreted_bf16:
+        raise TypeError("backend='triton' on CPU tensors runs under the Triton interpreter, whose bfloat16 matrix "
+                        "product is wrong; x is bfloat16: use backend='torch' or None, or float16/float32")
+    return backend
+
+
 def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
             b1: torch.Tensor | None = None, b2: torch.Tensor | None = None, *,
             activation: str = "gelu", backend: str | None = None) -> torch.Tensor:
     """Apply each token's routed experts and combine their outputs; see the module docstring.
 
-    x, w1, w2, b1 and b2 share one float dtype (float16, bfloat16, float32: both backends; float64:
-    the torch backend only, which ``backend=None`` then picks; ``backend="triton"`` raises
-    TypeError). Under ``torch.autocast`` x and the expert parameters are cast to the autocast
+    x, w1, w2, b1 and b2 share one float dtype (float16, bfloat16, float32: both backends; float64,
+    and bfloat16 on CPU tensors under the Triton interpreter: the torch backend only, which
+    ``backend=None`` then picks; ``backend="triton"`` raises TypeError). The Routing's tensors may
+    be strided views. Under ``torch.autocast`` x and the expert parameters are cast to the autocast
     dtype, which the output then has (the routing weights stay float32; see the autocast policy in
     ``_backend``). An inconsistent ``routing`` (e.g. built by hand, offsets that disagree with its
     assignments) is refused before any kernel reads it: ValueError on the torch backend, a
     device-side assert on the Triton path (ValueError under the interpreter); see ``_device_checks``.
     """
     check_float("x", x)
+    check_has_values("x", x)
     x, w1, w2, b1, b2 = autocast_inputs(x, w1, w2, b1, b2)
     with autocast_off(x.device.type):
         return _moe_mlp(x, routing, w1, w2, b1, b2, activation, backend)
@@ -78,7 +94,7 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
 
 def _moe_mlp(x, routing, w1, w2, b1, b2, activation: str, backend: str | None) -> torch.Tensor:
     _validate(x, routing, w1, w2, b1, b2, activation)
-    backend = resolve_backend_for_dtype(backend, x, "x")
+    backend = _resolve_backend(backend, x)
     if x.shape[0] == 0:
         # Empty, but attached to the graph so that every input gets a (zero) gradient.
         return x.new_zeros(0, w2.shape[2]) + sum(0 * t.sum() for t in (x, w1, w2, b1, b2) if t is not None)
@@ -88,5 +104,7 @@ def _moe_mlp(x, routing, w1, w2, b1, b2, activation: str, backend: str | None) -
     from ._moe_mlp_triton import moe_mlp_forward, use_fused_path
 
     fused = use_fused_path(x.shape[1], w2.shape[2], activation, x.dtype)
-    return moe_mlp_forward(x, routing.weights, w1, w2, b1, b2, routing.sorted_assignments,
-                           routing.expert_offsets, activation, fused)
+    # The kernels read the dispatch layout with unit stride (x and the parameters through their
+    # strides): a strided view of it, as a Routing built from slices holds, is copied first.
+    return moe_mlp_forward(x, routing.weights, w1, w2, b1, b2, routing.sorted_assignments.contiguous(),
+                           routing.expert_offsets.contiguous(), activation, fused)

@@ -32,13 +32,14 @@ import torch
 from . import _nested_routing_torch
 from ._backend import resolve_backend
 from ._deprecation import renamed_keywords
-from .validation import check_float, check_ndim, check_positive_int, check_same_device
+from .validation import check_bool, check_float, check_has_values, check_ndim, check_positive_int, check_same_device
 from .routing import Routing, finish_routing
 
 
 def _expert_logits_3d(group_logits: torch.Tensor, expert_logits: torch.Tensor) -> torch.Tensor:
     """Validate both logits tensors; return expert_logits as a [T, G, E] view."""
     check_float("group_logits", group_logits)
+    check_has_values("group_logits", group_logits)
     check_float("expert_logits", expert_logits)
     check_ndim("group_logits", group_logits, 2, "[T, G]")
     check_same_device(group_logits=group_logits, expert_logits=expert_logits)
@@ -70,6 +71,7 @@ def nested_route(group_logits: torch.Tensor, expert_logits: torch.Tensor, top_k_
     reference is ``naive.nested_route``.
     """
     expert_logits = _expert_logits_3d(group_logits, expert_logits)
+    check_bool("renormalize", renormalize)
     T, G, E = expert_logits.shape
     k_groups, k_experts = check_positive_int("top_k_groups", top_k_groups), \
         check_positive_int("top_k_experts", top_k_experts)

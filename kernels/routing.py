@@ -29,7 +29,8 @@ from . import _routing_torch
 from ._backend import resolve_backend
 from ._deprecation import renamed_keywords
 from ._device_checks import assert_on_device
-from .validation import check_float, check_ndim, check_positive_int, check_same_device, check_shape, check_tensor
+from .validation import (check_bool, check_float, check_has_values, check_ndim, check_positive_int,
+                         check_same_device, check_shape, check_tensor)
 
 SCORINGS = ("softmax", "sigmoid")
 
@@ -122,8 +123,10 @@ def topk_route(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", re
     ``_device_checks``). The plain reference is ``naive.topk_route``.
     """
     check_float("logits", logits)
+    check_has_values("logits", logits)
     check_ndim("logits", logits, 2, "[T, E]")
     check_positive_int("top_k", top_k)
+    check_bool("renormalize", renormalize)
     T, E = logits.shape
     k = top_k
     if k > E:
@@ -153,6 +156,7 @@ def routing_from_topk(experts: torch.Tensor, weights: torch.Tensor, num_experts:
     with an id out of range or twice is refused like NaN scores.
     """
     check_tensor("experts", experts)
+    check_has_values("experts", experts)
     if experts.is_floating_point() or experts.is_complex() or experts.dtype == torch.bool:
         raise TypeError(f"experts must be an integer tensor, got dtype {experts.dtype}")
     check_ndim("experts", experts, 2, "[T, k]")

@@ -105,7 +105,7 @@ def _train(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if args.no_amp:
         given["amp"] = False
-    train(TrainConfig(**given), resume=args.resume, overwrite=args.overwrite)
+    train(TrainConfig(**given), resume=args.resume, overwrite=args.overwrite, strict=args.strict)
     return 0
 
 
@@ -146,8 +146,8 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from moe_restore.train.demo import run_demo, tasks_not_beating_identity
-    from moe_restore.train.evaluate import markdown_table
+    from moe_restore.train.demo import run_demo
+    from moe_restore.train.evaluate import markdown_table, tasks_not_beating_identity
 
     results = run_demo(args.out, model=args.model, steps=args.steps)
     print(markdown_table(results), end="")
@@ -157,6 +157,18 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"the model does not beat the identity baseline on: {', '.join(behind)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _version() -> str:
+    from moe_restore import __version__
+
+    return __version__
+
+
+def _model_names() -> list[str]:
+    from moe_restore.models import names
+
+    return names()
 
 
 def _train_defaults():
@@ -189,6 +201,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moe-restore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of every error (also: {DEBUG_VARIABLE}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -202,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
 
     demo = commands.add_parser("demo", help="train a tiny restorer on the built-in images, evaluate, write demo_out/")
-    demo.add_argument("--model", default="m2ir-tiny", choices=("m2ir-tiny", "mim-dit-tiny"))
+    demo.add_argument("--model", default="m2ir-tiny", choices=("m2ir-tiny", "mim-dit-tiny"),
+                      help="which restorer to train (default: m2ir-tiny; mim-dit-tiny is the diffusion one)")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     demo.add_argument("--steps", type=_positive, default=None, help="training steps (default: the demo's fixed budget)")
     demo.set_defaults(run=_demo)
@@ -210,25 +224,32 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a restorer (under torchrun: DistributedDataParallel)",
                                 argument_default=argparse.SUPPRESS)
     defaults = _train_defaults()
-    train.add_argument("--model", help=f"configuration name, e.g. m2ir-tiny, m2ir-base (default: {defaults.model})")
+    train.add_argument("--model", help=f"configuration name, one of {', '.join(_model_names())} "
+                       f"(default: {defaults.model})")
     train.add_argument("--data", help=f"'builtin' or a folder (see moe_restore.data.sources; default: {defaults.data})")
     train.add_argument("--tasks", type=_tasks, help="comma-separated degradations, composites with '+' "
                                                    f"(default: {','.join(defaults.tasks)})")
-    train.add_argument("--steps", type=_positive, help=f"default: {defaults.steps}")
+    train.add_argument("--steps", type=_positive, help=f"optimizer steps of the whole run (default: {defaults.steps}; "
+                       "with --resume, the new total)")
     train.add_argument("--batch", type=_positive, help=f"images per step and process (default: {defaults.batch})")
     train.add_argument("--patch", type=_int_at_least(8, multiple_of=8),
                        help=f"training crop size, a multiple of 8 (default: {defaults.patch})")
-    train.add_argument("--lr", type=_positive_float, help=f"default: {defaults.lr}")
+    train.add_argument("--lr", type=_positive_float,
+                       help=f"peak learning rate, after warm-up and before cosine decay (default: {defaults.lr})")
     train.add_argument("--eval-every", type=_non_negative,
                        help=f"steps between evaluations (0: none; default: {defaults.eval_every})")
     train.add_argument("--checkpoint-every", type=_non_negative,
                        help=f"steps between checkpoints (0: only at the end; default: {defaults.checkpoint_every})")
-    train.add_argument("--seed", type=_non_negative, help=f"default: {defaults.seed}")
+    train.add_argument("--seed", type=_non_negative,
+                       help=f"seed of the initial weights and of the data draws (default: {defaults.seed})")
     train.add_argument("--out", required=True, help="run folder (checkpoint.pt, log.jsonl, evaluations)")
     start = train.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", default=False, help="continue from <out>/checkpoint.pt")
     start.add_argument("--overwrite", action="store_true", default=False,
-                       help="start a new run in a folder that holds another one (deletes its checkpoint and log)")
+                       help="start a new run in a folder that holds another one (its checkpoint and log are "
+                            "replaced when the new run has written its first checkpoint)")
+    train.add_argument("--strict", action="store_true", default=False,
+                       help="exit with status 1 when the final evaluation finds the model worse than its input")
     train.add_argument("--no-amp", action="store_true", default=False, help="no bfloat16 autocast on CUDA")
     train.add_argument("--workers", type=_non_negative, help=f"data-loading processes (default: {defaults.workers})")
     _add_runtime_options(train)
@@ -251,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=compile_check.run_from_args)
 
     restore = commands.add_parser("restore", help="restore images of any size (PNG/JPEG in and out)")
-    restore.add_argument("--checkpoint", required=True)
+    restore.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run (written by train)")
     restore.add_argument("inputs", nargs="+", metavar="IN", help="input images")
     restore.add_argument("--out", required=True, help="output folder")
     restore.add_argument("--format", choices=("png", "jpg"), default=None, help="default: the input's format")

@@ -84,7 +84,8 @@ def test_bench_command_quick_writes_results(tmp_path, monkeypatch, capsys):
     assert cli_main(["bench", "moe", "nested", "--quick"]) == 0
     printed = capsys.readouterr().out
     if not torch.cuda.is_available():
-        assert "Triton kernel timings need a GPU" in printed
+        assert "Triton kernel timings need a GPU" in printed and "CPU wall time" in printed
+        assert "[1/2] " in printed and "| CPU fwd_ms | CPU bwd_ms | CPU fwd_bwd_ms |" in printed  # progress, labels
     for suite, eager in (("moe", "eager loop"), ("nested", "eager two-level loop")):
         (path,) = tmp_path.glob(f"{suite}-*.json")
         result = json.loads(path.read_text())
@@ -98,6 +99,9 @@ def test_bench_command_quick_writes_results(tmp_path, monkeypatch, capsys):
                 assert row["fwd_bwd_ms"] is None  # the interpreter is not timed
                 continue
             assert row["fwd_ms"] > 0 and row["bwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+            if not torch.cuda.is_available():  # the parts of the median round add up to its step
+                assert row["fwd_ms"] + row["bwd_ms"] == pytest.approx(row["fwd_bwd_ms"], rel=1e-9), row
+                assert min(row["fwd_iqr_ms"], row["bwd_iqr_ms"], row["fwd_bwd_iqr_ms"]) >= 0, row
             if row["rel_err_vs_eager"] is not None:
                 assert row["rel_err_vs_eager"] < (3e-2 if torch.cuda.is_available() else 1e-5), row
         assert {path.with_name(f"{path.stem}-{chart}.png").is_file() for chart in ("speed", "saved")} == {True}
@@ -111,6 +115,21 @@ def test_bench_command_quick_writes_results(tmp_path, monkeypatch, capsys):
         if "triton" in rows:
             assert rows["triton"]["saved_bytes_per_token"] <= 0.1 * rows["eager loop"]["saved_bytes_per_token"]
     assert any("skew" in row for row in moe_rows)
+
+
+def test_cpu_step_times_are_wall_times_whose_parts_add_up():
+    """A forward that sleeps 3 ms and a backward that sleeps 6 ms: wall times (process time would
+    be about 0), each round's step the sum of its parts, medians and spreads of every part."""
+    import time
+
+    from moe_restore.benchmarks.common import cpu_step_times
+
+    (row,) = cpu_step_times([(lambda: time.sleep(3e-3), lambda _: time.sleep(6e-3))], rounds=5, label="sleep")
+    assert 3 <= row["fwd_ms"] < 30 and 6 <= row["bwd_ms"] < 60 and 9 <= row["fwd_bwd_ms"] < 90
+    assert all(row[f"{part}_iqr_ms"] >= 0 for part in ("fwd", "bwd", "fwd_bwd"))
+    assert row["fwd_ms"] + row["bwd_ms"] == pytest.approx(row["fwd_bwd_ms"], rel=1e-9)
+    with pytest.raises(ValueError, match="rounds must be odd"):
+        cpu_step_times([(lambda: None, lambda _: None)], rounds=4)
 
 
 def test_saved_bytes_counts_each_storage_once():

@@ -44,6 +44,26 @@ def test_train_eval_restore_end_to_end(tmp_path, capsys):
     assert read_image(restored_dir / "big.png").shape == (3, 70, 90)
 
 
+def test_version_and_complete_help(capsys):
+    """--version prints the package version; every option of every command has a help text, and
+    train's --model names every registered model."""
+    import argparse
+
+    from moe_restore import __version__
+    from moe_restore.cli import build_parser
+    from moe_restore.models import names
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"moe-restore {__version__}"
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.option_strings or action.dest)
+    model_help = next(a.help for a in commands["train"]._actions if "--model" in a.option_strings)
+    assert all(model in model_help for model in names())
+
+
 def _refused(capsys, argv: list[str], status: int) -> str:
     """Run the command line on a mistake; returns the one line it wrote on stderr."""
     capsys.readouterr()
@@ -132,6 +152,39 @@ def test_user_mistakes_end_in_one_line_and_status_1(tmp_path, capsys, trained):
         assert problem in _refused(capsys, argv, 1), argv
     assert not (tmp_path / "out").exists(), "a refused restore wrote an output"
     assert load_checkpoint(trained / "run" / "checkpoint.pt")["step"] == 1, "a refused run touched the folder"
+
+
+def test_faults_that_used_to_end_in_a_traceback_are_one_line(tmp_path, capsys, trained, monkeypatch):
+    """A checkpoint with NaN weights or a configuration of another version, --backend triton where
+    Triton cannot run, a corrupt results file for --plot, a resume with nothing left to train."""
+    state = load_checkpoint(trained / "run" / "checkpoint.pt")
+    model = build(state["config"]["model"], **state["config"]["model_config"])
+    model.load_state_dict(state["model"])
+    next(model.parameters()).data[0] = float("nan")
+    save_checkpoint(tmp_path / "nan.pt", model=model, config=state["config"])
+    unknown = {**state["config"], "model_config": {**state["config"]["model_config"], "bogus": 3}}
+    save_checkpoint(tmp_path / "unknown.pt", model=model, config=unknown)
+    (tmp_path / "corrupt.json").write_text('{"rows": [')
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    clean = str(trained / "clean")
+    evaluate = ["eval", "--data", clean, "--out", str(tmp_path / "eval"), "--checkpoint"]
+    cases = [
+        ([*evaluate, str(tmp_path / "nan.pt")], "NaN or infinite weights"),
+        ([*evaluate, str(tmp_path / "unknown.pt")], "does not fit this version"),
+        (["bench", "--plot", str(tmp_path / "corrupt.json")], "not valid JSON"),
+        (["bench", "--plot", str(tmp_path / "other.json")], "not a benchmark's results"),
+        (["train", "--data", clean, "--tasks", "noise", "--batch", "1", "--patch", "16", "--out",
+          str(trained / "run"), "--steps", "1", "--resume"], "nothing to train"),
+    ]
+    for argv, problem in cases:
+        assert problem in _refused(capsys, argv, 1), argv
+    from moe_restore.kernels import _backend
+
+    monkeypatch.setattr(_backend, "INTERPRET", False)  # a CPU without the interpreter: Triton cannot run
+    argv = ["train", "--data", clean, "--batch", "1", "--patch", "16", "--out", str(tmp_path / "r"), "--steps", "1",
+            "--device", "cpu", "--backend", "triton"]
+    assert "--backend triton on cpu" in _refused(capsys, argv, 1)
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path, capsys, trained):

@@ -42,6 +42,22 @@ def test_moe_mlp_float64_on_triton_is_refused():
         moe_mlp(x, r, w1, w2, b1, b2, backend="triton")
 
 
+@pytest.mark.skipif(not TRITON_HERE or DEVICE.type != "cpu", reason="the Triton interpreter is not in use")
+def test_moe_mlp_bfloat16_under_the_interpreter_takes_torch_or_is_refused():
+    """The interpreter's bfloat16 tl.dot is wrong: None takes the torch backend (right within the
+    bf16 tolerance of the oracle), "triton" is refused; float16 stays on Triton and is right."""
+    x, r, w1, w2, b1, b2 = mlp_problem(torch.bfloat16)
+    ref = oracle_moe_mlp(x.double(), r.experts, r.weights.double(),
+                         *(t.double() for t in (w1, w2, b1, b2)), "gelu")
+    assert_close(moe_mlp(x, r, w1, w2, b1, b2), ref, torch.bfloat16, what="bf16 output, backend None")
+    with pytest.raises(TypeError, match="x is bfloat16"):
+        moe_mlp(x, r, w1, w2, b1, b2, backend="triton")
+    half = [t.half() for t in (x, w1, w2, b1, b2)]
+    ref = oracle_moe_mlp(half[0].double(), r.experts, r.weights.double(), *(t.double() for t in half[1:]), "gelu")
+    assert_close(moe_mlp(half[0], r, *half[1:], backend="triton"), ref, torch.float16, backend="triton",
+                 what="fp16 output on Triton")
+
+
 def test_float64_topk_moe_with_backend_none_matches_the_oracle():
     """A float64 TopKMoE (backend=None) against the float64 per-token loop; the routing weights
     are float32 by the policy, hence the float32 tolerance (a wrong path is off by O(1))."""

@@ -372,6 +372,8 @@ def test_errors_name_the_argument():
         gated_scan(u, f, Bm, Cm[..., :2])
     with pytest.raises(ValueError, match="Bm must have shape"):
         gated_scan(u, f, Bm[:, :4], Cm[:, :4])
+    with pytest.raises(ValueError, match="Bm must have shape"):  # a wrong Bm alone is blamed on Bm
+        gated_scan(u, f, Bm[:, :4], Cm)
     with pytest.raises(ValueError, match="u must have shape"):
         gated_scan(u[0], f[0], Bm[0], Cm[0])
     with pytest.raises(ValueError, match="d_skip must have shape"):

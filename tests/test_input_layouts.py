@@ -4,6 +4,7 @@ forward and backward; and CUDA tensors on a machine whose Triton cannot compile 
 torch backend with a warning (or raise, when backend="triton" was asked for)."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -59,6 +60,37 @@ def test_moe_mlp_takes_strided_views(backend, path, monkeypatch):
     assert_close(y, y_ref, torch.float32, backend=backend, what="output from strided views")
     for name, got, want in zip(leaves, grads, grads_ref):
         assert_close(got, want, torch.float32, backend=backend, what=f"grad {name}")
+
+
+@pytest.mark.parametrize(("backend", "path"), CASES)
+def test_moe_mlp_takes_a_routing_of_strided_views(backend, path, monkeypatch):
+    """A Routing whose dispatch layout is a strided view (every other element of a buffer poisoned
+    in between) gives what the contiguous one gives, forward and backward."""
+    if path:
+        monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path)
+    T, D, H, E = 13, 10, 6, 4
+    x, w1, w2 = _randn(T, D, seed=1), _randn(E, D, H, seed=2) / D**0.5, _randn(E, H, D, seed=3) / H**0.5
+    logits = _randn(T, E, seed=4).requires_grad_()
+    routing = topk_route(logits, 2, backend=backend)
+
+    def every_other(t: torch.Tensor) -> torch.Tensor:
+        wide = torch.full((2 * t.numel(),), 10**9, dtype=t.dtype, device=t.device)
+        wide[::2] = t.reshape(-1)
+        return wide[::2].view(t.shape) if t.dim() == 1 else wide.view(*t.shape[:-1], 2 * t.shape[-1])[..., ::2]
+
+    weights_wide = torch.zeros(T, 4, device=DEVICE)
+    weights_wide = weights_wide.index_copy(1, torch.tensor([0, 2], device=DEVICE), routing.weights)
+    strided = dataclasses.replace(routing, weights=weights_wide[:, ::2], experts=every_other(routing.experts),
+                                  sorted_assignments=every_other(routing.sorted_assignments),
+                                  expert_offsets=every_other(routing.expert_offsets))
+    assert not any(t.is_contiguous() for t in (strided.weights, strided.sorted_assignments, strided.expert_offsets))
+    results = []
+    for r in (strided, routing):
+        y = moe_mlp(x, r, w1, w2, activation="gelu", backend=backend)
+        results.append((y.detach(), torch.autograd.grad(y.square().sum(), logits, retain_graph=True)[0]))
+    (y, grad), (y_ref, grad_ref) = results
+    assert_close(y, y_ref, torch.float32, backend=backend, what="output of a strided routing")
+    assert_close(grad, grad_ref, torch.float32, backend=backend, what="router gradient of a strided routing")
 
 
 def _logit_views(T: int, E: int, seed: int) -> dict[str, torch.Tensor]:

@@ -135,6 +135,9 @@ def test_bad_arguments_are_refused_by_name():
         upcycle_ffn(model, nested=(2, 2))
     with pytest.raises(ValueError, match="noise_std"):
         upcycle_ffn(model, num_experts=2, top_k=1, noise_std=-1.0)
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="noise_std must be a finite number"):
+            upcycle_ffn(model, num_experts=2, top_k=1, noise_std=bad)
     with pytest.raises(TypeError, match="match must be a callable"):
         upcycle_ffn(model, num_experts=2, top_k=1, match="fc")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):

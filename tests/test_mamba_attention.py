@@ -91,5 +91,7 @@ def test_block_rejects_bad_arguments():
         MambaStyleAttention(8, d_state=2.5)
     with pytest.raises(ValueError, match="dim must be >= 1"):
         MambaStyleAttention(0)
+    with pytest.raises(ValueError, match="backend must be one of .* got 'trition'"):
+        MambaStyleAttention(8, backend="trition")
     with pytest.raises(ValueError, match=r"x must have shape \[B, 8, H, W\]"):
         MambaStyleAttention(8)(torch.randn(1, 4, 3, 3))

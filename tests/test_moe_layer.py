@@ -197,4 +197,9 @@ def test_bad_input_raises_naming_the_argument():
         TopKMoE.from_dense(torch.nn.Linear(6, 8), torch.nn.Linear(8, 6), 3, 1, activation="swiglu")
     with pytest.raises(ValueError, match="noise_std"):
         TopKMoE.from_dense(torch.nn.Linear(6, 8), torch.nn.Linear(8, 6), 3, 1, noise_std=-1.0)
+    with pytest.raises(ValueError, match="noise_std must be a finite number"):
+        TopKMoE.from_dense(torch.nn.Linear(6, 8), torch.nn.Linear(8, 6), 3, 1, noise_std=float("nan"))
+    for misspelt in ("Triton", "cuda", "pytorch"):  # refused when the layer is built, not at its first call
+        with pytest.raises(ValueError, match=f"backend must be one of .* got '{misspelt}'"):
+            TopKMoE(6, 8, 3, 1, backend=misspelt)
 

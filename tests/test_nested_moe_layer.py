@@ -183,6 +183,8 @@ def test_bad_input_raises_naming_the_argument():
         layer(x, torch.ones(2, 4, dtype=torch.int64, device=DEVICE))
     with pytest.raises(ValueError, match="group_context given"):
         NestedMoE(6, 8, 3, 2, 2, 1).to(DEVICE)(x, torch.randn(2, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="backend must be one of .* got 'torch '"):
+        NestedMoE(6, 8, 3, 2, 2, 1, backend="torch ")
     with pytest.raises(ValueError, match="x must have shape"):
         layer(torch.randn(2, 5, 7, device=DEVICE), torch.randn(2, 4, device=DEVICE))
     with pytest.raises(ValueError, match="nested router logits contain NaN"):

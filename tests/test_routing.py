@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_restore.kernels import Routing, routing_from_topk, topk_route
+from moe_restore.kernels import Routing, nested_route, routing_from_topk, topk_route
 from utils import DEVICE, assert_close, backends, poisoned_allocations, raising_backends
 
 
@@ -131,6 +131,10 @@ def test_empty_input(backend):
     (lambda: topk_route(torch.randn(4, 3), 1, scoring="relu"), ValueError, "scoring must be"),
     (lambda: topk_route(torch.randn(4, 3), 1, backend="cuda"), ValueError, "backend must be"),
     (lambda: topk_route([[1.0]], 1), TypeError, "logits must be a torch.Tensor"),
+    (lambda: topk_route(torch.randn(4, 3), 1, renormalize=0, backend="torch"), TypeError, "renormalize must be a bool"),
+    (lambda: topk_route(torch.randn(4, 3), 1, renormalize="no"), TypeError, "renormalize must be a bool"),
+    (lambda: nested_route(torch.randn(4, 2), torch.randn(4, 2, 3), 1, 1, renormalize=None), TypeError,
+     "renormalize must be a bool"),
 ])
 def test_bad_input_is_named(call, error, match):
     with pytest.raises(error, match=match):

@@ -23,6 +23,7 @@ from moe_restore.train.demo import (
     before_after_grid,
     demo_config,
 )
+from moe_restore.train import demo
 from moe_restore.train.inference import load_model
 
 
@@ -137,6 +138,50 @@ def test_a_run_folder_in_use_needs_resume_or_overwrite(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
 
 
+def test_overwrite_keeps_the_earlier_run_until_its_first_checkpoint(tmp_path):
+    """--overwrite deletes nothing before the new run has read its data, and the earlier
+    checkpoint and log stay whole until the new run's first checkpoint has replaced them."""
+    train(_config(tmp_path, steps=2, checkpoint_every=0), progress=False)
+    earlier = (tmp_path / "checkpoint.pt").read_bytes()
+    empty = tmp_path.parent / f"{tmp_path.name}-no-images"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no images"):
+        train(_config(tmp_path, data=str(empty)), overwrite=True, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == earlier and _logged_steps(tmp_path) == [1, 2]
+
+    def crash_at_step_2(step, terms):
+        assert (tmp_path / "checkpoint.pt").read_bytes() == earlier and _logged_steps(tmp_path) == [1, 2]
+        if step == 2:
+            raise _Crash
+    with pytest.raises(_Crash):
+        train(_config(tmp_path, steps=3, checkpoint_every=3), overwrite=True, progress=False,
+              on_step=crash_at_step_2)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2 and _logged_steps(tmp_path) == [1, 2]
+    train(_config(tmp_path, steps=3, checkpoint_every=2), overwrite=True, progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3 and _logged_steps(tmp_path) == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.json", "log.jsonl"]
+
+
+def test_resume_past_the_last_step_says_so(tmp_path, capsys):
+    train(_config(tmp_path, steps=2), progress=False)
+    with pytest.raises(UserError, match="at step 2, already at or past --steps 2"):
+        train(_config(tmp_path, steps=2), resume=True, progress=False)
+    train(_config(tmp_path, steps=3), resume=True)
+    out = capsys.readouterr().out
+    assert "train m2ir-tiny" in out and "resumed from step 2" in out and "1 step(s) to go" in out
+
+
+def test_a_model_worse_than_its_input_is_reported(tmp_path, capsys):
+    """One step of a fresh model restores worse than the identity: a warning on stderr, and a
+    UserError under strict after the checkpoint and evaluation were written."""
+    config = _config(tmp_path, steps=1, eval_every=1)
+    train(config, progress=False)
+    assert "warning: the trained model restores worse than its input" in capsys.readouterr().err
+    with pytest.raises(UserError, match="worse than its input"):
+        train(config, overwrite=True, progress=False, strict=True)
+    assert (tmp_path / "eval_step1.json").is_file() and load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1
+
+
 def test_resume_refuses_a_different_run(tmp_path):
     train(_config(tmp_path, steps=1), progress=False)
     with pytest.raises(ValueError, match="patch"):
@@ -162,10 +207,18 @@ def test_tiled_restoration_blends_to_the_untiled_result():
 
 
 def test_before_after_grid_layout():
-    images = [torch.rand(3, 40, 60), torch.rand(3, 50, 50)]
+    """A header row, then one row per (task, image) of cells of one size: degraded, restored,
+    clean (the images, fitted to the cell), each row with its PSNR captions drawn in."""
+    images = [torch.rand(3, 40, 60), torch.rand(3, 50, 50), torch.rand(3, 30, 90)]
     dataset = FixedDegradedDataset(images, ("noise", "blur"))
     grid = before_after_grid(torch.nn.Identity(), dataset)
-    assert grid.shape == (3, 2 * 192, 3 * 288)
+    box_h, box_w = demo._BOX
+    assert grid.shape == (3, demo._TEXT + 6 * (box_h + demo._TEXT), demo._LABEL_WIDTH + 3 * box_w)
+    top = demo._TEXT + 2 * (box_h + demo._TEXT)  # the third row: noise, third image (30 x 90)
+    clean = grid[:, top:top + box_h, demo._LABEL_WIDTH + 2 * box_w:]
+    assert torch.allclose(clean, demo._fit(images[2]), atol=1 / 255)
+    caption = grid[:, top + box_h:top + box_h + demo._TEXT, demo._LABEL_WIDTH:demo._LABEL_WIDTH + box_w]
+    assert (caption < 0.5).any(), "no PSNR caption under the degraded image"
 
 
 def test_each_model_gets_its_own_demo_run_and_the_mim_dit_sampling_reaches_restore(tmp_path):

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from moe_restore.kernels.validation import check_positive_int
+from moe_restore.kernels.validation import check_finite_non_negative, check_positive_int
 from moe_restore.layers.moe import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
 
@@ -321,8 +321,7 @@ def upcycle_ffn(model: nn.Module, *, num_experts: int | None = None, top_k: int 
     check_arguments(model, backend)
     if match is not None and not callable(match):
         raise TypeError(f"match must be a callable (name, module) -> bool, got {type(match).__name__}")
-    if not isinstance(noise_std, (int, float)) or noise_std < 0:
-        raise ValueError(f"noise_std must be a number >= 0, got {noise_std!r}")
+    check_finite_non_negative("noise_std", noise_std)
     experts, k = _check_layout(num_experts, top_k, nested)
     parents = {id(child): parent for parent in model.modules() for child in parent.children()}
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from moe_restore.kernels import Routing, moe_mlp, routing_from_topk
 from moe_restore.kernels.activations import check_activation, first_layer_width
-from moe_restore.kernels.validation import check_positive_int
+from moe_restore.kernels.validation import check_backend, check_finite_non_negative, check_positive_int
 
 
 def dense_mlp_dims(linear1: nn.Linear, linear2: nn.Linear, activation: str) -> tuple[int, int, int, bool]:
@@ -60,7 +60,7 @@ class ExpertMLPs(nn.Module):
             check_positive_int(name, value)
         check_activation(activation)
         self.num_experts, self.dim, self.hidden_dim, self.out_dim = num_experts, dim, hidden_dim, out_dim
-        self.activation, self.backend = activation, backend
+        self.activation, self.backend = activation, check_backend(backend)
         first = first_layer_width(activation, hidden_dim)
         self.w1 = nn.Parameter(_uniform_(torch.empty(num_experts, dim, first), dim))
         self.w2 = nn.Parameter(_uniform_(torch.empty(num_experts, hidden_dim, out_dim), hidden_dim))
@@ -83,8 +83,7 @@ class ExpertMLPs(nn.Module):
     def copy_dense_(self, linear1: nn.Linear, linear2: nn.Linear, noise_std: float = 0.0) -> None:
         """Make every expert a copy of the dense MLP linear2(act(linear1(u))), plus independent
         N(0, noise_std^2) noise on each copy's w1 and w2 (to break the experts' symmetry)."""
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        check_finite_non_negative("noise_std", noise_std)
         self.w1.copy_(linear1.weight.t().expand_as(self.w1))
         self.w2.copy_(linear2.weight.t().expand_as(self.w2))
         if noise_std:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_restore.kernels.validation import check_positive_int
+from moe_restore.kernels.validation import check_backend, check_positive_int
 from moe_restore.kernels import ORDERS, gated_scan_2d
 
 DIRECTIONS = (1, 2, 4)
@@ -53,7 +53,7 @@ class MambaStyleAttention(nn.Module):
         self.rank = math.ceil(dim / 16)  # the decay's low-rank bottleneck, as Mamba's dt_rank
         # (visit, reverse) per direction: row, row backwards, column, column backwards
         self.orders = tuple((order, reverse) for order in ORDERS for reverse in (False, True))[:directions]
-        self.backend = backend
+        self.backend = check_backend(backend)
 
         self.in_proj = nn.Conv2d(dim, 2 * inner, 1)
         self.conv = nn.Conv2d(inner, inner, d_conv, padding=d_conv // 2, groups=inner)

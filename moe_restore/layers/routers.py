@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_restore.kernels import SCORINGS, Routing, nested_route, topk_route
-from moe_restore.kernels.validation import check_float, check_positive_int, check_same_device
+from moe_restore.kernels.validation import check_backend, check_float, check_positive_int, check_same_device
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,10 @@ class ContextLinear(nn.Linear):
     def logits(self, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """W_x x[t] + (W_c c[b] + bias), [T, out_features]."""
         self.check_context(tokens, context)
+        if tokens.dtype != self.weight.dtype and not torch.is_autocast_enabled(tokens.device.type):
+            raise TypeError(f"x is {tokens.dtype} but the layer's parameters are {self.weight.dtype}: convert one to "
+                            f"the other (layer.to({tokens.dtype}) or x.to({self.weight.dtype})), or run under "
+                            "torch.autocast")
         if context is None:
             return F.linear(tokens, self.weight, self.bias)
         images = context.shape[0]
@@ -157,7 +161,8 @@ class TopKRouter(ContextLinear):
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
         super().__init__(dim, context_dim, num_experts, bias=bias)
-        self.num_experts, self.top_k, self.scoring, self.backend = num_experts, top_k, scoring, backend
+        self.num_experts, self.top_k, self.scoring = num_experts, top_k, scoring
+        self.backend = check_backend(backend)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The probabilities P of the balance loss, float32 [T, E]: softmax, or normalised sigmoid."""
@@ -198,7 +203,8 @@ class NestedRouter(nn.Module):
         self.check_layout(num_groups, experts_per_group, top_k_groups, top_k_experts)
         self.num_groups, self.experts_per_group = num_groups, experts_per_group
         self.top_k_groups, self.top_k_experts = top_k_groups, top_k_experts
-        self.num_experts, self.context_dim, self.backend = num_groups * experts_per_group, context_dim, backend
+        self.num_experts, self.context_dim = num_groups * experts_per_group, context_dim
+        self.backend = check_backend(backend)
         self.group_router = ContextLinear(dim, context_dim, num_groups)
         self.expert_router = ContextLinear(dim, context_dim, num_groups * experts_per_group)
 

@@ -4,7 +4,8 @@ on the held-out images and write a before/after grid and the results table.
 A fixed number of steps per model (not a wall-clock budget), so the result is the same on every
 machine: ``DEMO_SETTINGS``; for m2ir-tiny ``DEMO_STEPS`` steps of ``DEMO_BATCH`` 64 x 64 patches,
 a few minutes on a 2-core CPU, and about as long for mim-dit-tiny's cheaper but more numerous steps.
-Output in ``out_dir``: ``grid.png`` (one row per task: degraded | restored | clean),
+Output in ``out_dir``: ``grid.png`` (one labelled row per held-out image of each task: degraded,
+restored, clean, with the PSNR of the first two),
 ``results.json`` and ``results.md`` (PSNR / SSIM per task beside the identity baseline) and the
 training run in ``run/``.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,13 +22,16 @@ from moe_restore.data.image_io import write_image
 from moe_restore.data.sources import evaluation_set
 from moe_restore.train.evaluate import evaluate, write_results
 from moe_restore.train.inference import restore_image
+from moe_restore.train.metrics import image_metrics
 from moe_restore.train.losses import LossWeights
 from moe_restore.train.trainer import TrainConfig, train
 
 DEMO_STEPS = 600
 DEMO_BATCH = 4
 DEMO_PATCH = 64
-_CELL = 192  # height of one grid cell in pixels
+_BOX = (160, 240)  # height and width of one image cell of the grid, in pixels
+_LABEL_WIDTH = 110  # the grid's first column: task and image name
+_TEXT = 18  # height of a line of text in the grid (PIL's default bitmap font)
 
 
 # Per model, the TrainConfig fields of its demo run.
@@ -58,17 +63,45 @@ def demo_config(out_dir: str | Path, *, steps: int | None = None, model: str = "
                        out=str(Path(out_dir) / "run"))
 
 
-def before_after_grid(model: torch.nn.Module, dataset, *, image_index: int = 0) -> torch.Tensor:
-    """[3, H, W] grid: for each task, degraded | restored | clean of one held-out image."""
-    rows = []
-    per_task = len(dataset) // len(dataset.tasks)
-    for task_index in range(len(dataset.tasks)):
-        degraded, clean, _ = dataset[task_index * per_task + image_index]
-        restored = restore_image(model, degraded)
-        cells = [F.interpolate(im[None], size=(_CELL, round(_CELL * im.shape[2] / im.shape[1])), mode="area")[0]
-                 for im in (degraded, restored, clean)]
-        rows.append(torch.cat(cells, dim=2))
-    return torch.cat(rows, dim=1)
+def _fit(image: torch.Tensor) -> torch.Tensor:
+    """``image`` scaled (area) to fit a ``_BOX`` cell, centred on a grey background."""
+    box_h, box_w = _BOX
+    scale = min(box_h / image.shape[1], box_w / image.shape[2])
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale)))
+    cell = torch.full((3, box_h, box_w), 0.3)
+    top, left = (box_h - size[0]) // 2, (box_w - size[1]) // 2
+    cell[:, top:top + size[0], left:left + size[1]] = F.interpolate(image[None], size=size, mode="area")[0]
+    return cell
+
+
+def before_after_grid(model: torch.nn.Module, dataset) -> torch.Tensor:
+    """[3, H, W] labelled grid of every held-out image of ``dataset``: a header row (task / image,
+    degraded, restored, clean), then one row per image with its task and name, the degraded input
+    and the restored image each with its PSNR against the clean image (the restored one with its
+    gain over the input), and the clean image."""
+    from PIL import Image, ImageDraw
+
+    box_h, box_w = _BOX
+    width, height = _LABEL_WIDTH + 3 * box_w, _TEXT + len(dataset) * (box_h + _TEXT)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for column, title in enumerate(("degraded (input)", "restored", "clean (target)")):
+        draw.text((_LABEL_WIDTH + column * box_w + 4, 3), title, fill="black")
+    draw.text((4, 3), "task / image", fill="black")
+    for index in range(len(dataset)):
+        degraded, clean, _ = dataset[index]
+        restored = restore_image(model, degraded).clamp(0, 1)
+        before, after = (image_metrics(image, clean)["psnr"] for image in (degraded, restored))
+        top = _TEXT + index * (box_h + _TEXT)
+        task, _, name = dataset.name(index).partition("/")
+        draw.text((4, top + box_h // 2 - 8), task, fill="black")
+        draw.text((4, top + box_h // 2 + 4), name, fill="dimgray")
+        captions = (f"PSNR {before:.2f} dB", f"PSNR {after:.2f} dB ({after - before:+.2f})", "")
+        for column, (image, caption) in enumerate(zip((degraded, restored, clean), captions)):
+            cell = (_fit(image) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            canvas.paste(Image.fromarray(cell), (_LABEL_WIDTH + column * box_w, top))
+            draw.text((_LABEL_WIDTH + column * box_w + 4, top + box_h + 3), caption, fill="black")
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
 
 
 def run_demo(out_dir: str | Path = "demo_out", *, steps: int | None = None, model: str = "m2ir-tiny",
@@ -84,7 +117,3 @@ def run_demo(out_dir: str | Path = "demo_out", *, steps: int | None = None, mode
     write_image(out_dir / "grid.png", before_after_grid(model, dataset))
     return results
 
-
-def tasks_not_beating_identity(results: dict) -> list[str]:
-    """The tasks on which the model's mean PSNR does not exceed the identity baseline's."""
-    return [task for task, row in results["tasks"].items() if row["model"]["psnr"] <= row["identity"]["psnr"]]

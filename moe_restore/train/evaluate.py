@@ -43,6 +43,12 @@ def evaluate(model: nn.Module, dataset: Dataset, *, tile: int | None = 256) -> d
     return {"tasks": tasks, "average": average}
 
 
+def tasks_not_beating_identity(results: dict[str, Any]) -> list[str]:
+    """The tasks of ``evaluate``'s ``results`` on which the model's mean PSNR does not exceed the
+    identity baseline's."""
+    return [task for task, row in results["tasks"].items() if row["model"]["psnr"] <= row["identity"]["psnr"]]
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """PSNR / SSIM per task and on average, model beside identity."""
     lines = ["| task | images | PSNR (dB) | SSIM | PSNR-Y (dB) | SSIM-Y | identity PSNR | identity SSIM |",

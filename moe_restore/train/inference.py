@@ -22,6 +22,12 @@ def pipeline_backend(backend: str | None, device: torch.device | str) -> str | N
     CUDA and the torch backend on the CPU (even where the Triton interpreter could run: it is a
     test vehicle, far too slow to train or restore images with)."""
     if backend is not None:
+        from moe_restore.kernels._backend import resolve_backend
+
+        try:
+            resolve_backend(backend, torch.device(device))  # refused here, not at the first forward
+        except (RuntimeError, ValueError) as error:
+            raise UserError(f"--backend {backend} on {device}: {error}") from None
         return backend
     return "torch" if torch.device(device).type == "cpu" else None
 
@@ -43,7 +49,15 @@ def load_model(checkpoint: str | Path, *, device: torch.device | str = "cpu", ba
     overrides = {"backend": pipeline_backend(backend, device)}
     if sample_steps is not None and "sample_steps" in run["model_config"]:
         overrides["sample_steps"] = sample_steps
-    model = build(run["model"], **{**run["model_config"], **overrides})
+    try:
+        model = build(run["model"], **{**run["model_config"], **overrides})
+    except (TypeError, ValueError) as error:  # a configuration of another version of moe-restore
+        raise UserError(f"checkpoint {str(checkpoint)!r}: its model configuration does not fit this version of "
+                        f"moe-restore ({error})") from None
+    non_finite = [name for name, t in state["model"].items() if t.is_floating_point() and not t.isfinite().all()]
+    if non_finite:
+        raise UserError(f"checkpoint {str(checkpoint)!r} holds NaN or infinite weights in {len(non_finite)} "
+                        f"tensor(s), e.g. {non_finite[0]!r} (the run diverged): use an earlier checkpoint")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:  # missing, unexpected or mis-shaped tensors

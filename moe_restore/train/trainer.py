@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +32,15 @@ from moe_restore.data.sources import evaluation_set, training_set
 from moe_restore.errors import UserError
 from moe_restore.train import distributed
 from moe_restore.train.checkpoint import load_checkpoint, save_checkpoint, set_generator_states, set_rng_state
-from moe_restore.train.evaluate import evaluate, markdown_table, write_results
+from moe_restore.train.evaluate import evaluate, markdown_table, tasks_not_beating_identity, write_results
 from moe_restore.train.inference import pipeline_backend
 from moe_restore.train.losses import LossWeights
 from moe_restore.train.objective import TrainingObjective
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
+# The log of a run that replaces another (--overwrite) until its first checkpoint is written.
+PENDING_LOG_NAME = ".log.jsonl.pending"
 
 
 @dataclass
@@ -121,20 +124,31 @@ def _resume_state(config: TrainConfig, path: Path) -> dict[str, Any]:
     return state
 
 
-def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
+def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool) -> bool:
     """Refuse to start a new run in a folder that holds another run's checkpoint or log, unless
-    ``overwrite`` (which deletes them); with ``resume`` the folder must hold a checkpoint."""
+    ``overwrite``; with ``resume`` the folder must hold a checkpoint. Deletes nothing: returns
+    whether a new run replaces an earlier one, whose files then stay until the new run has written
+    its first complete checkpoint (``_hand_over``)."""
     checkpoint, log = out / CHECKPOINT_NAME, out / LOG_NAME
     if resume:
         if not checkpoint.is_file():
             raise UserError(f"--resume: no checkpoint at {checkpoint}")
-        return
+        return False
     in_use = [p.name for p in (checkpoint, log) if p.is_file()]
     if in_use and not overwrite:
         raise UserError(f"run folder {str(out)!r} is in use (it holds {', '.join(in_use)}): pass --resume to "
                         "continue that run or --overwrite to start a new one in its place")
-    for name in in_use:
-        (out / name).unlink()
+    return bool(in_use)
+
+
+def _hand_over(out: Path, written_evaluations: set[str]) -> None:
+    """Make a replacing run's files the folder's own, once its first checkpoint has replaced the
+    earlier run's (atomically, in ``save_checkpoint``): its log takes the place of the earlier log
+    and the earlier run's evaluations that this run has not rewritten are removed."""
+    for stale in out.glob("eval_step*.*"):
+        if stale.name not in written_evaluations:
+            stale.unlink()
+    (out / PENDING_LOG_NAME).replace(out / LOG_NAME)
 
 
 def _open_log(path: Path, start: int):
@@ -154,15 +168,38 @@ def _open_log(path: Path, start: int):
     return path.open("a")
 
 
+def _describe(config: TrainConfig, model: nn.Module, env, backend: str | None, amp: bool) -> str:
+    """The run's set-up in two lines, printed at its start."""
+    parameters = sum(p.numel() for p in model.parameters())
+    return (f"train {config.model} ({parameters / 1e6:.3f} M parameters) on {config.data!r}, tasks "
+            f"{', '.join(config.tasks)}: {config.steps} steps of {config.batch} x {config.patch}px patches x "
+            f"{env.world_size} process(es)\n  lr {config.lr:g}, seed {config.seed}, device {env.device}, backend "
+            f"{backend or 'auto'}, bf16 autocast {'on' if amp else 'off'}, run folder {config.out}")
+
+
+def _write_run_config(out: Path, run_config: dict[str, Any]) -> None:
+    (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+
+
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          on_step: Callable[[int, dict[str, float]], None] | None = None) -> nn.Module:
+          strict: bool = False, on_step: Callable[[int, dict[str, float]], None] | None = None) -> nn.Module:
     """Train (or resume) the run described by ``config``; returns the trained model (unwrapped).
 
     Writes ``<out>/checkpoint.pt`` every ``checkpoint_every`` steps (0: only) at the end,
     ``<out>/log.jsonl`` (one line per step) and ``<out>/eval_step<N>.{json,md}`` every
     ``eval_every`` steps and at the end (process 0 only). ``on_step(step, terms)`` is called after
     each step with the loss terms. A folder holding another run is refused (``UserError``) unless
-    ``resume`` (continue it from its checkpoint) or ``overwrite`` (start over in its place).
+    ``resume`` (continue it from its checkpoint) or ``overwrite`` (start over in its place). Nothing
+    of the earlier run is lost before the new one has read its data and written its first complete
+    checkpoint (write, fsync, rename over the earlier one); until then the new run logs to
+    ``.log.jsonl.pending``, and at that checkpoint its log replaces the earlier log and the earlier
+    evaluations it has not rewritten are removed. A resume from a checkpoint already at or past
+    ``steps`` would train nothing: ``UserError``.
+
+    With ``progress`` (process 0) the set-up, the step the run resumed from and a progress bar are
+    printed. When the final evaluation finds the model no better than its input (the identity) in
+    PSNR on some task, that is reported on stderr, or raised as ``UserError`` with ``strict`` (after
+    the checkpoint and the evaluation have been written).
 
     Every random draw of a step comes from checkpointed state: the data items are functions of
     their index, and the objective (MiM-DiT's noise and times) draws from its own generator, seeded
@@ -172,28 +209,34 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     out = Path(config.out)
     checkpoint_path = out / CHECKPOINT_NAME
     torch.manual_seed(config.seed)
+    backend = pipeline_backend(config.backend, env.device)
     model = _build_model(config, env.device).to(env.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     # One stream per process (seed s, rank r never meets seed s + 1, rank r - 1 for r < 1_000_003).
     objective_generator = torch.Generator(env.device).manual_seed((config.seed * 1_000_003 + env.rank) % 2**63)
     generators = {"objective": objective_generator}
-    start = 0
-    if env.is_main:
-        _claim_run_folder(out, resume=resume, overwrite=overwrite)
-    distributed.barrier(env)
-    if resume:
-        state = _resume_state(config, checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
-        set_rng_state(state["rng"])
-        set_generator_states(state, generators)
-
+    # The data before the run folder: a run that cannot read its data stops before it touches it.
     per_step = config.batch * env.world_size
     dataset = training_set(config.data, config.tasks, patch=config.patch, length=config.steps * per_step,
                            seed=config.seed)
+    # eval_every = 0: no periodic evaluation (and none at the end either).
+    eval_set = evaluation_set(config.data, config.tasks) if env.is_main and config.eval_every else None
+    start = 0
+    replacing = _claim_run_folder(out, resume=resume, overwrite=overwrite) if env.is_main else False
+    distributed.barrier(env)
+    if resume:
+        state = _resume_state(config, checkpoint_path)
+        start = state["step"]
+        if start >= config.steps:
+            raise UserError(f"--resume: the checkpoint {checkpoint_path} is at step {start}, already at or past "
+                            f"--steps {config.steps}, so there is nothing to train; pass --steps greater than {start}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        set_generator_states(state, generators)
+
     batches = [list(range(s * per_step + env.rank * config.batch, s * per_step + (env.rank + 1) * config.batch))
                for s in range(start, config.steps)]
     # The loader's own generator: its iterator draws the workers' base seed from it, not from the
@@ -208,16 +251,23 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     run_config = _run_config(config, model)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-    # eval_every = 0: no periodic evaluation (and none at the end either).
-    eval_set = evaluation_set(config.data, config.tasks) if env.is_main and config.eval_every else None
+        if not replacing:
+            _write_run_config(out, run_config)
+    say = print if progress and env.is_main else (lambda message: None)
+    say(_describe(config, model, env, backend, use_amp))
+    if resume:
+        say(f"resumed from step {start} of {checkpoint_path}: {config.steps - start} step(s) to go")
+    elif replacing:
+        say(f"replacing the run in {out}: its checkpoint and log stay until this run's first checkpoint")
 
     bar = None
     if progress and env.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc=f"train {config.model}", unit="step")
-    log = _open_log(out / LOG_NAME, start) if env.is_main else None
+    log = _open_log(out / (PENDING_LOG_NAME if replacing else LOG_NAME), start) if env.is_main else None
+    evaluations: set[str] = set()  # the evaluation files this run has written
+    results = None
     model.train()
     tick = time.perf_counter()
     for step, (degraded, clean, labels) in enumerate(loader, start=start + 1):
@@ -246,9 +296,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         if env.is_main and (final or config.checkpoint_every and step % config.checkpoint_every == 0):
             save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
                             config=run_config, generators=generators)
+            if replacing:
+                log.close()
+                _hand_over(out, evaluations)
+                _write_run_config(out, run_config)
+                log = (out / LOG_NAME).open("a")
+                replacing = False
         if eval_set is not None and (final or step % config.eval_every == 0):
             results = evaluate(model, eval_set)
-            write_results(results, out, stem=f"eval_step{step}")
+            evaluations.update(path.name for path in write_results(results, out, stem=f"eval_step{step}"))
             message = f"step {step}: evaluation on held-out images\n" + markdown_table(results)
             (bar.write if bar is not None else print)(message)
         distributed.barrier(env)
@@ -257,4 +313,11 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if log is not None:
         log.close()
     distributed.teardown(env)
+    behind = tasks_not_beating_identity(results) if results is not None else []
+    if behind:
+        message = (f"the trained model restores worse than its input (PSNR at most the identity's) on: "
+                   f"{', '.join(behind)}; train longer or change the settings (see {out}/eval_step{config.steps}.md)")
+        if strict:
+            raise UserError(message)
+        print(f"warning: {message}", file=sys.stderr)
     return model
