@@ -126,15 +126,15 @@ def _hidden_grads(z, z_up, dh, ACT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl
     value passes no gradient outside its range (at the bound it does, as torch.clamp's)."""
     if ACT >= GATED:
         gate, f, f_out, up = _gate_up(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
-        d_gate = dh * up * _activation_grad(gate, ACT - GATED, ALPHA)
-        d_up = dh * f_out
-        if LIMIT is not None:
+        dh_gate = dh
+        dh_up = dh
+        if LIMIT is not None:  # the cuts first, so that z and z_up need not stay live
+            dh_up = tl.where((z_up >= -LIMIT) & (z_up <= LIMIT), dh, 0.0)
             if CLAMP_AFTER:
-                d_gate = tl.where(f <= LIMIT, d_gate, 0.0)
+                dh_gate = tl.where(f <= LIMIT, dh, 0.0)
             else:
-                d_gate = tl.where(z <= LIMIT, d_gate, 0.0)
-            d_up = tl.where((z_up >= -LIMIT) & (z_up <= LIMIT), d_up, 0.0)
-        return d_gate, d_up
+                dh_gate = tl.where(z <= LIMIT, dh, 0.0)
+        return dh_gate * up * _activation_grad(gate, ACT - GATED, ALPHA), dh_up * f_out
     return dh * _activation_grad(z, ACT, ALPHA), dh
 
 
