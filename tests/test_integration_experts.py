@@ -301,3 +301,22 @@ def test_repeated_and_sentinel_slots_match_the_slot_sum(backend):
     for got, want in zip(grads[1], grads[0]):
         assert relative_error(got, want) <= tol
     assert grads[1][2][1, 1] == 0 and grads[1][2][3, 1] == 0  # sentinel slots
+
+
+def test_apply_gate_probe_under_torch_compile():
+    """The probe that matches a family's _apply_gate to a spec reads its result on the host, so
+    under torch.compile (fullgraph) an unprobed class gets a named reason instead of a graph
+    break, and a class probed by an eager call before gets its spec inside the compiled graph."""
+    experts = _hooked_experts(tiny_model("gpt_oss"))
+    x, index, weights = torch.randn(5, 32), torch.tensor([[0, 1]] * 5), torch.rand(5, 2)
+    experts_impl._probed.clear()
+
+    def activation(a, b, c):
+        planned = experts_impl.plan(experts, a, b, c)
+        return planned if isinstance(planned, str) else str(planned[0])
+
+    assert "outside torch.compile" in torch.compile(activation, fullgraph=True)(x, index, weights)
+    want = "swiglu(limit=7.0,alpha=1.702,up_offset=1.0,interleaved=True)"
+    assert activation(x, index, weights) == want
+    torch._dynamo.reset()
+    assert torch.compile(activation, fullgraph=True)(x, index, weights) == want

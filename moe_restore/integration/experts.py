@@ -104,6 +104,9 @@ def _apply_gate_spec(experts: nn.Module, act_kind: str | None) -> ActivationSpec
     docstring); probed once per class and parameters."""
     candidates = list(_gate_candidates(experts, act_kind))
     key = (type(experts), type(getattr(experts, "act_fn", None)), tuple(candidates))
+    if key not in _probed and torch.compiler.is_compiling():  # the probe reads its result on the host
+        return (f"{type(experts).__name__}'s own _apply_gate is matched to an activation spec by a probe that "
+                "runs eagerly: one forward outside torch.compile first")
     if key not in _probed:
         scale = 3 * (candidates[0].limit or 2.0)  # values on both sides of every clamp
         probe = torch.linspace(-scale, scale, 2 * 509, dtype=torch.float64)
