@@ -44,9 +44,9 @@ if __name__ == "kernels":
 else:
     from ._backend import BACKENDS
     from .gated_scan import ORDERS, gated_scan, gated_scan_2d
-    from .moe_mlp import ACTIVATIONS, moe_mlp
+    from .moe_mlp import ACTIVATIONS, ActivationSpec, moe_mlp
     from .nested_routing import nested_route
     from .routing import SCORINGS, Routing, routing_from_topk, topk_route
 
-    __all__ = ["ACTIVATIONS", "BACKENDS", "ORDERS", "SCORINGS", "Routing", "gated_scan", "gated_scan_2d", "moe_mlp",
-               "nested_route", "routing_from_topk", "topk_route"]
+    __all__ = ["ACTIVATIONS", "ActivationSpec", "BACKENDS", "ORDERS", "SCORINGS", "Routing", "gated_scan",
+               "gated_scan_2d", "moe_mlp", "nested_route", "routing_from_topk", "topk_route"]

@@ -18,19 +18,19 @@ import triton
 import triton.language as tl
 
 from ._backend import arch_autotune, kernel_configs
-from .activations import TRITON_CODES
+from .activations import GATED_BASE
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _hidden, _hidden_grads, _load_matrix, _load_rows,
-                             SWIGLU, _row_splits, _Weights, _width_blocks)
+                             GATED, _row_splits, _w1_columns, _Weights, _width_blocks)
 
 FUSED_MAX_WIDTH = 128
 
 @triton.jit
 def _fused_up(x, w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h,
-              HAS_B1: tl.constexpr, ACT: tl.constexpr):
+              HAS_B1: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr):
     """(z, z_up) of one hidden chunk hh for an x tile whose full width is in registers."""
     w1_gate, b1_gate, w1_up, b1_up = _up_chunks(w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h,
-                                                HAS_B1, ACT == SWIGLU)
-    return _project(x, w1_gate, b1_gate, w1_up, b1_up, HAS_B1, ACT == SWIGLU)
+                                                HAS_B1, ACT >= GATED, INTERLEAVED)
+    return _project(x, w1_gate, b1_gate, w1_up, b1_up, HAS_B1, ACT >= GATED)
 
 
 @triton.jit
@@ -39,7 +39,8 @@ def _fused_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, weights_ptr, order_
                       stride_xt, stride_xd, stride_w1e, stride_w1d, stride_w1h, stride_b1e, stride_b1h,
                       stride_w2e, stride_w2h, stride_w2d, stride_b2e, stride_b2d, stride_oa, stride_od,
                       HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACT: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_E: tl.constexpr,
+                      LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr, CLAMP_AFTER: tl.constexpr,
+                      INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_E: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     expert, p, row_mask, a = _expert_rows(tl.program_id(0), order_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if expert >= E:
@@ -52,8 +53,9 @@ def _fused_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, weights_ptr, order_
     acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hh = h0 + tl.arange(0, BLOCK_H)
-        z, z_up = _fused_up(x, w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1, ACT)
-        h = _hidden(z, z_up, ACT).to(x.dtype)
+        z, z_up = _fused_up(x, w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1, ACT,
+                            INTERLEAVED)
+        h = _hidden(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER).to(x.dtype)
         acc = tl.dot(h, _load_matrix(w2_e, hh, H, do, DO, stride_w2h, stride_w2d), acc)
     if HAS_B2:
         acc += tl.load(b2_ptr + e64 * stride_b2e + do * stride_b2d, mask=do < DO, other=0.0).to(tl.float32)[None, :]
@@ -70,7 +72,8 @@ def _fused_bwd_rows_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, weight
                            stride_w1e, stride_w1d, stride_w1h, stride_b1e, stride_b1h,
                            stride_w2e, stride_w2h, stride_w2d, stride_b2e, stride_b2d, stride_dxa, stride_dxd,
                            HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACT: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_E: tl.constexpr,
+                           LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
+                           CLAMP_AFTER: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_E: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     """Per row tile: dx rows (per assignment) and dL/dw_a, streaming the hidden layer."""
     expert, p, row_mask, a = _expert_rows(tl.program_id(0), order_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
@@ -87,13 +90,16 @@ def _fused_bwd_rows_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, weight
     dw = tl.zeros((BLOCK_M,), tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hh = h0 + tl.arange(0, BLOCK_H)
-        z, z_up = _fused_up(x, w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1, ACT)
+        z, z_up = _fused_up(x, w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1, ACT,
+                            INTERLEAVED)
         g = tl.dot(dy, _load_matrix(w2_e, do, DO, hh, H, stride_w2d, stride_w2h))
-        dw += tl.sum(_hidden(z, z_up, ACT) * g, axis=1)
-        dz, dz_up = _hidden_grads(z, z_up, w[:, None] * g, ACT)
-        dx = tl.dot(dz.to(x.dtype), _load_matrix(w1_e, hh, H, d, D, stride_w1h, stride_w1d), dx)
-        if ACT == SWIGLU:
-            dx = tl.dot(dz_up.to(x.dtype), _load_matrix(w1_e, hh + H, 2 * H, d, D, stride_w1h, stride_w1d), dx)
+        dw += tl.sum(_hidden(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER) * g, axis=1)
+        dz, dz_up = _hidden_grads(z, z_up, w[:, None] * g, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
+        gate_cols, gate_limit = _w1_columns(hh, H, False, INTERLEAVED)
+        dx = tl.dot(dz.to(x.dtype), _load_matrix(w1_e, gate_cols, gate_limit, d, D, stride_w1h, stride_w1d), dx)
+        if ACT >= GATED:
+            up_cols, up_limit = _w1_columns(hh, H, True, INTERLEAVED)
+            dx = tl.dot(dz_up.to(x.dtype), _load_matrix(w1_e, up_cols, up_limit, d, D, stride_w1h, stride_w1d), dx)
     if HAS_B2:
         b2 = tl.load(b2_ptr + e64 * stride_b2e + do * stride_b2d, mask=do < DO, other=0.0).to(tl.float32)
         dw += tl.sum(dy.to(tl.float32) * b2[None, :], axis=1)
@@ -127,24 +133,28 @@ def _part_rows(p0, end, order_ptr, x_ptr, dy_ptr, weights_ptr, d, D, do, DO, TOP
 
 
 @triton.jit
-def _up_chunk(w1_e, b1_e, d, D, hh, H, col0, stride_w1d, stride_w1h, stride_b1h, HAS_B1: tl.constexpr):
-    """(W1[:, col0 + hh], b1[col0 + hh] or zeros) of one expert."""
-    w = _load_matrix(w1_e, d, D, hh + col0, col0 + H, stride_w1d, stride_w1h)
+def _up_chunk(w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1: tl.constexpr,
+              UP: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """(W1[:, c], b1[c] or zeros) of one expert, c the gate (or only) or the UP columns of hidden units hh."""
+    cols, limit = _w1_columns(hh, H, UP, INTERLEAVED)
+    w = _load_matrix(w1_e, d, D, cols, limit, stride_w1d, stride_w1h)
     b = tl.zeros(hh.shape, tl.float32)
     if HAS_B1:
-        b = tl.load(b1_e + (hh + col0) * stride_b1h, mask=hh < H, other=0.0).to(tl.float32)
+        b = tl.load(b1_e + cols * stride_b1h, mask=hh < H, other=0.0).to(tl.float32)
     return w, b
 
 
 @triton.jit
 def _up_chunks(w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1: tl.constexpr,
-               WITH_UP: tl.constexpr):
-    """The gate (or only) half's chunk of W1 and b1, and with WITH_UP swiglu's up half's (the
-    weight-gradient programs own a fixed hidden chunk, so they load these once)."""
-    w1_gate, b1_gate = _up_chunk(w1_e, b1_e, d, D, hh, H, 0, stride_w1d, stride_w1h, stride_b1h, HAS_B1)
+               WITH_UP: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The gate (or only) half's chunk of W1 and b1, and with WITH_UP a gated activation's up half's
+    (the weight-gradient programs own a fixed hidden chunk, so they load these once)."""
+    w1_gate, b1_gate = _up_chunk(w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1, False,
+                                 INTERLEAVED)
     w1_up, b1_up = w1_gate, b1_gate
     if WITH_UP:
-        w1_up, b1_up = _up_chunk(w1_e, b1_e, d, D, hh, H, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1)
+        w1_up, b1_up = _up_chunk(w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1, True,
+                                 INTERLEAVED)
     return w1_gate, b1_gate, w1_up, b1_up
 
 
@@ -176,6 +186,8 @@ def _fused_bwd_w2_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, weights_ptr, order_ptr, 
                          stride_xt, stride_xd, stride_gt, stride_gd,
                          stride_w1e, stride_w1d, stride_w1h, stride_b1e, stride_b1h,
                          HAS_B1: tl.constexpr, ACT: tl.constexpr,
+                         LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
+                         CLAMP_AFTER: tl.constexpr, INTERLEAVED: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     """Float32 partial dW2 [S, E, H, DO] and db2 [S, E, DO] of part ``split`` of expert e, hidden chunk hh."""
@@ -186,14 +198,14 @@ def _fused_bwd_w2_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, weights_ptr, order_ptr, 
     e64 = expert.to(tl.int64)
     w1_e, b1_e = w1_ptr + e64 * stride_w1e, b1_ptr + e64 * stride_b1e
     w1_gate, b1_gate, w1_up, b1_up = _up_chunks(w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h,
-                                                HAS_B1, ACT == SWIGLU)
+                                                HAS_B1, ACT >= GATED, INTERLEAVED)
     dw2 = tl.zeros((BLOCK_H, BLOCK_DO), tl.float32)
     db2 = tl.zeros((BLOCK_DO,), tl.float32)
     for p0 in range(start, end, BLOCK_M):
         x, dy, w = _part_rows(p0, end, order_ptr, x_ptr, dy_ptr, weights_ptr, d, D, do, DO, TOPK,
                               stride_xt, stride_xd, stride_gt, stride_gd, BLOCK_M)
-        z, z_up = _project(x, w1_gate, b1_gate, w1_up, b1_up, HAS_B1, ACT == SWIGLU)
-        weighted_h = (_hidden(z, z_up, ACT) * w[:, None]).to(x.dtype)
+        z, z_up = _project(x, w1_gate, b1_gate, w1_up, b1_up, HAS_B1, ACT >= GATED)
+        weighted_h = (_hidden(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER) * w[:, None]).to(x.dtype)
         dw2 = tl.dot(tl.trans(weighted_h), dy, dw2)
         db2 += tl.sum(dy.to(tl.float32) * w[:, None], axis=0)
     part = split.to(tl.int64) * E + expert  # flat index into the [S, E] partials
@@ -209,31 +221,34 @@ def _fused_bwd_w1_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, weights_ptr, ord
                          stride_w1e, stride_w1d, stride_w1h, stride_b1e, stride_b1h,
                          stride_w2e, stride_w2h, stride_w2d,
                          HAS_B1: tl.constexpr, ACT: tl.constexpr, UP: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                         LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
+                         CLAMP_AFTER: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     """Float32 partial dW1 [S, E, D, W1 columns] and db1 [S, E, W1 columns] of part ``split`` of expert
-    e, hidden chunk hh: the columns hh, or for swiglu with UP the up half's columns H + hh."""
+    e, hidden chunk hh: the gate (or only) columns of hh, or for a gated activation with UP the up half's."""
     expert, split, start, end = _expert_part(tl.program_id(0), offsets_ptr, SPLITS)
     d, do = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DO)
     hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     e64 = expert.to(tl.int64)
     w1_e, b1_e = w1_ptr + e64 * stride_w1e, b1_ptr + e64 * stride_b1e
     w2_t = _load_matrix(w2_ptr + e64 * stride_w2e, do, DO, hh, H, stride_w2d, stride_w2h)
-    # swiglu's gate gradient needs z_up; its up half's needs only the gate
+    # a gated activation's gate gradient needs z_up; its up half's needs only the gate, unless up is
+    # clamped (its gradient is zero outside [-LIMIT, LIMIT])
+    WITH_UP: tl.constexpr = ACT >= GATED and (not UP or LIMIT is not None)
     w1_gate, b1_gate, w1_up, b1_up = _up_chunks(w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h,
-                                                HAS_B1, ACT == SWIGLU and not UP)
+                                                HAS_B1, WITH_UP, INTERLEAVED)
     dw1_t = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)  # transposed: the hidden chunk is the dot's M
     db1 = tl.zeros((BLOCK_H,), tl.float32)
     for p0 in range(start, end, BLOCK_M):
         x, dy, w = _part_rows(p0, end, order_ptr, x_ptr, dy_ptr, weights_ptr, d, D, do, DO, TOPK,
                               stride_xt, stride_xd, stride_gt, stride_gd, BLOCK_M)
-        z, z_up = _project(x, w1_gate, b1_gate, w1_up, b1_up, HAS_B1, ACT == SWIGLU and not UP)
-        dz, dz_up = _hidden_grads(z, z_up, w[:, None] * tl.dot(dy, w2_t), ACT)
+        z, z_up = _project(x, w1_gate, b1_gate, w1_up, b1_up, HAS_B1, WITH_UP)
+        dz, dz_up = _hidden_grads(z, z_up, w[:, None] * tl.dot(dy, w2_t), ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
         dcol = dz_up if UP else dz
         dw1_t = tl.dot(tl.trans(dcol.to(x.dtype)), x, dw1_t)
         db1 += tl.sum(dcol, axis=0)
-    cols = 2 * H if ACT == SWIGLU else H
-    col = hh + (H if UP else 0)
+    cols = 2 * H if ACT >= GATED else H
+    col, _ = _w1_columns(hh, H, UP, INTERLEAVED)
     part = split.to(tl.int64) * E + expert
     tl.store(dw1_ptr + (part * D + d[None, :]) * cols + col[:, None], dw1_t, mask=(d[None, :] < D) & (hh[:, None] < H))
     if HAS_B1:
@@ -247,7 +262,7 @@ def _fitting_candidates(configs: list, named_args: dict, **kwargs) -> list:
     that on sm_80: 12-112 B at bf16/fp16 swiglu D=64, 44-78 B at D=128. (Two more candidates, 64-row
     tiles at 3 stages, spilled 6-8 B even at bf16 D=64 and were dropped.)"""
     width = max(kwargs["BLOCK_D"], kwargs["BLOCK_DO"])
-    load = width * (2 if kwargs["ACT"] == TRITON_CODES["swiglu"] else 1) * (
+    load = width * (2 if kwargs["ACT"] >= GATED_BASE else 1) * (
         2 if named_args["x_ptr"].dtype == torch.float32 else 1)
     return configs if load <= 64 else configs[:1]
 
@@ -279,18 +294,19 @@ _fused_bwd_w1 = arch_autotune(
     narrow=({"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2}, []))
 
 
-def _forward_fused(d: _Dispatch, x: torch.Tensor, w: _Weights, act: int) -> torch.Tensor:
+def _forward_fused(d: _Dispatch, x: torch.Tensor, w: _Weights, act: dict) -> torch.Tensor:
+    """``act``: the activation's constexprs (``ActivationSpec.triton_constexprs``)."""
     out = torch.empty(d.num_assignments, w.w2.shape[2], dtype=x.dtype, device=x.device)
     b1, b2 = w.b1_args()[0], w.b2_args()[0]
     _fused_fwd[d.row_grid()](x, w.w1, b1, w.w2, b2, d.weights, d.order, d.offsets, out,
                              x.shape[1], w.hidden, w.w2.shape[2], d.num_experts, d.top_k,
                              *x.stride(), *w.fused_strides(), *w.b2_args()[1:], *out.stride(),
-                             HAS_B1=w.b1 is not None, HAS_B2=w.b2 is not None, ACT=act,
+                             HAS_B1=w.b1 is not None, HAS_B2=w.b2 is not None, **act,
                              BLOCK_E=d.block_e, **_width_blocks(x, w))
     return out
 
 
-def _backward_fused(d: _Dispatch, x, dy, w: _Weights, act: int, need_dx: bool, need_weights: bool):
+def _backward_fused(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool, need_weights: bool):
     D, H, DO, E = x.shape[1], w.hidden, w.w2.shape[2], d.num_experts
     b1, b2 = w.b1_args()[0], w.b2_args()[0]
     blocks = _width_blocks(x, w)
@@ -299,7 +315,7 @@ def _backward_fused(d: _Dispatch, x, dy, w: _Weights, act: int, need_dx: bool, n
     _fused_bwd_rows.for_device(x.device)[d.row_grid()](
         x, dy, w.w1, b1, w.w2, b2, d.weights, d.order, d.offsets, dx, dweights,
         D, H, DO, E, d.top_k, *x.stride(), *dy.stride(), *w.fused_strides(), *w.b2_args()[1:], *dx.stride(),
-        HAS_B1=w.b1 is not None, HAS_B2=w.b2 is not None, ACT=act, BLOCK_E=d.block_e, **blocks)
+        HAS_B1=w.b1 is not None, HAS_B2=w.b2 is not None, **act, BLOCK_E=d.block_e, **blocks)
     grads = (None,) * 4
     if need_weights:
         splits = _row_splits(d.num_assignments, E, triton.cdiv(H, 64), x.device)
@@ -312,9 +328,9 @@ def _backward_fused(d: _Dispatch, x, dy, w: _Weights, act: int, need_dx: bool, n
         rows = (d.weights, d.order, d.offsets)
         common = (D, H, DO, E, d.top_k, splits, *x.stride(), *dy.stride(), *w.w1.stride(), *w.b1_args()[1:])
         _fused_bwd_w2.for_device(x.device)[grid](x, dy, w.w1, b1, *rows, dw2, db2, *common,
-                                                 HAS_B1=w.b1 is not None, ACT=act, **blocks)
-        for up in ((False, True) if act == TRITON_CODES["swiglu"] else (False,)):
+                                                 HAS_B1=w.b1 is not None, **act, **blocks)
+        for up in ((False, True) if act["ACT"] >= GATED_BASE else (False,)):
             _fused_bwd_w1.for_device(x.device)[grid](x, dy, w.w1, b1, w.w2, *rows, dw1, db1, *common, *w.w2.stride(),
-                                                     HAS_B1=w.b1 is not None, ACT=act, UP=up, **blocks)
+                                                     HAS_B1=w.b1 is not None, **act, UP=up, **blocks)
         grads = (dw1.sum(0), db1.sum(0) if w.b1 is not None else None, dw2.sum(0), db2.sum(0))
     return (dx if need_dx else None), dweights, grads

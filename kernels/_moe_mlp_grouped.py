@@ -9,9 +9,12 @@ import triton
 import triton.language as tl
 
 from ._backend import arch_autotune, kernel_configs
-from .activations import TRITON_CODES
+from .activations import GATED_BASE
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _expert_tile, _hidden, _hidden_grads, _load_matrix,
-                             SWIGLU, _load_rows, _row_splits, _Weights)
+                             GATED, _load_rows, _row_splits, _w1_columns, _Weights)
+
+# The constexprs of no activation (the second layer's and dx's GEMMs): ACT 0 is the identity.
+_NO_ACTIVATION = dict(ACT=0, LIMIT=None, ALPHA=1.0, UP_OFFSET=0.0, CLAMP_AFTER=False, INTERLEAVED=False)
 
 @triton.jit
 def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offsets_ptr, out_ptr,
@@ -19,13 +22,15 @@ def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offse
                            stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_biase, stride_biasn,
                            stride_om, stride_on,
                            GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           ACT: tl.constexpr, SCALE_ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
+                           ACT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
+                           CLAMP_AFTER: tl.constexpr, INTERLEAVED: tl.constexpr,
+                           SCALE_ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[row_out(p)] = scale_p * act(A[row_in(p)] B_e + bias_e) over each expert's rows p.
 
     row_in(p) = sorted_assignments[p] // k (GATHER_A) or p; row_out(p) = sorted_assignments[p]
-    (SCATTER_OUT) or p; scale_p = w_a (SCALE_ROWS) or 1. For swiglu (ACT == SWIGLU) B holds 2N columns,
-    gate then up, and out = silu(gate) * up.
+    (SCATTER_OUT) or p; scale_p = w_a (SCALE_ROWS) or 1. For a gated activation (ACT >= GATED) B holds
+    2N columns, gate and up (concatenated or INTERLEAVED), and out = f(gate) * up with its parameters.
     """
     expert, p, row_mask, a = _expert_rows(tl.program_id(0), order_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if expert >= E:
@@ -36,18 +41,20 @@ def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offse
     b_e = b_ptr + expert.to(tl.int64) * stride_be
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    gate_cols, gate_limit = _w1_columns(n, N, False, INTERLEAVED)
+    up_cols, up_limit = _w1_columns(n, N, True, INTERLEAVED)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         x = _load_rows(a_ptr, rows_in, row_mask, kk, K, stride_am, stride_ak)
-        acc = tl.dot(x, _load_matrix(b_e, kk, K, n, N, stride_bk, stride_bn), acc)
-        if ACT == SWIGLU:
-            acc_up = tl.dot(x, _load_matrix(b_e, kk, K, n + N, 2 * N, stride_bk, stride_bn), acc_up)
+        acc = tl.dot(x, _load_matrix(b_e, kk, K, gate_cols, gate_limit, stride_bk, stride_bn), acc)
+        if ACT >= GATED:
+            acc_up = tl.dot(x, _load_matrix(b_e, kk, K, up_cols, up_limit, stride_bk, stride_bn), acc_up)
     if HAS_BIAS:
         bias_e = bias_ptr + expert.to(tl.int64) * stride_biase
-        acc += tl.load(bias_e + n * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        if ACT == SWIGLU:
-            acc_up += tl.load(bias_e + (n + N) * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
-    out = _hidden(acc, acc_up, ACT)
+        acc += tl.load(bias_e + gate_cols * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        if ACT >= GATED:
+            acc_up += tl.load(bias_e + up_cols * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    out = _hidden(acc, acc_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
     if SCALE_ROWS:
         out *= tl.load(weights_ptr + a, mask=row_mask, other=0.0)[:, None]
     tl.store(out_ptr + rows_out[:, None] * stride_om + n[None, :] * stride_on, out.to(out_ptr.dtype.element_ty),
@@ -62,10 +69,12 @@ def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w
                                 stride_w1e, stride_w1d, stride_w1h, stride_b1e, stride_b1h,
                                 stride_w2e, stride_w2h, stride_w2d, stride_b2e, stride_b2d,
                                 HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACT: tl.constexpr,
+                                LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
+                                CLAMP_AFTER: tl.constexpr, INTERLEAVED: tl.constexpr,
                                 BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_K: tl.constexpr):
     """For rows p of one expert and hidden columns n: recompute z = x W1 + b1 and G = g W2^T,
-    store h [p, n], dz [p, n (and n + H for swiglu)] in expert order and the partial
+    store h [p, n], dz [p, W1's columns of n (gate and up for a gated activation)] in expert order and the partial
     dL/dw_a = sum_n h G (+ g . b2 in column block 0) at dweights[pid_n, a]."""
     expert, start, end = _expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, BLOCK_E)
     if expert >= E:
@@ -80,12 +89,14 @@ def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w
     w1_e, w2_e = w1_ptr + e64 * stride_w1e, w2_ptr + e64 * stride_w2e
     z = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     z_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    gate_cols, gate_limit = _w1_columns(n, H, False, INTERLEAVED)
+    up_cols, up_limit = _w1_columns(n, H, True, INTERLEAVED)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         x = _load_rows(x_ptr, tokens, row_mask, kk, D, stride_xt, stride_xd)
-        z = tl.dot(x, _load_matrix(w1_e, kk, D, n, H, stride_w1d, stride_w1h), z)
-        if ACT == SWIGLU:
-            z_up = tl.dot(x, _load_matrix(w1_e, kk, D, n + H, 2 * H, stride_w1d, stride_w1h), z_up)
+        z = tl.dot(x, _load_matrix(w1_e, kk, D, gate_cols, gate_limit, stride_w1d, stride_w1h), z)
+        if ACT >= GATED:
+            z_up = tl.dot(x, _load_matrix(w1_e, kk, D, up_cols, up_limit, stride_w1d, stride_w1h), z_up)
     g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     dy_b2 = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, DO, BLOCK_K):
@@ -97,23 +108,23 @@ def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w
             dy_b2 += tl.sum(dy.to(tl.float32) * b2[None, :], axis=1)
     if HAS_B1:
         b1_e = b1_ptr + e64 * stride_b1e
-        z += tl.load(b1_e + n * stride_b1h, mask=n < H, other=0.0).to(tl.float32)[None, :]
-        if ACT == SWIGLU:
-            z_up += tl.load(b1_e + (n + H) * stride_b1h, mask=n < H, other=0.0).to(tl.float32)[None, :]
-    h = _hidden(z, z_up, ACT)
+        z += tl.load(b1_e + gate_cols * stride_b1h, mask=n < H, other=0.0).to(tl.float32)[None, :]
+        if ACT >= GATED:
+            z_up += tl.load(b1_e + up_cols * stride_b1h, mask=n < H, other=0.0).to(tl.float32)[None, :]
+    h = _hidden(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
     w = tl.load(weights_ptr + a, mask=row_mask, other=0.0)
     dw = tl.sum(h * g, axis=1)
     if pid_n == 0:
         dw += dy_b2
     tl.store(dweights_ptr + pid_n.to(tl.int64) * A + a, dw, mask=row_mask)
-    dz, dz_up = _hidden_grads(z, z_up, w[:, None] * g, ACT)
-    cols = 2 * H if ACT == SWIGLU else H
+    dz, dz_up = _hidden_grads(z, z_up, w[:, None] * g, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
+    cols = 2 * H if ACT >= GATED else H
     mask = row_mask[:, None] & (n[None, :] < H)
     rows = p.to(tl.int64)[:, None]
     tl.store(h_ptr + rows * H + n[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
-    tl.store(dz_ptr + rows * cols + n[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
-    if ACT == SWIGLU:
-        tl.store(dz_ptr + rows * cols + H + n[None, :], dz_up.to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + rows * cols + gate_cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    if ACT >= GATED:
+        tl.store(dz_ptr + rows * cols + up_cols[None, :], dz_up.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -159,16 +170,16 @@ def _grouped_xty_kernel(x_ptr, y_ptr, weights_ptr, order_ptr, offsets_ptr, out_p
 
 
 def _swiglu_default_only(configs: list, named_args: dict, **kwargs) -> list:
-    """sm_90+ grouped matmul: the default only for swiglu, whose gate and up tiles double the live
-    accumulators; the compile check (``--all-configs``) saw every candidate spill (8-236 B) or need
-    more than 227 KiB of shared memory (256-320 KiB in fp32) there."""
-    return configs[:1] if kwargs["ACT"] == TRITON_CODES["swiglu"] else configs
+    """sm_90+ grouped matmul: the default only for swiglu (and the other gated activations), whose
+    gate and up tiles double the live accumulators; the compile check (``--all-configs``) saw every
+    candidate spill (8-236 B) or need more than 227 KiB of shared memory (256-320 KiB in fp32) there."""
+    return configs[:1] if kwargs["ACT"] >= GATED_BASE else configs
 
 
 def _fp32_swiglu_default_only(configs: list, named_args: dict, **kwargs) -> list:
-    """sm_90+ hidden gradient: the default only for swiglu in float32, where the candidate
-    BLOCK_K=64 at 4 warps spilled 32 B (S3, compile check ``--all-configs``)."""
-    swiglu_fp32 = kwargs["ACT"] == TRITON_CODES["swiglu"] and named_args["x_ptr"].dtype == torch.float32
+    """sm_90+ hidden gradient: the default only for swiglu (and the other gated activations) in
+    float32, where the candidate BLOCK_K=64 at 4 warps spilled 32 B (S3, compile check ``--all-configs``)."""
+    swiglu_fp32 = kwargs["ACT"] >= GATED_BASE and named_args["x_ptr"].dtype == torch.float32
     return configs[:1] if swiglu_fp32 else configs
 
 
@@ -200,12 +211,13 @@ _grouped_xty = triton.autotune(
 
 
 def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | None, out, n: int, k_dim: int, *,
-                           gather: bool, scatter: bool, act: int, scale: bool) -> None:
+                           gather: bool, scatter: bool, act: dict, scale: bool) -> None:
+    """``act``: the activation's constexprs (``ActivationSpec.triton_constexprs`` or ``_NO_ACTIVATION``)."""
     bias_ptr, stride_be, stride_bn = (b, 0, 0) if bias is None else (bias, bias.stride(0), bias.stride(1))
     _grouped_matmul.for_device(a.device)[d.row_grid(lambda meta: triton.cdiv(n, meta["BLOCK_N"]))](
         a, b, bias_ptr, d.weights, d.order, d.offsets, out, n, k_dim, d.num_experts, d.top_k,
         a.stride(0), a.stride(1), *b_strides, stride_be, stride_bn, out.stride(0), out.stride(1),
-        GATHER_A=gather, SCATTER_OUT=scatter, HAS_BIAS=bias is not None, ACT=act, SCALE_ROWS=scale,
+        GATHER_A=gather, SCATTER_OUT=scatter, HAS_BIAS=bias is not None, **act, SCALE_ROWS=scale,
         BLOCK_E=d.block_e)
 
 
@@ -222,18 +234,18 @@ def _grouped_xty_launch(d: _Dispatch, x, y, kx: int, ny: int, *, gather_x: bool,
     return out.sum(0), (dbias.sum(0) if want_dbias else None)
 
 
-def _forward_grouped(d: _Dispatch, x: torch.Tensor, w: _Weights, act: int) -> torch.Tensor:
+def _forward_grouped(d: _Dispatch, x: torch.Tensor, w: _Weights, act: dict) -> torch.Tensor:
     H, DO = w.hidden, w.w2.shape[2]
     hidden = torch.empty(d.num_assignments, H, dtype=x.dtype, device=x.device)
     _grouped_matmul_launch(d, x, w.w1, w.w1.stride(), w.b1, hidden, H, x.shape[1],
                            gather=True, scatter=False, act=act, scale=False)
     out = torch.empty(d.num_assignments, DO, dtype=x.dtype, device=x.device)
     _grouped_matmul_launch(d, hidden, w.w2, w.w2.stride(), w.b2, out, DO, H,
-                           gather=False, scatter=True, act=0, scale=True)
+                           gather=False, scatter=True, act=_NO_ACTIVATION, scale=True)
     return out
 
 
-def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: int, need_dx: bool, need_weights: bool):
+def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool, need_weights: bool):
     D, H, DO, E, A = x.shape[1], w.hidden, w.w2.shape[2], d.num_experts, d.num_assignments
     b1, stride_b1e, stride_b1h = w.b1_args()
     b2, stride_b2e, stride_b2d = w.b2_args()
@@ -245,14 +257,14 @@ def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: int, need_dx: bool,
         x, dy, w.w1, b1, w.w2, b2, d.weights, d.order, d.offsets, hidden, dz, dweights,
         D, H, DO, E, d.top_k, A, *x.stride(), *dy.stride(), *w.w1.stride(), stride_b1e, stride_b1h,
         *w.w2.stride(), stride_b2e, stride_b2d,
-        HAS_B1=w.b1 is not None, HAS_B2=w.b2 is not None, ACT=act, BLOCK_E=d.block_e,
+        HAS_B1=w.b1 is not None, HAS_B2=w.b2 is not None, **act, BLOCK_E=d.block_e,
         BLOCK_N=_HIDDEN_GRAD_BLOCK_N)
     dx = None
     if need_dx:
         dx = torch.empty(A, D, dtype=x.dtype, device=x.device)
         w1_t = (w.w1.stride(0), w.w1.stride(2), w.w1.stride(1))  # B_e = W1_e^T through strides
         _grouped_matmul_launch(d, dz, w.w1, w1_t, None, dx, D, w.w1.shape[2],
-                               gather=False, scatter=True, act=0, scale=False)
+                               gather=False, scatter=True, act=_NO_ACTIVATION, scale=False)
     grads = (None,) * 4
     if need_weights:
         dw2, db2 = _grouped_xty_launch(d, hidden, dy, H, DO, gather_x=False, gather_y=True, scale_y=True,

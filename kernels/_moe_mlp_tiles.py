@@ -4,7 +4,8 @@ Tile schedule: expert e needs ceil(n_e / BLOCK_M) row tiles; program m finds its
 prefix sum over those counts, computed in-kernel from the offsets, so the launch grid
 ceil(T*k / BLOCK_M) + E is known without reading the counts on the host.
 
-Activations reach the kernels as the constexpr codes of ``activations.TRITON_CODES``.
+Activations reach the kernels as constexprs: ``ACT`` (the kind's code in ``activations.TRITON_CODES``) and
+the gated kinds' parameters (``ActivationSpec.triton_constexprs``).
 """
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ import triton
 import triton.language as tl
 
 from ._backend import launch_size
-from .activations import TRITON_CODES
+from .activations import GATED_BASE, TRITON_CODES
 
 # The activation codes as constexprs the jit code can read (globals must be constexpr there).
 GELU = tl.constexpr(TRITON_CODES["gelu"])
 SILU = tl.constexpr(TRITON_CODES["silu"])
 RELU = tl.constexpr(TRITON_CODES["relu"])
-SWIGLU = tl.constexpr(TRITON_CODES["swiglu"])
+RELU2 = tl.constexpr(TRITON_CODES["relu2"])
 GELU_TANH = tl.constexpr(TRITON_CODES["gelu_tanh"])
+GATED = tl.constexpr(GATED_BASE)  # ACT >= GATED: gate and up halves, gate function ACT - GATED
 
 # gelu_tanh(z) = 0.5 z (1 + tanh(u / 2)) = z * sigmoid(u),  u = 2 sqrt(2/pi) (z + 0.044715 z^3),
 # 2 sqrt(2/pi) = 1.5957691216057308 (written inline: jit code may read only constexpr globals).
@@ -54,13 +56,15 @@ def _expert_rows(pid_m, order_ptr, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _activation(z, ACT: tl.constexpr):
+def _activation(z, ACT: tl.constexpr, ALPHA: tl.constexpr):
     if ACT == GELU:  # exact GELU: z * Phi(z)
         return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACT == SILU:
-        return z * tl.sigmoid(z)
+    elif ACT == SILU:  # z * sigmoid(alpha z); alpha = 1 but for a swiglu gate with its own slope
+        return z * tl.sigmoid(ALPHA * z)
     elif ACT == RELU:  # a relu that keeps NaN, as torch's does (tl.maximum drops it)
         return tl.where(z < 0.0, 0.0, z)
+    elif ACT == RELU2:  # relu(z)^2, NaN kept as above
+        return tl.where(z < 0.0, 0.0, z * z)
     elif ACT == GELU_TANH:
         return z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
     else:
@@ -68,14 +72,16 @@ def _activation(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _activation_grad(z, ACT: tl.constexpr):
+def _activation_grad(z, ACT: tl.constexpr, ALPHA: tl.constexpr):
     if ACT == GELU:  # Phi(z) + z * phi(z)
         return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    elif ACT == SILU:  # s (1 + z (1 - s))
-        s = tl.sigmoid(z)
-        return s * (1.0 + z * (1.0 - s))
+    elif ACT == SILU:  # s (1 + alpha z (1 - s)),  s = sigmoid(alpha z)
+        s = tl.sigmoid(ALPHA * z)
+        return s * (1.0 + ALPHA * z * (1.0 - s))
     elif ACT == RELU:
         return (z > 0.0).to(tl.float32)
+    elif ACT == RELU2:  # 2 max(z, 0)
+        return tl.where(z > 0.0, 2.0 * z, 0.0)
     elif ACT == GELU_TANH:  # s + z s (1 - s) u'
         s = tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
         return s + z * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * z * z)
@@ -84,19 +90,68 @@ def _activation_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _hidden(z, z_up, ACT: tl.constexpr):
-    """h = act(z), or silu(z) * z_up for swiglu (z is then the gate half)."""
-    if ACT == SWIGLU:
-        return _activation(z, SILU) * z_up
-    return _activation(z, ACT)
+def _gate_up(z, z_up, ACT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
+             CLAMP_AFTER: tl.constexpr):
+    """(gate after its input clamp, f of it, f after its output clamp, up factor clamp(up, -L, L) +
+    UP_OFFSET) of a gated activation (``activations`` module docstring); the clamps keep NaN, as
+    torch.clamp does."""
+    gate = z
+    if LIMIT is not None:
+        if not CLAMP_AFTER:
+            gate = tl.where(z > LIMIT, LIMIT, z)
+    f = _activation(gate, ACT - GATED, ALPHA)
+    f_out = f
+    up = z_up
+    if LIMIT is not None:
+        if CLAMP_AFTER:
+            f_out = tl.where(f > LIMIT, LIMIT, f)
+        up = tl.where(z_up > LIMIT, LIMIT, tl.where(z_up < -LIMIT, -LIMIT, z_up))
+    return gate, f, f_out, up + UP_OFFSET
 
 
 @triton.jit
-def _hidden_grads(z, z_up, dh, ACT: tl.constexpr):
-    """(dL/dz, dL/dz_up) from dL/dh; the second is only meaningful for swiglu."""
-    if ACT == SWIGLU:
-        return dh * z_up * _activation_grad(z, SILU), dh * _activation(z, SILU)
-    return dh * _activation_grad(z, ACT), dh
+def _hidden(z, z_up, ACT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
+            CLAMP_AFTER: tl.constexpr):
+    """h = act(z), or for a gated ACT f(gate) * (up + UP_OFFSET) with its clamps (z is then the gate half)."""
+    if ACT >= GATED:
+        gate, f, f_out, up = _gate_up(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
+        return f_out * up
+    return _activation(z, ACT, ALPHA)
+
+
+@triton.jit
+def _hidden_grads(z, z_up, dh, ACT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr,
+                  UP_OFFSET: tl.constexpr, CLAMP_AFTER: tl.constexpr):
+    """(dL/dz, dL/dz_up) from dL/dh; the second is only meaningful for a gated ACT, where a clamped
+    value passes no gradient outside its range (at the bound it does, as torch.clamp's)."""
+    if ACT >= GATED:
+        gate, f, f_out, up = _gate_up(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
+        dh_gate = dh
+        dh_up = dh
+        if LIMIT is not None:  # the cuts first, so that z and z_up need not stay live
+            dh_up = tl.where((z_up >= -LIMIT) & (z_up <= LIMIT), dh, 0.0)
+            if CLAMP_AFTER:
+                dh_gate = tl.where(f <= LIMIT, dh, 0.0)
+            else:
+                dh_gate = tl.where(z <= LIMIT, dh, 0.0)
+        return dh_gate * up * _activation_grad(gate, ACT - GATED, ALPHA), dh_up * f_out
+    return dh * _activation_grad(z, ACT, ALPHA), dh
+
+
+@triton.jit
+def _w1_columns(j, H, UP: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """(columns, column limit) of W1 (and b1, dz) holding the gate (UP False) or the up half of
+    hidden units j: j and H + j concatenated, 2j and 2j + 1 interleaved; column < limit iff j < H."""
+    if INTERLEAVED:
+        if UP:
+            return 2 * j + 1, 2 * H + 1
+        else:
+            return 2 * j, 2 * H
+    else:
+        if UP:
+            return j + H, 2 * H
+        else:
+            return j, H
 
 
 @triton.jit

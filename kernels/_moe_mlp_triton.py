@@ -38,7 +38,7 @@ from ._backend import refuse_double_backward
 from ._moe_mlp_fused import FUSED_MAX_WIDTH, _backward_fused, _forward_fused
 from ._moe_mlp_grouped import _backward_grouped, _forward_grouped
 from ._moe_mlp_tiles import _Dispatch, _Weights
-from .activations import triton_code
+from .activations import Activation, ActivationSpec, activation_spec, triton_constexprs
 
 
 # The automatic choice takes the fused path where its kernels were measured to fit a GPU at their
@@ -48,19 +48,28 @@ from .activations import triton_code
 # swiglu in bf16 (rows 360 B, dW1 224 B, dW2 172 B), at D=128 in fp32 (rows 336 B, dW1 168-184 B,
 # dW2 120-144 B) and with swiglu in fp32 even at D=32 (dW1 16 B; at D=64 dW1 164 B, dW2 80 B).
 _FUSED_FIT = {(False, False): 128, (True, False): 64, (False, True): 64, (True, True): 0}
+# The gated activations take the fused path only as plain swiglu: the fused dW1 kernels, at 253
+# registers on sm_90a for swiglu's gate half at D=64 in bf16, spilled with any more epilogue there:
+# 24 B (interleaved) and 40 B (concatenated) in the up half of GPT-OSS's clamped spec (its cut needs
+# z_up too), 16 B in the gate half of geglu_tanh (compile check, Triton 3.9).
+_SWIGLU = ActivationSpec("swiglu")
 
 
-def use_fused_path(d_in: int, d_out: int, activation: str = "gelu", dtype: torch.dtype = torch.bfloat16) -> bool:
+def use_fused_path(d_in: int, d_out: int, activation: Activation = "gelu", dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the expert MLP takes the fused path: MOE_RESTORE_MLP_PATH pins one ("fused" |
     "grouped"; "fused" needs D, D_out <= FUSED_MAX_WIDTH, else ValueError); "auto" (the default)
     takes it where it fits without spilling: max(D, D_out) <= 128 in bfloat16 and float16, <= 64 with
-    swiglu or in float32, never for swiglu in float32."""
+    swiglu or in float32, never for swiglu in float32 nor for the other gated activations (geglu,
+    geglu_tanh, a swiglu with parameters)."""
     choice = os.environ.get("MOE_RESTORE_MLP_PATH", "auto")
     if choice not in ("auto", "fused", "grouped"):
         raise ValueError(f"MOE_RESTORE_MLP_PATH must be auto, fused or grouped, got {choice!r}")
     width = max(d_in, d_out)
     if choice == "auto":
-        return width <= _FUSED_FIT[activation == "swiglu", dtype == torch.float32]
+        spec = activation_spec(activation)
+        if spec.gated and spec != _SWIGLU:  # see _FUSED_FIT
+            return False
+        return width <= _FUSED_FIT[spec.gated, dtype == torch.float32]
     if choice == "fused" and width > FUSED_MAX_WIDTH:
         raise ValueError(f"the fused path needs D, D_out <= {FUSED_MAX_WIDTH}, got {d_in}, {d_out}")
     return choice == "fused"
@@ -82,7 +91,8 @@ def moe_mlp_forward(x: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w2
     """The Triton path of ``moe_mlp`` (weights [T, k] float32); saves only its inputs for backward."""
     T, k = weights.shape
     d = _Dispatch(weights.reshape(-1).contiguous(), order, offsets, k, w1.shape[0])
-    out = (_forward_fused if fused else _forward_grouped)(d, x, _Weights(w1, w2, b1, b2), triton_code(activation))
+    out = (_forward_fused if fused else _forward_grouped)(d, x, _Weights(w1, w2, b1, b2),
+                                                   triton_constexprs(activation))
     return _combine(out, T, k, x.dtype)
 
 
@@ -101,7 +111,7 @@ def moe_mlp_backward(dy: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, w
     T, k = weights.shape
     d = _Dispatch(weights.reshape(-1).contiguous(), order, offsets, k, w1.shape[0])
     run = _backward_fused if fused else _backward_grouped
-    dx, dweights, (dw1, db1, dw2, db2) = run(d, x, dy, _Weights(w1, w2, b1, b2), triton_code(activation),
+    dx, dweights, (dw1, db1, dw2, db2) = run(d, x, dy, _Weights(w1, w2, b1, b2), triton_constexprs(activation),
                                              need_dx, need_params)
     dx = _combine(dx, T, k, x.dtype) if dx is not None else x.new_empty(0)
 

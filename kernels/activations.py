@@ -1,80 +1,239 @@
-"""The expert MLP's activations, decided in one place: the names, the code each name has in the
-Triton kernels, and the PyTorch function of each name and its derivative.
+"""The expert MLP's activations, decided in one place: the names, their parameters (one
+``ActivationSpec``), the code each kind has in the Triton kernels, and the PyTorch function of each
+and its derivative.
 
-``act(z)`` for the hidden layer z of an expert (see ``moe_mlp``):
+``act(z)`` for the hidden layer z of an expert (see ``moe_mlp``), by kind:
 
-    "gelu"       z * Phi(z)                        (exact, erf-based GELU)
-    "gelu_tanh"  0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))   (diffusers' FeedForward GELU)
-    "silu"       z * sigmoid(z)
-    "relu"       max(z, 0)
-    "swiglu"     silu(gate) * up, with z = [gate | up] (2H columns: the gate first)
+    "gelu"        z * Phi(z)                        (exact, erf-based GELU)
+    "gelu_tanh"   0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))   (diffusers' FeedForward GELU)
+    "silu"        z * sigmoid(z)
+    "relu"        max(z, 0)
+    "relu2"       max(z, 0)^2                        (Primer's squared ReLU: Nemotron-H, Ergo)
+    "swiglu"      f(gate) * up with f(g) = g sigmoid(alpha g)   (alpha = 1: SiLU)
+    "geglu"       f(gate) * up with f = gelu        (exact)
+    "geglu_tanh"  f(gate) * up with f = gelu_tanh   (Gemma's GELU-tanh gate)
 
-Everything that asks "which activation" (the op's validation, the Triton launches, the torch
+The three gated kinds split z [.., 2H] into gate and up: the first H columns and the last H
+("concatenated", the default), or even and odd columns (``interleaved``, GPT-OSS). Their
+parameters, as the transformers families that use them write their ``_apply_gate``:
+
+    limit        None, or L > 0: the gate is clamped to (-inf, L] and up to [-L, L]
+    clamp_after  the gate's clamp applies to f(gate) instead of to gate (Bailing-hybrid, Step-3.7)
+    alpha        the sigmoid's slope in swiglu (GPT-OSS: 1.702)
+    up_offset    h = f(gate) * (up + up_offset) (GPT-OSS: 1)
+
+so h = c_a(f(c_g(gate))) * (clamp(up, -L, L) + up_offset), c_g the gate clamp unless
+``clamp_after``, c_a the clamp with it. A clamped value's gradient is zero outside its range (as
+torch.clamp's: at the bound itself it passes).
+
+A spec is written anywhere a name is accepted, as an ``ActivationSpec`` or as its canonical string
+(``str(spec)``: the kind alone with default parameters, else e.g.
+``"swiglu(limit=7.0,alpha=1.702,up_offset=1.0,interleaved=True)"``), which is what the custom ops
+carry. Everything that asks "which activation" (the op's validation, the Triton launches, the torch
 backend, the layers' parameter shapes, the benchmarks' eager baselines) reads this module.
 """
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import functools
+import math
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 
+ACTIVATIONS: tuple[str, ...] = ("gelu", "gelu_tanh", "silu", "swiglu", "relu", "relu2", "geglu", "geglu_tanh")
+GATED = frozenset({"swiglu", "geglu", "geglu_tanh"})
+# A gated kind's gate function, as the plain kind of the same name.
+_GATE_OF = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
 
-def _swiglu(z: torch.Tensor) -> torch.Tensor:
-    gate, up = z.chunk(2, dim=-1)
-    return F.silu(gate) * up
+# The constexpr ``ACT`` of the Triton kernels (``_moe_mlp_tiles``). A gated kind's code is
+# GATED_BASE + its gate function's code, so the kernels test ``ACT >= GATED_BASE`` and take the
+# gate function as ``ACT - GATED_BASE``.
+GATED_BASE = 16
+_PLAIN_CODES = {"gelu": 1, "silu": 2, "relu": 3, "gelu_tanh": 5, "relu2": 6}
+TRITON_CODES: dict[str, int] = {**_PLAIN_CODES, **{k: GATED_BASE + _PLAIN_CODES[g] for k, g in _GATE_OF.items()}}
+
+_PARAMETERS = ("limit", "alpha", "up_offset", "interleaved", "clamp_after")
 
 
-_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "silu": F.silu,
-    "swiglu": _swiglu,
-    "relu": F.relu,
-}
+@dataclasses.dataclass(frozen=True)
+class ActivationSpec:
+    """One activation and its parameters (see the module docstring); validated on construction."""
 
-ACTIVATIONS: tuple[str, ...] = tuple(_FUNCTIONS)
+    kind: str
+    limit: float | None = None
+    alpha: float = 1.0
+    up_offset: float = 0.0
+    interleaved: bool = False
+    clamp_after: bool = False
 
-# The constexpr ``ACT`` of the Triton kernels (``_moe_mlp_tiles._activation``); 4 is the one
-# gated activation, whose first layer has two halves.
-TRITON_CODES: dict[str, int] = {"gelu": 1, "silu": 2, "relu": 3, "swiglu": 4, "gelu_tanh": 5}
-GATED = frozenset({"swiglu"})
+    def __post_init__(self) -> None:
+        if self.kind not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS} (or an ActivationSpec of one), "
+                             f"got {self.kind!r}")
+        for name in ("alpha", "up_offset") + (("limit",) if self.limit is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"activation {name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"activation limit must be > 0 (it clamps up to [-limit, limit]), got {self.limit}")
+        for name in ("interleaved", "clamp_after"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"activation {name} must be a bool, got {getattr(self, name)!r}")
+        if self.kind not in GATED and self._changed():
+            raise ValueError(f"{self.kind!r} is not gated: limit, alpha, up_offset, interleaved and clamp_after "
+                             f"apply to {sorted(GATED)} only")
+        if self.alpha != 1.0 and self.kind != "swiglu":
+            raise ValueError(f"alpha (the sigmoid's slope) applies to swiglu only, got {self.kind!r}")
+        if self.clamp_after and self.limit is None:
+            raise ValueError("clamp_after needs a limit")
+
+    def _changed(self) -> list[str]:
+        """"name=value" of every parameter that differs from its default."""
+        return [f"{name}={getattr(self, name)!r}" for name in _PARAMETERS
+                if getattr(self, name) != getattr(ActivationSpec, name)]
+
+    @property
+    def gated(self) -> bool:
+        """Whether the first layer holds gate and up (2H columns) for a hidden width H."""
+        return self.kind in GATED
+
+    def __str__(self) -> str:
+        changed = self._changed()
+        return f"{self.kind}({','.join(changed)})" if changed else self.kind
+
+    def triton_constexprs(self) -> dict:
+        """The kernels' constexpr arguments (``_moe_mlp_tiles``): ACT, LIMIT (None: no clamp),
+        ALPHA, UP_OFFSET, CLAMP_AFTER, INTERLEAVED."""
+        return dict(ACT=TRITON_CODES[self.kind], LIMIT=self.limit, ALPHA=self.alpha, UP_OFFSET=self.up_offset,
+                    CLAMP_AFTER=self.clamp_after, INTERLEAVED=self.interleaved)
+
+
+Activation = Union[str, ActivationSpec]
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(text: str) -> ActivationSpec:
+    kind, paren, rest = text.partition("(")
+    if not paren:
+        return ActivationSpec(kind)
+    if not rest.endswith(")"):
+        raise ValueError(f"activation {text!r}: expected kind(name=value,...)")
+    values: dict = {}
+    for item in filter(None, rest[:-1].split(",")):
+        name, eq, value = item.partition("=")
+        if not eq or name not in _PARAMETERS or name in values:
+            raise ValueError(f"activation {text!r}: {item!r} is not one of {_PARAMETERS} as name=value")
+        constants = {"True": True, "False": False, "None": None}
+        try:
+            values[name] = constants[value] if value in constants else float(value)
+        except ValueError:
+            raise ValueError(f"activation {text!r}: {item!r} has no number, bool or None") from None
+    return ActivationSpec(kind, **values)
+
+
+def activation_spec(activation: object) -> ActivationSpec:
+    """``activation`` (a name, a spec's canonical string or an ``ActivationSpec``) as a spec;
+    ValueError if it names none."""
+    if isinstance(activation, ActivationSpec):
+        return activation
+    if not isinstance(activation, str):
+        raise ValueError(f"activation must be one of {ACTIVATIONS} or an ActivationSpec, got {activation!r}")
+    return _parse(activation)
 
 
 def check_activation(activation: object) -> str:
-    """Return ``activation`` if it names an activation, else raise ValueError listing the names."""
-    if activation not in _FUNCTIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return activation  # type: ignore[return-value]
+    """The canonical string of ``activation`` (a plain name stays itself), else ValueError."""
+    return str(activation_spec(activation))
 
 
-def is_gated(activation: str) -> bool:
-    """Whether the first layer holds [gate | up] (2H columns) for a hidden width H."""
-    return check_activation(activation) in GATED
+def is_gated(activation: Activation) -> bool:
+    """Whether the first layer holds gate and up (2H columns) for a hidden width H."""
+    return activation_spec(activation).gated
 
 
-def first_layer_width(activation: str, hidden: int) -> int:
+def first_layer_width(activation: Activation, hidden: int) -> int:
     """Columns of w1 (and b1) for hidden width H: 2H for a gated activation, else H."""
     return 2 * hidden if is_gated(activation) else hidden
 
 
-def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(z) in PyTorch (see the module docstring); for "swiglu" z = [gate | up] on the last axis."""
-    return _FUNCTIONS[check_activation(activation)](z)
+def _split(z: torch.Tensor, spec: ActivationSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    return (z[..., 0::2], z[..., 1::2]) if spec.interleaved else z.chunk(2, dim=-1)
 
 
-def activation_backward(dh: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
-    """dz = act'(z) dh for ``activate`` (swiglu: d gate = silu'(gate) up dh, d up = silu(gate) dh)."""
-    if activation == "swiglu":
-        gate, up = z.chunk(2, dim=-1)
-        return torch.cat([torch.ops.aten.silu_backward(dh * up, gate), dh * F.silu(gate)], dim=-1)
-    if activation in ("gelu", "gelu_tanh"):
-        return torch.ops.aten.gelu_backward(dh, z, approximate="none" if activation == "gelu" else "tanh")
-    if activation == "silu":
-        return torch.ops.aten.silu_backward(dh, z)
-    return torch.ops.aten.threshold_backward(dh, z, 0)
+def _join(gate: torch.Tensor, up: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
+    return torch.stack([gate, up], dim=-1).flatten(-2) if spec.interleaved else torch.cat([gate, up], dim=-1)
 
 
-def triton_code(activation: str) -> int:
-    """The kernels' constexpr code of ``activation``."""
-    return TRITON_CODES[check_activation(activation)]
+def _plain(z: torch.Tensor, kind: str, alpha: float = 1.0) -> torch.Tensor:
+    if kind == "silu":
+        return F.silu(z) if alpha == 1.0 else z * torch.sigmoid(alpha * z)
+    if kind in ("gelu", "gelu_tanh"):
+        return F.gelu(z, approximate="none" if kind == "gelu" else "tanh")
+    if kind == "relu":
+        return F.relu(z)
+    return F.relu(z).square()  # relu2
+
+
+def _plain_backward(dh: torch.Tensor, z: torch.Tensor, kind: str, alpha: float = 1.0) -> torch.Tensor:
+    if kind == "silu":
+        if alpha == 1.0:
+            return torch.ops.aten.silu_backward(dh, z)
+        s = torch.sigmoid(alpha * z)  # d/dz z s(alpha z) = s (1 + alpha z (1 - s))
+        return dh * s * (1 + alpha * z * (1 - s))
+    if kind in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward(dh, z, approximate="none" if kind == "gelu" else "tanh")
+    if kind == "relu":
+        return torch.ops.aten.threshold_backward(dh, z, 0)
+    return torch.ops.aten.threshold_backward(2 * z * dh, z, 0)  # relu2: 2 max(z, 0)
+
+
+def _gate_parts(z: torch.Tensor, spec: ActivationSpec):
+    """(gate, f(c_g(gate)) before the clamp after, c_a of it, up factor) of a gated z."""
+    gate, up = _split(z, spec)
+    limit = spec.limit
+    gate_in = gate.clamp(max=limit) if limit is not None and not spec.clamp_after else gate
+    f = _plain(gate_in, _GATE_OF[spec.kind], spec.alpha)
+    f_out = f.clamp(max=limit) if spec.clamp_after else f
+    up_c = up.clamp(-limit, limit) if limit is not None else up
+    return gate, gate_in, f, f_out, up, up_c + spec.up_offset if spec.up_offset else up_c
+
+
+def activate(z: torch.Tensor, activation: Activation) -> torch.Tensor:
+    """act(z) in PyTorch (see the module docstring); for a gated spec z holds gate and up on the last axis."""
+    spec = activation_spec(activation)
+    if not spec.gated:
+        return _plain(z, spec.kind)
+    _, _, _, f_out, _, up_factor = _gate_parts(z, spec)
+    return f_out * up_factor
+
+
+def activation_backward(dh: torch.Tensor, z: torch.Tensor, activation: Activation) -> torch.Tensor:
+    """dz = act'(z) dh for ``activate`` (gated: d gate = f'(gate) (up + up_offset) dh and d up =
+    f(gate) dh, each zero where its clamp cut)."""
+    spec = activation_spec(activation)
+    if not spec.gated:
+        return _plain_backward(dh, z, spec.kind)
+    gate, gate_in, f, f_out, up, up_factor = _gate_parts(z, spec)
+    d_f = dh * up_factor
+    d_up = dh * f_out
+    if spec.limit is not None:
+        limit = spec.limit
+        d_f = d_f * (f <= limit) if spec.clamp_after else d_f
+        d_up = d_up * ((up >= -limit) & (up <= limit))
+    d_gate = _plain_backward(d_f, gate_in, _GATE_OF[spec.kind], spec.alpha)
+    if spec.limit is not None and not spec.clamp_after:
+        d_gate = d_gate * (gate <= spec.limit)
+    return _join(d_gate, d_up, spec)
+
+
+def triton_code(activation: Activation) -> int:
+    """The kernels' constexpr ``ACT`` of ``activation``'s kind."""
+    return TRITON_CODES[activation_spec(activation).kind]
+
+
+def triton_constexprs(activation: Activation) -> dict:
+    """The kernels' constexpr arguments of ``activation`` (``ActivationSpec.triton_constexprs``)."""
+    return activation_spec(activation).triton_constexprs()

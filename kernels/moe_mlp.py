@@ -4,11 +4,13 @@ For x [T, D] and a Routing (assignment a = t*k + j to expert e = experts[t, j], 
 
     y[t] = sum_j w_a * ( act(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e] )
 
-w1 [E, D, H] (swiglu: [E, D, 2H], the first H columns the gate, the last H the up projection,
-act(z) = silu(gate) * up); w2 [E, H, D_out]; b1 [E, H or 2H] or None; b2 [E, D_out] or None;
-activation one of ``ACTIVATIONS`` (defined in ``moe_restore.kernels.activations``: "gelu" (exact
-erf GELU), "gelu_tanh" (the tanh approximation, as in diffusers' FeedForward), "silu", "swiglu",
-"relu"). Differentiable w.r.t. x, w1, w2, b1, b2 and the routing weights (so a loss reaches the
+w1 [E, D, H] (gated activations: [E, D, 2H], gate and up projections, by default the first H
+columns the gate and the last H up, act(z) = f(gate) * up); w2 [E, H, D_out]; b1 [E, H or 2H] or
+None; b2 [E, D_out] or None; activation one of ``ACTIVATIONS`` or an ``ActivationSpec`` (defined in
+``moe_restore.kernels.activations``: "gelu" (exact erf GELU), "gelu_tanh" (the tanh approximation,
+as in diffusers' FeedForward), "silu", "relu", "relu2" (squared ReLU), and the gated "swiglu",
+"geglu", "geglu_tanh", whose spec may add a clamp limit, a sigmoid slope, an up offset and
+interleaved gate/up columns). Differentiable w.r.t. x, w1, w2, b1, b2 and the routing weights (so a loss reaches the
 router logits).
 """
 from __future__ import annotations
@@ -19,10 +21,10 @@ from . import _moe_mlp_torch
 from ._backend import autocast_inputs, autocast_off, interpreter_dot_is_wrong, resolve_backend_for_dtype
 from ._device_checks import check_routing
 from .validation import check_float, check_has_values, check_ndim, check_same_device, check_shape
-from .activations import ACTIVATIONS, check_activation, first_layer_width, is_gated
+from .activations import ACTIVATIONS, Activation, ActivationSpec, check_activation, first_layer_width, is_gated
 from .routing import Routing
 
-__all__ = ["ACTIVATIONS", "moe_mlp"]
+__all__ = ["ACTIVATIONS", "ActivationSpec", "moe_mlp"]
 
 
 def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
@@ -30,7 +32,6 @@ def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
     check_ndim("x", x, 2, "[T, D]")
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a Routing (from topk_route or nested_route), got {type(routing).__name__}")
-    check_activation(activation)
     check_float("w1", w1)
     check_float("w2", w2)
     check_ndim("w1", w1, 3, "[E, D, H]")
@@ -45,7 +46,7 @@ def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
         raise ValueError(f"routing is over {routing.num_experts} experts but w1/w2 hold E = {E}")
     if not (x.dtype == w1.dtype == w2.dtype):
         raise TypeError(f"x, w1 and w2 must share one dtype, got {x.dtype}, {w1.dtype}, {w2.dtype}")
-    b1_layout = "[E, 2H]" if activation == "swiglu" else "[E, H]"
+    b1_layout = f"[E, {hidden}]"
     for name, bias, shape, layout in (("b1", b1, (E, w1_cols), b1_layout), ("b2", b2, (E, D_out), "[E, D_out]")):
         if bias is not None:
             check_float(name, bias)
@@ -73,7 +74,7 @@ def _resolve_backend(backend: str | None, x: torch.Tensor) -> str:
 
 def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
             b1: torch.Tensor | None = None, b2: torch.Tensor | None = None, *,
-            activation: str = "gelu", backend: str | None = None) -> torch.Tensor:
+            activation: Activation = "gelu", backend: str | None = None) -> torch.Tensor:
     """Apply each token's routed experts and combine their outputs; see the module docstring.
 
     x, w1, w2, b1 and b2 share one float dtype (float16, bfloat16, float32: both backends; float64,
@@ -92,7 +93,8 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
         return _moe_mlp(x, routing, w1, w2, b1, b2, activation, backend)
 
 
-def _moe_mlp(x, routing, w1, w2, b1, b2, activation: str, backend: str | None) -> torch.Tensor:
+def _moe_mlp(x, routing, w1, w2, b1, b2, activation: Activation, backend: str | None) -> torch.Tensor:
+    activation = check_activation(activation)  # the canonical string, which the custom op carries
     _validate(x, routing, w1, w2, b1, b2, activation)
     backend = _resolve_backend(backend, x)
     if x.shape[0] == 0:

@@ -5,6 +5,7 @@ baselines. Slow on purpose; not a backend.
     stable_top_k   the k largest entries of each row, ties to the lower index
     topk_route     router scores and top-k choice                  (``topk_route``'s math)
     nested_route   groups, then sub-experts inside each group      (``nested_route``'s math)
+    activate       act(z) of any activation spec, from its definition
     expert_mlp     act(u @ w1 + b1) @ w2 + b2 for one expert
     moe_mlp        a loop over experts: gather, expert MLP, weighted add (``moe_mlp``'s math)
     gated_scan     the scan one token at a time                    (``gated_scan``'s math)
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .activations import activate
+import math
+
+from .activations import Activation, activation_spec
 
 
 def stable_top_k(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,10 +78,41 @@ def nested_route(group_logits: torch.Tensor, expert_logits: torch.Tensor, top_k_
     return tuple(torch.stack(column) for column in zip(*rows))
 
 
+def _plain_activation(z: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
+    if kind == "gelu":
+        return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+    if kind == "gelu_tanh":
+        return 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+    if kind == "silu":
+        return z * torch.sigmoid(alpha * z)
+    relu = z.clamp(min=0)
+    return relu if kind == "relu" else relu * relu
+
+
+def activate(z: torch.Tensor, activation: Activation) -> torch.Tensor:
+    """act(z) of a name or ``ActivationSpec``, written from the definitions (``activations``
+    module docstring): for a gated spec, gate and up are z's halves (or its even and odd columns),
+    h = c_a(f(c_g(gate))) * (clamp(up, -limit, limit) + up_offset)."""
+    spec = activation_spec(activation)
+    if not spec.gated:
+        return _plain_activation(z, spec.kind, 1.0)
+    H = z.shape[-1] // 2
+    gate, up = (z[..., 0::2], z[..., 1::2]) if spec.interleaved else (z[..., :H], z[..., H:])
+    gate_fn = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}[spec.kind]
+    if spec.limit is not None and not spec.clamp_after:
+        gate = torch.clamp(gate, max=spec.limit)
+    f = _plain_activation(gate, gate_fn, spec.alpha)
+    if spec.limit is not None:
+        if spec.clamp_after:
+            f = torch.clamp(f, max=spec.limit)
+        up = torch.clamp(up, min=-spec.limit, max=spec.limit)
+    return f * (up + spec.up_offset)
+
+
 def expert_mlp(u: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-               b2: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """act(u @ w1 + b1) @ w2 + b2 for one expert's rows u [n, D]; for a gated activation (swiglu)
-    the first layer's output is [gate | up]."""
+               b2: torch.Tensor | None, activation: Activation) -> torch.Tensor:
+    """act(u @ w1 + b1) @ w2 + b2 for one expert's rows u [n, D]; for a gated activation the first
+    layer's output holds gate and up."""
     z = u @ w1 if b1 is None else torch.addmm(b1, u, w1)
     h = activate(z, activation)
     return h @ w2 if b2 is None else torch.addmm(b2, h, w2)
@@ -86,16 +120,18 @@ def expert_mlp(u: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
 
 def moe_mlp(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w1: torch.Tensor,
             w2: torch.Tensor, b1: torch.Tensor | None = None, b2: torch.Tensor | None = None, *,
-            activation: str = "gelu") -> torch.Tensor:
+            activation: Activation = "gelu") -> torch.Tensor:
     """y[t] = sum_j weights[t, j] * Expert_{experts[t, j]}(x[t]) for x [T, D]: expert by expert,
-    gather the expert's tokens, run its MLP, add the weighted rows back (in float32)."""
-    y = torch.zeros(x.shape[0], w2.shape[-1], dtype=torch.float32, device=x.device)
+    gather the expert's tokens, run its MLP, add the weighted rows back (in float32, float64 for
+    float64 inputs)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    y = torch.zeros(x.shape[0], w2.shape[-1], dtype=acc, device=x.device)
     for e in range(w1.shape[0]):
         tokens, slots = torch.where(experts == e)
         if tokens.numel():
             out = expert_mlp(x[tokens], w1[e], None if b1 is None else b1[e], w2[e],
                              None if b2 is None else b2[e], activation)
-            y.index_add_(0, tokens, out.float() * weights[tokens, slots, None].float())
+            y.index_add_(0, tokens, out.to(acc) * weights[tokens, slots, None].to(acc))
     return y.to(x.dtype)
 
 

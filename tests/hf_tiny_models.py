@@ -102,6 +102,19 @@ class NoTinyModel(RuntimeError):
     the installed transformers that needs sizes of its own (the tests report it and skip it)."""
 
 
+def _distinct_hash_experts(model: torch.nn.Module) -> None:
+    """Give hash routers (DeepSeek-V4's ``tid2eid``: token id -> its k experts, a frozen table that a
+    checkpoint holds) distinct experts per token, (t + j) mod E, in place of the zeros a random
+    init leaves: with every slot on expert 0 and weights normalised to sum 1, the router's
+    gradient is exactly zero and the comparison of two roundoff noises."""
+    for module in model.modules():
+        table = getattr(module, "tid2eid", None)
+        if isinstance(table, torch.Tensor) and hasattr(module, "num_experts"):
+            vocab, k = table.shape
+            ids = (torch.arange(vocab)[:, None] + torch.arange(k)) % module.num_experts
+            table.copy_(ids.to(table.dtype))
+
+
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     """A float32 tiny random model of ``family`` holding at least one hooked experts module: its
     causal LM if that has experts, else its text model, else its base model. Raises NoTinyModel
@@ -129,6 +142,7 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
             first_error = first_error or error
             continue
         if any(isinstance(m, hooked) for m in model.modules()):
+            _distinct_hash_experts(model)
             return model
     reason = f"{type(first_error).__name__}: {first_error}" if first_error else "none of them holds hooked experts"
     raise NoTinyModel(f"no tiny {family} model with hooked experts builds from {[c.__name__ for c in ranked]}: "

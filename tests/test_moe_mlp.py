@@ -21,13 +21,14 @@ def oracle_moe_mlp(x, experts, weights, w1, w2, b1, b2, activation):
     for j in range(experts.shape[1]):
         e = experts[:, j]
         z = torch.einsum("td,tdh->th", x, w1[e]) + (b1[e] if b1 is not None else 0.0)
-        if activation == "swiglu":
+        plain = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "relu2": lambda v: F.relu(v) ** 2,
+                 "gelu_tanh": lambda v: 0.5 * v * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (v + 0.044715 * v**3)))}
+        gates = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+        if activation in gates:
             gate, up = z.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = plain[gates[activation]](gate) * up
         else:
-            h = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu,
-                 "gelu_tanh": lambda v: 0.5 * v * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (v + 0.044715 * v**3)))
-                 }[activation](z)
+            h = plain[activation](z)
         out = torch.einsum("th,thd->td", h, w2[e]) + (b2[e] if b2 is not None else 0.0)
         y = y + weights[:, j, None] * out
     return y

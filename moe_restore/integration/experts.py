@@ -15,16 +15,26 @@ on the experts' own Parameters in their own dtype, through views (no copy):
 * ``gate_up_proj`` [E, 2I, D] (gate rows first: ``is_concatenated``) is w1 = ``gate_up_proj.transpose(1, 2)``
   [E, D, 2I], ``down_proj`` [E, D, I] is w2 = ``down_proj.transpose(1, 2)``; with ``is_transposed`` they are
   stored [E, D, 2I] and [E, I, D] already and are used as they are;
-* the activation is ``act_fn(gate) * up`` with SiLU (an ACT2FN module or ``F.silu`` itself), i.e.
-  moe_mlp's "swiglu"; experts without a gate (``has_gate=False``: ``up_proj``) take ``act_fn`` alone
-  (SiLU, GELU, tanh-GELU or ReLU);
+* the activation is ``act_fn(gate) * up`` with SiLU, GELU or tanh-GELU (an ACT2FN module or the
+  ``torch.nn.functional`` function itself), i.e. moe_mlp's "swiglu", "geglu" or "geglu_tanh";
+  experts without a gate (``has_gate=False``: ``up_proj``) take ``act_fn`` alone (SiLU, GELU,
+  tanh-GELU, ReLU or squared ReLU);
+* a family's own ``_apply_gate`` (GPT-OSS's clamped SwiGLU with its slope, ``up + 1`` and
+  interleaved columns; DeepSeek-V4's and GLM-5-Next's clamp then SiLU; Step-3.7's SiLU then
+  clamp, ...) runs as the ``ActivationSpec`` it computes: the candidate specs built from the
+  module's ``limit``/``swiglu_limit`` and ``alpha``/``swiglu_alpha`` are probed against the
+  family's own ``_apply_gate`` on values that cross every clamp, once per class and parameters,
+  and the first that matches it (float32, 1e-6 relative) is used;
 * biases (``has_bias``): b1 = ``gate_up_proj_bias`` (or ``up_proj_bias``), b2 = ``down_proj_bias``;
 * slots that repeat an expert of their row or hold a sentinel id >= E (expert parallelism) are
   folded into distinct ids first (``distinct_slots``), the sum over slots unchanged.
 
-Everything else (interleaved gate/up rows, a family's own ``_apply_gate`` such as GPT-OSS's clamped
-SwiGLU, a gated activation other than SiLU, a post-expert norm, more slots than experts, quantised or
-mixed-dtype weights) runs the family's eager forward instead, with a warning given once per reason.
+Everything else (an ``_apply_gate`` no spec matches, such as Inkling-2's softcapped SwiGLU;
+interleaved rows with the default gate; another activation; a norm after each expert, as in
+MuseSpark, which normalises each expert's D_out row before the routing weight: the grouped path
+tiles D_out across programs, so it would take another pass over [T*k, D_out] and a backward of its
+own, with the norm weight's gradient; more slots than experts; quantised or mixed-dtype weights)
+runs the family's eager forward instead, with a warning given once per reason.
 """
 from __future__ import annotations
 
@@ -36,7 +46,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from moe_restore.kernels import moe_mlp, routing_from_topk
+from moe_restore.kernels import ActivationSpec, moe_mlp, naive, routing_from_topk
 
 IMPLEMENTATION = "moe_restore"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,12 +62,71 @@ def _activation_name(act_fn: object) -> str | None:
     if callable(act_fn) and not isinstance(act_fn, nn.Module) and act_fn in functions:
         return functions[act_fn]
     names = {hf_act.SiLUActivation: "silu", nn.SiLU: "silu", hf_act.GELUActivation: "gelu",
-             hf_act.GELUTanh: "gelu_tanh", hf_act.NewGELUActivation: "gelu_tanh", nn.ReLU: "relu"}
+             hf_act.GELUTanh: "gelu_tanh", hf_act.NewGELUActivation: "gelu_tanh", nn.ReLU: "relu",
+             hf_act.ReLUSquaredActivation: "relu2"}
     return names.get(type(act_fn))
 
 
+# The gated kind whose gate function is each plain activation.
+_GATED_KIND = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
+_probed: dict[tuple, ActivationSpec | str] = {}
+
+
+def _number(experts: nn.Module, names: tuple[str, ...]) -> float | None:
+    """The first of the module's attributes ``names`` that holds a number, as a float."""
+    for name in names:
+        value = getattr(experts, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _gate_candidates(experts: nn.Module, act_kind: str | None):
+    """The specs the family's ``_apply_gate`` may compute, most likely first: the gate function of
+    its ``act_fn`` (any gated kind without one), its slope and clamp limit, the clamp before or
+    after the gate function, up offset 0 or 1, the columns as ``is_concatenated`` says or not."""
+    limit = _number(experts, ("limit", "swiglu_limit"))
+    limit = limit if limit is not None and limit > 0 else None
+    alpha = _number(experts, ("alpha", "swiglu_alpha"))
+    concatenated = getattr(experts, "is_concatenated", True)
+    kinds = [_GATED_KIND[act_kind]] if act_kind in _GATED_KIND else list(_GATED_KIND.values())
+    for kind in kinds:
+        for slope in dict.fromkeys([alpha or 1.0, 1.0] if kind == "swiglu" else [1.0]):
+            for clamp_after in ((False, True) if limit is not None else (False,)):
+                for up_offset in (0.0, 1.0):
+                    for interleaved in (not concatenated, concatenated):
+                        yield ActivationSpec(kind, limit=limit, alpha=slope, up_offset=up_offset,
+                                             interleaved=interleaved, clamp_after=clamp_after)
+
+
+def _apply_gate_spec(experts: nn.Module, act_kind: str | None) -> ActivationSpec | str:
+    """The spec the family's own ``_apply_gate`` computes, or the reason none does (see the module
+    docstring); probed once per class and parameters."""
+    candidates = list(_gate_candidates(experts, act_kind))
+    key = (type(experts), type(getattr(experts, "act_fn", None)), tuple(candidates))
+    if key not in _probed and torch.compiler.is_compiling():  # the probe reads its result on the host
+        return (f"{type(experts).__name__}'s own _apply_gate is matched to an activation spec by a probe that "
+                "runs eagerly: one forward outside torch.compile first")
+    if key not in _probed:
+        scale = 3 * (candidates[0].limit or 2.0)  # values on both sides of every clamp
+        probe = torch.linspace(-scale, scale, 2 * 509, dtype=torch.float64)
+        probe = probe[torch.randperm(probe.numel(), generator=torch.Generator().manual_seed(0))][None]
+        name = type(experts).__name__
+        try:
+            with torch.no_grad():
+                got = experts._apply_gate(probe.float()).double()
+        except Exception as error:  # noqa: BLE001 - a gate that cannot run on a probe is not matched
+            _probed[key] = f"{name}'s own _apply_gate failed on a probe ({type(error).__name__})"
+        else:
+            _probed[key] = next(
+                (spec for spec in candidates if got.shape == (1, 509) and
+                 ((got - naive.activate(probe, spec)).abs().max() <= 1e-6 * got.abs().max()).item()),
+                f"{name}'s own _apply_gate (its gated activation) matches none of moe_mlp's activation specs")
+    return _probed[key]
+
+
 def plan(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-         top_k_weights: torch.Tensor) -> tuple[str, tuple] | str:
+         top_k_weights: torch.Tensor) -> tuple[str | ActivationSpec, tuple] | str:
     """(activation, (w1, w2, b1, b2)) for ``moe_mlp``, or the reason this call must run eagerly."""
     from transformers.integrations.moe import _default_apply_gate
 
@@ -73,12 +142,16 @@ def plan(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Ten
     gated = getattr(experts, "has_gate", True)
     if gated:
         if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-            return f"{type(experts).__name__} has its own gated activation (_apply_gate)"
-        if not getattr(experts, "is_concatenated", True):
-            return "its gate and up rows are interleaved, and moe_mlp's swiglu takes [gate | up]"
-        if activation != "silu":
-            return f"its gated activation is {type(experts.act_fn).__name__}(gate) * up; moe_mlp gates with SiLU only"
-        activation = "swiglu"
+            activation = _apply_gate_spec(experts, activation)
+            if isinstance(activation, str):
+                return activation
+        elif not getattr(experts, "is_concatenated", True):
+            return "its gate and up rows are interleaved, and its (default) gate takes [gate | up]"
+        elif activation not in _GATED_KIND:
+            return (f"its gated activation is {type(experts.act_fn).__name__}(gate) * up; moe_mlp gates with "
+                    "SiLU, GELU or tanh-GELU")
+        else:
+            activation = _GATED_KIND[activation]
     elif activation is None:
         return f"its activation {type(getattr(experts, 'act_fn', None)).__name__} is not one of moe_mlp's"
     prefix = "gate_up" if gated else "up"
