@@ -24,7 +24,9 @@ on the experts' own Parameters in their own dtype, through views (no copy):
 
 Everything else (interleaved gate/up rows, a family's own ``_apply_gate`` such as GPT-OSS's clamped
 SwiGLU, a gated activation other than SiLU, a post-expert norm, more slots than experts, quantised or
-mixed-dtype weights) runs the family's eager forward instead, with a warning given once per reason.
+mixed-dtype weights) runs what transformers would have run without us (``fallback_forward``: its
+``"grouped_mm"``, else its ``"batched_mm"``, the family's eager forward only where the installed
+transformers has neither), with a warning given once per reason that names it.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def _activation_name(act_fn: object) -> str | None:
 
 def plan(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
          top_k_weights: torch.Tensor) -> tuple[str, tuple] | str:
-    """(activation, (w1, w2, b1, b2)) for ``moe_mlp``, or the reason this call must run eagerly."""
+    """(activation, (w1, w2, b1, b2)) for ``moe_mlp``, or the reason the kernels cannot take this call."""
     from transformers.integrations.moe import _default_apply_gate
 
     if getattr(experts, "has_post_expert_norm", False):
@@ -96,12 +98,30 @@ def plan(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Ten
     return activation, (w1, w2, b1, b2)
 
 
-def _warn_once(experts: nn.Module, reason: str) -> None:
+# What transformers runs when no experts implementation is asked for ("grouped_mm"), then the next
+# best of its registry: the fallbacks, in order, before the family's eager forward.
+FALLBACKS = ("grouped_mm", "batched_mm")
+
+
+def _warn_once(experts: nn.Module, reason: str, fallback: str) -> None:
     key = f"{type(experts).__name__}: {reason}"
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f'experts_implementation="{IMPLEMENTATION}": {key}; running the eager experts forward '
-                      "instead", stacklevel=3)
+        warnings.warn(f'experts_implementation="{IMPLEMENTATION}": {key}; running transformers\' "{fallback}" '
+                      "experts forward instead", stacklevel=3)
+
+
+def fallback_forward(experts: nn.Module):
+    """(name, forward) of what transformers would have run for ``experts`` without us: the first
+    of ``FALLBACKS`` in its experts registry (``grouped_mm``, its default, handles every layout
+    the hook declares and compiles), else the family's eager forward (``eager_forward``)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    for name in FALLBACKS:
+        forward = ALL_EXPERTS_FUNCTIONS.get(name)
+        if forward is not None:
+            return name, forward
+    return "eager", eager_forward(experts)
 
 
 def eager_forward(experts: nn.Module):
@@ -160,8 +180,9 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     for the kernels (None: Triton where it runs, else torch)."""
     planned = plan(experts, hidden_states, top_k_index, top_k_weights)
     if isinstance(planned, str):
-        _warn_once(experts, planned)
-        return eager_forward(experts)(experts, hidden_states, top_k_index, top_k_weights)
+        name, forward = fallback_forward(experts)
+        _warn_once(experts, planned, name)
+        return forward(experts, hidden_states, top_k_index, top_k_weights)
     activation, (w1, w2, b1, b2) = planned
     ids, weights = distinct_slots(top_k_index, top_k_weights, w1.shape[0])
     routing = routing_from_topk(ids, weights, w1.shape[0], backend=backend)
