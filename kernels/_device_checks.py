@@ -115,9 +115,28 @@ def routing_rules_held(routing) -> torch.Tensor:
     ])
 
 
+def _layout_versions(routing) -> tuple[int, ...]:
+    """The version counters of the tensors the rules read (any in-place write bumps them)."""
+    return tuple(t._version for t in (routing.experts, routing.sorted_assignments, routing.expert_offsets))
+
+
+def mark_consistent(routing) -> None:
+    """Record that ``routing`` is consistent by construction: its layout was computed from its
+    experts by the dispatch (``routing.finish_routing``). In eager mode ``check_routing`` then
+    skips it for as long as none of its tensors is written in place (their version counters);
+    a routing derived from it (``dataclasses.replace``) or built elsewhere is checked. Under
+    torch.compile every routing is checked (the check is a few fused ops there)."""
+    if not torch.compiler.is_compiling():
+        object.__setattr__(routing, "_layout_versions", _layout_versions(routing))
+
+
 def check_routing(routing, backend: str) -> None:
     """Reject an inconsistent routing before any kernel reads it (see the module docstring); where
-    the check is read back, the error names every rule that does not hold."""
+    the check is read back, the error names every rule that does not hold. A routing marked by
+    ``mark_consistent`` and unchanged since is not checked again."""
+    if not torch.compiler.is_compiling() and getattr(routing, "_layout_versions", None) is not None \
+            and routing._layout_versions == _layout_versions(routing):
+        return
     held = routing_rules_held(routing)
 
     def broken() -> str:

@@ -15,13 +15,13 @@ recomputed from x and z there. With g = dy[t] and q = g @ w2[e]^T:
     dz = act'(z) dh,  dW1[e] = u^T dz,  db1[e] = sum_a dz_a,  dx[t_a] += dz_a @ w1[e]^T
 
 The grouped GEMMs are two custom ops, ``grouped_linear`` ([N, in] rows by expert segment times
-w[e]) and ``grouped_weight_grad`` (per expert a[seg]^T g[seg]). Each reads the E+1 expert offsets
-inside itself and multiplies slice by slice, as ``torch._grouped_mm``'s CPU kernel and
-transformers' ``grouped_mm`` fallback do; their outputs have static shapes, so torch.compile
-traces the whole op with fullgraph=True, dynamic shapes included, and no data-dependent size
-reaches the graph. ``torch._grouped_mm`` itself is not used: on torch 2.13's CPU it refuses
-float64 (the oracle dtype), needs every stride to be a multiple of 16 bytes, fails in backward on
-a stride-0 gradient, and measured no faster than the slice loop (docs/benchmarks.md).
+w[e]) and ``grouped_weight_grad`` (per expert a[seg]^T g[seg]). Their outputs have static shapes,
+so torch.compile traces the whole op with fullgraph=True, dynamic shapes included, and no
+data-dependent size reaches the graph. Inside, each runs ``torch._grouped_mm`` where that takes
+the operands (``_native``: on the CPU, float32/bfloat16/float16, 16-byte aligned strides, no
+bias; measured 25-35% faster than a slice loop at the benchmark shapes) and otherwise reads the
+E+1 expert offsets and multiplies slice by slice (float64, odd widths, biases fused into addmm,
+other devices), as transformers' ``grouped_mm`` fallback does.
 """
 from __future__ import annotations
 
@@ -34,17 +34,35 @@ from .activations import activate, activation_backward
 from .routing import Routing
 
 
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _native(a: torch.Tensor, b: torch.Tensor, out_row: int) -> bool:
+    """Whether ``torch._grouped_mm`` takes operands ``a``, ``b`` and an output of rows of
+    ``out_row`` values: on the CPU (its kernel there has no float64 and wants every stride but the
+    unit one, the output's row and the data pointers on 16 bytes)."""
+    return hasattr(torch, "_grouped_mm") and out_row * a.element_size() % 16 == 0 and all(
+        t.device.type == "cpu" and t.dtype in _NATIVE_DTYPES and t.data_ptr() % 16 == 0
+        and all(stride == 1 or stride * t.element_size() % 16 == 0 for stride in t.stride()) for t in (a, b))
+
+
+def _group_ends(offsets: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm``'s offs: the E group ends, int32."""
+    return offsets[1:].to(torch.int32)
+
+
 def _slices(offsets: torch.Tensor):
     """(e, lo, hi) of every expert with assignments; the op's one read of the offsets."""
     bounds = offsets.tolist()
     return ((e, lo, hi) for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo)
 
 
-@torch.library.custom_op("moe_restore::grouped_linear", mutates_args=())
-def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], offsets: torch.Tensor
-                   ) -> torch.Tensor:
+def _grouped_linear(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], offsets: torch.Tensor
+                    ) -> torch.Tensor:
     """[N, out]: a[lo:hi] @ w[e] + b[e] for every expert's rows lo:hi = offsets[e]:offsets[e+1]
     (``offsets`` [E+1] int64 from 0 to N, checked by ``moe_mlp``)."""
+    if b is None and _native(a, w, w.shape[2]):
+        return torch._grouped_mm(a, w, offs=_group_ends(offsets))
     out = a.new_empty(a.shape[0], w.shape[2])
     for e, lo, hi in _slices(offsets):
         if b is None:
@@ -54,40 +72,88 @@ def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], 
     return out
 
 
-@grouped_linear.register_fake
+_grouped_linear_op = torch.library.custom_op("moe_restore::grouped_linear", _grouped_linear, mutates_args=())
+
+
+@_grouped_linear_op.register_fake
 def _(a, w, b, offsets):
     return a.new_empty(a.shape[0], w.shape[2])
 
 
-@torch.library.custom_op("moe_restore::grouped_weight_grad", mutates_args=())
-def grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[E, in, out]: a[lo:hi]^T @ g[lo:hi] per expert (zeros for an expert without rows)."""
-    out = a.new_zeros(offsets.shape[0] - 1, a.shape[1], g.shape[1])
-    for e, lo, hi in _slices(offsets):
-        torch.mm(a[lo:hi].T, g[lo:hi], out=out[e])
+def _weight_grad_like(a: torch.Tensor, g: torch.Tensor, num_experts: int, transposed: bool) -> torch.Tensor:
+    """An uninitialised [E, in, out] gradient, laid out as its weight: a weight stored [E, out, in]
+    and used transposed (transformers' experts) gets its gradient in that storage order, so that
+    accumulating it into the parameter's .grad is a contiguous add."""
+    if transposed:
+        return a.new_empty(num_experts, g.shape[1], a.shape[1]).transpose(1, 2)
+    return a.new_empty(num_experts, a.shape[1], g.shape[1])
+
+
+def _grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, transposed: bool
+                         ) -> torch.Tensor:
+    """[E, in, out]: a[lo:hi]^T @ g[lo:hi] per expert (zeros for an expert without rows), stored
+    [E, out, in] when ``transposed`` (see ``_weight_grad_like``)."""
+    # Groups split the shared axis N; an empty group's product is zeros.
+    if _native(a, g, a.shape[1] if transposed else g.shape[1]):
+        if transposed:
+            return torch._grouped_mm(g.T, a, offs=_group_ends(offsets)).transpose(1, 2)
+        return torch._grouped_mm(a.T, g, offs=_group_ends(offsets))
+    out = _weight_grad_like(a, g, offsets.shape[0] - 1, transposed)
+    bounds = offsets.tolist()
+    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            torch.mm(a[lo:hi].T, g[lo:hi], out=out[e])
+        else:
+            out[e].zero_()
     return out
 
 
-@grouped_weight_grad.register_fake
-def _(a, g, offsets):
-    return a.new_empty(offsets.shape[0] - 1, a.shape[1], g.shape[1])
+_grouped_weight_grad_op = torch.library.custom_op("moe_restore::grouped_weight_grad", _grouped_weight_grad,
+                                                  mutates_args=())
+
+
+@_grouped_weight_grad_op.register_fake
+def _(a, g, offsets, transposed):
+    return _weight_grad_like(a, g, offsets.shape[0] - 1, transposed)
+
+
+def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offsets: torch.Tensor) -> torch.Tensor:
+    """``_grouped_linear``: through its custom op where torch.compile traces, directly in eager
+    mode (the same function, without the op's dispatch cost)."""
+    return (_grouped_linear_op if torch.compiler.is_compiling() else _grouped_linear)(a, w, b, offsets)
+
+
+def grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``_grouped_weight_grad``, dispatched as ``grouped_linear`` is."""
+    return (_grouped_weight_grad_op if torch.compiler.is_compiling() else _grouped_weight_grad)(
+        a, g, offsets, transposed)
+
+
+def _stored_transposed(w: torch.Tensor) -> bool:
+    """Whether the [E, in, out] weight ``w`` is a transposed view of [E, out, in] storage."""
+    return not w.is_contiguous() and w.transpose(1, 2).is_contiguous()
+
+
+def _forward(x, weights, w1, w2, b1, b2, order, offsets, activation) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [T, D_out] in x's dtype, z [N, H or 2H]) of the module docstring's forward."""
+    T, k = weights.shape
+    with torch.autocast(x.device.type, enabled=False):  # moe_mlp already cast to the autocast dtype
+        tokens = order // k
+        z = grouped_linear(x.index_select(0, tokens), w1, b1, offsets)
+        o = grouped_linear(activate(z, activation), w2, b2, offsets)
+        # The combine accumulates in at least float32 (the routing weights' dtype).
+        y = torch.zeros(T, w2.shape[2], dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device)
+        y = y.index_add(0, tokens, o * weights.reshape(-1)[order, None])
+    return y.to(x.dtype), z
 
 
 class _ExpertLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, w1, w2, b1, b2, order, offsets, row_experts, activation):
-        T, k = weights.shape
-        with torch.autocast(x.device.type, enabled=False):  # moe_mlp already cast to the autocast dtype
-            tokens = order // k
-            z = grouped_linear(x.index_select(0, tokens), w1, b1, offsets)
-            h = activate(z, activation)
-            o = grouped_linear(h, w2, b2, offsets)
-            # The combine accumulates in at least float32 (the routing weights' dtype).
-            y = torch.zeros(T, w2.shape[2], dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device)
-            y = y.index_add(0, tokens, o * weights.reshape(-1)[order, None])
+        y, z = _forward(x, weights, w1, w2, b1, b2, order, offsets, activation)
         ctx.save_for_backward(x, weights, w1, w2, b1, b2, order, offsets, row_experts, z)
         ctx.activation = activation
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     @once_differentiable
@@ -107,7 +173,8 @@ class _ExpertLoop(torch.autograd.Function):
             dweights = torch.zeros_like(dw).index_copy(0, order, dw).view(T, k)
             g = g * scale  # the gradient of o
             dz = activation_backward(q * scale, z, ctx.activation)
-            dw1, dw2 = grouped_weight_grad(u, dz, offsets), grouped_weight_grad(h, g, offsets)
+            dw1 = grouped_weight_grad(u, dz, offsets, _stored_transposed(w1))
+            dw2 = grouped_weight_grad(h, g, offsets, _stored_transposed(w2))
             db1 = None if b1 is None else b1.new_zeros(E, b1.shape[1]).index_add(0, row_experts, dz)
             db2 = None if b2 is None else b2.new_zeros(E, b2.shape[1]).index_add(0, row_experts, g)
             du = grouped_linear(dz, w1.transpose(1, 2), None, offsets)
@@ -117,8 +184,12 @@ class _ExpertLoop(torch.autograd.Function):
 
 def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
             b1: torch.Tensor | None, b2: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """``moe_mlp`` for a checked routing (see ``_device_checks.check_routing``)."""
+    """``moe_mlp`` for a checked routing (see ``_device_checks.check_routing``); without autograd
+    (inference) the forward alone, which keeps nothing."""
     order = routing.sorted_assignments
+    inputs = (x, routing.weights, w1, w2, b1, b2)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+        return _forward(*inputs, order, routing.expert_offsets, activation)[0]
     row_experts = routing.experts.reshape(-1).index_select(0, order)  # the expert of each sorted row
     return _ExpertLoop.apply(x, routing.weights, w1, w2, b1, b2, order, routing.expert_offsets, row_experts,
                              activation)

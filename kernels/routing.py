@@ -28,7 +28,7 @@ import torch
 from . import _routing_torch
 from ._backend import resolve_backend
 from ._deprecation import renamed_keywords
-from ._device_checks import refuse_unless
+from ._device_checks import mark_consistent, refuse_unless
 from .validation import check_float, check_ndim, check_positive_int, check_same_device, check_shape, check_tensor
 
 SCORINGS = ("softmax", "sigmoid")
@@ -44,7 +44,8 @@ class Routing:
     Every field is a device tensor of a size known from T, k and E, on both backends (no host copy
     of the offsets), so a routing is built and used under torch.compile without a data-dependent
     shape. ``moe_mlp`` checks that a routing is consistent before any kernel reads it (see
-    ``_device_checks``).
+    ``_device_checks``), except, in eager mode, one that a routing function returned and whose
+    tensors were not written in place since (``_device_checks.mark_consistent``).
     """
 
     weights: torch.Tensor
@@ -99,7 +100,9 @@ def finish_routing(weights: torch.Tensor, experts: torch.Tensor, bad_rows: torch
     refuse_unless(bad_rows == 0, f"{refusal}: refusing to route them", backend,
                   lambda: f"{refusal} in {int(bad_rows)} token(s): refusing to route them")
     sorted_assignments, offsets = dispatch(experts, num_experts, backend)
-    return Routing(weights, experts, num_experts, sorted_assignments, offsets, **fields)
+    routing = Routing(weights, experts, num_experts, sorted_assignments, offsets, **fields)
+    mark_consistent(routing)  # moe_mlp need not check this layout again
+    return routing
 
 
 @renamed_keywords(k="top_k")

@@ -84,6 +84,25 @@ def test_refusal_names_the_broken_rules(backend):
         moe_mlp(x, BAD["offsets past T*k"](r), w1, w2, backend=backend)
 
 
+@pytest.mark.parametrize("backend", raising_backends())
+def test_only_a_routing_changed_since_routing_is_checked_again(backend, monkeypatch):
+    """A routing as a routing function returned it is consistent by construction and is not
+    checked again; one derived from it, or written in place since, is."""
+    import moe_restore.kernels._device_checks as checks
+
+    calls = []
+    real = checks.routing_rules_held
+    monkeypatch.setattr(checks, "routing_rules_held", lambda r: calls.append(r) or real(r))
+    r, (w1, w2), x = good_routing(), expert_weights(), torch.randn(T, D, device=DEVICE)
+    moe_mlp(x, r, w1, w2, backend=backend)
+    assert calls == []
+    moe_mlp(x, dataclasses.replace(r), w1, w2, backend=backend)
+    assert len(calls) == 1
+    r.expert_offsets[1] = 9  # in place: now decreasing
+    with pytest.raises(ValueError, match="not expert_offsets is non-decreasing"):
+        moe_mlp(x, r, w1, w2, backend=backend)
+
+
 def test_compiled_torch_backend_refuses_with_its_assert():
     """Under torch.compile the check is a ``torch._assert_async`` in the graph (no host read): a
     bad routing raises its RuntimeError instead of reaching the grouped GEMMs."""

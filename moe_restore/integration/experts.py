@@ -104,8 +104,11 @@ FALLBACKS = ("grouped_mm", "batched_mm")
 
 
 def _warn_once(experts: nn.Module, reason: str, fallback: str) -> None:
+    """Warn once per experts class and reason. Not inside a torch.compile'd region, which cannot
+    trace ``warnings.warn`` with fullgraph=True: the first eager call (e.g. generation's prefill)
+    gives the warning."""
     key = f"{type(experts).__name__}: {reason}"
-    if key not in _warned:
+    if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
         warnings.warn(f'experts_implementation="{IMPLEMENTATION}": {key}; running transformers\' "{fallback}" '
                       "experts forward instead", stacklevel=3)
