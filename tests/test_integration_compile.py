@@ -1,7 +1,9 @@
 """experts_implementation="moe_restore" under torch.compile(fullgraph=True), per family of the
 installed transformers that uses the experts hook (tiny random models, ``hf_tiny_models``):
 
-* the forward, compiled whole (backend "aot_eager"), equals the eager forward bitwise;
+* the forward, compiled whole (backend "aot_eager"), equals the eager forward up to float32
+  rounding (bitwise in the CI families; a family whose other layers the compiled graph computes
+  in another order, e.g. inkling, differs by rounding);
 * generation with a static cache, whose decoding steps transformers compiles with fullgraph=True
   (its ``CompileConfig``, here with "aot_eager" and allowed on the CPU), picks the tokens eager
   generation picks, with scores within float32 rounding (transformers' own "grouped_mm" shows the
@@ -94,7 +96,7 @@ def test_compiled_forward_equals_eager(family, count_moe_mlp):
         got, want = _compiled_forward(model, "moe_restore_torch")
     except Exception:  # noqa: BLE001
         _skip_unless_the_default_compiles(model, _compiled_forward)
-    assert torch.equal(got, want)
+    assert relative_error(got, want) <= TOL
     assert bool(count_moe_mlp) == (family not in FALLBACK)  # the compiled graph holds moe_mlp (or grouped_mm)
 
 
