@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._backend import autocast_off
 from .activations import activate, activation_backward
 from .routing import Routing
 
@@ -137,7 +138,7 @@ def _stored_transposed(w: torch.Tensor) -> bool:
 def _forward(x, weights, w1, w2, b1, b2, order, offsets, activation) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [T, D_out] in x's dtype, z [N, H or 2H]) of the module docstring's forward."""
     T, k = weights.shape
-    with torch.autocast(x.device.type, enabled=False):  # moe_mlp already cast to the autocast dtype
+    with autocast_off(x.device.type):  # moe_mlp already cast to the autocast dtype
         tokens = order // k
         z = grouped_linear(x.index_select(0, tokens), w1, b1, offsets)
         o = grouped_linear(activate(z, activation), w2, b2, offsets)
@@ -161,7 +162,7 @@ class _ExpertLoop(torch.autograd.Function):
         x, weights, w1, w2, b1, b2, order, offsets, row_experts, z = ctx.saved_tensors
         T, k = weights.shape
         E = w1.shape[0]
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             tokens = order // k
             scale = weights.reshape(-1)[order, None].to(x.dtype)
             u, g = x.index_select(0, tokens), dy.to(x.dtype).index_select(0, tokens)
