@@ -1,15 +1,25 @@
-"""Checks of kernel inputs that make no host read on the Triton path.
+"""Checks of kernel inputs (NaN scores, the routing's layout) and how each backend refuses.
 
 A Triton launch is sized from host-known shapes only, so the values the kernels index with (the
 routing's offsets and assignment ids, NaN counts of the scores) are checked on the device:
 ``torch._assert_async`` queues the test in the stream instead of reading the tensor back, so the
-GPU never stalls and the op can be captured in a CUDA graph. Where the tensors live on the CPU
-(the Triton interpreter) the check is synchronous and raises ``ValueError`` like the torch
-backend. On a GPU a failed check is a device-side assert: the CUDA runtime reports it as a
-``RuntimeError`` at the next synchronisation, and the CUDA context cannot be used after it (run
-the same call with ``backend="torch"``, which reads the check back and raises ``ValueError`` with
-the details). The kernels that follow a failed check do not run, so a bad input never reaches
-them.
+GPU never stalls and the op can be captured in a CUDA graph. On a GPU a failed check is a
+device-side assert: the CUDA runtime reports it as a ``RuntimeError`` at the next
+synchronisation, and the CUDA context cannot be used after it (run the same call with
+``backend="torch"`` for a ``ValueError`` with the details).
+
+Every check is one boolean, refused by ``refuse_unless`` with one rule for both backends:
+
+* eager mode on the CPU (both backends), and the torch backend in eager mode on any device: the
+  flag is read back (the op's one cheap check; on the CPU through ``torch._assert_async``, which
+  is synchronous there) and a failure raises ``ValueError`` with the details (which tokens' scores,
+  which rule);
+* the Triton path on a GPU, and anything under torch.compile: ``torch._assert_async`` in the
+  graph, no host read. A compiled call with a refused input raises ``RuntimeError`` (on the CPU,
+  at once, with the check's message; on a GPU, a device-side assert at the next synchronisation)
+  instead of ``ValueError``.
+
+The kernels that follow a failed check do not run, so a bad input never reaches them.
 
 A routing (T tokens, k choices, E experts, A = T*k assignments) is consistent when
 
@@ -20,6 +30,8 @@ A routing (T tokens, k choices, E experts, A = T*k assignments) is consistent wh
 which is what every kernel relies on to stay in bounds (and implies 0 <= experts < E).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -33,14 +45,24 @@ ROUTING_RULES = (
 )
 
 
-def assert_on_device(ok: torch.Tensor, message: str) -> None:
-    """Raise unless the one-element boolean ``ok`` is true, without a host read (see the module
-    docstring): ValueError(message) on the CPU, a device-side assert on a GPU."""
-    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+def _holds(ok: torch.Tensor) -> bool:
+    """Read the one-element boolean ``ok`` back (on the CPU through the synchronous assert)."""
+    if ok.device.type == "cpu":
         try:
-            torch._assert_async(ok, message)
+            torch._assert_async(ok)
         except RuntimeError:
-            raise ValueError(message) from None
+            return False
+        return True
+    return bool(ok)
+
+
+def refuse_unless(ok: torch.Tensor, message: str, backend: str, detail: Callable[[], str] | None = None) -> None:
+    """Refuse unless the one-element boolean ``ok`` is true, by the rule of the module docstring:
+    ValueError (with ``detail()``, computed only on failure, or ``message``) where the flag is
+    read back, else a device-side assert with ``message``."""
+    if not torch.compiler.is_compiling() and (backend == "torch" or ok.device.type == "cpu"):
+        if not _holds(ok):
+            raise ValueError(detail() if detail is not None else message)
         return
     torch._assert_async(ok, message)
 
@@ -93,23 +115,33 @@ def routing_rules_held(routing) -> torch.Tensor:
     ])
 
 
-def check_routing(routing, backend: str) -> tuple[int, ...] | None:
-    """Reject an inconsistent routing before any kernel reads it (see the module docstring).
+def _layout_versions(routing) -> tuple[int, ...]:
+    """The version counters of the tensors the rules read (any in-place write bumps them)."""
+    return tuple(t._version for t in (routing.experts, routing.sorted_assignments, routing.expert_offsets))
 
-    On the torch backend the rules and the offsets are read back in one host read and the host
-    offsets are returned (a routing's own ``host_offsets`` must agree with them); on the Triton
-    path the rules are asserted on the device and None is returned.
-    """
+
+def mark_consistent(routing) -> None:
+    """Record that ``routing`` is consistent by construction: its layout was computed from its
+    experts by the dispatch (``routing.finish_routing``). In eager mode ``check_routing`` then
+    skips it for as long as none of its tensors is written in place (their version counters);
+    a routing derived from it (``dataclasses.replace``) or built elsewhere is checked. Under
+    torch.compile every routing is checked (the check is a few fused ops there)."""
+    if not torch.compiler.is_compiling():
+        object.__setattr__(routing, "_layout_versions", _layout_versions(routing))
+
+
+def check_routing(routing, backend: str) -> None:
+    """Reject an inconsistent routing before any kernel reads it (see the module docstring); where
+    the check is read back, the error names every rule that does not hold. A routing marked by
+    ``mark_consistent`` and unchanged since is not checked again."""
+    if not torch.compiler.is_compiling() and getattr(routing, "_layout_versions", None) is not None \
+            and routing._layout_versions == _layout_versions(routing):
+        return
     held = routing_rules_held(routing)
-    if backend == "triton":
-        assert_on_device(held.all(), "routing is inconsistent: it must satisfy " + "; ".join(ROUTING_RULES))
-        return None
-    values = torch.cat([held.to(torch.int64), routing.expert_offsets]).tolist()  # the one host read
-    flags, host = values[:len(ROUTING_RULES)], values[len(ROUTING_RULES):]
-    broken = [rule for rule, ok in zip(ROUTING_RULES, flags) if not ok]
-    if broken:
-        raise ValueError("routing is inconsistent: " + "; ".join(f"not {rule}" for rule in broken))
-    if routing.host_offsets is not None and tuple(routing.host_offsets) != tuple(host):
-        raise ValueError(f"routing.host_offsets {tuple(routing.host_offsets)} disagree with routing.expert_offsets "
-                         f"{tuple(host)}")
-    return tuple(host)
+
+    def broken() -> str:
+        return "routing is inconsistent: " + "; ".join(
+            f"not {rule}" for rule, ok in zip(ROUTING_RULES, held.tolist()) if not ok)
+
+    refuse_unless(held.all(), "routing is inconsistent: it must satisfy " + "; ".join(ROUTING_RULES), backend,
+                  broken)

@@ -1,6 +1,6 @@
-"""The "torch" backend of ``moe_mlp``: GEMMs per expert on contiguous slices of the assignments
-sorted by expert (host offsets, no per-expert search; biases fused into addmm), everything else
-once over all of them, and a hand-written backward.
+"""The "torch" backend of ``moe_mlp``: two grouped GEMM ops over the assignments sorted by expert
+(biases fused into addmm), everything else once over all of them with static shapes, and a
+hand-written backward.
 
 With the N = T*k assignments sorted by expert (token t_a, weight w_a, expert e_a):
 
@@ -13,23 +13,57 @@ recomputed from x and z there. With g = dy[t] and q = g @ w2[e]^T:
     dw_a = q_a . h_a + g_a . b2[e_a]       (dy . o without recomputing o)
     dW2[e] = h^T (w g),  db2[e] = sum_a w_a g_a,  dh = w q
     dz = act'(z) dh,  dW1[e] = u^T dz,  db1[e] = sum_a dz_a,  dx[t_a] += dz_a @ w1[e]^T
+
+The grouped GEMMs are two custom ops, ``grouped_linear`` ([N, in] rows by expert segment times
+w[e]) and ``grouped_weight_grad`` (per expert a[seg]^T g[seg]). Their outputs have static shapes,
+so torch.compile traces the whole op with fullgraph=True, dynamic shapes included, and no
+data-dependent size reaches the graph. Inside, each runs ``torch._grouped_mm`` where that takes
+the operands (``_native``: on the CPU, float32/bfloat16/float16, 16-byte aligned strides, no
+bias; measured 25-35% faster than a slice loop at the benchmark shapes) and otherwise reads the
+E+1 expert offsets and multiplies slice by slice (float64, odd widths, biases fused into addmm,
+other devices), as transformers' ``grouped_mm`` fallback does.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._backend import autocast_off
 from .activations import activate, activation_backward
 from .routing import Routing
 
 
-def _slices(offsets: tuple[int, ...]):
-    """(e, lo, hi) of every expert with assignments."""
-    return ((e, lo, hi) for e, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])) if hi > lo)
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offsets: tuple[int, ...]) -> torch.Tensor:
-    """[N, out]: a[lo:hi] @ w[e] + b[e] for every expert's slice (rows of empty experts: none)."""
+def _native(a: torch.Tensor, b: torch.Tensor, out_row: int) -> bool:
+    """Whether ``torch._grouped_mm`` takes operands ``a``, ``b`` and an output of rows of
+    ``out_row`` values: on the CPU (its kernel there has no float64 and wants every stride but the
+    unit one, the output's row and the data pointers on 16 bytes)."""
+    return hasattr(torch, "_grouped_mm") and out_row * a.element_size() % 16 == 0 and all(
+        t.device.type == "cpu" and t.dtype in _NATIVE_DTYPES and t.data_ptr() % 16 == 0
+        and all(stride == 1 or stride * t.element_size() % 16 == 0 for stride in t.stride()) for t in (a, b))
+
+
+def _group_ends(offsets: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm``'s offs: the E group ends, int32."""
+    return offsets[1:].to(torch.int32)
+
+
+def _slices(offsets: torch.Tensor):
+    """(e, lo, hi) of every expert with assignments; the op's one read of the offsets."""
+    bounds = offsets.tolist()
+    return ((e, lo, hi) for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo)
+
+
+def _grouped_linear(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], offsets: torch.Tensor
+                    ) -> torch.Tensor:
+    """[N, out]: a[lo:hi] @ w[e] + b[e] for every expert's rows lo:hi = offsets[e]:offsets[e+1]
+    (``offsets`` [E+1] int64 from 0 to N, checked by ``moe_mlp``)."""
+    if b is None and _native(a, w, w.shape[2]):
+        return torch._grouped_mm(a, w, offs=_group_ends(offsets))
     out = a.new_empty(a.shape[0], w.shape[2])
     for e, lo, hi in _slices(offsets):
         if b is None:
@@ -39,62 +73,124 @@ def _linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offsets: t
     return out
 
 
+_grouped_linear_op = torch.library.custom_op("moe_restore::grouped_linear", _grouped_linear, mutates_args=())
+
+
+@_grouped_linear_op.register_fake
+def _(a, w, b, offsets):
+    return a.new_empty(a.shape[0], w.shape[2])
+
+
+def _weight_grad_like(a: torch.Tensor, g: torch.Tensor, num_experts: int, transposed: bool) -> torch.Tensor:
+    """An uninitialised [E, in, out] gradient, laid out as its weight: a weight stored [E, out, in]
+    and used transposed (transformers' experts) gets its gradient in that storage order, so that
+    accumulating it into the parameter's .grad is a contiguous add."""
+    if transposed:
+        return a.new_empty(num_experts, g.shape[1], a.shape[1]).transpose(1, 2)
+    return a.new_empty(num_experts, a.shape[1], g.shape[1])
+
+
+def _grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, transposed: bool
+                         ) -> torch.Tensor:
+    """[E, in, out]: a[lo:hi]^T @ g[lo:hi] per expert (zeros for an expert without rows), stored
+    [E, out, in] when ``transposed`` (see ``_weight_grad_like``)."""
+    # Groups split the shared axis N; an empty group's product is zeros.
+    if _native(a, g, a.shape[1] if transposed else g.shape[1]):
+        if transposed:
+            return torch._grouped_mm(g.T, a, offs=_group_ends(offsets)).transpose(1, 2)
+        return torch._grouped_mm(a.T, g, offs=_group_ends(offsets))
+    out = _weight_grad_like(a, g, offsets.shape[0] - 1, transposed)
+    bounds = offsets.tolist()
+    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            torch.mm(a[lo:hi].T, g[lo:hi], out=out[e])
+        else:
+            out[e].zero_()
+    return out
+
+
+_grouped_weight_grad_op = torch.library.custom_op("moe_restore::grouped_weight_grad", _grouped_weight_grad,
+                                                  mutates_args=())
+
+
+@_grouped_weight_grad_op.register_fake
+def _(a, g, offsets, transposed):
+    return _weight_grad_like(a, g, offsets.shape[0] - 1, transposed)
+
+
+def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offsets: torch.Tensor) -> torch.Tensor:
+    """``_grouped_linear``: through its custom op where torch.compile traces, directly in eager
+    mode (the same function, without the op's dispatch cost)."""
+    return (_grouped_linear_op if torch.compiler.is_compiling() else _grouped_linear)(a, w, b, offsets)
+
+
+def grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``_grouped_weight_grad``, dispatched as ``grouped_linear`` is."""
+    return (_grouped_weight_grad_op if torch.compiler.is_compiling() else _grouped_weight_grad)(
+        a, g, offsets, transposed)
+
+
+def _stored_transposed(w: torch.Tensor) -> bool:
+    """Whether the [E, in, out] weight ``w`` is a transposed view of [E, out, in] storage."""
+    return not w.is_contiguous() and w.transpose(1, 2).is_contiguous()
+
+
+def _forward(x, weights, w1, w2, b1, b2, order, offsets, activation) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [T, D_out] in x's dtype, z [N, H or 2H]) of the module docstring's forward."""
+    T, k = weights.shape
+    with autocast_off(x.device.type):  # moe_mlp already cast to the autocast dtype
+        tokens = order // k
+        z = grouped_linear(x.index_select(0, tokens), w1, b1, offsets)
+        o = grouped_linear(activate(z, activation), w2, b2, offsets)
+        # The combine accumulates in at least float32 (the routing weights' dtype).
+        y = torch.zeros(T, w2.shape[2], dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device)
+        y = y.index_add(0, tokens, o * weights.reshape(-1)[order, None])
+    return y.to(x.dtype), z
+
+
 class _ExpertLoop(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, w1, w2, b1, b2, order, offsets, activation):
-        T, k = weights.shape
-        with torch.autocast(x.device.type, enabled=False):  # moe_mlp already cast to the autocast dtype
-            tokens = order // k
-            z = _linear(x.index_select(0, tokens), w1, b1, offsets)
-            h = activate(z, activation)
-            o = _linear(h, w2, b2, offsets)
-            # The combine accumulates in at least float32 (the routing weights' dtype).
-            y = torch.zeros(T, w2.shape[2], dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device)
-            y.index_add_(0, tokens, o * weights.reshape(-1)[order, None])
-        ctx.save_for_backward(x, weights, w1, w2, b1, b2, order, z)
-        ctx.offsets, ctx.activation = offsets, activation
-        return y.to(x.dtype)
+    def forward(ctx, x, weights, w1, w2, b1, b2, order, offsets, row_experts, activation):
+        y, z = _forward(x, weights, w1, w2, b1, b2, order, offsets, activation)
+        ctx.save_for_backward(x, weights, w1, w2, b1, b2, order, offsets, row_experts, z)
+        ctx.activation = activation
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weights, w1, w2, b1, b2, order, z = ctx.saved_tensors
-        offsets = ctx.offsets
+        x, weights, w1, w2, b1, b2, order, offsets, row_experts, z = ctx.saved_tensors
         T, k = weights.shape
-        with torch.autocast(x.device.type, enabled=False):
+        E = w1.shape[0]
+        with autocast_off(x.device.type):
             tokens = order // k
             scale = weights.reshape(-1)[order, None].to(x.dtype)
             u, g = x.index_select(0, tokens), dy.to(x.dtype).index_select(0, tokens)
             h = activate(z, ctx.activation)
-            q = torch.empty_like(h)
-            dw = torch.zeros(T * k, dtype=weights.dtype, device=x.device)
-            for e, lo, hi in _slices(offsets):
-                torch.mm(g[lo:hi], w2[e].T, out=q[lo:hi])
-                if b2 is not None:
-                    dw[lo:hi] = g[lo:hi] @ b2[e]
-            dw += (q * h).sum(dim=-1, dtype=weights.dtype)
-            dweights = torch.zeros_like(dw).index_copy_(0, order, dw).view(T, k)
-            g.mul_(scale)  # now the gradient of o
-            dz = activation_backward(q.mul_(scale), z, ctx.activation)
-            # Every expert's rows are written below; those without assignments get zeros here.
-            idle = [e for e in range(w1.shape[0]) if offsets[e + 1] == offsets[e]]
-            idle = torch.tensor(idle, dtype=torch.long, device=x.device)
-            dw1, dw2, db1, db2 = (None if t is None else t.new_empty(t.shape).index_fill_(0, idle, 0)
-                                  for t in (w1, w2, b1, b2))
-            du = torch.empty_like(u)
-            for e, lo, hi in _slices(offsets):
-                torch.mm(h[lo:hi].T, g[lo:hi], out=dw2[e])
-                torch.mm(u[lo:hi].T, dz[lo:hi], out=dw1[e])
-                torch.mm(dz[lo:hi], w1[e].T, out=du[lo:hi])
-                if b1 is not None:
-                    torch.sum(dz[lo:hi], dim=0, out=db1[e])
-                if b2 is not None:
-                    torch.sum(g[lo:hi], dim=0, out=db2[e])
-            dx = torch.zeros_like(x).index_add_(0, tokens, du)
-        return dx, dweights, dw1, dw2, db1, db2, None, None, None
+            q = grouped_linear(g, w2.transpose(1, 2), None, offsets)
+            dw = (q * h).sum(dim=-1, dtype=weights.dtype)
+            if b2 is not None:  # g_a . b2[e_a], as one grouped product with a single output column
+                dw = dw + grouped_linear(g, b2[:, :, None], None, offsets)[:, 0]
+            dweights = torch.zeros_like(dw).index_copy(0, order, dw).view(T, k)
+            g = g * scale  # the gradient of o
+            dz = activation_backward(q * scale, z, ctx.activation)
+            dw1 = grouped_weight_grad(u, dz, offsets, _stored_transposed(w1))
+            dw2 = grouped_weight_grad(h, g, offsets, _stored_transposed(w2))
+            db1 = None if b1 is None else b1.new_zeros(E, b1.shape[1]).index_add(0, row_experts, dz)
+            db2 = None if b2 is None else b2.new_zeros(E, b2.shape[1]).index_add(0, row_experts, g)
+            du = grouped_linear(dz, w1.transpose(1, 2), None, offsets)
+            dx = torch.zeros_like(x).index_add(0, tokens, du)
+        return dx, dweights, dw1, dw2, db1, db2, None, None, None, None
 
 
-def moe_mlp(x: torch.Tensor, routing: Routing, offsets: tuple[int, ...], w1: torch.Tensor, w2: torch.Tensor,
+def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
             b1: torch.Tensor | None, b2: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """``moe_mlp`` for a checked routing whose expert offsets, read on the host, are ``offsets``."""
-    return _ExpertLoop.apply(x, routing.weights, w1, w2, b1, b2, routing.sorted_assignments, offsets, activation)
+    """``moe_mlp`` for a checked routing (see ``_device_checks.check_routing``); without autograd
+    (inference) the forward alone, which keeps nothing."""
+    order = routing.sorted_assignments
+    inputs = (x, routing.weights, w1, w2, b1, b2)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+        return _forward(*inputs, order, routing.expert_offsets, activation)[0]
+    row_experts = routing.experts.reshape(-1).index_select(0, order)  # the expert of each sorted row
+    return _ExpertLoop.apply(x, routing.weights, w1, w2, b1, b2, order, routing.expert_offsets, row_experts,
+                             activation)

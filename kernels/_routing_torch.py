@@ -40,10 +40,8 @@ def route(logits: torch.Tensor, k: int, scoring: str, renormalize: bool
 
 def dispatch(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """sorted_assignments [T*k] (assignment ids a = t*k + j, stable-sorted by expert) and
-    expert_offsets [E+1] int64."""
-    flat = experts.reshape(-1)
-    sorted_assignments = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=experts.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return sorted_assignments, offsets
+    expert_offsets [E+1] int64, from static-size ops only: offsets[e] = the number of sorted ids
+    < e, found by binary search in the sorted ids (no bincount, whose size depends on the data)."""
+    sorted_experts, sorted_assignments = torch.sort(experts.reshape(-1), stable=True)
+    bounds = torch.arange(num_experts + 1, dtype=sorted_experts.dtype, device=experts.device)
+    return sorted_assignments, torch.searchsorted(sorted_experts, bounds)

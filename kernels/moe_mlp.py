@@ -84,7 +84,8 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
     dtype, which the output then has (the routing weights stay float32; see the autocast policy in
     ``_backend``). An inconsistent ``routing`` (e.g. built by hand, offsets that disagree with its
     assignments) is refused before any kernel reads it: ValueError on the torch backend, a
-    device-side assert on the Triton path (ValueError under the interpreter); see ``_device_checks``.
+    device-side assert on the Triton path (ValueError under the interpreter), and a device-side
+    assert under torch.compile; see ``_device_checks``.
     """
     check_float("x", x)
     check_has_values("x", x)
@@ -100,9 +101,9 @@ def _moe_mlp(x, routing, w1, w2, b1, b2, activation: Activation, backend: str | 
     if x.shape[0] == 0:
         # Empty, but attached to the graph so that every input gets a (zero) gradient.
         return x.new_zeros(0, w2.shape[2]) + sum(0 * t.sum() for t in (x, w1, w2, b1, b2) if t is not None)
-    host_offsets = check_routing(routing, backend)
+    check_routing(routing, backend)
     if backend == "torch":
-        return _moe_mlp_torch.moe_mlp(x, routing, host_offsets, w1, w2, b1, b2, activation)
+        return _moe_mlp_torch.moe_mlp(x, routing, w1, w2, b1, b2, activation)
     from ._moe_mlp_triton import moe_mlp_forward, use_fused_path
 
     fused = use_fused_path(x.shape[1], w2.shape[2], activation, x.dtype)

@@ -67,7 +67,7 @@ def nested_route(group_logits: torch.Tensor, expert_logits: torch.Tensor, top_k_
     with top_k = top_k_groups*top_k_experts assignments per token (group rank major, sub-expert
     rank minor), ``group_weights`` [T, top_k_groups] (q, float32) and ``groups``
     [T, top_k_groups] int64. Gradients flow from ``weights`` and ``group_weights`` to both logits
-    tensors. Raises on NaN as ``topk_route`` does (no host read on the Triton path). The plain
+    tensors. Refuses NaN as ``topk_route`` does. The plain
     reference is ``naive.nested_route``.
     """
     expert_logits = _expert_logits_3d(group_logits, expert_logits)
@@ -107,5 +107,4 @@ def _empty_routing(group_logits: torch.Tensor, expert_logits: torch.Tensor, k_gr
     return Routing(empty(torch.float32, k_groups * k_experts) + anchor, empty(torch.int64, k_groups * k_experts),
                    num_experts, torch.zeros(0, dtype=torch.int64, device=device),
                    torch.zeros(num_experts + 1, dtype=torch.int64, device=device),
-                   empty(torch.float32, k_groups) + anchor, empty(torch.int64, k_groups),
-                   host_offsets=(0,) * (num_experts + 1))
+                   empty(torch.float32, k_groups) + anchor, empty(torch.int64, k_groups))

@@ -21,14 +21,14 @@ expert e's assignments are ``sorted_assignments[expert_offsets[e]:expert_offsets
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from . import _routing_torch
 from ._backend import resolve_backend
 from ._deprecation import renamed_keywords
-from ._device_checks import assert_on_device
+from ._device_checks import mark_consistent, refuse_unless
 from .validation import (check_bool, check_float, check_has_values, check_ndim, check_positive_int,
                          check_same_device, check_shape, check_tensor)
 
@@ -42,9 +42,11 @@ class Routing:
     weights [T, k] float32 (differentiable w.r.t. the router logits), experts [T, k] int64,
     num_experts, sorted_assignments [T*k] int64, expert_offsets [E+1] int64 (k = ``top_k``). Nested
     routing also fills group_weights [T, top_k_groups] and groups [T, top_k_groups] int64.
-    ``host_offsets`` is a copy of expert_offsets on the host, read in the torch backend's one
-    synchronisation (None on the Triton path, which makes no host read). ``moe_mlp`` checks that a
-    routing is consistent before any kernel reads it (see ``_device_checks``).
+    Every field is a device tensor of a size known from T, k and E, on both backends (no host copy
+    of the offsets), so a routing is built and used under torch.compile without a data-dependent
+    shape. ``moe_mlp`` checks that a routing is consistent before any kernel reads it (see
+    ``_device_checks``), except, in eager mode, one that a routing function returned and whose
+    tensors were not written in place since (``_device_checks.mark_consistent``).
     """
 
     weights: torch.Tensor
@@ -54,7 +56,6 @@ class Routing:
     expert_offsets: torch.Tensor
     group_weights: torch.Tensor | None = None
     groups: torch.Tensor | None = None
-    host_offsets: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -84,15 +85,6 @@ def dispatch(experts: torch.Tensor, num_experts: int, backend: str) -> tuple[tor
     return _routing_torch.dispatch(experts, num_experts)
 
 
-def synchronize_routing(bad_rows: torch.Tensor, offsets: torch.Tensor, what: str) -> tuple[int, ...]:
-    """The torch backend's one host synchronisation: read the count of tokens whose scores were
-    NaN together with the expert offsets; raise if there are any, else return the offsets."""
-    count, *host_offsets = torch.cat([bad_rows.reshape(1).to(offsets.dtype), offsets]).tolist()
-    if count:
-        raise ValueError(f"{_refusal(what)} in {count} token(s): refusing to route them")
-    return tuple(host_offsets)
-
-
 def _refusal(what: str) -> str:
     return what if what.startswith("experts") else (f"{what} contain NaN (or a row whose scores are undefined, "
                                                     "e.g. all -inf)")
@@ -100,16 +92,18 @@ def _refusal(what: str) -> str:
 
 def finish_routing(weights: torch.Tensor, experts: torch.Tensor, bad_rows: torch.Tensor, num_experts: int,
                    backend: str, what: str, **fields: torch.Tensor) -> Routing:
-    """Build the dispatch layout and refuse NaN scores: on the torch backend in its one host
-    synchronisation (which also fills ``host_offsets``), on the Triton path and under
-    torch.compile with a device-side assert and no host read (see ``_device_checks``), queued
-    before the dispatch kernels so that they never see a refused routing."""
-    on_device = backend == "triton" or torch.compiler.is_compiling()
-    if on_device:
-        assert_on_device(bad_rows == 0, f"{_refusal(what)}: refusing to route them")
+    """Build the dispatch layout and refuse NaN scores (``_device_checks.refuse_unless``), the
+    check queued before the dispatch so that it never sees a refused routing: ValueError giving
+    the count of refused tokens where the check is read back (eager mode on the CPU, the torch
+    backend in eager mode), else a device-side assert with no host read (the Triton path on a GPU,
+    torch.compile)."""
+    refusal = _refusal(what)
+    refuse_unless(bad_rows == 0, f"{refusal}: refusing to route them", backend,
+                  lambda: f"{refusal} in {int(bad_rows)} token(s): refusing to route them")
     sorted_assignments, offsets = dispatch(experts, num_experts, backend)
-    host_offsets = None if on_device else synchronize_routing(bad_rows, offsets, what)
-    return Routing(weights, experts, num_experts, sorted_assignments, offsets, host_offsets=host_offsets, **fields)
+    routing = Routing(weights, experts, num_experts, sorted_assignments, offsets, **fields)
+    mark_consistent(routing)  # moe_mlp need not check this layout again
+    return routing
 
 
 @renamed_keywords(k="top_k")
@@ -118,9 +112,9 @@ def topk_route(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", re
     """Route each token to its top_k highest-scoring experts; see the module docstring for the math.
 
     logits: [T, E], any float dtype (read in float32, under autocast too). Gradients flow from
-    ``Routing.weights`` to ``logits``. Raises ValueError on NaN scores: the torch backend after one
-    host synchronisation, the Triton path with a device-side assert and no host read (see
-    ``_device_checks``). The plain reference is ``naive.topk_route``.
+    ``Routing.weights`` to ``logits``. Refuses NaN scores: ValueError in eager mode (on a GPU: on
+    the torch backend), else a device-side assert (see ``finish_routing``). The plain
+    reference is ``naive.topk_route``.
     """
     check_float("logits", logits)
     check_has_values("logits", logits)
@@ -186,5 +180,4 @@ def _empty_routing(logits: torch.Tensor, k: int, num_experts: int) -> Routing:
     weights = logits[:, :k].float()  # empty, but attached to the graph of logits
     return Routing(weights, torch.zeros(0, k, dtype=torch.int64, device=device), num_experts,
                    torch.zeros(0, dtype=torch.int64, device=device),
-                   torch.zeros(num_experts + 1, dtype=torch.int64, device=device),
-                   host_offsets=(0,) * (num_experts + 1))
+                   torch.zeros(num_experts + 1, dtype=torch.int64, device=device))

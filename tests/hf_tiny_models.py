@@ -18,10 +18,11 @@ TINY = dict(hidden_size=32, intermediate_size=32, moe_intermediate_size=16, expe
             decoder_sparse_step=1, moe_layer_freq=1)
 VOCAB = TINY["vocab_size"]
 # Family-specific sizes on top of TINY, each with why the generic size does not build.
-_MLA = dict(head_dim=8)  # MLA: the rotary tables are built from head_dim, which must equal qk_rope_head_dim
-# MLA with sparse (DSA) attention: keys are expanded per head, so grouped KV heads would repeat them again;
-# the indexer's sizes default to the full model's.
-_DSA = dict(_MLA, num_key_value_heads=2, index_n_heads=2, index_head_dim=16, index_topk=4)
+# MLA: the rotary tables are built from head_dim, which must equal qk_rope_head_dim; every head has its
+# own keys, so grouped KV heads (one for two query heads) fail sdpa's shape check under torch.compile
+_MLA = dict(head_dim=8, num_key_value_heads=2)
+# MLA with sparse (DSA) attention: the indexer's sizes default to the full model's.
+_DSA = dict(_MLA, index_n_heads=2, index_head_dim=16, index_topk=4)
 OVERRIDES: dict[str, dict] = {
     "deepseek_v2": _MLA, "deepseek_v3": _MLA, "longcat_flash": _MLA, "deepseek_v32": _DSA, "glm_moe_dsa": _DSA,
     "mistral_large4": _DSA, "axk1": _MLA, "axk2": _DSA, "hy_v4": _DSA, "hy_v4_vl": _DSA,

@@ -1,5 +1,6 @@
-"""torch.compile(fullgraph=True) traces the ops without graph breaks (their Triton paths are
-custom ops with fake implementations), and the compiled graph computes what eager does."""
+"""torch.compile(fullgraph=True) traces the ops without graph breaks on both backends (the Triton
+path and the torch backend's grouped GEMMs are custom ops with fake implementations, and the
+routing metadata has static sizes), and the compiled graph computes what eager does."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,6 @@ import torch
 
 from moe_restore.kernels import moe_mlp, nested_route, topk_route
 from utils import DEVICE, backends
-
-pytestmark = pytest.mark.skipif("triton" not in backends(), reason="needs the Triton path")
 
 
 def _compiled_matches_eager(fn, *inputs):
@@ -22,31 +21,54 @@ def _compiled_matches_eager(fn, *inputs):
         assert torch.equal(got, want)
 
 
-def test_topk_moe_compiles_without_graph_breaks():
+@pytest.mark.parametrize("backend", backends())
+def test_topk_moe_compiles_without_graph_breaks(backend):
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
     x, logits = torch.randn(40, 16, generator=gen), torch.randn(40, 4, generator=gen)
     w1, w2, b1 = torch.randn(4, 16, 32, generator=gen), torch.randn(4, 32, 16, generator=gen), torch.randn(4, 32, generator=gen)
     inputs = [t.to(DEVICE).requires_grad_() for t in (x, logits, w1, w2, b1)]
-    _compiled_matches_eager(lambda x, l, w1, w2, b1: moe_mlp(x, topk_route(l, 2), w1, w2, b1), *inputs)
+    _compiled_matches_eager(lambda x, l, w1, w2, b1: moe_mlp(x, topk_route(l, 2, backend=backend), w1, w2, b1,
+                                                                        backend=backend), *inputs)
 
 
-def test_nested_moe_compiles_without_graph_breaks():
+@pytest.mark.parametrize("backend", backends())
+def test_nested_moe_compiles_without_graph_breaks(backend):
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(1)
     x, gl, el = torch.randn(30, 16, generator=gen), torch.randn(30, 3, generator=gen), torch.randn(30, 3, 2, generator=gen)
     w1, w2 = torch.randn(6, 16, 24, generator=gen), torch.randn(6, 24, 16, generator=gen)
     inputs = [t.to(DEVICE).requires_grad_() for t in (x, gl, el, w1, w2)]
-    _compiled_matches_eager(lambda x, gl, el, w1, w2: moe_mlp(x, nested_route(gl, el, 2, 2), w1, w2), *inputs)
+    _compiled_matches_eager(lambda x, gl, el, w1, w2: moe_mlp(x, nested_route(gl, el, 2, 2, backend=backend), w1, w2,
+                                                                              backend=backend), *inputs)
 
 
-def test_nan_check_survives_compilation():
+@pytest.mark.parametrize("backend", backends())
+def test_nan_check_survives_compilation(backend):
     torch._dynamo.reset()
-    compiled = torch.compile(lambda x, l, w1, w2: moe_mlp(x, topk_route(l, 1), w1, w2), fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(lambda x, l, w1, w2: moe_mlp(x, topk_route(l, 1, backend=backend), w1, w2,
+                                                          backend=backend), fullgraph=True, backend="aot_eager")
     x, w1, w2 = torch.randn(8, 16), torch.randn(2, 16, 16), torch.randn(2, 16, 16)
     logits = torch.randn(8, 2)
     compiled(x, logits, w1, w2)
     logits[3, 1] = float("nan")
     with pytest.raises(Exception, match="NaN"):
         compiled(x, logits, w1, w2)
+
+
+def test_torch_backend_compiles_once_for_every_token_count():
+    """dynamic=True: one graph serves every T >= 2 (no size of the routing depends on its values,
+    so nothing recompiles; T = 0 and 1 are specialised by torch.compile itself), and each T equals
+    eager."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(2)
+    w1, w2 = torch.randn(4, 16, 24, generator=gen), torch.randn(4, 24, 8, generator=gen)
+
+    def fn(x, logits):
+        return moe_mlp(x, topk_route(logits, 2, backend="torch"), w1, w2, backend="torch")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+    for i, T in enumerate((9, 5, 17, 2)):
+        x, logits = torch.randn(T, 16, generator=gen), torch.randn(T, 4, generator=gen)
+        with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
+            assert torch.equal(compiled(x, logits), fn(x, logits))

@@ -21,7 +21,7 @@ T, K, E, D, H = 6, 2, 3, 8, 12
 def good_routing() -> Routing:
     logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [2.0, 1.0, 3.0],
                            [3.0, 1.0, 2.0], [1.0, 2.0, 3.0], [2.0, 3.0, 1.0]])
-    return dataclasses.replace(topk_route(logits.to(DEVICE), K, backend="torch"), host_offsets=None)
+    return topk_route(logits.to(DEVICE), K, backend="torch")
 
 
 def _swap_across_experts(r: Routing) -> Routing:
@@ -75,12 +75,44 @@ def test_inconsistent_routing_is_refused(backend, case):
         moe_mlp(torch.randn(T, D, device=DEVICE), r, w1, w2, backend=backend)
 
 
-def test_torch_backend_names_the_broken_rule_and_checks_host_offsets():
+@pytest.mark.parametrize("backend", raising_backends())
+def test_refusal_names_the_broken_rules(backend):
     r, (w1, w2), x = good_routing(), expert_weights(), torch.randn(T, D, device=DEVICE)
-    with pytest.raises(ValueError, match=r"not expert_offsets is non-decreasing"):
-        moe_mlp(x, BAD["offsets decreasing"](r), w1, w2, backend="torch")
-    with pytest.raises(ValueError, match="host_offsets .* disagree"):
-        moe_mlp(x, dataclasses.replace(r, host_offsets=(0, 5, 8, 12)), w1, w2, backend="torch")
+    with pytest.raises(ValueError, match=r"inconsistent: not expert_offsets is non-decreasing; not each segment"):
+        moe_mlp(x, BAD["offsets decreasing"](r), w1, w2, backend=backend)
+    with pytest.raises(ValueError, match=r"inconsistent: not expert_offsets\[-1\] == T\*k$"):
+        moe_mlp(x, BAD["offsets past T*k"](r), w1, w2, backend=backend)
+
+
+@pytest.mark.parametrize("backend", raising_backends())
+def test_only_a_routing_changed_since_routing_is_checked_again(backend, monkeypatch):
+    """A routing as a routing function returned it is consistent by construction and is not
+    checked again; one derived from it, or written in place since, is."""
+    import moe_restore.kernels._device_checks as checks
+
+    calls = []
+    real = checks.routing_rules_held
+    monkeypatch.setattr(checks, "routing_rules_held", lambda r: calls.append(r) or real(r))
+    r, (w1, w2), x = good_routing(), expert_weights(), torch.randn(T, D, device=DEVICE)
+    moe_mlp(x, r, w1, w2, backend=backend)
+    assert calls == []
+    moe_mlp(x, dataclasses.replace(r), w1, w2, backend=backend)
+    assert len(calls) == 1
+    r.expert_offsets[1] = 9  # in place: now decreasing
+    with pytest.raises(ValueError, match="not expert_offsets is non-decreasing"):
+        moe_mlp(x, r, w1, w2, backend=backend)
+
+
+def test_compiled_torch_backend_refuses_with_its_assert():
+    """Under torch.compile the check is a ``torch._assert_async`` in the graph (no host read): a
+    bad routing raises its RuntimeError instead of reaching the grouped GEMMs."""
+    torch._dynamo.reset()
+    r, (w1, w2), x = good_routing(), expert_weights(), torch.randn(T, D, device=DEVICE)
+    run = torch.compile(lambda x, offsets: moe_mlp(x, dataclasses.replace(r, expert_offsets=offsets), w1, w2,
+                                                   backend="torch"), fullgraph=True, backend="aot_eager")
+    assert torch.equal(run(x, r.expert_offsets), moe_mlp(x, r, w1, w2, backend="torch"))
+    with pytest.raises(RuntimeError, match="routing is inconsistent"):
+        run(x, BAD["offsets decreasing"](r).expert_offsets)
 
 
 @pytest.mark.parametrize("backend", raising_backends())

@@ -1,7 +1,8 @@
 """experts_implementation="moe_restore": on a tiny random model of every family in the installed
 transformers whose experts use the hook, logits and every gradient equal transformers' "eager"
 experts (float32, <= 1e-5 relative) and moe_mlp really ran; where a family's layout or activation
-is not one of moe_mlp's, the call warns and runs the eager forward. Layouts no family of this
+is not one of moe_mlp's, the call warns and runs what transformers would have run (its
+"grouped_mm"), bitwise. Layouts no family of this
 release exercises with moe_mlp (biases, transposed storage, ungated experts) are checked on a
 decorated test class against transformers' own "batched_mm"."""
 from __future__ import annotations
@@ -21,12 +22,16 @@ from hf_tiny_models import NoTinyModel, hook_families, is_hooked, logits_and_gra
 from utils import backends  # noqa: E402
 
 TOL = 1e-5
+# What a call the kernels cannot take runs instead: transformers' default experts implementation.
+FALLS_BACK_TO = "grouped_mm" if "grouped_mm" in moe_hook.ALL_EXPERTS_FUNCTIONS else "batched_mm"
 # Families whose experts moe_mlp cannot compute, with the reason the fallback names: Inkling-2's
 # softcapped SwiGLU (c tanh(gate / c) sigmoid(gate) * c' tanh(up / c')) is no activation spec, and
 # MuseSpark normalises each expert's output (see moe_restore.integration.experts).
 FALLBACK = {
     "inkling2": "_apply_gate", "inkling2_loop": "_apply_gate", "muse_spark": "norm after each expert",
 }
+
+
 @pytest.fixture
 def count_moe_mlp(monkeypatch):
     calls = []
@@ -66,8 +71,13 @@ def _check_family(family: str, implementation: str, calls: list) -> tuple[float,
     assert set(g) == set(g_ref)
     if family in FALLBACK:
         assert not calls and len(ours) == 1 and FALLBACK[family] in ours[0], ours
-        assert torch.equal(y, y_ref) and all(torch.equal(g[n], g_ref[n]) for n in g_ref)
-        return 0.0, 0.0
+        assert f'"{FALLS_BACK_TO}" experts forward instead' in ours[0], ours
+        y_fb, g_fb = logits_and_grads(model, FALLS_BACK_TO)
+        assert torch.equal(y, y_fb) and all(torch.equal(g[n], g_fb[n]) for n in g_fb)
+        err_y = relative_error(y, y_ref)
+        err_g = max(relative_error(g[n], g_ref[n]) for n in g_ref)
+        assert err_y <= TOL and err_g <= TOL, (family, err_y, err_g)
+        return err_y, err_g
     assert calls and not ours, ours
     err_y = relative_error(y, y_ref)
     err_g = max(relative_error(g[n], g_ref[n]) for n in g_ref)
@@ -195,18 +205,42 @@ def test_layouts_match_batched_mm(act, layout, count_moe_mlp):
     assert all(relative_error(a, b) <= TOL for a, b in zip(g, g_ref))
 
 
-def test_unsupported_warns_once_and_runs_eager(count_moe_mlp):
+def _interleaved_experts():
+    """A SiLU-gated experts module with interleaved gate/up rows (which moe_mlp does not take),
+    whose own eager forward raises, and a call of it (H = 8: torch._grouped_mm on the CPU wants
+    16-byte strides)."""
     config = _Config("silu")
-    experts = _experts_class("silu", is_concatenated=False)(config)
-    x, index, weights = torch.randn(4, 8), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1)
+    experts = _experts_class("silu", is_concatenated=False)(config, H=8)
+    gen = torch.Generator().manual_seed(4)
+    x, index = torch.randn(4, 8, generator=gen), torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1]])
+    return config, experts, (x, index, torch.rand(4, 2, generator=gen))
+
+
+def test_unsupported_warns_once_and_runs_transformers_default(count_moe_mlp):
+    config, experts, call = _interleaved_experts()
+    config._experts_implementation = FALLS_BACK_TO
+    want = experts(*call)
     config._experts_implementation = "moe_restore_torch"
     experts_impl._warned.clear()
-    with pytest.warns(UserWarning, match="interleaved"), pytest.raises(AssertionError, match="eager forward"):
-        experts(x, index, weights)
+    with pytest.warns(UserWarning, match=f'interleaved.*"{FALLS_BACK_TO}" experts forward instead'):
+        assert torch.equal(experts(*call), want)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(AssertionError, match="eager forward"):
-            experts(x, index, weights)
+        assert torch.equal(experts(*call), want)
+    assert not count_moe_mlp
+
+
+def test_without_grouped_or_batched_mm_falls_back_to_eager(monkeypatch, count_moe_mlp):
+    """A transformers whose registry has neither "grouped_mm" nor "batched_mm": the family's own
+    eager forward runs (here it raises, which shows it ran)."""
+    registry = {k: v for k, v in moe_hook.ExpertsInterface._global_mapping.items() if k not in experts_impl.FALLBACKS}
+    monkeypatch.setattr(moe_hook.ExpertsInterface, "_global_mapping", registry)
+    config, experts, call = _interleaved_experts()
+    config._experts_implementation = "moe_restore_torch"
+    experts_impl._warned.clear()
+    with pytest.warns(UserWarning, match='"eager" experts forward instead'), \
+            pytest.raises(AssertionError, match="eager forward"):
+        experts(*call)
     assert not count_moe_mlp
 
 

@@ -1,6 +1,7 @@
 """Layer-level torch.compile and autocast.
 
-torch.compile(fullgraph=True) (backend "aot_eager" on the CPU, kernels under the interpreter) of
+torch.compile(fullgraph=True) (backend "aot_eager" on the CPU, on both backends: the Triton
+kernels under the interpreter, and the torch backend) of
 the layers in their fuller configurations (2d variants, shared experts, sigmoid scoring, group
 context), of the block that replace_moe puts into transformers models and of MambaStyleAttention:
 no graph breaks, and the compiled forward and backward equal eager. Under float16 autocast (on
@@ -22,17 +23,18 @@ from utils import DEVICE, assert_close, backends
 needs_triton = pytest.mark.skipif("triton" not in backends(), reason="compiles the Triton path (custom ops)")
 
 
-@needs_triton
-def test_topk_moe_2d_with_shared_experts_compiles():
+@pytest.mark.parametrize("backend", backends())
+def test_topk_moe_2d_with_shared_experts_compiles(backend):
     torch.manual_seed(0)
-    layer = TopKMoE2d(8, 12, 5, 2, num_shared_experts=1, scoring="sigmoid", activation="swiglu").to(DEVICE)
+    layer = TopKMoE2d(8, 12, 5, 2, num_shared_experts=1, scoring="sigmoid", activation="swiglu",
+                      backend=backend).to(DEVICE)
     assert_compiled_layer_matches_eager(layer, random_input((2, 8, 3, 5), seed=1))
 
 
-@needs_triton
-def test_nested_moe_2d_with_context_compiles():
+@pytest.mark.parametrize("backend", backends())
+def test_nested_moe_2d_with_context_compiles(backend):
     torch.manual_seed(2)
-    layer = NestedMoE2d(8, 12, 3, 2, 2, 1, num_shared_experts=1, group_context_dim=4).to(DEVICE)
+    layer = NestedMoE2d(8, 12, 3, 2, 2, 1, num_shared_experts=1, group_context_dim=4, backend=backend).to(DEVICE)
     assert_compiled_layer_matches_eager(layer, random_input((2, 8, 3, 3), seed=3), random_input((2, 4), seed=4))
 
 
@@ -70,9 +72,10 @@ def _assert_compiles_to_eager(module: torch.nn.Module, x: torch.Tensor) -> None:
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-@needs_triton
-def test_replaced_transformers_block_compiles():
+@pytest.mark.parametrize("backend", backends())
+def test_replaced_transformers_block_compiles(backend):
     _, block = _qwen2_block()
+    block.backend = backend
     _assert_compiles_to_eager(block, random_input((2, 5, 8), seed=6))
 
 

@@ -155,10 +155,10 @@ def test_from_dense_keeps_the_dense_function(activation, backend):
     assert torch.equal(noisy.b1[0], linear1.bias), "biases are copied without noise"
 
 
-@pytest.mark.skipif("triton" not in backends(), reason="needs the Triton path")
-def test_topk_moe_compiles_without_graph_breaks():
+@pytest.mark.parametrize("backend", backends())
+def test_topk_moe_compiles_without_graph_breaks(backend):
     torch.manual_seed(6)
-    layer = TopKMoE(16, 24, 4, 2, num_shared_experts=1, backend="triton").to(DEVICE)
+    layer = TopKMoE(16, 24, 4, 2, num_shared_experts=1, backend=backend).to(DEVICE)
     assert_compiled_layer_matches_eager(layer, random_input((2, 7, 16), seed=7))
 
 

@@ -165,10 +165,10 @@ def test_from_dense_keeps_the_dense_function(backend):
     assert_close(layer(x, context), dense, torch.float32, backend=backend, what="upcycled output")
 
 
-@pytest.mark.skipif("triton" not in backends(), reason="needs the Triton path")
-def test_nested_moe_compiles_without_graph_breaks():
+@pytest.mark.parametrize("backend", backends())
+def test_nested_moe_compiles_without_graph_breaks(backend):
     torch.manual_seed(4)
-    layer = NestedMoE(16, 24, 3, 2, 2, 1, group_context_dim=5, num_shared_experts=1, backend="triton").to(DEVICE)
+    layer = NestedMoE(16, 24, 3, 2, 2, 1, group_context_dim=5, num_shared_experts=1, backend=backend).to(DEVICE)
     assert_compiled_layer_matches_eager(layer, random_input((2, 7, 16), seed=8), random_input((2, 5), seed=9))
 
 

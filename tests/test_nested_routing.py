@@ -46,14 +46,12 @@ def oracle_nested(gl: torch.Tensor, el: torch.Tensor, k_g: int, k_e: int, renorm
 
 def check_dispatch(r, want_experts: torch.Tensor, num_experts: int, backend: str) -> None:
     """Offsets count each expert's assignments; sorted_assignments lists them expert by expert,
-    in assignment order inside an expert; host_offsets is the same as expert_offsets on the torch
-    backend and None on the Triton path (which reads nothing back)."""
+    in assignment order inside an expert."""
     flat = want_experts.reshape(-1).tolist()
     counts = [flat.count(e) for e in range(num_experts)]
     want_offsets = [sum(counts[:e]) for e in range(num_experts + 1)]
     assert r.expert_offsets.dtype == torch.int64 and r.sorted_assignments.dtype == torch.int64
     assert r.expert_offsets.tolist() == want_offsets
-    assert r.host_offsets == (tuple(want_offsets) if backend == "torch" else None)
     assert r.sorted_assignments.tolist() == sorted(range(len(flat)), key=lambda a: (flat[a], a))
 
 
@@ -189,7 +187,7 @@ def test_no_tokens(backend):
     el = torch.zeros(0, 3, 2, device=DEVICE, requires_grad=True)
     r = nested_route(gl, el, 2, 1, backend=backend)
     assert r.weights.shape == (0, 2) and r.group_weights.shape == (0, 2) and r.groups.shape == (0, 2)
-    assert r.expert_offsets.tolist() == [0] * 7 and r.host_offsets == (0,) * 7
+    assert r.expert_offsets.tolist() == [0] * 7
     dgl, del_ = torch.autograd.grad(r.weights.sum() + r.group_weights.sum(), (gl, el))
     assert dgl.shape == (0, 3) and del_.shape == (0, 3, 2)
 

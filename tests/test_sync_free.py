@@ -86,8 +86,8 @@ def test_gated_scan_forward_backward_makes_no_host_read(monkeypatch):
 
 
 def test_host_read_counter_sees_reads(monkeypatch):
-    """The counter is not blind: the torch backend reads the NaN count and offsets back, and a
-    plain ``bincount`` or ``bool()`` is seen."""
+    """The counter is not blind: the torch backend's grouped GEMM op reads its expert offsets
+    inside itself (``_moe_mlp_torch``), and a plain ``bincount`` or ``bool()`` is seen."""
     layer = TopKMoE(16, 24, 4, 2, backend="torch").to(DEVICE)
     x = torch.randn(10, 16, device=DEVICE)
     assert "Tensor.tolist" in host_reads(lambda: layer(x), monkeypatch)

@@ -34,7 +34,9 @@ interleaved rows with the default gate; another activation; a norm after each ex
 MuseSpark, which normalises each expert's D_out row before the routing weight: the grouped path
 tiles D_out across programs, so it would take another pass over [T*k, D_out] and a backward of its
 own, with the norm weight's gradient; more slots than experts; quantised or mixed-dtype weights)
-runs the family's eager forward instead, with a warning given once per reason.
+runs what transformers would have run without us (``fallback_forward``: its ``"grouped_mm"``, else
+its ``"batched_mm"``, the family's eager forward only where the installed transformers has
+neither), with a warning given once per reason that names it.
 """
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ def _apply_gate_spec(experts: nn.Module, act_kind: str | None) -> ActivationSpec
 
 def plan(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
          top_k_weights: torch.Tensor) -> tuple[str | ActivationSpec, tuple] | str:
-    """(activation, (w1, w2, b1, b2)) for ``moe_mlp``, or the reason this call must run eagerly."""
+    """(activation, (w1, w2, b1, b2)) for ``moe_mlp``, or the reason the kernels cannot take this call."""
     from transformers.integrations.moe import _default_apply_gate
 
     if getattr(experts, "has_post_expert_norm", False):
@@ -169,12 +171,33 @@ def plan(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Ten
     return activation, (w1, w2, b1, b2)
 
 
-def _warn_once(experts: nn.Module, reason: str) -> None:
+# What transformers runs when no experts implementation is asked for ("grouped_mm"), then the next
+# best of its registry: the fallbacks, in order, before the family's eager forward.
+FALLBACKS = ("grouped_mm", "batched_mm")
+
+
+def _warn_once(experts: nn.Module, reason: str, fallback: str) -> None:
+    """Warn once per experts class and reason. Not inside a torch.compile'd region, which cannot
+    trace ``warnings.warn`` with fullgraph=True: the first eager call (e.g. generation's prefill)
+    gives the warning."""
     key = f"{type(experts).__name__}: {reason}"
-    if key not in _warned:
+    if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
-        warnings.warn(f'experts_implementation="{IMPLEMENTATION}": {key}; running the eager experts forward '
-                      "instead", stacklevel=3)
+        warnings.warn(f'experts_implementation="{IMPLEMENTATION}": {key}; running transformers\' "{fallback}" '
+                      "experts forward instead", stacklevel=3)
+
+
+def fallback_forward(experts: nn.Module):
+    """(name, forward) of what transformers would have run for ``experts`` without us: the first
+    of ``FALLBACKS`` in its experts registry (``grouped_mm``, its default, handles every layout
+    the hook declares and compiles), else the family's eager forward (``eager_forward``)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    for name in FALLBACKS:
+        forward = ALL_EXPERTS_FUNCTIONS.get(name)
+        if forward is not None:
+            return name, forward
+    return "eager", eager_forward(experts)
 
 
 def eager_forward(experts: nn.Module):
@@ -233,8 +256,9 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     for the kernels (None: Triton where it runs, else torch)."""
     planned = plan(experts, hidden_states, top_k_index, top_k_weights)
     if isinstance(planned, str):
-        _warn_once(experts, planned)
-        return eager_forward(experts)(experts, hidden_states, top_k_index, top_k_weights)
+        name, forward = fallback_forward(experts)
+        _warn_once(experts, planned, name)
+        return forward(experts, hidden_states, top_k_index, top_k_weights)
     activation, (w1, w2, b1, b2) = planned
     ids, weights = distinct_slots(top_k_index, top_k_weights, w1.shape[0])
     routing = routing_from_topk(ids, weights, w1.shape[0], backend=backend)

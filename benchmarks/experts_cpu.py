@@ -1,0 +1,117 @@
+"""CPU timing of one transformers experts module under each experts implementation: ours
+("moe_restore_torch", the torch backend) against transformers' "grouped_mm" (its default),
+"batched_mm" and "eager" (the plain per-expert loop), on the same module, weights and routing.
+
+    python -m moe_restore.benchmarks.experts_cpu [--rounds 15] [--threads 1]
+
+The module is Mixtral's experts class (SiLU-gated, [gate | up] rows, the hook's default layout),
+float32. For each shape every implementation runs once per round, in turn (after one warm-up
+round; each round starts one run later than the last, so that no run always comes first), so
+that all rows of a shape see the same moments of a shared machine; each call is timed
+as this process's CPU time. ``fwd``: inference (no autograd); ``fwd+bwd``: a training forward and
+its backward to the hidden states and the expert weights. Reported: median and interquartile
+range (p25-p75) in ms, and each implementation's median over ours. CPU figures: they compare
+implementations on this machine, they are not kernel speeds.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+IMPLEMENTATIONS = ("moe_restore_torch", "grouped_mm", "batched_mm", "eager")
+# (tokens T, hidden D, expert width I, experts E, top-k): a decoding step, small and larger prefill.
+SHAPES = ((4, 256, 512, 8, 2), (256, 64, 128, 8, 2), (512, 256, 512, 8, 2), (256, 128, 96, 16, 4))
+
+
+def _experts(D: int, I: int, E: int, seed: int = 0) -> torch.nn.Module:
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    import moe_restore  # noqa: F401 - registers "moe_restore_torch"
+
+    config = MixtralConfig(hidden_size=D, intermediate_size=I, num_local_experts=E)
+    torch.manual_seed(seed)
+    experts = MixtralExperts(config)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0.0, p.shape[-1] ** -0.5)
+    return experts
+
+
+def _call(experts, name: str, x, index, weights, dy: torch.Tensor | None) -> None:
+    experts.config._experts_implementation = name
+    if dy is None:
+        with torch.no_grad():
+            experts(x, index, weights)
+    else:
+        experts(x, index, weights).backward(dy)
+
+
+def _quartiles(samples: list[float]) -> tuple[float, float, float]:
+    p25, p50, p75 = statistics.quantiles(samples, n=4, method="inclusive")
+    return p25, p50, p75
+
+
+def bench_shape(T: int, D: int, I: int, E: int, k: int, rounds: int) -> list[dict]:
+    """One row per (implementation, pass) of one shape; see the module docstring."""
+    experts = _experts(D, I, E)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(T, D, generator=gen).requires_grad_()
+    weights, index = torch.randn(T, E, generator=gen).softmax(-1).topk(k, dim=-1)
+    dy = torch.randn(T, D, generator=gen)
+    outputs = {}
+    for name in IMPLEMENTATIONS:  # every implementation computes the same function
+        experts.config._experts_implementation = name
+        with torch.no_grad():
+            outputs[name] = experts(x, index, weights)
+    err = {n: ((o - outputs["eager"]).norm() / outputs["eager"].norm()).item() for n, o in outputs.items()}
+    runs: dict[tuple[str, str], Callable[[], None]] = {}
+    for name in IMPLEMENTATIONS:
+        runs[name, "fwd"] = lambda name=name: _call(experts, name, x, index, weights, None)
+        runs[name, "fwd+bwd"] = lambda name=name: _call(experts, name, x, index, weights, dy)
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    keys = list(runs)
+    for r in range(rounds + 1):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:  # each round starts one run later
+            start = time.process_time()
+            runs[key]()
+            if r:
+                samples[key].append((time.process_time() - start) * 1e3)
+        x.grad = None
+        experts.zero_grad(set_to_none=True)
+    rows = []
+    for (name, what), times in samples.items():
+        p25, p50, p75 = _quartiles(times)
+        ours = statistics.median(samples["moe_restore_torch", what])
+        rows.append(dict(shape=f"T{T} D{D} I{I} E{E} k{k}", implementation=name, what=what, median_ms=p50,
+                         p25_ms=p25, p75_ms=p75, vs_ours=p50 / ours, rel_err_vs_eager=err[name]))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"CPU figures (process CPU time, {args.rounds} interleaved rounds, {args.threads} thread(s), float32; "
+          "not kernel speeds)")
+    print("| shape | pass | " + " | ".join(IMPLEMENTATIONS) + " |")
+    print("|---|---|" + "---|" * len(IMPLEMENTATIONS))
+    for shape in SHAPES:
+        rows = bench_shape(*shape, rounds=args.rounds)
+        for what in ("fwd", "fwd+bwd"):
+            cells = [f"{r['median_ms']:.2f} [{r['p25_ms']:.2f}-{r['p75_ms']:.2f}] ({r['vs_ours']:.2f}x)"
+                     for name in IMPLEMENTATIONS for r in rows if r["implementation"] == name and r["what"] == what]
+            print(f"| {rows[0]['shape']} | {what} | " + " | ".join(cells) + " |")
+        worst = max(r["rel_err_vs_eager"] for r in rows)
+        print(f"<!-- {rows[0]['shape']}: largest relative error against eager {worst:.1e} -->")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
