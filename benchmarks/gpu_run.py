@@ -103,7 +103,9 @@ def run_kernel_tests(out: Path, dry_run: bool, timeout_s: float) -> dict[str, An
     env = {**os.environ, "TRITON_INTERPRET": "1" if dry_run else "0"}
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, cwd=tests_dir.parent, env=env, capture_output=True, text=True,
+        # cwd: the tests' folder, never a checkout's root, where `-m` would make the top-level
+        # kernels/ importable as `kernels` (the name of the package transformers imports).
+        done = subprocess.run(command, cwd=tests_dir, env=env, capture_output=True, text=True,
                               timeout=timeout_s)
     except subprocess.TimeoutExpired as expired:
         output, returncode, status = (expired.stdout or b""), None, "timed out"

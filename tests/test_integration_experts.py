@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from packaging.version import Version
 
 tf = pytest.importorskip("transformers")
 moe_hook = pytest.importorskip("transformers.integrations.moe")
@@ -21,7 +22,9 @@ from hf_tiny_models import NoTinyModel, hook_families, logits_and_grads, relativ
 from utils import backends  # noqa: E402
 
 TOL = 1e-5
-# Families whose experts moe_mlp cannot compute, with the reason the fallback names.
+# Families whose experts moe_mlp cannot compute, with the reason the fallback names, as of this
+# transformers release (an older one may lack some of them, or not hook their experts yet).
+FALLBACK_RELEASE = "5.25.0"
 FALLBACK = {
     "bailing_hybrid": "_apply_gate", "beam": "_apply_gate", "deepseek_v4": "_apply_gate", "glm5_next": "_apply_gate",
     "gpt_oss": "_apply_gate", "hy_v4": "_apply_gate", "hy_v4_vl": "_apply_gate", "inkling2": "_apply_gate", "inkling2_loop": "_apply_gate",
@@ -54,6 +57,9 @@ def test_families_found():
     families = hook_families()
     assert len(families) >= 40 and {"mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"} <= set(families)
     unknown = set(FALLBACK) - set(families)
+    if unknown and Version(tf.__version__) < Version(FALLBACK_RELEASE):
+        pytest.skip(f"transformers {tf.__version__} is older than the list's {FALLBACK_RELEASE}: "
+                    f"{sorted(unknown)} do not use the hook (or do not exist) there yet")
     assert not unknown, f"listed families no longer use the hook: {unknown}"
 
 
