@@ -246,8 +246,8 @@ def build_carry(dest: Path) -> int:
         target += ["--platform", platform_tag]
     subprocess.run(pip + ["download", "-q", "-d", str(wheels), "-c", str(constraints), *target,
                           *_carried_requirements(project)], check=True)
-    print(f"carry written: {wheels} ({len(list(wheels.glob('*.whl')))} wheels). On the GPU machine (Python "
-          f"{CARRY_PYTHON}, its own torch and Triton), no network needed:\n"
+    print(f"carry written: {wheels} ({len(list(wheels.glob('*.whl')))} wheels). Copy {dest} to the GPU machine "
+          f"(Python {CARRY_PYTHON}, its own torch and Triton); there, in the copy, with no network:\n"
           f'  pip install --no-index --find-links {wheels.name} "moe-restore[gpu-run]"\n'
           "  python -m moe_restore.benchmarks.gpu_run --out OUT")
     return 0
