@@ -23,6 +23,15 @@ a test failed or a step raised.
 ``--dry-run`` runs the same code on the CPU (hiding any GPU): a few kernel tests under the Triton interpreter,
 the rates at tiny sizes, and each suite with ``--quick`` (its CPU shapes, torch backend). Its
 times are CPU wall times of the code paths, not kernel speeds, and the outputs say so.
+
+Offline GPU machines: ``--build-carry DIR`` (on a machine with network, in a source checkout) writes
+under DIR/wheels the project's wheel and, for CPython 3.12 manylinux x86_64, the wheels of its
+requirements other than torch and Triton (the GPU machine's own CUDA builds) and of the test-only
+packages the run needs (the ``gpu-run`` extra: pytest, hypothesis, pytest-benchmark), pinned by
+.ci/constraints-newest.txt. There, ``pip install --no-index --find-links DIR/wheels
+"moe-restore[gpu-run]"`` installs them, and this module runs from the installed wheel: the kernel
+test files are installed with it (``moe_restore.benchmarks.kernel_tests``). A missing piece (a test
+package, the test files) stops the run before any step, with a non-zero exit naming it.
 """
 from __future__ import annotations
 
@@ -46,24 +55,57 @@ SUITES = ("moe", "nested", "scan")
 KERNEL_TESTS = ("test_routing.py", "test_nested_routing.py", "test_moe_mlp.py", "test_gated_scan.py",
                 "test_device_checks.py", "test_sync_free.py")
 DRY_RUN_TESTS = "empty or no_tokens"  # a few fast tests per file: the dry run checks the plumbing
-TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"  # present in a source checkout
+TEST_SUPPORT = ("conftest.py", "utils.py")
+_HERE = Path(__file__).resolve().parent
+SOURCE_ROOT = _HERE.parent  # the checkout's root when this file is benchmarks/gpu_run.py there
+# Where the kernel tests are: a source checkout's tests/, else the copy installed with the wheel.
+TESTS_DIRS = (SOURCE_ROOT / "tests", _HERE / "kernel_tests")
+# The test-only packages the kernel tests need (module -> distribution): the ``gpu-run`` extra.
+TEST_PACKAGES = {"pytest": "pytest", "hypothesis": "hypothesis", "pytest_benchmark": "pytest-benchmark"}
+CARRY_PYTHON, CARRY_ABI = "3.12", "cp312"
+CARRY_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+GPU_OWN = ("torch", "triton")  # never carried: the GPU machine's CUDA builds stay as they are
 OPTIONAL_BASELINES = {"ScatterMoE": "scattermoe", "fla HGRN": "fla"}
 DRY_RUN_NOTE = ("CPU dry run: every step ran at tiny shapes on the CPU (kernel tests under the Triton "
                 "interpreter, suites on the torch backend); times are CPU wall times, not kernel speeds.")
 
 
+def kernel_tests_dir() -> Path | None:
+    """The first of ``TESTS_DIRS`` holding every kernel test file and its helpers, else None."""
+    for folder in TESTS_DIRS:
+        if all((folder / name).is_file() for name in KERNEL_TESTS + TEST_SUPPORT):
+            return folder
+    return None
+
+
+def missing_pieces(with_tests: bool) -> list[str]:
+    """What the run needs and cannot find here, each named with how to get it."""
+    if not with_tests:
+        return []
+    missing = [f"the Python package {dist!r} (import {module})" for module, dist in TEST_PACKAGES.items()
+               if importlib.util.find_spec(module) is None]
+    if kernel_tests_dir() is None:
+        missing.append(f"the kernel test files {', '.join(KERNEL_TESTS + TEST_SUPPORT)} (looked in "
+                       f"{' and '.join(map(str, TESTS_DIRS))})")
+    return missing
+
+
 def run_kernel_tests(out: Path, dry_run: bool, timeout_s: float) -> dict[str, Any]:
     """pytest on the kernel test files in a subprocess (see the module docstring)."""
-    files = [TESTS_DIR / name for name in KERNEL_TESTS if (TESTS_DIR / name).exists()]
-    if not files:
-        return {"status": "not run", "why": f"no kernel test files under {TESTS_DIR} (not a source checkout)"}
+    tests_dir = kernel_tests_dir()
+    if tests_dir is None:
+        raise FileNotFoundError(missing_pieces(True)[-1])
+    files = [tests_dir / name for name in KERNEL_TESTS]
     xml = out / "kernel-tests.xml"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+    # The options pytest.ini gives in a checkout, given here for the installed copy (which has none).
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable", f"--junitxml={xml}",
                *map(str, files)] + (["-k", DRY_RUN_TESTS] if dry_run else [])
     env = {**os.environ, "TRITON_INTERPRET": "1" if dry_run else "0"}
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, cwd=TESTS_DIR.parent, env=env, capture_output=True, text=True,
+        # cwd: the tests' folder, never a checkout's root, where `-m` would make the top-level
+        # kernels/ importable as `kernels` (the name of the package transformers imports).
+        done = subprocess.run(command, cwd=tests_dir, env=env, capture_output=True, text=True,
                               timeout=timeout_s)
     except subprocess.TimeoutExpired as expired:
         output, returncode, status = (expired.stdout or b""), None, "timed out"
@@ -79,7 +121,8 @@ def run_kernel_tests(out: Path, dry_run: bool, timeout_s: float) -> dict[str, An
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
         result.update(counts, passed=counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"])
-    result["status"] = status or ("passed" if returncode == 0 else "failed")
+    # A run where nothing passed (every test skipped or deselected) tested nothing: a failure.
+    result["status"] = status or ("passed" if returncode == 0 and result.get("passed", 0) > 0 else "failed")
     return result
 
 
@@ -162,15 +205,75 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _carried_requirements(wheel: Path) -> list[str]:
+    """The requirements of the project's ``wheel`` that the carry holds: the base ones and the
+    ``gpu-run`` extra's, less ``GPU_OWN``, as written in its metadata."""
+    from email.parser import Parser
+    from zipfile import ZipFile
+
+    from packaging.requirements import Requirement
+
+    with ZipFile(wheel) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        metadata = Parser().parsestr(archive.read(name).decode())
+    kept = []
+    for line in metadata.get_all("Requires-Dist") or []:
+        requirement = Requirement(line)
+        marker = requirement.marker
+        wanted = marker is None or "extra" not in str(marker) or marker.evaluate({"extra": "gpu-run"})
+        if wanted and requirement.name not in GPU_OWN:
+            requirement.marker = None  # evaluated for the GPU machine (Linux) by pip download's target
+            kept.append(str(requirement))
+    return kept
+
+
+def build_carry(dest: Path) -> int:
+    """Write under ``dest``/wheels what an offline GPU machine needs (see the module docstring).
+    Needs a source checkout and network; every step's failure exits non-zero."""
+    constraints = SOURCE_ROOT / ".ci" / "constraints-newest.txt"
+    if not (SOURCE_ROOT / "setup.py").is_file() or not constraints.is_file():
+        print(f"--build-carry needs a source checkout (setup.py and {constraints.relative_to(SOURCE_ROOT)} "
+              f"under {SOURCE_ROOT})", file=sys.stderr)
+        return 2
+    wheels = dest / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(pip + ["wheel", "-q", "--no-deps", "-w", str(wheels), str(SOURCE_ROOT)], check=True)
+    project = max(wheels.glob("moe_restore-*.whl"), key=lambda p: p.stat().st_mtime)
+    target = ["--only-binary=:all:", "--python-version", CARRY_PYTHON, "--implementation", "cp",
+              "--abi", CARRY_ABI, "--abi", "abi3", "--abi", "none"]
+    for platform_tag in CARRY_PLATFORMS:
+        target += ["--platform", platform_tag]
+    subprocess.run(pip + ["download", "-q", "-d", str(wheels), "-c", str(constraints), *target,
+                          *_carried_requirements(project)], check=True)
+    print(f"carry written: {wheels} ({len(list(wheels.glob('*.whl')))} wheels). Copy {dest} to the GPU machine "
+          f"(Python {CARRY_PYTHON}, its own torch and Triton); there, in the copy, with no network:\n"
+          f'  pip install --no-index --find-links {wheels.name} "moe-restore[gpu-run]"\n'
+          "  python -m moe_restore.benchmarks.gpu_run --out OUT")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_restore.benchmarks.gpu_run",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder for gpu_run.json, gpu_run.md and logs")
+    parser.add_argument("--build-carry", type=Path, metavar="DIR",
+                        help="write the wheels an offline GPU machine needs under DIR/wheels, and stop")
+    parser.add_argument("--out", type=Path, help="folder for gpu_run.json, gpu_run.md and logs")
     parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at tiny shapes")
     parser.add_argument("--suites", nargs="*", default=list(SUITES), choices=SUITES, help="suites to run")
     parser.add_argument("--skip-tests", action="store_true", help="do not run the kernel tests")
     parser.add_argument("--tests-timeout", type=float, default=300.0, help="seconds for the kernel tests")
     args = parser.parse_args(argv)
+    if args.build_carry is not None:
+        return build_carry(args.build_carry)
+    if args.out is None:
+        parser.error("--out is required (or --build-carry DIR)")
+    missing = missing_pieces(with_tests=not args.skip_tests)
+    if missing:
+        print("gpu_run cannot run: missing " + "; ".join(missing) + ". Install them (offline: build the carry "
+              "with --build-carry on a machine with network, see the module docstring), or pass --skip-tests.",
+              file=sys.stderr)
+        return 2
     if args.dry_run and on_gpu():
         # Every step decides CPU or GPU by whether CUDA is visible: hide it, in a fresh process.
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
@@ -194,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "gpu_run.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (args.out / "gpu_run.md").write_text(markdown(report) + "\n")
     print(f"written: {args.out / 'gpu_run.json'}, {args.out / 'gpu_run.md'} ({report['wall_s']:.0f} s)")
-    failed = (report["kernel_tests"]["status"] not in ("passed", "skipped", "not run")
+    failed = (report["kernel_tests"]["status"] not in ("passed", "skipped")
               or "error" in report["rates"]
               or any("error" in s or s.get("returncode") not in (0, None) for s in report["suites"].values()))
     return 1 if failed else 0

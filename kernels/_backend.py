@@ -70,6 +70,10 @@ BACKENDS = ("triton", "torch")
 # later change of the variable does not change how the kernels already defined run.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+if INTERPRET and HAS_TRITON:
+    from ._interpreter import squeeze_scalar_index
+
+    squeeze_scalar_index()  # Triton 3.6's interpreter with numpy >= 2.4 (see _interpreter)
 
 
 def deterministic() -> bool:

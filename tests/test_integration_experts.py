@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from packaging.version import Version
 
 tf = pytest.importorskip("transformers")
 moe_hook = pytest.importorskip("transformers.integrations.moe")
@@ -24,9 +25,11 @@ from utils import backends  # noqa: E402
 TOL = 1e-5
 # What a call the kernels cannot take runs instead: transformers' default experts implementation.
 FALLS_BACK_TO = "grouped_mm" if "grouped_mm" in moe_hook.ALL_EXPERTS_FUNCTIONS else "batched_mm"
-# Families whose experts moe_mlp cannot compute, with the reason the fallback names: Inkling-2's
-# softcapped SwiGLU (c tanh(gate / c) sigmoid(gate) * c' tanh(up / c')) is no activation spec, and
-# MuseSpark normalises each expert's output (see moe_restore.integration.experts).
+# Families whose experts moe_mlp cannot compute, with the reason the fallback names, as of this
+# transformers release (an older one may lack some of them, or not hook their experts yet):
+# Inkling-2's softcapped SwiGLU (c tanh(gate / c) sigmoid(gate) * c' tanh(up / c')) is no
+# activation spec, and MuseSpark normalises each expert's output (see moe_restore.integration.experts).
+FALLBACK_RELEASE = "5.25.0"
 FALLBACK = {
     "inkling2": "_apply_gate", "inkling2_loop": "_apply_gate", "muse_spark": "norm after each expert",
 }
@@ -54,6 +57,9 @@ def test_families_found():
     families = hook_families()
     assert len(families) >= 40 and {"mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"} <= set(families)
     unknown = set(FALLBACK) - set(families)
+    if unknown and Version(tf.__version__) < Version(FALLBACK_RELEASE):
+        pytest.skip(f"transformers {tf.__version__} is older than the list's {FALLBACK_RELEASE}: "
+                    f"{sorted(unknown)} do not use the hook (or do not exist) there yet")
     assert not unknown, f"listed families no longer use the hook: {unknown}"
 
 

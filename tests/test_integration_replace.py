@@ -171,20 +171,52 @@ def test_unknown_and_unsupported_blocks_are_left_alone_and_named():
 
     model = nn.Sequential(ToySparseMoeBlock(), gelu_block, _tiny_model("olmoe").model.layers[0].mlp,
                           TopKMoE(16, 8, 2, 1))
-    report = replace_moe(model)
+    with pytest.warns(UserWarning) as caught:
+        report = replace_moe(model)
+    # Each block left alone is named in a warning with its reason, never skipped silently.
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("replace_moe: 0 (ToySparseMoeBlock) left as it was: unknown") for m in messages), messages
+    assert any(m.startswith("replace_moe: 1 (MixtralSparseMoeBlock) left as it was:") and "SiLU" in m
+               for m in messages), messages
     assert [(s.name, s.kind) for s in report.skipped] == [("0", "ToySparseMoeBlock"), ("1", "MixtralSparseMoeBlock")]
     assert "unknown" in report.skipped[0].reason and "SiLU" in report.skipped[1].reason
     assert [c.name for c in report.replaced] == ["2"]
     assert isinstance(model[0], ToySparseMoeBlock) and model[1] is gelu_block
     assert isinstance(model[3], TopKMoE)  # the library's own layer: neither replaced nor reported
-    again = replace_moe(model)
+    with pytest.warns(UserWarning, match="replace_moe replaced nothing in Sequential"):
+        again = replace_moe(model)
     assert again.replaced == [] and ("2", "KernelSparseMoeBlock") in [(s.name, s.kind) for s in again.skipped]
+
+
+def test_experts_found_by_their_hook_not_by_private_attributes():
+    """transformers 5.17's experts modules have no ``_is_expert_parallel``: the block is still
+    replaced (the hook is found in the class's MRO) and computes what the original computes."""
+    model = _tiny_model("qwen3_moe")
+    want = model(_tokens()).logits
+    for layer in model.model.layers:
+        layer.mlp.experts.__dict__.pop("_is_expert_parallel", None)
+        assert not hasattr(layer.mlp.experts, "_is_expert_parallel")
+    report = replace_moe(model, backend="torch")
+    assert [c.name for c in report.replaced] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert_close(model(_tokens()).logits, want, torch.float32, backend="torch", what="logits")
+
+
+def test_experts_without_the_hook_are_named_not_replaced():
+    """Experts with the fused layout but a plain forward (no transformers hook to dispatch to the
+    kernels) are left alone with a warning naming the module and the reason."""
+    block = _tiny_model("qwen3_moe").model.layers[0].mlp
+    plain = type("PlainExperts", (nn.Module,), {"forward": experts_impl.eager_forward(block.experts)})
+    block.experts.__class__ = plain
+    with pytest.warns(UserWarning, match=r"replace_moe: 0 \(Qwen3MoeSparseMoeBlock\) left as it was: .*experts hook"):
+        report = replace_moe(nn.Sequential(block))
+    assert report.replaced == [] and "@use_experts_implementation" in report.skipped[0].reason
 
 
 def test_quantised_experts_are_left_alone_and_named():
     block = _tiny_model("qwen3_moe").model.layers[0].mlp
     block.experts.gate_up_proj.data = block.experts.gate_up_proj.data.to(torch.float8_e4m3fn)
-    report = replace_moe(nn.Sequential(block))
+    with pytest.warns(UserWarning, match="left as it was: .*float8_e4m3fn"):
+        report = replace_moe(nn.Sequential(block))
     assert report.replaced == [] and "float8_e4m3fn" in report.skipped[0].reason
 
 

@@ -55,18 +55,27 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _warned: set[str] = set()
 
 
+# The moe_mlp name of each activation module class and function. transformers' classes are added
+# by ``register`` (when its experts hook is imported), never inside a forward: an import there
+# breaks torch.compile(fullgraph=True) on torch 2.11.
+_ACTIVATION_CLASSES: dict[type, str] = {nn.SiLU: "silu", nn.ReLU: "relu"}
+_ACTIVATION_FUNCTIONS = {nn.functional.silu: "silu", nn.functional.gelu: "gelu", nn.functional.relu: "relu"}
+
+
 def _activation_name(act_fn: object) -> str | None:
     """The moe_mlp activation that ``act_fn`` (a transformers ACT2FN module, or a plain
     ``torch.nn.functional`` function as in LFM2-MoE) computes, else None."""
+    if callable(act_fn) and not isinstance(act_fn, nn.Module) and act_fn in _ACTIVATION_FUNCTIONS:
+        return _ACTIVATION_FUNCTIONS[act_fn]
+    return _ACTIVATION_CLASSES.get(type(act_fn))
+
+
+def _add_transformers_activations() -> None:
     from transformers import activations as hf_act
 
-    functions = {nn.functional.silu: "silu", nn.functional.gelu: "gelu", nn.functional.relu: "relu"}
-    if callable(act_fn) and not isinstance(act_fn, nn.Module) and act_fn in functions:
-        return functions[act_fn]
-    names = {hf_act.SiLUActivation: "silu", nn.SiLU: "silu", hf_act.GELUActivation: "gelu",
-             hf_act.GELUTanh: "gelu_tanh", hf_act.NewGELUActivation: "gelu_tanh", nn.ReLU: "relu",
-             hf_act.ReLUSquaredActivation: "relu2"}
-    return names.get(type(act_fn))
+    _ACTIVATION_CLASSES.update({hf_act.SiLUActivation: "silu", hf_act.GELUActivation: "gelu",
+                                hf_act.GELUTanh: "gelu_tanh", hf_act.NewGELUActivation: "gelu_tanh",
+                                hf_act.ReLUSquaredActivation: "relu2"})
 
 
 # The gated kind whose gate function is each plain activation.
@@ -288,6 +297,7 @@ def register() -> None:
     ``import moe_restore``). Nothing happens where transformers is not installed. Idempotent."""
     module = sys.modules.get(_HOOK_MODULE)
     if module is not None:
+        _add_transformers_activations()
         for name, forward in IMPLEMENTATIONS.items():
             module.ExpertsInterface.register(name, forward)
     elif not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from moe_restore.kernels import topk_route
 
-from .experts import IMPLEMENTATION
+from .experts import IMPLEMENTATION, eager_forward
 from .report import NotConvertible
 
 
@@ -75,9 +75,17 @@ def _check_experts(experts: nn.Module) -> None:
     for name in ("gate_up_proj", "down_proj", "act_fn"):
         if not hasattr(experts, name):
             raise NotConvertible(f"its experts module has no {name!r} (not the fused expert layout)")
-    if not (hasattr(experts, "_is_expert_parallel") and hasattr(type(experts).forward, "__wrapped__")
-            and hasattr(getattr(experts, "config", None), "_experts_implementation")):
-        raise NotConvertible("its experts class does not use transformers' experts hook (@use_experts_implementation)")
+    # Feature detection, not private attributes (transformers 5.17 has no ``_is_expert_parallel``):
+    # the block calls the experts module, whose hooked forward dispatches on the config's
+    # ``_experts_implementation``, so both the hook (found in the MRO) and that attribute must be there.
+    if not hasattr(getattr(experts, "config", None), "_experts_implementation"):
+        raise NotConvertible("its experts module has no config with `_experts_implementation`, so transformers' "
+                             "experts hook cannot dispatch to the kernels")
+    try:
+        eager_forward(experts)
+    except RuntimeError:
+        raise NotConvertible("its experts class does not use transformers' experts hook "
+                             "(@use_experts_implementation)") from None
     if experts.gate_up_proj.dim() != 3 or experts.down_proj.dim() != 3:
         raise NotConvertible("its expert weights are not [E, ., .] tensors (e.g. sharded or packed)")
     if experts.gate_up_proj.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):

@@ -1,6 +1,8 @@
 """``replace_moe``: swap the sparse MoE blocks of a transformers model for kernel-backed blocks."""
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import torch.nn as nn
@@ -27,6 +29,9 @@ def replace_moe(model: nn.Module, *, backend: str | None = None) -> IntegrationR
     The model is changed in place. Returns an ``IntegrationReport``: ``.model`` (the model),
     ``.replaced`` (one ``Change`` per swapped block) and ``.skipped`` (MoE-like blocks left alone,
     each with the reason, e.g. an unknown block class). ``backend`` is passed to the kernels.
+    Nothing is left alone silently: each skipped block, and a model where nothing was replaced,
+    gives a ``UserWarning`` naming the module and the reason; the whole report is logged at INFO
+    on the ``moe_restore.integration`` logger.
 
     When a block was replaced and ``model`` has a transformers config, the choice is recorded there
     as ``config.moe_restore = {"replace_moe": {"backend": backend}}``; ``save_pretrained`` writes it
@@ -51,6 +56,13 @@ def replace_moe(model: nn.Module, *, backend: str | None = None) -> IntegrationR
     if not report.replaced and not report.skipped:
         report.note = ("no MoE block found: looked for transformers' Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE "
                        "sparse MoE blocks and for modules with an `experts` child")
+    for skip in report.skipped:
+        warnings.warn(f"replace_moe: {skip.name or '<model>'} ({skip.kind}) left as it was: {skip.reason}",
+                      stacklevel=2)
+    if not report.replaced:
+        warnings.warn(f"replace_moe replaced nothing in {type(model).__name__}: the model runs as before"
+                      f"{'; ' + report.note if report.note else ''}", stacklevel=2)
+    _log.info("replace_moe(%s): %s", type(model).__name__, report)
     config = getattr(report.model, "config", None)
     if report.replaced and callable(getattr(config, "to_dict", None)):
         setattr(config, CONFIG_KEY, {**(getattr(config, CONFIG_KEY, None) or {}), "replace_moe": {"backend": backend}})
@@ -58,6 +70,7 @@ def replace_moe(model: nn.Module, *, backend: str | None = None) -> IntegrationR
 
 
 CONFIG_KEY = "moe_restore"
+_log = logging.getLogger("moe_restore.integration")
 
 
 def from_pretrained(model_class: Any, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> nn.Module:
