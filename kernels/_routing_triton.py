@@ -33,8 +33,18 @@ def _block_e(num_experts: int) -> int:
 
 
 def _block_t(block_e: int) -> int:
-    # Keep the [BLOCK_T, BLOCK_E] tiles near 8K elements whatever the expert count.
-    return max(1, min(128, 8192 // block_e))
+    # Keep the [BLOCK_T, BLOCK_E] tiles near 8K elements whatever the expert count, 4K from 512
+    # padded experts on: a 16 x 512 tile used 241-253 registers in the top-k forward in float32
+    # (E=384, compile check, Triton 3.6 sm_90a / 3.9 sm_80); 8 x 512, 108-127.
+    return max(1, min(128, (8192 if block_e < 512 else 4096) // block_e))
+
+
+def _dispatch_block_t(block_e: int) -> int:
+    # The rank kernel's cumulative sum over the token axis is costlier than the score kernels' row
+    # work: at 4 warps, 128 x 128 tiles spilled 960-1028 B (E=128, Triton 3.6), 8 warps still used
+    # 254 registers and 128 x 32 tiles at 8 warps spilled 8 B (E=20, Triton 3.9); at most 32 tokens
+    # per block: 53-146 registers, no spill (compile check, both versions, sm_90a and sm_80).
+    return min(32, _block_t(block_e))
 
 
 def _score_warps(block_t: int, block_e: int) -> int:
@@ -42,6 +52,13 @@ def _score_warps(block_t: int, block_e: int) -> int:
     the compile check measured 2.1-2.2 KB spilled at E=128 (8K-element tiles) in the top-k forward
     (sm_90a, sm_80); at 8 none. 16 warps cap a thread at 128 registers and spilled again."""
     return max(4, min(8, block_t * block_e // 512))
+
+
+def _score_bwd_warps(block_t: int, block_e: int) -> int:
+    """Warps for the top-k score backward: as ``_score_warps``, but 16 from 4K-element tiles on. At 8
+    warps the compile check measured spills at E=20 (128 x 32 tiles: 32 B on sm_90a, Triton 3.9) and
+    E=384 (48 B on sm_80); at 16, 75-87 registers and no spill (both versions)."""
+    return 16 if block_t * block_e >= 4096 else _score_warps(block_t, block_e)
 
 
 @triton.jit
@@ -219,7 +236,7 @@ def topk_scores_backward(dweights: torch.Tensor, logits: torch.Tensor, experts: 
     _topk_scores_bwd_kernel[(triton.cdiv(T, block_t),)](
         logits, experts, dweights.contiguous(), dlogits, T, E, k, logits.stride(0), logits.stride(1),
         SIGMOID=sigmoid, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
-        num_warps=_score_warps(block_t, block_e))
+        num_warps=_score_bwd_warps(block_t, block_e))
     return dlogits
 
 
@@ -278,7 +295,7 @@ def dispatch(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, tor
     T, k = experts.shape
     experts = experts.contiguous()
     block_e = _block_e(num_experts)
-    block_t = _block_t(block_e)
+    block_t = _dispatch_block_t(block_e)
     num_blocks = triton.cdiv(T, block_t)
     rank = torch.empty(T * k, dtype=torch.int32, device=experts.device)
     block_counts = torch.empty(num_blocks, num_experts, dtype=torch.int32, device=experts.device)
