@@ -178,11 +178,12 @@ _grouped_matmul = arch_autotune(
 # Launches whose widths or row strides are not multiples of 16 (``_backend.aligned``): their tiles are
 # loaded element by element, and at 4 warps the default spilled (D=100, H=266, sm_90a / sm_80, bf16:
 # 128 / 268 B with swiglu, 128 / 192 B in the dx product; Triton 3.6: 24 B); at 8 warps 184-188
-# registers, no spill.
+# registers on sm_90a, but 246-255 on sm_80 with swiglu (both versions), where half the K step
+# gives 178.
 _grouped_matmul_unaligned = arch_autotune(
     _grouped_matmul_kernel, "moe_grouped_matmul", key=["N", "K", "E", "ACT"],
     wide=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []),
-    narrow=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []))
+    narrow=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}, []))
 # Its column-block count sizes the partial dL/dw buffer, so BLOCK_N stays fixed across configs.
 _HIDDEN_GRAD_BLOCK_N = 64
 # 8 warps at the default: at 4 the S3 build (D=2048, swiglu) spilled 40 B on sm_80 (compile check).
