@@ -60,10 +60,14 @@ def _score_warps(block_t: int, block_e: int) -> int:
 
 
 def _score_bwd_warps(block_t: int, block_e: int) -> int:
-    """Warps for the top-k score backward: as ``_score_warps``, but 16 from 4K-element tiles on. At 8
-    warps the compile check measured spills at E=20 (128 x 32 tiles: 32 B on sm_90a, Triton 3.9) and
-    E=384 (48 B on sm_80); at 16, 40-87 registers and no spill (E=20 to 384, both versions)."""
-    return 16 if block_t * block_e >= 4096 else _score_warps(block_t, block_e)
+    """Warps for the top-k score backward: as ``_score_warps``, but 16 for 4K-element tiles of at most
+    32 or at least 256 columns. At 8 warps the compile check measured spills at E=20 (128 x 32 tiles:
+    32 B on sm_90a, Triton 3.9) and E=384 (48 B on sm_80); at 16, 40-87 registers and no spill (E=20,
+    160, 256, 384, both versions). 64 x 64 and 32 x 128 tiles spilled 16-24 B at 16 warps (64
+    registers a thread) and fit at 8 (60-169 registers)."""
+    if block_t * block_e >= 4096 and (block_e <= 32 or block_e >= 256):
+        return 16
+    return _score_warps(block_t, block_e)
 
 
 @triton.jit
