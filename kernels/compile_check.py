@@ -5,7 +5,9 @@ when ``moe_restore.kernels`` is first imported):
 
 1. record (``TRITON_INTERPRET=1``): the public ops (``topk_route``, ``nested_route``, ``moe_mlp``
    forward and backward on the fused and grouped paths, ``gated_scan`` at N=1..64,
-   ``gated_scan_2d``) run at the benchmark widths, and every kernel launch is recorded;
+   ``gated_scan_2d``) run at the benchmark widths and at users' shapes (odd widths, every
+   activation with and without bias, the E/k of the layers and the transformers families; see
+   ``_compile_record``), and every kernel launch is recorded;
 2. compile (no interpreter): each distinct launch is compiled with
    ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` at its default
    configuration, or with ``all_configs`` at every configuration its autotuner keeps.
