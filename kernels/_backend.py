@@ -266,6 +266,15 @@ def kernel_configs(kernel: str, default: dict[str, int], candidates: Iterable[di
     return [to_config(default)] + [to_config(c) for c in candidates if c != default]
 
 
+def aligned(*elements: int) -> bool:
+    """Whether each width or stride (in elements) is 1 or a multiple of 16, which is what Triton's
+    specialisation of integer arguments sees: only then can it prove each row of a tile 16-byte
+    aligned and load it in vectors (a stride of 1 is the contiguous dimension). Otherwise every element is loaded through its own 64-bit address,
+    and a kernel whose tiles fit at aligned widths can run out of registers: the compile check
+    (docs/benchmarks.md) measured this at D=100, H=266, and such launches take their own configurations."""
+    return all(e == 1 or e % 16 == 0 for e in elements)
+
+
 def wide_tiles(major: int) -> bool:
     """Whether GPUs of compute capability ``major`` take the 64-row-per-warp-group tiles of
     wgmma (sm_90) or tcgen05 (sm_100 to sm_11x); the others (sm_80/86/89, sm_120) use mma.sync."""

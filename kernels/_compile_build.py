@@ -45,14 +45,13 @@ def kernel_and_configs(launch: dict, capability: int):
 
     module = importlib.import_module(launch["module"])
     fn = getattr(module, launch["kernel"])
-    tuners = [v for v in vars(module).values() if isinstance(v, Autotuner)]
-    tuners += [v.for_capability(capability // 10) for v in vars(module).values() if isinstance(v, ArchTuned)]
     if isinstance(fn, Autotuner):  # decorated in place: the name is bound to the autotuner
-        fn, tuner = fn.fn, fn
-    else:
-        tuner = next((t for t in tuners if t.fn is fn), None)
-    if tuner is None:
+        fn = fn.fn
+    if launch.get("tuner") is None:
         return fn, [None]
+    tuner = getattr(module, launch["tuner"])
+    if isinstance(tuner, ArchTuned):
+        tuner = tuner.for_capability(capability // 10)
     nargs = {k: _value(v) for k, v in launch["args"].items()}
     configs = tuner.configs
     if tuner.early_config_prune:

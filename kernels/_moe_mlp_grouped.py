@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import arch_autotune, kernel_configs
+from ._backend import aligned, arch_autotune
 from .activations import GATED_BASE
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _expert_tile, _hidden, _hidden_grads, _load_matrix,
                              GATED, _load_rows, _row_splits, _w1_columns, _Weights)
@@ -176,13 +176,6 @@ def _swiglu_default_only(configs: list, named_args: dict, **kwargs) -> list:
     return configs[:1] if kwargs["ACT"] >= GATED_BASE else configs
 
 
-def _fp32_swiglu_default_only(configs: list, named_args: dict, **kwargs) -> list:
-    """sm_90+ hidden gradient: the default only for swiglu (and the other gated activations) in
-    float32, where the candidate BLOCK_K=64 at 4 warps spilled 32 B (S3, compile check ``--all-configs``)."""
-    swiglu_fp32 = kwargs["ACT"] >= GATED_BASE and named_args["x_ptr"].dtype == torch.float32
-    return configs[:1] if swiglu_fp32 else configs
-
-
 # Below sm_90 (mma.sync) only the defaults: there the compile check saw the larger candidates spill
 # at swiglu (24-556 B), in float32 (16-152 B) and at D=256 in bf16 (8-24 B).
 _grouped_matmul = arch_autotune(
@@ -193,6 +186,15 @@ _grouped_matmul = arch_autotune(
            {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}]),
     narrow=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}, []),
     wide_prune=_swiglu_default_only)
+# Launches whose widths or row strides are not multiples of 16 (``_backend.aligned``): their tiles are
+# loaded element by element, and at 4 warps the default spilled (D=100, H=266, sm_90a / sm_80, bf16:
+# 128 / 268 B with swiglu, 128 / 192 B in the dx product; Triton 3.6: 24 B); at 8 warps 184-188
+# registers on sm_90a, but 246-255 on sm_80 with swiglu (both versions), where half the K step
+# gives 178.
+_grouped_matmul_unaligned = arch_autotune(
+    _grouped_matmul_kernel, "moe_grouped_matmul", key=["N", "K", "E", "ACT"],
+    wide=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []),
+    narrow=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}, []))
 # Its column-block count sizes the partial dL/dw buffer, so BLOCK_N stays fixed across configs.
 _HIDDEN_GRAD_BLOCK_N = 64
 # 8 warps at the default: at 4 the S3 build (D=2048, swiglu) spilled 40 B on sm_80 (compile check).
@@ -201,20 +203,31 @@ _grouped_hidden_grad = arch_autotune(
     wide=({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
           [{"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
            {"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}]),
-    narrow=({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []),
-    wide_prune=_fp32_swiglu_default_only)
-_grouped_xty = triton.autotune(
-    kernel_configs("moe_grouped_xty", {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 3},
-                   [{"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3},
-                    {"BLOCK_I": 64, "BLOCK_J": 128, "BLOCK_P": 64, "num_warps": 4, "num_stages": 4}]),
-    key=["KX", "NY", "E", "SPLITS"])(_grouped_xty_kernel)
+    narrow=({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []))
+# Unaligned launches (see ``_grouped_matmul_unaligned``), and swiglu in float32: the default spilled
+# 32-200 B on sm_80 and used 248-254 registers on sm_90a at D=100, H=266 with swiglu, and 255 registers
+# on sm_80 with swiglu in fp32 at aligned widths (S3, F32, Triton 3.9); half the K step on sm_90a (214
+# registers in fp32), half the rows on sm_80 (190 in bf16; S3 in fp32: 106).
+_grouped_hidden_grad_unaligned = arch_autotune(
+    _grouped_hidden_grad_kernel, "moe_grouped_hidden_grad", key=["D", "H", "DO", "E", "ACT"],
+    wide=({"BLOCK_M": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}, []),
+    narrow=({"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []))
+_XTY_CANDIDATES = [{"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3},
+                   {"BLOCK_I": 64, "BLOCK_J": 128, "BLOCK_P": 64, "num_warps": 4, "num_stages": 4}]
+# Below sm_90 the default at 8 warps: at 4, Triton 3.6 held it to 128 registers on sm_80 and it spilled
+# 12 B in fp16 (the dW2 product, S2/S3/F256); at 8, 80-99 registers (Triton 3.9 / 3.6).
+_grouped_xty = arch_autotune(
+    _grouped_xty_kernel, "moe_grouped_xty", key=["KX", "NY", "E", "SPLITS"],
+    wide=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 3}, _XTY_CANDIDATES),
+    narrow=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3}, _XTY_CANDIDATES))
 
 
 def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | None, out, n: int, k_dim: int, *,
                            gather: bool, scatter: bool, act: dict, scale: bool) -> None:
     """``act``: the activation's constexprs (``ActivationSpec.triton_constexprs`` or ``_NO_ACTIVATION``)."""
     bias_ptr, stride_be, stride_bn = (b, 0, 0) if bias is None else (bias, bias.stride(0), bias.stride(1))
-    _grouped_matmul.for_device(a.device)[d.row_grid(lambda meta: triton.cdiv(n, meta["BLOCK_N"]))](
+    tuned = _grouped_matmul if aligned(n, k_dim, a.stride(0), *b_strides, out.stride(0)) else _grouped_matmul_unaligned
+    tuned.for_device(a.device)[d.row_grid(lambda meta: triton.cdiv(n, meta["BLOCK_N"]))](
         a, b, bias_ptr, d.weights, d.order, d.offsets, out, n, k_dim, d.num_experts, d.top_k,
         a.stride(0), a.stride(1), *b_strides, stride_be, stride_bn, out.stride(0), out.stride(1),
         GATHER_A=gather, SCATTER_OUT=scatter, HAS_BIAS=bias is not None, **act, SCALE_ROWS=scale,
@@ -228,7 +241,7 @@ def _grouped_xty_launch(d: _Dispatch, x, y, kx: int, ny: int, *, gather_x: bool,
     out = torch.empty(splits, d.num_experts, kx, ny, dtype=torch.float32, device=x.device)
     dbias = torch.empty(splits, d.num_experts, ny, dtype=torch.float32, device=x.device) if want_dbias else out
     grid = lambda meta: (d.num_experts * splits, triton.cdiv(kx, meta["BLOCK_I"]), triton.cdiv(ny, meta["BLOCK_J"]))  # noqa: E731
-    _grouped_xty[grid](x, y, d.weights, d.order, d.offsets, out, dbias, kx, ny, d.num_experts, d.top_k, splits,
+    _grouped_xty.for_device(x.device)[grid](x, y, d.weights, d.order, d.offsets, out, dbias, kx, ny, d.num_experts, d.top_k, splits,
                        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                        GATHER_X=gather_x, GATHER_Y=gather_y, SCALE_Y=scale_y, HAS_DBIAS=want_dbias)
     return out.sum(0), (dbias.sum(0) if want_dbias else None)
@@ -253,7 +266,12 @@ def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool
     hidden = torch.empty(A, H, dtype=x.dtype, device=x.device)
     dz = torch.empty(A, w.w1.shape[2], dtype=x.dtype, device=x.device)
     dweights = torch.empty(column_blocks, A, dtype=torch.float32, device=x.device)
-    _grouped_hidden_grad.for_device(x.device)[d.row_grid(lambda meta: column_blocks)](
+    # Gated in float32, or clamped: the aligned default's live state spills there (see above; the
+    # clamped specs spilled 8-56 B on sm_80 at S1/S3, Triton 3.9).
+    heavy = act["ACT"] >= GATED_BASE and (x.dtype == torch.float32 or act["LIMIT"] is not None)
+    tuned = _grouped_hidden_grad if aligned(D, H, DO, *x.stride(), *dy.stride(), *w.w1.stride(), *w.w2.stride()) \
+        and not heavy else _grouped_hidden_grad_unaligned
+    tuned.for_device(x.device)[d.row_grid(lambda meta: column_blocks)](
         x, dy, w.w1, b1, w.w2, b2, d.weights, d.order, d.offsets, hidden, dz, dweights,
         D, H, DO, E, d.top_k, A, *x.stride(), *dy.stride(), *w.w1.stride(), stride_b1e, stride_b1h,
         *w.w2.stride(), stride_b2e, stride_b2d,

@@ -42,34 +42,36 @@ from .activations import Activation, ActivationSpec, activation_spec, triton_con
 
 
 # The automatic choice takes the fused path where its kernels were measured to fit a GPU at their
-# defaults (compile check, docs/benchmarks.md): the live state per program grows with the width,
-# with swiglu (two up-projection halves) and with float32 tiles. Widest fitting max(D, D_out) by
-# (swiglu, float32), measured on sm_90a and sm_80: the sm_90a backward defaults spill at D=128 with
-# swiglu in bf16 (rows 360 B, dW1 224 B, dW2 172 B), at D=128 in fp32 (rows 336 B, dW1 168-184 B,
-# dW2 120-144 B) and with swiglu in fp32 even at D=32 (dW1 16 B; at D=64 dW1 164 B, dW2 80 B).
-_FUSED_FIT = {(False, False): 128, (True, False): 64, (False, True): 64, (True, True): 0}
-# The gated activations take the fused path only as plain swiglu: the fused dW1 kernels, at 253
-# registers on sm_90a for swiglu's gate half at D=64 in bf16, spilled with any more epilogue there:
-# 24 B (interleaved) and 40 B (concatenated) in the up half of GPT-OSS's clamped spec (its cut needs
-# z_up too), 16 B in the gate half of geglu_tanh (compile check, Triton 3.9).
-_SWIGLU = ActivationSpec("swiglu")
+# defaults, on Triton 3.6 and 3.9, with a margin (at most 240 of 255 registers; compile check,
+# docs/benchmarks.md): the live state per program grows with the width, with swiglu (two
+# up-projection halves) and with float32 tiles. Widest fitting max(D, D_out) by (gated, float32):
+# the sm_90a dW1 kernel (one [BLOCK_H, D] float32 accumulator, both W1 halves for swiglu's gate)
+# spilled at D=128 (Triton 3.6: 12-48 B; 3.9: 248-253 registers), at D=64 in fp32 (3.6: 16-296 B;
+# 3.9: 241-243 registers) and used 250-255 registers for swiglu's gate half at D=32 and D=64 in
+# bf16 (both versions); fp32 swiglu spilled even at D=32 (3.9: dW1 16 B). The other gated
+# activations need more epilogue still (GPT-OSS's clamped spec spilled 24-40 B in dW1's up half,
+# geglu_tanh 16 B in its gate half, Triton 3.9), so no gated activation takes the fused path.
+_FUSED_FIT = {(False, False): 64, (True, False): 0, (False, True): 32, (True, True): 0}
+# Users' widths: the fused kernels hold the whole padded width per program, and widths that are not
+# multiples of 16 (rows not provably aligned, loaded element by element) ran out of registers at every
+# activation: D=100 (H=266) spilled 580-2528 B in the forward and row kernels and 860-1184 B in dW1 on
+# sm_90a (bf16, Triton 3.9). Those widths take the grouped path.
+_FUSED_WIDTHS = (16, 32, 48, 64)
 
 
 def use_fused_path(d_in: int, d_out: int, activation: Activation = "gelu", dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the expert MLP takes the fused path: MOE_RESTORE_MLP_PATH pins one ("fused" |
     "grouped"; "fused" needs D, D_out <= FUSED_MAX_WIDTH, else ValueError); "auto" (the default)
-    takes it where it fits without spilling: max(D, D_out) <= 128 in bfloat16 and float16, <= 64 with
-    swiglu or in float32, never for swiglu in float32 nor for the other gated activations (geglu,
-    geglu_tanh, a swiglu with parameters)."""
+    takes it where it fits without spilling, within a register margin, on Triton 3.6 and 3.9: D and
+    D_out among 16, 32, 48 and 64 in bfloat16 and float16, 16 and 32 in float32, never for a gated
+    activation (swiglu, geglu, geglu_tanh, with or without parameters)."""
     choice = os.environ.get("MOE_RESTORE_MLP_PATH", "auto")
     if choice not in ("auto", "fused", "grouped"):
         raise ValueError(f"MOE_RESTORE_MLP_PATH must be auto, fused or grouped, got {choice!r}")
     width = max(d_in, d_out)
     if choice == "auto":
-        spec = activation_spec(activation)
-        if spec.gated and spec != _SWIGLU:  # see _FUSED_FIT
-            return False
-        return width <= _FUSED_FIT[spec.gated, dtype == torch.float32]
+        return (d_in in _FUSED_WIDTHS and d_out in _FUSED_WIDTHS
+                and width <= _FUSED_FIT[activation_spec(activation).gated, dtype == torch.float32])
     if choice == "fused" and width > FUSED_MAX_WIDTH:
         raise ValueError(f"the fused path needs D, D_out <= {FUSED_MAX_WIDTH}, got {d_in}, {d_out}")
     return choice == "fused"

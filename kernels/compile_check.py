@@ -5,16 +5,25 @@ when ``moe_restore.kernels`` is first imported):
 
 1. record (``TRITON_INTERPRET=1``): the public ops (``topk_route``, ``nested_route``, ``moe_mlp``
    forward and backward on the fused and grouped paths, ``gated_scan`` at N=1..64,
-   ``gated_scan_2d``) run at the benchmark widths, and every kernel launch is recorded;
+   ``gated_scan_2d``) run at the benchmark widths and at users' shapes (odd widths, every
+   activation with and without bias, the E/k of the layers and the transformers families; see
+   ``_compile_record``), and every kernel launch is recorded;
 2. compile (no interpreter): each distinct launch is compiled with
    ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` at its default
    configuration, or with ``all_configs`` at every configuration its autotuner keeps.
 
-Each build reports registers, spill bytes, stack, shared memory against the per-block limit
-(227 KiB on sm_90a, 163 KiB on sm_80), what each ``tl.dot`` lowered to (from the TTGIR: wgmma,
-mma.sync or FMA) and the HGMMA / HMMA instructions of the SASS. ``problems`` lists what makes a
-build unfit: a compile error, shared memory over the limit, a spill at the default configuration,
-a dot off wgmma on sm_90a at the default configuration unless it is too small for wgmma.
+Each build reports the Triton version that compiled it, registers, spill bytes, stack, shared
+memory against the per-block limit (227 KiB on sm_90a, 163 KiB on sm_80), what each ``tl.dot``
+lowered to (from the TTGIR: wgmma, mma.sync or FMA) and the HGMMA / HMMA instructions of the SASS.
+``problems`` lists what makes a build unfit: a compile error, shared memory over the limit, a spill
+at any configuration the autotuner keeps (a spilling candidate must be pruned), more than
+``REGISTER_MARGIN`` registers at the default configuration (a margin against another Triton or
+ptxas, whose register allocation moves by tens of registers between releases), a dot off wgmma on
+sm_90a at the default configuration unless it is too small for wgmma.
+
+The compile stage can run in another Python environment (``--python``, e.g. a second venv with
+an older Triton that has this package installed with ``pip install -e . --no-deps``): the
+launches recorded by this one's interpreter are then compiled by that Triton.
 
 Command line: ``moe-restore compile-check`` or ``python -m moe_restore.kernels.compile_check``.
 """
@@ -30,10 +39,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 TARGETS = (90, 80)
+REGISTER_MARGIN = 240  # most registers a default build may use (of 255 per thread)
 
 
-def _stage(stage: str, payload: dict, interpret: bool) -> list:
-    """Run ``stage`` of this module in a fresh process; its JSON result."""
+def _stage(stage: str, payload: dict, interpret: bool, python: str | None = None) -> list:
+    """Run ``stage`` of this module in a fresh process of ``python`` (default: this interpreter);
+    its JSON result."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MOE_RESTORE_AUTOTUNE", "MOE_RESTORE_DETERMINISTIC") and not k.startswith("MOE_RESTORE_CONFIG_")}
     env.update(TRITON_INTERPRET="1" if interpret else "0", TRITON_ALWAYS_COMPILE="1",
@@ -42,7 +53,7 @@ def _stage(stage: str, payload: dict, interpret: bool) -> list:
         src, dst = Path(tmp, "in.json"), Path(tmp, "out.json")
         src.write_text(json.dumps(payload))
         env["TRITON_CACHE_DIR"] = str(Path(tmp, "triton-cache"))
-        subprocess.run([sys.executable, "-m", "moe_restore.kernels.compile_check", "--stage", stage, str(src), str(dst)],
+        subprocess.run([python or sys.executable, "-m", "moe_restore.kernels.compile_check", "--stage", stage, str(src), str(dst)],
                        env=env, check=True)
         return json.loads(dst.read_text())
 
@@ -55,6 +66,8 @@ def _build_job(job):
 
 
 def _compile_stage(payload: dict) -> list[dict]:
+    import triton
+
     from ._compile_build import config_label, kernel_and_configs
     jobs, meta = [], []
     for launch in payload["launches"]:
@@ -63,7 +76,8 @@ def _compile_stage(payload: dict) -> list[dict]:
             for index in range(len(configs) if payload["all_configs"] else 1):
                 jobs.append((launch, index, capability))
                 config = configs[index]
-                meta.append({"cases": launch["cases"], "default": index == 0, "constexprs": launch["kwargs"],
+                meta.append({"triton": triton.__version__, "tuner": launch["tuner"], "cases": launch["cases"],
+                             "default": index == 0, "constexprs": launch["kwargs"],
                              "config": config_label(config),
                              "num_warps": config.num_warps if config else launch["kwargs"].get("num_warps", 4)})
     with ProcessPoolExecutor(max_workers=payload["jobs"]) as pool:
@@ -89,8 +103,11 @@ def annotate(rows: list[dict]) -> list[dict]:
         else:
             if row["smem"] > row["smem_limit"]:
                 problems.append(f"shared memory {row['smem'] / 1024:.1f} KiB > {row['smem_limit'] // 1024} KiB")
-            if row["default"] and row["spill"] > 0:
-                problems.append(f"spills {row['spill']} bytes at the default configuration")
+            if row["spill"] > 0:
+                where = "the default" if row["default"] else "a candidate"
+                problems.append(f"spills {row['spill']} bytes at {where} configuration")
+            if row["default"] and row["regs"] > REGISTER_MARGIN:
+                problems.append(f"registers {row['regs']} > {REGISTER_MARGIN} at the default configuration")
             if row["default"] and row["target"] == "sm_90a":
                 for dot in row["dots"]:
                     if dot["kind"] == "wgmma":
@@ -108,11 +125,12 @@ def annotate(rows: list[dict]) -> list[dict]:
 
 def run_compile_check(targets=TARGETS, all_configs: bool = False, cases: list[str] | None = None,
                       dtypes: list[str] | None = None, kernels: list[str] | None = None,
-                      jobs: int | None = None) -> list[dict]:
+                      jobs: int | None = None, python: str | None = None) -> list[dict]:
     """Record and compile (see the module docstring); one annotated row per build.
 
     ``cases`` (names of ``_compile_record.all_cases``), ``dtypes`` (bf16, fp16, fp32) and
-    ``kernels`` (kernel function names) restrict the check; None means all.
+    ``kernels`` (kernel function names) restrict the check; None means all. ``python``: the
+    interpreter of the compile stage (another venv's, for its Triton); None: this one.
     """
     from ._compile_record import DTYPES, all_cases
     known = all_cases()
@@ -135,7 +153,7 @@ def run_compile_check(targets=TARGETS, all_configs: bool = False, cases: list[st
             raise ValueError(f"kernels {sorted(missing)} are not launched by the cases {cases}")
     jobs = jobs or max(1, min(4, (os.cpu_count() or 2) - 1))
     rows = _stage("compile", {"launches": launches, "targets": list(targets), "all_configs": all_configs,
-                              "jobs": jobs}, interpret=False)
+                              "jobs": jobs}, interpret=False, python=python)
     return annotate(rows)
 
 
@@ -159,15 +177,49 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def kernel_table(rows: list[dict], defaults_only: bool) -> str:
+    """A markdown table: one line per (Triton version, kernel, target) over ``rows`` (only the
+    default builds with ``defaults_only``): builds, configurations per launch, register range,
+    largest spill and shared memory, dot kinds, SASS tensor-core instructions, builds with problems."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["default"] or not defaults_only:
+            groups.setdefault((r.get("triton", "?"), r["kernel"], r["target"]), []).append(r)
+    lines = ["| Triton | kernel | target | builds | configs | regs | max spill B | max smem KiB (limit) | dots "
+             "| SASS HGMMA/HMMA (max) | problems |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (version, kernel, target), group in sorted(groups.items()):
+        ok = [r for r in group if not r.get("error")]
+        configs = max(sum(1 for q in group if q["cases"] == r["cases"] and q["constexprs"] == r["constexprs"])
+                      for r in group)
+        kinds: dict[str, int] = {}
+        for r in ok:
+            for dot in r["dots"]:
+                kinds[dot["kind"]] = kinds.get(dot["kind"], 0) + 1
+        if ok:
+            regs = f"{min(r['regs'] for r in ok)}-{max(r['regs'] for r in ok)}"
+            spill, smem = max(r["spill"] for r in ok), max(r["smem"] for r in ok) / 1024
+            sass = f"{max(r['sass']['HGMMA'] for r in ok)}/{max(r['sass']['HMMA'] for r in ok)}"
+            limit = ok[0]["smem_limit"] // 1024
+        else:
+            regs, spill, smem, sass, limit = "-", "-", 0.0, "-", "-"
+        dots = " ".join(f"{k} {n}" for k, n in kinds.items()) or "-"
+        lines.append(f"| {version} | {kernel} | {target} | {len(group)} | {configs} | {regs} | {spill} "
+                     f"| {smem:.1f} ({limit}) | {dots} | {sass} | {sum(bool(r['problems']) for r in group)} |")
+    return "\n".join(lines)
+
+
 def summary(rows: list[dict]) -> str:
+    """One line: builds, compile errors, spills, over shared memory, over the register margin, problems."""
     builds = len(rows)
     errors = sum(bool(r.get("error")) for r in rows)
     ok = [r for r in rows if not r.get("error")]
     spills = sum(r["spill"] > 0 for r in ok)
     smem = sum(r["smem"] > r["smem_limit"] for r in ok)
+    regs = sum(r["default"] and r["regs"] > REGISTER_MARGIN for r in ok)
     bad = sum(bool(r["problems"]) for r in rows)
-    return (f"{builds} builds: {errors} compile errors, {spills} spill, {smem} over the shared-memory limit; "
-            f"{bad} with problems")
+    versions = ", ".join(sorted({r.get("triton", "?") for r in rows}))
+    return (f"Triton {versions}: {builds} builds: {errors} compile errors, {spills} spill, {smem} over the "
+            f"shared-memory limit, {regs} defaults over {REGISTER_MARGIN} registers; {bad} with problems")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,13 +236,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default=None, help="comma-separated kernel names (default: all)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes")
     parser.add_argument("--json", default=None, help="write every row to this JSON file")
+    parser.add_argument("--python", default=None,
+                        help="Python interpreter of the compile stage (another venv's, for its Triton)")
+    parser.add_argument("--tables", default=None, metavar="JSON[,JSON...]",
+                        help="compile nothing: print the per-kernel tables (defaults, every configuration) "
+                             "of these --json results")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     split = lambda text: None if text is None else [s.strip() for s in text.split(",") if s.strip()]  # noqa: E731
+    if args.tables:
+        rows = [row for name in split(args.tables) for row in json.loads(Path(name).read_text())]
+        print("Defaults:\n\n" + kernel_table(rows, defaults_only=True))
+        print("\nEvery configuration:\n\n" + kernel_table(rows, defaults_only=False))
+        print("\n" + summary([r for r in rows if r["default"]]) + " (defaults)\n" + summary(rows))
+        return 0
     rows = run_compile_check(targets=[int(t) for t in split(args.targets)], all_configs=args.all_configs,
                              cases=split(args.cases), dtypes=split(args.dtypes), kernels=split(args.kernels),
-                             jobs=args.jobs)
+                             jobs=args.jobs, python=args.python)
     print(format_table(rows))
     print(summary(rows))
     if args.json:

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from moe_restore.kernels._moe_mlp_triton import use_fused_path
-from moe_restore.kernels.compile_check import annotate, run_compile_check
+from moe_restore.kernels.activations import TRITON_CODES
+from moe_restore.kernels.compile_check import REGISTER_MARGIN, annotate, kernel_table, run_compile_check, summary
 
 _HAS_PTXAS = importlib.util.find_spec("triton") is not None and importlib.util.find_spec(
     "triton.backends.nvidia") is not None
 
 
 def _row(**over):
-    row = {"kernel": "k", "target": "sm_90a", "config": "BLOCK_M=64,w4,s2", "default": True, "num_warps": 4,
+    row = {"triton": "3.9.0", "cases": ["S1/bf16"], "constexprs": {}, "kernel": "k", "target": "sm_90a", "config": "BLOCK_M=64,w4,s2", "default": True, "num_warps": 4,
            "regs": 128, "spill": 0, "stack": 0, "smem": 1024, "smem_limit": 227 * 1024, "error": None,
            "dots": [{"kind": "wgmma", "m": 64, "n": 64, "k": 64, "dtype": "bf16"}], "sass": {"HGMMA": 4, "HMMA": 0}}
     return {**row, **over}
@@ -28,7 +29,11 @@ def test_checker_flags_each_kind_of_problem():
     assert good["problems"] == [] and good["notes"] == []
     spill, = annotate([_row(spill=8)])
     assert "spills 8 bytes" in spill["problems"][0]
-    assert annotate([_row(spill=8, default=False)])[0]["problems"] == []  # only the default must not spill
+    candidate, = annotate([_row(spill=8, default=False)])  # a spilling candidate must be pruned
+    assert "spills 8 bytes at a candidate" in candidate["problems"][0]
+    regs, = annotate([_row(regs=REGISTER_MARGIN + 1)])
+    assert "registers" in regs["problems"][0]
+    assert annotate([_row(regs=REGISTER_MARGIN + 1, default=False)])[0]["problems"] == []  # the margin: defaults
     smem, = annotate([_row(smem=228 * 1024, default=False)])
     assert "shared memory" in smem["problems"][0]
     mma, = annotate([_row(dots=[{"kind": "mma.sync", "m": 32, "n": 64, "k": 64, "dtype": "bf16"}])])
@@ -40,6 +45,19 @@ def test_checker_flags_each_kind_of_problem():
     assert error["problems"] == ["compile error: CompilationError: x"]
 
 
+def test_kernel_table_groups_by_triton_version_kernel_and_target():
+    rows = annotate([_row(), _row(regs=250), _row(default=False, config="c2", spill=4),
+                     _row(triton="3.6.0", regs=100), _row(target="sm_80", smem_limit=163 * 1024, dots=[])])
+    table = kernel_table(rows, defaults_only=False).splitlines()[2:]
+    assert table == [
+        "| 3.6.0 | k | sm_90a | 1 | 1 | 100-100 | 0 | 1.0 (227) | wgmma 1 | 4/0 | 0 |",
+        "| 3.9.0 | k | sm_80 | 1 | 1 | 128-128 | 0 | 1.0 (163) | - | 4/0 | 0 |",
+        "| 3.9.0 | k | sm_90a | 3 | 3 | 128-250 | 4 | 1.0 (227) | wgmma 3 | 4/0 | 2 |"]
+    assert kernel_table(rows, defaults_only=True).splitlines()[-1].startswith("| 3.9.0 | k | sm_90a | 2 | 2 | 128-250 | 0 |")
+    assert summary(rows) == ("Triton 3.6.0, 3.9.0: 5 builds: 0 compile errors, 1 spill, 0 over the shared-memory "
+                             f"limit, 1 defaults over {REGISTER_MARGIN} registers; 2 with problems")
+
+
 # What the issue's criteria still flag at the default configurations of this subset, as
 # (kernel, target, kind). The test fails when the set changes either way: a new problem is a
 # regression; a fixed one must be removed here. Measured numbers are in docs/benchmarks.md.
@@ -49,21 +67,37 @@ _FUSED_BACKWARD = ["_fused_bwd_rows_kernel", "_fused_bwd_w1_kernel", "_fused_bwd
 
 
 def _kind(problem: str) -> str:
-    return next(k for k in ("compile error", "shared memory", "spills", "not wgmma") if k in problem)
+    return next(k for k in ("compile error", "shared memory", "spills", "registers", "not wgmma") if k in problem)
 
 
 @pytest.mark.skipif(not _HAS_PTXAS, reason="needs Triton's NVIDIA backend (ptxas)")
 def test_representative_kernels_compile_and_report():
-    # sm_90a: the fused path at S1's widths with swiglu (two up-projection dots) and the routing and
-    # dispatch kernels; sm_80: the fused backward at the widest width the automatic path gives it.
+    import triton
+
+    # sm_90a: at S1's widths the fused path (gelu) and the grouped path (swiglu, which the automatic
+    # choice sends there) with the routing and dispatch kernels, and at users' shapes the grouped
+    # matmul at an unaligned width (D=100, H=266, gelu_tanh, no bias: the fused path spilled there)
+    # and the routing at E=20, k=4; sm_80: the fused backward at the widest width the automatic
+    # path gives it.
     rows = run_compile_check(targets=(90,), cases=["S1-swiglu"], dtypes=["bf16"], jobs=2)
-    rows += run_compile_check(targets=(80,), cases=["F128"], dtypes=["bf16"],
-                              kernels=_FUSED_BACKWARD, jobs=2)
+    rows += run_compile_check(targets=(90,), cases=["S1"], dtypes=["bf16"], kernels=["_fused_fwd_kernel"], jobs=2)
+    rows += run_compile_check(targets=(90,), cases=["U100-gelu_tanh-nobias", "route-E20-k4"], dtypes=["bf16"],
+                              kernels=["_grouped_matmul_kernel", "_topk_scores_bwd_kernel", "_dispatch_rank_kernel"],
+                              jobs=2)
+    rows += run_compile_check(targets=(80,), cases=["S1"], dtypes=["bf16"], kernels=_FUSED_BACKWARD, jobs=2)
+    assert {r["triton"] for r in rows} == {triton.__version__}
     kernels = {r["kernel"] for r in rows}
-    assert {"_fused_fwd_kernel", *_FUSED_BACKWARD, "_topk_scores_fwd_kernel",
-            "_topk_scores_bwd_kernel", "_dispatch_rank_kernel", "_dispatch_scatter_kernel"} <= kernels
-    # swiglu's dW1 is two launches (gate half, up half), each compiled
-    assert {r["constexprs"]["UP"] for r in rows if r["kernel"] == "_fused_bwd_w1_kernel"} == {False, True}
+    assert {"_fused_fwd_kernel", *_FUSED_BACKWARD, "_topk_scores_fwd_kernel", "_grouped_matmul_kernel",
+            "_grouped_hidden_grad_kernel", "_grouped_xty_kernel", "_topk_scores_bwd_kernel",
+            "_dispatch_rank_kernel", "_dispatch_scatter_kernel"} <= kernels
+    # swiglu's up-projection (gate and up halves in one grouped matmul) is among the builds
+    swiglu = TRITON_CODES["swiglu"]
+    assert any(r["constexprs"]["ACT"] == swiglu for r in rows if r["kernel"] == "_grouped_matmul_kernel")
+    # an unaligned width launches through the autotuner of its own configurations, aligned ones not
+    assert {r["tuner"] for r in rows if r["kernel"] == "_grouped_matmul_kernel" and "U100-gelu_tanh-nobias/bf16"
+            in r["cases"]} == {"_grouped_matmul_unaligned"}
+    assert {r["tuner"] for r in rows if r["kernel"] == "_grouped_matmul_kernel" and r["cases"] == ["S1-swiglu/bf16"]} \
+        == {"_grouped_matmul"}
     assert [r["error"] for r in rows if r["error"]] == []
     for r in rows:  # every dot is on tensor cores, and the SASS has their instructions
         assert all(d["kind"] != "fma" for d in r["dots"]), r
@@ -75,9 +109,10 @@ def test_representative_kernels_compile_and_report():
 
 
 @pytest.mark.parametrize(("width", "activation", "dtype", "fused"), [
-    (128, "gelu", "bfloat16", True), (64, "swiglu", "float16", True), (64, "gelu", "float32", True),
-    (32, "swiglu", "float32", False), (129, "gelu", "bfloat16", False), (128, "swiglu", "bfloat16", False),
-    (128, "gelu", "float32", False), (64, "swiglu", "float32", False), (256, "relu", "float16", False)])
+    (64, "gelu", "bfloat16", True), (64, "relu", "float16", True), (32, "gelu", "float32", True),
+    (64, "swiglu", "float16", False), (32, "swiglu", "bfloat16", False), (32, "swiglu", "float32", False),
+    (128, "gelu", "bfloat16", False), (64, "gelu", "float32", False), (129, "gelu", "bfloat16", False),
+    (256, "relu", "float16", False)])
 def test_automatic_path_is_fused_only_where_the_compile_check_saw_it_fit(monkeypatch, width, activation, dtype,
                                                                         fused):
     monkeypatch.delenv("MOE_RESTORE_MLP_PATH", raising=False)
@@ -89,6 +124,15 @@ def test_automatic_path_is_fused_only_where_the_compile_check_saw_it_fit(monkeyp
     else:
         with pytest.raises(ValueError, match="fused path needs"):
             use_fused_path(width, width, activation, getattr(torch, dtype))
+
+
+def test_automatic_path_leaves_widths_off_multiples_of_16_to_the_grouped_path(monkeypatch):
+    monkeypatch.delenv("MOE_RESTORE_MLP_PATH", raising=False)
+    for d_in, d_out in [(16, 16), (48, 48), (32, 64), (64, 48)]:
+        assert use_fused_path(d_in, d_out, "gelu", torch.bfloat16)
+    # not multiples of 16, or padded to a 128-column tile
+    for d_in, d_out in [(100, 100), (96, 96), (64, 100), (60, 64), (8, 8), (112, 128), (33, 33), (128, 128)]:
+        assert not use_fused_path(d_in, d_out, "gelu", torch.bfloat16)
 
 
 def test_backward_candidates_are_pruned_where_the_compile_check_saw_them_spill():
