@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from .activations import ActivationSpec, first_layer_width
+
 # (kernel-shape case name, what it runs); the widths are the benchmark suites' (benchmarks/moe.py S1-S3,
 # nested.py DiT/pixel, scan.py) plus the fused path's widest widths (128; 32 for
 # float32 swiglu), the grouped path just past them (256) and the scan's N=1 / N=64.
@@ -41,6 +43,17 @@ USER_SHAPES = {
     "m2ir-192": (192, 510, 6, 2, "gelu", True), "m2ir-small-32": (32, 85, 6, 2, "gelu", True),
     "hf-E64-k8": (512, 256, 64, 8, "swiglu", False), "hf-E256-k8": (256, 128, 256, 8, "swiglu", False),
     "hf-E384-k8": (256, 128, 384, 8, "swiglu", False),
+    # the activation specs of the transformers families (canonical strings, see activations.py):
+    # GPT-OSS (clamped, slope 1.702, up + 1, interleaved), Step-3.7 (SiLU then clamp), Gemma 4
+    # (tanh-GELU gate), Nemotron-H (ReLU^2), and the erf-GELU gate at the odd width
+    "spec-gptoss-S1": (64, 128, 8, 2, str(ActivationSpec("swiglu", limit=7.0, alpha=1.702, up_offset=1.0,
+                                                           interleaved=True)), True),
+    "spec-gptoss-S3": (2048, 768, 128, 8, str(ActivationSpec("swiglu", limit=7.0, alpha=1.702, up_offset=1.0,
+                                                               interleaved=True)), False),
+    "spec-clamp-after-S1": (64, 128, 8, 2, str(ActivationSpec("swiglu", limit=7.0, clamp_after=True)), False),
+    "spec-geglu_tanh-S1": (64, 128, 8, 2, "geglu_tanh", False),
+    "spec-relu2-F128": (128, 256, 8, 2, "relu2", False),
+    "spec-geglu-U100": (100, 266, 8, 2, "geglu", False),
 }
 # Routing alone at the transformers families' E/k and scorings (the blocks run ``topk_route``; the
 # families with their own router only the dispatch): name: (E, k, scoring, renormalize).
@@ -80,7 +93,7 @@ def _moe_case(D, H, E, k, activation, bias=True):
         from moe_restore.kernels import moe_mlp, topk_route
         x = _param(_TOKENS, D, dtype=dtype)
         logits = _param(_TOKENS, E, dtype=dtype)
-        h1 = 2 * H if activation == "swiglu" else H
+        h1 = first_layer_width(activation, H)
         w1, w2 = _param(E, D, h1, dtype=dtype), _param(E, H, D, dtype=dtype)
         b1, b2 = (_param(E, h1, dtype=dtype), _param(E, D, dtype=dtype)) if bias else (None, None)
         out = moe_mlp(x, topk_route(logits, k, backend="triton"), w1, w2, b1, b2, activation=activation,
