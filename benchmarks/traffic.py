@@ -537,6 +537,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _display(rows: list[dict]) -> list[dict]:
+    """Rows for printing: counts per token of 10 or more as whole numbers (3 significant digits
+    would hide the differences that matter)."""
+    return [{k: (round(v) if isinstance(v, float) and abs(v) >= 10 and not k.endswith(("_ms", "_floor")) else v)
+             for k, v in row.items()} for row in rows]
+
+
 def _report(summaries: list[dict]) -> None:
     """Print the tables of ``summaries`` and write them, with the peak rates, as one JSON result."""
     print("Device-independent counts of one bf16 training step (bytes and matrix FLOPs per token); "
@@ -548,9 +555,10 @@ def _report(summaries: list[dict]) -> None:
         print(f"\n{device.name}: {device.source}")
         for summary in mine:
             print(f"\n{summary['shape']} on {device.name}")
-            print(format_table(condensed(summary["kernels"]), KERNEL_COLUMNS))
+            print(format_table(_display(condensed(summary["kernels"])), KERNEL_COLUMNS))
         print()
-        print(format_table([{**s["totals"], "shape": s["shape"], "device": s["device"]} for s in mine], TOTAL_COLUMNS))
+        print(format_table(_display([{**s["totals"], "shape": s["shape"], "device": s["device"]} for s in mine]),
+                           TOTAL_COLUMNS))
     path = write_results("traffic", [{**s["totals"], "shape": s["shape"], "device": s["device"]} for s in summaries],
                          {"counts": "device-independent (Triton interpreter + TorchDispatchMode)",
                           "devices": {k: asdict(v) for k, v in DEVICES.items()}, "shapes": summaries})
