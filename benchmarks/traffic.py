@@ -87,6 +87,8 @@ DEVICES = {
 
 @dataclass(frozen=True)
 class ScanShape:
+    """A gated-scan shape: B sequences of L tokens, D channels, N states."""
+
     name: str
     batch: int
     length: int
@@ -396,6 +398,7 @@ def floor(shape: MoEShape | ScanShape) -> dict[str, float]:
 
 
 def roofline_ms(bytes_moved: float, flops: float, device: Device) -> float:
+    """The lower bound on one launch's time: the larger of its bytes and its FLOPs over the peak rates."""
     return max(bytes_moved / device.bandwidth, flops / device.matmul_rate) * 1e3
 
 
@@ -474,11 +477,9 @@ REGRESSION_KEYS = ("distinct_B_per_token", "requested_B_per_token", "flops_per_t
 
 def small_totals(shape: MoEShape | ScanShape) -> dict[str, float]:
     """Distinct bytes, requested bytes and FLOPs per token of one step at a small shape (``count_small``)."""
-    launches = count_small(shape)
-    tokens = floor(shape)["tokens"]
-    return {"distinct_B_per_token": sum(l.distinct_bytes for l in launches) / tokens,
-            "requested_B_per_token": sum(l.requested_bytes for l in launches) / tokens,
-            "flops_per_token": sum(l.flops for l in launches) / tokens}
+    device = DEVICES["H100"]
+    totals = summarize(shape.name, [l.as_dict() for l in count_small(shape, device)], floor(shape), device)["totals"]
+    return {key: totals[key] for key in REGRESSION_KEYS}
 
 
 def regressions(totals: dict[str, float], reference: dict[str, float]) -> list[str]:
