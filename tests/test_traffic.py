@@ -1,0 +1,148 @@
+"""The traffic counter (``benchmarks.traffic_counter``) on toy kernels and aten ops whose bytes and
+FLOPs are known exactly, the extrapolation's affinity check, and the CI regression count: one
+training step at the small shapes of ``benchmarks.traffic.SMALL_SHAPES`` must not move more bytes
+or do more FLOPs per token than the committed reference (``tests/traffic_reference.json``), shown
+to fail on an injected extra copy.
+
+Regenerate the reference after a change that lowers the counts:
+``python -m benchmarks.traffic --quick --write-reference tests/traffic_reference.json``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_restore.benchmarks import traffic
+from moe_restore.benchmarks.traffic_counter import Launch, count_launches, interpreter_on
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+pytestmark = pytest.mark.skipif(not interpreter_on(), reason="counts need the Triton interpreter")
+
+REFERENCE = Path(__file__).with_name("traffic_reference.json")
+
+
+@triton.jit
+def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+
+
+@triton.jit
+def _even_lanes_kernel(src, dst, n, BLOCK: tl.constexpr):
+    """dst[i] = 2 * src[i] for even i (odd lanes masked off), read twice per program."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = (offs < n) & (offs % 2 == 0)
+    tl.store(dst + offs, tl.load(src + offs, mask=keep) + tl.load(src + offs, mask=keep), mask=keep)
+
+
+@triton.jit
+def _matmul_kernel(a, b, c, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """c = a @ b, row-major, one [BM, BN] tile per program: each A row-block is re-read by every
+    column block and each B column-block by every row block."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        acc = tl.dot(tl.load(a + rm[:, None] * K + rk[None, :]), tl.load(b + rk[:, None] * N + rn[None, :]), acc)
+    tl.store(c + rm[:, None] * N + rn[None, :], acc)
+
+
+def _only(launches: list[Launch]) -> Launch:
+    assert len(launches) == 1, [l.name for l in launches]
+    return launches[0]
+
+
+def test_copy_kernel_moves_each_byte_once():
+    n = 1000  # not a multiple of the block: the tail lanes are masked
+    src, dst = torch.randn(n), torch.empty(n)
+    launch = _only(count_launches(lambda c: _copy_kernel[(triton.cdiv(n, 256),)](src, dst, n, BLOCK=256)))
+    assert (launch.read_distinct, launch.read_requested, launch.write_distinct, launch.write_requested) == (
+        4 * n, 4 * n, 4 * n, 4 * n)
+    assert launch.flops == 0 and launch.kind == "triton" and launch.name == "_copy_kernel"
+    assert torch.equal(dst, src)
+
+
+def test_masked_lanes_move_nothing_and_rereads_are_requested_not_distinct():
+    n = 1000
+    src, dst = torch.randn(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
+    launch = _only(count_launches(lambda c: _even_lanes_kernel[(triton.cdiv(n, 128),)](src, dst, n, BLOCK=128)))
+    even = n // 2
+    assert (launch.read_distinct, launch.read_requested) == (2 * even, 2 * 2 * even)
+    assert launch.write_distinct == launch.write_requested == 2 * even
+
+
+def test_tiled_matmul_rereads_tiles():
+    M, N, K, BM, BN, BK = 64, 96, 48, 32, 32, 16
+    a, b, c = torch.randn(M, K), torch.randn(K, N), torch.empty(M, N)
+    launch = _only(count_launches(lambda _: _matmul_kernel[(M // BM, N // BN)](a, b, c, M, N, K, BM=BM, BN=BN, BK=BK)))
+    assert launch.read_distinct == 4 * (M * K + K * N)
+    assert launch.read_requested == 4 * ((N // BN) * M * K + (M // BM) * K * N)
+    assert launch.write_distinct == launch.write_requested == 4 * M * N
+    assert launch.flops == 2 * M * N * K
+    torch.testing.assert_close(c, a @ b, rtol=1e-2, atol=1e-2)  # tl.dot may use tf32
+
+
+def test_aten_ops():
+    x = torch.randn(64, 32)
+    w = torch.randn(32, 16)
+    dst = torch.empty(64, 32, dtype=torch.bfloat16)
+    idx = torch.tensor([3, 5])
+
+    def step(counter):
+        x.t()  # a view: nothing
+        x @ w
+        x.expand(4, 64, 32).contiguous()
+        dst.copy_(x)
+        x.index_select(0, idx)
+
+    mm, expand, copy, gather = count_launches(step)
+    assert mm.name == "aten.mm" and mm.flops == 2 * 64 * 32 * 16
+    assert (mm.read_distinct, mm.write_distinct) == (4 * (64 * 32 + 32 * 16), 4 * 64 * 16)
+    assert expand.name == "aten.clone" and expand.read_distinct == 4 * 64 * 32
+    assert expand.read_requested == expand.write_distinct == 4 * 4 * 64 * 32
+    assert copy.name == "aten.copy_" and (copy.read_distinct, copy.write_distinct) == (4 * 64 * 32, 2 * 64 * 32)
+    # a gather reads the rows it takes (2 x 32 floats) and the indices (2 int64)
+    assert gather.read_distinct == 4 * 2 * 32 + 8 * 2 and gather.write_distinct == 4 * 2 * 32
+
+
+def test_extrapolation_is_exact_on_multi_affine_counts_and_refuses_others():
+    def copies(n, m):  # two launches: n and n * m elements
+        a, b = torch.randn(n * m), torch.empty(n * m)
+
+        def step(counter):
+            _copy_kernel[(triton.cdiv(n, 128),)](a, b, n, BLOCK=128)
+            _copy_kernel[(triton.cdiv(n * m, 128),)](a, b, n * m, BLOCK=128)
+        return count_launches(step)
+
+    corners = [(128, 256), (1, 2)]
+    points = [(128, 1), (128, 2), (256, 1), (256, 2), (384, 3)]
+    rows = traffic.extrapolate(corners, {p: copies(*p) for p in points}, (1024, 5))
+    direct = copies(1024, 5)
+    assert [r["read_distinct"] for r in rows] == [l.read_distinct for l in direct]
+    assert [r["write_requested"] for r in rows] == [l.write_requested for l in direct]
+    bent = {(n,): [Launch("k", "triton", "forward", "here", read_distinct=n * n)] for n in (1, 2, 3)}
+    with pytest.raises(RuntimeError, match="not multi-affine"):
+        traffic.extrapolate([(1, 2)], bent, (8,))
+
+
+@pytest.mark.parametrize("shape", traffic.SMALL_SHAPES, ids=lambda s: s.name)
+def test_step_does_not_move_more_than_the_reference(shape):
+    reference = json.loads(REFERENCE.read_text())[shape.name]
+    assert traffic.regressions(traffic.small_totals(shape), reference) == []
+
+
+def test_regression_check_catches_an_injected_copy(monkeypatch):
+    from moe_restore.kernels import _moe_mlp_triton
+
+    combine = _moe_mlp_triton._combine
+    monkeypatch.setattr(_moe_mlp_triton, "_combine", lambda *args: combine(*args).clone())
+    shape = traffic.SMALL_SHAPES[0]
+    problems = traffic.regressions(traffic.small_totals(shape), json.loads(REFERENCE.read_text())[shape.name])
+    # forward and backward each copy a [T, D] bf16 tensor once more: read and write, 2 * 2 * D B/token
+    assert len(problems) == 2 and "distinct_B_per_token" in problems[0] and "requested_B_per_token" in problems[1]
+    assert f"+{2 * 2 * 2 * shape.dim}" in problems[0]
