@@ -226,7 +226,11 @@ def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | N
                            gather: bool, scatter: bool, act: dict, scale: bool) -> None:
     """``act``: the activation's constexprs (``ActivationSpec.triton_constexprs`` or ``_NO_ACTIVATION``)."""
     bias_ptr, stride_be, stride_bn = (b, 0, 0) if bias is None else (bias, bias.stride(0), bias.stride(1))
-    tuned = _grouped_matmul if aligned(n, k_dim, a.stride(0), *b_strides, out.stride(0)) else _grouped_matmul_unaligned
+    # A clamped gated activation in float32 holds 255 registers at the aligned default on sm_80
+    # (GPT-OSS's spec, S1/S3, Triton 3.9): it takes the 8-warp tiles too.
+    clamped_fp32 = act["ACT"] >= GATED_BASE and act["LIMIT"] is not None and a.dtype == torch.float32
+    aligned_launch = aligned(n, k_dim, a.stride(0), *b_strides, out.stride(0)) and not clamped_fp32
+    tuned = _grouped_matmul if aligned_launch else _grouped_matmul_unaligned
     tuned.for_device(a.device)[d.row_grid(lambda meta: triton.cdiv(n, meta["BLOCK_N"]))](
         a, b, bias_ptr, d.weights, d.order, d.offsets, out, n, k_dim, d.num_experts, d.top_k,
         a.stride(0), a.stride(1), *b_strides, stride_be, stride_bn, out.stride(0), out.stride(1),
