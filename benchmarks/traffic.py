@@ -229,8 +229,13 @@ def _target_gpu(device: Device, scale: _FullScale | None, full_splits: list[int]
 
 def _count(step: Callable[[Counter], None], device: Device, env: dict[str, str | None],
            scale: _FullScale | None = None) -> tuple[list[Launch], list[int]]:
+    from moe_restore.kernels import _backend
+
     full_splits: list[int] = []
-    with _pinned_env(env), _target_gpu(device, scale, full_splits):
+    # The count is of the Triton path's launches, whose traffic does not depend on the values: the
+    # interpreter's wrong bfloat16 products (which make ``backend=None`` take the torch backend for
+    # bfloat16 on the CPU) change no byte or FLOP counted, so that refusal is lifted here.
+    with _pinned_env(env), _target_gpu(device, scale, full_splits), _backend.launches_only():
         return count_launches(step), full_splits
 
 

@@ -5,7 +5,7 @@ or do more FLOPs per token than the committed reference (``tests/traffic_referen
 to fail on an injected extra copy.
 
 Regenerate the reference after a change that lowers the counts:
-``python -m benchmarks.traffic --quick --write-reference tests/traffic_reference.json``.
+``python -m moe_restore.benchmarks.traffic --quick --write-reference tests/traffic_reference.json``.
 """
 from __future__ import annotations
 
