@@ -136,16 +136,18 @@ def test_moe_mlp_names_a_gated_layout_by_its_width():
                 backend="torch")
 
 
-def test_gated_specs_other_than_swiglu_take_the_grouped_path(monkeypatch):
-    """The automatic path choice: a gated spec other than plain swiglu takes the grouped path at any
-    width (its fused weight-gradient kernels spilled on sm_90a where swiglu's fit), plain swiglu
-    stays fused up to 64; MOE_RESTORE_MLP_PATH=fused still pins the fused path."""
+def test_gated_specs_take_the_grouped_path(monkeypatch):
+    """The automatic path choice (compile check on Triton 3.6 and 3.9, see ``use_fused_path``): every
+    gated spec, plain swiglu included, takes the grouped path at any width; an ungated one (relu2)
+    stays fused at the aligned widths up to 64 and leaves it at 128 or an odd width;
+    MOE_RESTORE_MLP_PATH=fused still pins the fused path."""
     from moe_restore.kernels._moe_mlp_triton import use_fused_path
 
     monkeypatch.delenv("MOE_RESTORE_MLP_PATH", raising=False)
-    for spec in (GPT_OSS, SPECS["silu_then_clamp"], SPECS["geglu"], ActivationSpec("swiglu", alpha=1.702)):
+    for spec in ("swiglu", GPT_OSS, SPECS["silu_then_clamp"], SPECS["geglu"], ActivationSpec("swiglu", alpha=1.702)):
         assert not use_fused_path(16, 16, spec, torch.bfloat16)
-    assert use_fused_path(64, 64, "swiglu", torch.bfloat16) and not use_fused_path(128, 64, "swiglu", torch.bfloat16)
-    assert use_fused_path(128, 128, SPECS["relu2"], torch.bfloat16)
+    assert use_fused_path(64, 64, SPECS["relu2"], torch.bfloat16)
+    assert not use_fused_path(128, 128, SPECS["relu2"], torch.bfloat16)
+    assert not use_fused_path(100, 64, SPECS["relu2"], torch.bfloat16)
     monkeypatch.setenv("MOE_RESTORE_MLP_PATH", "fused")
     assert use_fused_path(16, 16, GPT_OSS, torch.bfloat16)
