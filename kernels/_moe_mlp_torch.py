@@ -148,6 +148,12 @@ def _forward(x, weights, w1, w2, b1, b2, order, offsets, activation) -> tuple[to
     return y.to(x.dtype), z
 
 
+# Measured on torch 2.11.0 (the oldest supported): a compiled call of ``_ExpertLoop`` (Dynamo alone,
+# backend "eager", fullgraph) gives the right forward and all-zero gradients; torch 2.13 is right.
+# torch 2.12 was not tried, so it is treated like 2.11.
+COMPILED_BACKWARD_IS_WRONG = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
+
+
 class _ExpertLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, w1, w2, b1, b2, order, offsets, row_experts, activation):
@@ -191,6 +197,11 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
     inputs = (x, routing.weights, w1, w2, b1, b2)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
         return _forward(*inputs, order, routing.expert_offsets, activation)[0]
+    if COMPILED_BACKWARD_IS_WRONG and torch.compiler.is_compiling():
+        raise NotImplementedError(
+            "moe_mlp's torch backend with autograd under torch.compile needs torch >= 2.13: on torch "
+            f"{torch.__version__} Dynamo's trace of its backward returns zero gradients. Compile without "
+            "fullgraph (this call then runs eagerly), run it eagerly, or use backend='triton' on a GPU")
     row_experts = routing.experts.reshape(-1).index_select(0, order)  # the expert of each sorted row
     return _ExpertLoop.apply(x, routing.weights, w1, w2, b1, b2, order, routing.expert_offsets, row_experts,
                              activation)

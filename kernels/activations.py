@@ -141,7 +141,12 @@ def activation_spec(activation: object) -> ActivationSpec:
         return activation
     if not isinstance(activation, str):
         raise ValueError(f"activation must be one of {ACTIVATIONS} or an ActivationSpec, got {activation!r}")
-    return _parse(activation)
+    # A plain name is a dictionary look-up: torch.compile (Dynamo of torch 2.11) cannot trace the
+    # spec's construction (``math.isfinite`` in its validation) inside a fullgraph forward.
+    return _PLAIN_SPECS[activation] if activation in _PLAIN_SPECS else _parse(activation)
+
+
+_PLAIN_SPECS = {name: ActivationSpec(name) for name in ACTIVATIONS}
 
 
 def check_activation(activation: object) -> str:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe_restore.kernels import moe_mlp, nested_route, topk_route
-from utils import DEVICE, backends
+from utils import DEVICE, backends, skip_if_compiled_torch_backward_is_wrong
 
 
 def _compiled_matches_eager(fn, *inputs):
@@ -23,6 +23,7 @@ def _compiled_matches_eager(fn, *inputs):
 
 @pytest.mark.parametrize("backend", backends())
 def test_topk_moe_compiles_without_graph_breaks(backend):
+    skip_if_compiled_torch_backward_is_wrong(backend)
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
     x, logits = torch.randn(40, 16, generator=gen), torch.randn(40, 4, generator=gen)
@@ -34,6 +35,7 @@ def test_topk_moe_compiles_without_graph_breaks(backend):
 
 @pytest.mark.parametrize("backend", backends())
 def test_nested_moe_compiles_without_graph_breaks(backend):
+    skip_if_compiled_torch_backward_is_wrong(backend)
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(1)
     x, gl, el = torch.randn(30, 16, generator=gen), torch.randn(30, 3, generator=gen), torch.randn(30, 3, 2, generator=gen)
@@ -57,6 +59,7 @@ def test_nan_check_survives_compilation(backend):
 
 
 def test_torch_backend_compiles_once_for_every_token_count():
+    skip_if_compiled_torch_backward_is_wrong("torch")
     """dynamic=True: one graph serves every T >= 2 (no size of the routing depends on its values,
     so nothing recompiles; T = 0 and 1 are specialised by torch.compile itself), and each T equals
     eager."""
@@ -72,3 +75,32 @@ def test_torch_backend_compiles_once_for_every_token_count():
         x, logits = torch.randn(T, 16, generator=gen), torch.randn(T, 4, generator=gen)
         with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
             assert torch.equal(compiled(x, logits), fn(x, logits))
+
+
+def test_compiled_torch_backward_is_refused_where_it_would_be_wrong():
+    """On torch < 2.13 a fullgraph compile of the torch backend's autograd path raises (its traced
+    backward gave zero gradients there) instead of returning wrong gradients; without fullgraph
+    the call runs eagerly and its gradients equal the eager ones (Dynamo alone, backend "eager":
+    the bug is in the trace, and no other compiler rounds differently)."""
+    from moe_restore.kernels._moe_mlp_torch import COMPILED_BACKWARD_IS_WRONG
+
+    if not COMPILED_BACKWARD_IS_WRONG:
+        pytest.skip(f"torch {torch.__version__} compiles the torch backend's backward correctly")
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    tensors = torch.randn(12, 8, generator=gen), torch.randn(12, 4, generator=gen), \
+        torch.randn(4, 8, 16, generator=gen), torch.randn(4, 16, 8, generator=gen)
+
+    def fn(x, logits, w1, w2):
+        return moe_mlp(x, topk_route(logits, 2, backend="torch"), w1, w2, backend="torch")
+
+    def grads(f):
+        inputs = [t.clone().requires_grad_() for t in tensors]
+        f(*inputs).square().sum().backward()
+        return [t.grad for t in inputs]
+
+    with pytest.raises(Exception, match="needs torch >= 2.13"):
+        grads(torch.compile(fn, fullgraph=True, backend="eager"))
+    torch._dynamo.reset()
+    for got, want in zip(grads(torch.compile(fn, backend="eager")), grads(fn)):
+        torch.testing.assert_close(got, want)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,3 +103,12 @@ class poisoned_allocations:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
         det.fill_uninitialized_memory = fill
         return False
+
+
+def skip_if_compiled_torch_backward_is_wrong(backend: str) -> None:
+    """Skip a test of a compiled torch-backend backward on the torch versions where the op refuses
+    it (``_moe_mlp_torch.COMPILED_BACKWARD_IS_WRONG``; tests/test_compile.py checks the refusal)."""
+    from moe_restore.kernels._moe_mlp_torch import COMPILED_BACKWARD_IS_WRONG
+
+    if backend == "torch" and COMPILED_BACKWARD_IS_WRONG:
+        pytest.skip(f"torch {torch.__version__}: the torch backend refuses a compiled backward (zero gradients)")
