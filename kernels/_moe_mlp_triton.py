@@ -24,8 +24,8 @@ hidden buffer). The fused limit is where its kernels fit a GPU: at D=256 the com
 more shared memory than an sm_80 block has, so wider inputs take the grouped path; below it the
 automatic choice (``use_fused_path``) also sends swiglu and float32 inputs to the grouped path
 where the fused backward was measured to spill.
-The combine back to token order sums the k rows of each token in a fixed order (no atomics), so
-every path is deterministic.
+The combine back to token order (``_moe_mlp_combine``) sums the k rows of each token in a fixed
+order in one pass (no atomics, no float32 buffer), so every path is deterministic.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from ._backend import refuse_double_backward
+from ._moe_mlp_combine import combine
 from ._moe_mlp_fused import FUSED_MAX_WIDTH, _backward_fused, _forward_fused
 from ._moe_mlp_grouped import _backward_grouped, _forward_grouped
 from ._moe_mlp_tiles import _Dispatch, _Weights
@@ -77,15 +78,6 @@ def use_fused_path(d_in: int, d_out: int, activation: Activation = "gelu", dtype
     return choice == "fused"
 
 
-def _combine(by_assignment: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
-    """Sum each token's k rows (assignment order t*k + j) in float32, in a fixed order."""
-    width = by_assignment.shape[-1]
-    if top_k == 1:
-        return by_assignment.view(num_tokens, width).to(dtype)
-    return by_assignment.view(num_tokens, top_k, width).sum(dim=1, dtype=torch.float32).to(dtype)
-
-
-
 @torch.library.custom_op("moe_restore::moe_mlp", mutates_args=())
 def moe_mlp_forward(x: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                     b1: Optional[torch.Tensor], b2: Optional[torch.Tensor], order: torch.Tensor,
@@ -95,7 +87,7 @@ def moe_mlp_forward(x: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w2
     d = _Dispatch(weights.reshape(-1).contiguous(), order, offsets, k, w1.shape[0])
     out = (_forward_fused if fused else _forward_grouped)(d, x, _Weights(w1, w2, b1, b2),
                                                    triton_constexprs(activation))
-    return _combine(out, T, k, x.dtype)
+    return combine(out, T, k, x.dtype)
 
 
 @moe_mlp_forward.register_fake
@@ -115,7 +107,7 @@ def moe_mlp_backward(dy: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, w
     run = _backward_fused if fused else _backward_grouped
     dx, dweights, (dw1, db1, dw2, db2) = run(d, x, dy, _Weights(w1, w2, b1, b2), triton_constexprs(activation),
                                              need_dx, need_params)
-    dx = _combine(dx, T, k, x.dtype) if dx is not None else x.new_empty(0)
+    dx = combine(dx, T, k, x.dtype) if dx is not None else x.new_empty(0)
 
     def cast(grad, like):  # a fresh empty tensor each time: outputs may not alias one another
         return x.new_empty(0) if grad is None or like is None else grad.to(like.dtype)

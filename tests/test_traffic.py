@@ -139,8 +139,8 @@ def test_step_does_not_move_more_than_the_reference(shape):
 def test_regression_check_catches_an_injected_copy(monkeypatch):
     from moe_restore.kernels import _moe_mlp_triton
 
-    combine = _moe_mlp_triton._combine
-    monkeypatch.setattr(_moe_mlp_triton, "_combine", lambda *args: combine(*args).clone())
+    combine = _moe_mlp_triton.combine
+    monkeypatch.setattr(_moe_mlp_triton, "combine", lambda *args: combine(*args).clone())
     shape = traffic.SMALL_SHAPES[0]
     problems = traffic.regressions(traffic.small_totals(shape), json.loads(REFERENCE.read_text())[shape.name])
     # forward and backward each copy a [T, D] bf16 tensor once more: read and write, 2 * 2 * D B/token
