@@ -19,6 +19,7 @@ import triton.language as tl
 
 from ._backend import arch_autotune, kernel_configs
 from .activations import GATED_BASE
+from ._moe_mlp_reductions import split_partials, sum_splits
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _hidden, _hidden_grads, _load_matrix, _load_rows,
                              GATED, _row_splits, _w1_columns, _Weights, _width_blocks)
 
@@ -209,9 +210,9 @@ def _fused_bwd_w2_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, weights_ptr, order_ptr, 
         dw2 = tl.dot(tl.trans(weighted_h), dy, dw2)
         db2 += tl.sum(dy.to(tl.float32) * w[:, None], axis=0)
     part = split.to(tl.int64) * E + expert  # flat index into the [S, E] partials
-    tl.store(dw2_ptr + (part * H + hh[:, None]) * DO + do[None, :], dw2, mask=(hh[:, None] < H) & (do[None, :] < DO))
+    tl.store(dw2_ptr + (part * H + hh[:, None]) * DO + do[None, :], dw2.to(dw2_ptr.dtype.element_ty), mask=(hh[:, None] < H) & (do[None, :] < DO))
     if pid_h == 0:
-        tl.store(db2_ptr + part * DO + do, db2, mask=do < DO)
+        tl.store(db2_ptr + part * DO + do, db2.to(db2_ptr.dtype.element_ty), mask=do < DO)
 
 
 @triton.jit
@@ -250,9 +251,9 @@ def _fused_bwd_w1_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, weights_ptr, ord
     cols = 2 * H if ACT >= GATED else H
     col, _ = _w1_columns(hh, H, UP, INTERLEAVED)
     part = split.to(tl.int64) * E + expert
-    tl.store(dw1_ptr + (part * D + d[None, :]) * cols + col[:, None], dw1_t, mask=(d[None, :] < D) & (hh[:, None] < H))
+    tl.store(dw1_ptr + (part * D + d[None, :]) * cols + col[:, None], dw1_t.to(dw1_ptr.dtype.element_ty), mask=(d[None, :] < D) & (hh[:, None] < H))
     if HAS_B1:
-        tl.store(db1_ptr + part * cols + col, db1, mask=hh < H)
+        tl.store(db1_ptr + part * cols + col, db1.to(db1_ptr.dtype.element_ty), mask=hh < H)
 
 
 def _fitting_candidates(configs: list, named_args: dict, **kwargs) -> list:
@@ -319,11 +320,11 @@ def _backward_fused(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool, 
     grads = (None,) * 4
     if need_weights:
         splits = _row_splits(d.num_assignments, E, triton.cdiv(H, 64), x.device)
-        f32 = dict(dtype=torch.float32, device=x.device)
-        dw1 = torch.empty(splits, E, D, w.w1.shape[2], **f32)
-        db1 = torch.empty(splits, E, w.w1.shape[2], **f32)
-        dw2 = torch.empty(splits, E, H, DO, **f32)
-        db2 = torch.empty(splits, E, DO, **f32)
+        dw1 = split_partials(splits, (E, D, w.w1.shape[2]), w.w1.dtype, x.device)
+        dw2 = split_partials(splits, (E, H, DO), w.w2.dtype, x.device)
+        # The dW1 kernel writes db1 only with a bias; the dW2 kernel always writes db2 (a few bytes).
+        db1 = dw1 if w.b1 is None else split_partials(splits, (E, w.w1.shape[2]), w.b1.dtype, x.device)
+        db2 = split_partials(splits, (E, DO), w.w2.dtype if w.b2 is None else w.b2.dtype, x.device)
         grid = lambda meta: (E * splits, triton.cdiv(H, meta["BLOCK_H"]))  # noqa: E731
         rows = (d.weights, d.order, d.offsets)
         common = (D, H, DO, E, d.top_k, splits, *x.stride(), *dy.stride(), *w.w1.stride(), *w.b1_args()[1:])
@@ -332,5 +333,6 @@ def _backward_fused(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool, 
         for up in ((False, True) if act["ACT"] >= GATED_BASE else (False,)):
             _fused_bwd_w1.for_device(x.device)[grid](x, dy, w.w1, b1, w.w2, *rows, dw1, db1, *common, *w.w2.stride(),
                                                      HAS_B1=w.b1 is not None, **act, UP=up, **blocks)
-        grads = (dw1.sum(0), db1.sum(0) if w.b1 is not None else None, dw2.sum(0), db2.sum(0))
+        grads = (sum_splits(dw1, w.w1.dtype), sum_splits(db1, w.b1.dtype) if w.b1 is not None else None,
+                 sum_splits(dw2, w.w2.dtype), sum_splits(db2, w.b2.dtype) if w.b2 is not None else None)
     return (dx if need_dx else None), dweights, grads

@@ -12,6 +12,7 @@ from ._backend import aligned, arch_autotune
 from .activations import GATED_BASE
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _expert_tile, _hidden, _hidden_grads, _load_matrix,
                              GATED, _load_rows, _row_splits, _w1_columns, _Weights)
+from ._moe_mlp_reductions import split_partials, sum_splits
 
 # The constexprs of no activation (the second layer's and dx's GEMMs): ACT 0 is the identity.
 _NO_ACTIVATION = dict(ACT=0, LIMIT=None, ALPHA=1.0, UP_OFFSET=0.0, CLAMP_AFTER=False, INTERLEAVED=False)
@@ -163,10 +164,10 @@ def _grouped_xty_kernel(x_ptr, y_ptr, weights_ptr, order_ptr, offsets_ptr, out_p
         if HAS_DBIAS:
             dbias += tl.sum(y.to(tl.float32), axis=0)
     part = split.to(tl.int64) * E + expert
-    tl.store(out_ptr + (part * KX + i[:, None]) * NY + j[None, :], acc, mask=(i[:, None] < KX) & (j[None, :] < NY))
+    tl.store(out_ptr + (part * KX + i[:, None]) * NY + j[None, :], acc.to(out_ptr.dtype.element_ty), mask=(i[:, None] < KX) & (j[None, :] < NY))
     if HAS_DBIAS:
         if pid_i == 0:
-            tl.store(dbias_ptr + part * NY + j, dbias, mask=j < NY)
+            tl.store(dbias_ptr + part * NY + j, dbias.to(dbias_ptr.dtype.element_ty), mask=j < NY)
 
 
 def _swiglu_default_only(configs: list, named_args: dict, **kwargs) -> list:
@@ -239,16 +240,18 @@ def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | N
 
 
 def _grouped_xty_launch(d: _Dispatch, x, y, kx: int, ny: int, *, gather_x: bool, gather_y: bool,
-                        scale_y: bool, want_dbias: bool):
-    """(sum_p X^T (c Y) per expert [E, kx, ny], its column sums [E, ny] or None), float32."""
+                        scale_y: bool, dtype: torch.dtype, bias_dtype: torch.dtype | None):
+    """(sum_p X^T (c Y) per expert [E, kx, ny] in ``dtype``, its column sums [E, ny] in
+    ``bias_dtype``, or None without one), accumulated in float32."""
     splits = _row_splits(d.num_assignments, d.num_experts, triton.cdiv(kx, 64) * triton.cdiv(ny, 64), x.device)
-    out = torch.empty(splits, d.num_experts, kx, ny, dtype=torch.float32, device=x.device)
-    dbias = torch.empty(splits, d.num_experts, ny, dtype=torch.float32, device=x.device) if want_dbias else out
+    want_dbias = bias_dtype is not None
+    out = split_partials(splits, (d.num_experts, kx, ny), dtype, x.device)
+    dbias = split_partials(splits, (d.num_experts, ny), bias_dtype, x.device) if want_dbias else out
     grid = lambda meta: (d.num_experts * splits, triton.cdiv(kx, meta["BLOCK_I"]), triton.cdiv(ny, meta["BLOCK_J"]))  # noqa: E731
     _grouped_xty.for_device(x.device)[grid](x, y, d.weights, d.order, d.offsets, out, dbias, kx, ny, d.num_experts, d.top_k, splits,
                        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                        GATHER_X=gather_x, GATHER_Y=gather_y, SCALE_Y=scale_y, HAS_DBIAS=want_dbias)
-    return out.sum(0), (dbias.sum(0) if want_dbias else None)
+    return sum_splits(out, dtype), (sum_splits(dbias, bias_dtype) if want_dbias else None)
 
 
 def _forward_grouped(d: _Dispatch, x: torch.Tensor, w: _Weights, act: dict) -> torch.Tensor:
@@ -290,9 +293,9 @@ def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool
     grads = (None,) * 4
     if need_weights:
         dw2, db2 = _grouped_xty_launch(d, hidden, dy, H, DO, gather_x=False, gather_y=True, scale_y=True,
-                                       want_dbias=w.b2 is not None)
+                                       dtype=w.w2.dtype, bias_dtype=None if w.b2 is None else w.b2.dtype)
         dw1, db1 = _grouped_xty_launch(d, x, dz, D, w.w1.shape[2], gather_x=True, gather_y=False, scale_y=False,
-                                       want_dbias=w.b1 is not None)
+                                       dtype=w.w1.dtype, bias_dtype=None if w.b1 is None else w.b1.dtype)
         grads = (dw1, db1, dw2, db2)
     return dx, dweights.sum(0), grads
 

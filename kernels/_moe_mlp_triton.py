@@ -24,7 +24,7 @@ hidden buffer). The fused limit is where its kernels fit a GPU: at D=256 the com
 more shared memory than an sm_80 block has, so wider inputs take the grouped path; below it the
 automatic choice (``use_fused_path``) also sends swiglu and float32 inputs to the grouped path
 where the fused backward was measured to spill.
-The combine back to token order (``_moe_mlp_combine``) sums the k rows of each token in a fixed
+The combine back to token order (``_moe_mlp_reductions``) sums the k rows of each token in a fixed
 order in one pass (no atomics, no float32 buffer), so every path is deterministic.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from ._backend import refuse_double_backward
-from ._moe_mlp_combine import combine
+from ._moe_mlp_reductions import combine
 from ._moe_mlp_fused import FUSED_MAX_WIDTH, _backward_fused, _forward_fused
 from ._moe_mlp_grouped import _backward_grouped, _forward_grouped
 from ._moe_mlp_tiles import _Dispatch, _Weights
@@ -109,10 +109,10 @@ def moe_mlp_backward(dy: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, w
                                              need_dx, need_params)
     dx = combine(dx, T, k, x.dtype) if dx is not None else x.new_empty(0)
 
-    def cast(grad, like):  # a fresh empty tensor each time: outputs may not alias one another
-        return x.new_empty(0) if grad is None or like is None else grad.to(like.dtype)
+    def or_empty(grad):  # a fresh empty tensor each time: outputs may not alias one another
+        return x.new_empty(0) if grad is None else grad
 
-    return dx, dweights.view(T, k), cast(dw1, w1), cast(dw2, w2), cast(db1, b1), cast(db2, b2)
+    return dx, dweights.view(T, k), or_empty(dw1), or_empty(dw2), or_empty(db1), or_empty(db2)
 
 
 @moe_mlp_backward.register_fake
