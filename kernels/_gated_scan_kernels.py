@@ -37,8 +37,8 @@ boundary state H_{c-1} as a virtual write before it and M_{c+1} as a virtual rea
     dL/dlog a_t = sum_{s=t}^{e-1} Q_s + M_{c+1} . h_{e-1} - sum_{r=t}^{e-1} K_r,
     K_r = (1 - a_r) u_r (lambda_r Bm_r),
 
-so the forward sweep hands only a per-token prefix of Q to the reverse sweep (through the df
-buffer, float32), and no [B, L, D, N] state is stored: the forward saves the chunk states H only.
+so the forward sweep hands only a per-token prefix of Q to the reverse sweep (through a float32
+[B, L, D] buffer, df's own when f is float32), and no [B, L, D, N] state is stored: the forward saves the chunk states H only.
 """
 from __future__ import annotations
 
@@ -245,15 +245,16 @@ def _chunk_adjoint_kernel(U, F, BM, CM, Z, GOUT, R,
                  key=["D", "BLOCK_N", "CHUNK"])
 @triton.jit
 def _chunk_backward_kernel(U, F, BM, CM, Z, DSKIP, GOUT, H, H0, M, DHN,
-                           DU, DF, DZ, DBM_PART, DCM_PART, DD_PART,
+                           DU, QP, DF, DZ, DBM_PART, DCM_PART, DD_PART,
                            L, INNER, D, N, NC,
                            sx_b, sx_o, sx_i, sn_b, sn_o, sn_i, part_stride,
                            HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
                            REVERSE: tl.constexpr, CHUNK: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """All gradients of one chunk. DF is float32: the forward sweep parks the prefix sums of Q
-    there and the reverse sweep overwrites them with df. dBm and dCm are summed over channel
-    blocks afterwards (one partial per block: no atomics, deterministic)."""
+    """All gradients of one chunk. The forward sweep parks the prefix sums of Q in QP (float32,
+    [B, L, D]); the reverse sweep reads each back and writes df to DF in f's dtype (DF may be QP:
+    each position is read before it is written). dBm and dCm are summed over channel blocks
+    afterwards (one partial per block: no atomics, deterministic)."""
     c, pid_d, b, start, end, offs_d, offs_n, mask_d, mask_n, base_x, base_n = _chunk_program(
         L, D, N, sx_b, sn_b, CHUNK, BLOCK_D, BLOCK_N)
     mask_dn = mask_d[:, None] & mask_n[None, :]
@@ -285,7 +286,7 @@ def _chunk_backward_kernel(U, F, BM, CM, Z, DSKIP, GOUT, H, H0, M, DHN,
                      mask=mask_d)
         tl.store(DCM_PART + part + on + offs_n, tl.sum(dy[:, None] * h, axis=0), mask=mask_n)
         dd += dy * u
-        tl.store(DF + ox + offs_d, q_prefix, mask=mask_d)
+        tl.store(QP + ox + offs_d, q_prefix, mask=mask_d)
         q_prefix += dy * hc
     # sum_{s=t}^{e-1} Q_s + rho . h_{e-1} = q_total - q_prefix_{t-1}
     q_total = q_prefix + tl.sum(rho * h, axis=1)
@@ -305,9 +306,9 @@ def _chunk_backward_kernel(U, F, BM, CM, Z, DSKIP, GOUT, H, H0, M, DHN,
         write = one_minus_a * u
         k_t = write * lam_b  # dL/dlog(1 - a_t)
         k_suffix += k_t
-        dlog_a = q_total - tl.load(DF + ox + offs_d, mask=mask_d, other=0.0) - k_suffix
+        dlog_a = q_total - tl.load(QP + ox + offs_d, mask=mask_d, other=0.0) - k_suffix
         # d log a / df = 1 - a, d log(1 - a) / df = -a
-        tl.store(DF + ox + offs_d, one_minus_a * dlog_a - a * k_t, mask=mask_d)
+        tl.store(DF + ox + offs_d, (one_minus_a * dlog_a - a * k_t).to(DF.dtype.element_ty), mask=mask_d)
         tl.store(DU + ox + offs_d, (dy * d_skip + one_minus_a * lam_b).to(DU.dtype.element_ty), mask=mask_d)
         tl.store(DBM_PART + part + on + offs_n, tl.sum(lam * write[:, None], axis=0), mask=mask_n)
         mu = a[:, None] * lam

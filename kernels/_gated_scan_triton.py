@@ -10,6 +10,7 @@ import triton
 from ._backend import launch_size, refuse_double_backward
 from ._gated_scan_kernels import (_chunk_adjoint_kernel, _chunk_backward_kernel, _chunk_carry_kernel,
                                   _chunk_output_kernel, _chunk_state_kernel)
+from ._reductions import sum_splits
 
 
 def chunk_length(length: int) -> int:
@@ -96,20 +97,22 @@ def _scan_backward(grad_out, grad_final, u, f, bm, cm, d_skip, z, h0, ends, log_
     block_d = _backward_block_d(geo.block_n)
     n_blocks = triton.cdiv(geo.d, block_d)
     du, dz = torch.empty_like(u), (torch.empty_like(z) if z is not None else None)
-    df = torch.empty(f.shape, device=f.device, dtype=torch.float32)
+    # The kernel parks float32 prefix sums in q_prefix and writes df in f's dtype (in place when float32).
+    q_prefix = torch.empty(f.shape, device=f.device, dtype=torch.float32)
+    df = q_prefix if f.dtype == torch.float32 else torch.empty_like(f)
     dbm_part = torch.empty((n_blocks, *bm.shape), device=bm.device, dtype=torch.float32)
     dcm_part = torch.empty_like(dbm_part)
     dd_part = torch.empty(geo.batch, geo.n_chunks, geo.d, device=u.device, dtype=torch.float32)
     _chunk_backward_kernel[(geo.n_chunks, n_blocks, geo.batch)](
         u, f, bm, cm, dummy if z is None else z, dummy if d_skip is None else d_skip, grad_out,
         ends, dummy if h0 is None else h0, adjoints, grad_final,
-        du, df, dummy if dz is None else dz, dbm_part, dcm_part, dd_part,
+        du, q_prefix, df, dummy if dz is None else dz, dbm_part, dcm_part, dd_part,
         *geo.args, dbm_part.stride(0),
         HAS_Z=z is not None, HAS_D=d_skip is not None, HAS_H0=h0 is not None,
         BLOCK_D=block_d, **flags)
     dd = dd_part.sum(dim=(0, 1)) if d_skip is not None else None
     dh0 = adjoints[:, 0].clone() if h0 is not None else None
-    return du, df.to(f.dtype), dbm_part.sum(0).to(bm.dtype), dcm_part.sum(0).to(cm.dtype), dd, dz, dh0
+    return du, df, sum_splits(dbm_part, bm.dtype), sum_splits(dcm_part, cm.dtype), dd, dz, dh0
 
 
 # The Triton path as custom ops (with fake implementations), so that torch.compile traces it

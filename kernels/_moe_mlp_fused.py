@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ._backend import arch_autotune, kernel_configs
 from .activations import GATED_BASE
-from ._moe_mlp_reductions import split_partials, sum_splits
+from ._reductions import split_partials, sum_splits
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _hidden, _hidden_grads, _load_matrix, _load_rows,
                              GATED, _row_splits, _w1_columns, _Weights, _width_blocks)
 

@@ -12,7 +12,7 @@ from ._backend import aligned, arch_autotune
 from .activations import GATED_BASE
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _expert_tile, _hidden, _hidden_grads, _load_matrix,
                              GATED, _load_rows, _row_splits, _w1_columns, _Weights)
-from ._moe_mlp_reductions import split_partials, sum_splits
+from ._reductions import split_partials, sum_splits
 
 # The constexprs of no activation (the second layer's and dx's GEMMs): ACT 0 is the identity.
 _NO_ACTIVATION = dict(ACT=0, LIMIT=None, ALPHA=1.0, UP_OFFSET=0.0, CLAMP_AFTER=False, INTERLEAVED=False)

@@ -24,7 +24,7 @@ hidden buffer). The fused limit is where its kernels fit a GPU: at D=256 the com
 more shared memory than an sm_80 block has, so wider inputs take the grouped path; below it the
 automatic choice (``use_fused_path``) also sends swiglu and float32 inputs to the grouped path
 where the fused backward was measured to spill.
-The combine back to token order (``_moe_mlp_reductions``) sums the k rows of each token in a fixed
+The combine back to token order (``_reductions``) sums the k rows of each token in a fixed
 order in one pass (no atomics, no float32 buffer), so every path is deterministic.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from ._backend import refuse_double_backward
-from ._moe_mlp_reductions import combine
+from ._reductions import combine
 from ._moe_mlp_fused import FUSED_MAX_WIDTH, _backward_fused, _forward_fused
 from ._moe_mlp_grouped import _backward_grouped, _forward_grouped
 from ._moe_mlp_tiles import _Dispatch, _Weights

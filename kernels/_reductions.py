@@ -1,9 +1,11 @@
-"""The expert MLP's fixed-order sums, each read once and written once in its output's dtype.
+"""Fixed-order sums of the kernels' partial results, each read once and written once in its
+output's dtype.
 
 ``sum_middle`` sums a contiguous [O, R, I] tensor over R, r = 0..R-1 in that order, in float32:
 
-* the combine back to token order: y_t = sum_j rows[t*k + j] ([T, k, W] -> [T, W]);
-* the weight-gradient reductions over row splits: dW_e = sum_s partial[s, e] ([1, S, E*...]).
+* the expert MLP's combine back to token order: y_t = sum_j rows[t*k + j] ([T, k, W] -> [T, W]);
+* its weight-gradient reductions over row splits: dW_e = sum_s partial[s, e] ([1, S, E*...]);
+* the gated scan's dBm and dCm over channel blocks ([1, blocks, B*L*N]).
 
 One launch reads its input once and writes the output once in the output dtype (k*W + W elements
 per token for the combine). A float32 sum in torch and a cast wrote a float32 buffer and read it
