@@ -21,9 +21,10 @@ the widths stay full size), (T, D, H) on the grouped path (fixed tiles); the sca
 the chunk length the library picks for the full L. Each variable is sampled at two values (the 2^d
 corners), and the count at the full size is the multi-affine function through them. Check points
 off the corners must be predicted exactly, else the run stops: the counts are then multi-affine
-and the extrapolation is the count. The expert-MLP weight-gradient row splits S (a constant cost
-per split: float32 partials written and summed) are pinned to 1 in the samples and to 2 once,
-which gives the cost per split; the full size adds it S_full - 1 times, S_full from the library's
+and the extrapolation is the count. The expert-MLP weight-gradient row splits S are pinned to 1 in the
+samples, where the kernels write the gradients themselves; with S >= 2 they write S float32
+partials that sum kernels read, a cost affine in S from S = 2 and independent of T. Runs at 2 and 3
+splits at one sampled size give that line (``with_row_splits``), taken at S_full, the library's
 rule for the target GPU at the full shape. Not modelled: where the full size's splits end in a
 part-filled row tile (S1 on an H100: 33 splits of 993 rows per expert), the real kernels compute up
 to one more row tile of FLOPs per split than the line says; the bytes are exact (masked lanes move
@@ -291,14 +292,32 @@ def extrapolate(corners: Sequence[tuple[int, int]], runs: dict[tuple[int, ...], 
     return result
 
 
-def _add_split_cost(rows: list[dict], one: list[Launch], two: list[Launch], extra_splits: int) -> None:
-    """Add ``extra_splits`` times each launch's cost of one more row split (the difference between
-    a run at two splits and one at one split, same size)."""
-    if _signature(one) != _signature(two):
-        raise RuntimeError("two row splits launch different kernels than one")
-    for row, a, b in zip(rows, one, two):
+def _launch_row(launch: Launch) -> dict[str, Any]:
+    return {"name": launch.name, "kind": launch.kind, "phase": launch.phase, "caller": launch.caller,
+            **{q: float(getattr(launch, q)) for q in QUANTITIES}}
+
+
+def with_row_splits(rows: list[dict], one: list[Launch], two: list[Launch], three: list[Launch],
+                    splits: int) -> list[dict]:
+    """``rows`` (counted at one row split) at ``splits`` >= 2, from runs at one, two and three
+    splits of the same size. With one split the weight-gradient kernels write the gradients
+    themselves; with S >= 2 they write S float32 partials and sum kernels (absent at one split)
+    read them: the cost is affine in S from S = 2, so each launch gains (two - one) + (S - 2) *
+    (three - two), and a launch only the split runs have counts two + (S - 2) * (three - two)."""
+    if _signature(two) != _signature(three):
+        raise RuntimeError("two and three row splits launch different kernels")
+    result, i = [], 0
+    for b, c in zip(two, three):
+        matched = i < len(one) and _signature([one[i]]) == _signature([b])
+        row = rows[i] if matched else {**_launch_row(b), **{q: 0.0 for q in QUANTITIES}}
         for q in QUANTITIES:
-            row[q] += extra_splits * (getattr(b, q) - getattr(a, q))
+            base = getattr(one[i], q) if matched else 0
+            row[q] += getattr(b, q) - base + (splits - 2) * (getattr(c, q) - getattr(b, q))
+        result.append(row)
+        i += matched
+    if i != len(one):
+        raise RuntimeError("a launch at one row split is missing at two")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,8 +364,9 @@ def count_moe(shape: MoEShape, device: Device) -> tuple[list[dict], dict[str, An
     if splits > 1:
         if not fused:
             raise NotImplementedError(f"{shape.label}: {splits} row splits on the grouped path (widths are scaled)")
-        two, _ = _count(_moe_step(shape, points[0][0]), device, {**env, "MOE_RESTORE_ROW_SPLITS": "2"})
-        _add_split_cost(rows, runs[points[0]], two, splits - 1)
+        two, three = (_count(_moe_step(shape, points[0][0]), device, {**env, "MOE_RESTORE_ROW_SPLITS": str(n)})[0]
+                      for n in (2, 3))
+        rows = with_row_splits(rows, runs[points[0]], two, three, splits)
     return rows, {"path": "fused" if fused else "grouped", "variables": ["T"] if fused else ["T", "D", "H"],
                   "corners": corners, "checks": checks, "row_splits": splits}
 

@@ -146,3 +146,21 @@ def test_regression_check_catches_an_injected_copy(monkeypatch):
     # forward and backward each copy a [T, D] bf16 tensor once more: read and write, 2 * 2 * D B/token
     assert len(problems) == 2 and "distinct_B_per_token" in problems[0] and "requested_B_per_token" in problems[1]
     assert f"+{2 * 2 * 2 * shape.dim}" in problems[0]
+
+
+def test_row_split_line_predicts_a_direct_count():
+    """The cost of S >= 2 weight-gradient row splits, continued from runs at 1, 2 and 3 splits, equals
+    a step counted at 4 splits, launch by launch (bytes; masked row tiles make FLOPs only a bound)."""
+    shape = traffic.SMALL_SHAPES[0]
+
+    def at(splits: int):
+        env = {"MOE_RESTORE_ROW_SPLITS": str(splits), "MOE_RESTORE_MLP_PATH": "fused"}
+        return traffic._count(traffic._moe_step(shape, shape.tokens), traffic.DEVICES["H100"], env)[0]
+
+    one, two, three, four = (at(n) for n in (1, 2, 3, 4))
+    assert len(two) > len(one)  # the sum kernels run only with several splits
+    rows = traffic.with_row_splits([traffic._launch_row(l) for l in one], one, two, three, 4)
+    assert [(r["name"], r["phase"], r["caller"]) for r in rows] == [(l.name, l.phase, l.caller) for l in four]
+    for row, launch in zip(rows, four):
+        for q in ("read_distinct", "write_distinct", "read_requested", "write_requested"):
+            assert row[q] == getattr(launch, q), (launch.name, q)
