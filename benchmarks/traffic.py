@@ -381,10 +381,12 @@ def count_scan(shape: ScanShape, device: Device) -> tuple[list[dict], dict[str, 
     with _pinned_env({"MOE_RESTORE_SCAN_CHUNK": None}):
         chunk = chunk_length(shape.length)
     block_d = 32  # the chunk kernels' BLOCK_D and the backward's channel block at N <= 16
-    if shape.length % chunk or shape.dim % block_d or shape.state > 16:
-        raise ValueError(f"{shape.label}: L must be a multiple of {chunk}, D of {block_d}, N <= 16")
-    corners = [(1, 2), (2 * chunk, 4 * chunk), (block_d, 2 * block_d)]
-    checks = [(3, 6 * chunk, 3 * block_d)]
+    if shape.length % chunk or shape.dim % block_d or shape.dim < 2 * block_d or shape.state > 16:
+        raise ValueError(f"{shape.label}: L must be a multiple of {chunk}, D of {block_d} and >= {2 * block_d}, "
+                         f"N <= 16")
+    # At least two channel blocks: with one, dBm and dCm need no sum kernel (other launches).
+    corners = [(1, 2), (2 * chunk, 4 * chunk), (2 * block_d, 3 * block_d)]
+    checks = [(3, 6 * chunk, 4 * block_d)]
     env = {"MOE_RESTORE_SCAN_CHUNK": str(chunk), "MOE_RESTORE_SCAN_CARRY_BLOCK": str(CARRY_BLOCK)}
     points = [tuple(c[b] for c, b in zip(corners, bits)) for bits in itertools.product((0, 1), repeat=3)]
     runs = {p: _count(_scan_step(replace(shape, batch=p[0], dim=p[2]), p[1]), device, env)[0]
