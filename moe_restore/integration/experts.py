@@ -21,17 +21,17 @@ on the experts' own Parameters in their own dtype, through views (no copy):
   tanh-GELU, ReLU or squared ReLU);
 * a family's own ``_apply_gate`` (GPT-OSS's clamped SwiGLU with its slope, ``up + 1`` and
   interleaved columns; DeepSeek-V4's and GLM-5-Next's clamp then SiLU; Step-3.7's SiLU then
-  clamp, ...) runs as the ``ActivationSpec`` it computes: the candidate specs built from the
-  module's ``limit``/``swiglu_limit`` and ``alpha``/``swiglu_alpha`` are probed against the
-  family's own ``_apply_gate`` on values that cross every clamp, once per class and parameters,
-  and the first that matches it (float32, 1e-6 relative) is used;
+  clamp; Inkling-2's softcapped SwiGLU, ...) runs as the ``ActivationSpec`` it computes: the
+  candidate specs built from the module's ``limit``/``swiglu_limit`` and ``alpha``/``swiglu_alpha``
+  and its ``act_fn``'s ``gate_softcap``/``up_softcap`` are probed against the family's own
+  ``_apply_gate`` on values that cross every clamp, once per class and parameters, and the first
+  that matches it (float32, 1e-6 relative) is used;
 * biases (``has_bias``): b1 = ``gate_up_proj_bias`` (or ``up_proj_bias``), b2 = ``down_proj_bias``;
 * slots that repeat an expert of their row or hold a sentinel id >= E (expert parallelism) are
   folded into distinct ids first (``distinct_slots``), the sum over slots unchanged.
 
-Everything else (an ``_apply_gate`` no spec matches, such as Inkling-2's softcapped SwiGLU;
-interleaved rows with the default gate; another activation; a norm after each expert, as in
-MuseSpark, which normalises each expert's D_out row before the routing weight: the grouped path
+Everything else (an ``_apply_gate`` no spec matches; interleaved rows with the default gate;
+another activation; a norm after each expert, as in MuseSpark, which normalises each expert's D_out row before the routing weight: the grouped path
 tiles D_out across programs, so it would take another pass over [T*k, D_out] and a backward of its
 own, with the norm weight's gradient; more slots than experts; quantised or mixed-dtype weights)
 runs what transformers would have run without us (``fallback_forward``: its ``"grouped_mm"``, else
@@ -92,22 +92,36 @@ def _number(experts: nn.Module, names: tuple[str, ...]) -> float | None:
     return None
 
 
+def _softcap(module: object, name: str) -> float | None:
+    """The softcap ``name`` of ``module`` (Inkling-2's act_fn): a number, or a submodule holding
+    one as ``softcap``; None if absent or not > 0."""
+    value = getattr(module, name, None)
+    value = getattr(value, "softcap", value)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
 def _gate_candidates(experts: nn.Module, act_kind: str | None):
     """The specs the family's ``_apply_gate`` may compute, most likely first: the gate function of
     its ``act_fn`` (any gated kind without one), its slope and clamp limit, the clamp before or
-    after the gate function, up offset 0 or 1, the columns as ``is_concatenated`` says or not."""
+    after the gate function, up offset 0 or 1, the columns as ``is_concatenated`` says or not; with
+    softcaps on its ``act_fn`` (``gate_softcap``/``up_softcap``) and no limit, SwiGLU softcapped."""
     limit = _number(experts, ("limit", "swiglu_limit"))
     limit = limit if limit is not None and limit > 0 else None
     alpha = _number(experts, ("alpha", "swiglu_alpha"))
+    act_fn = getattr(experts, "act_fn", None)
+    caps = (_softcap(act_fn, "gate_softcap"), _softcap(act_fn, "up_softcap")) if limit is None else (None, None)
     concatenated = getattr(experts, "is_concatenated", True)
     kinds = [_GATED_KIND[act_kind]] if act_kind in _GATED_KIND else list(_GATED_KIND.values())
+    if caps != (None, None):
+        kinds = ["swiglu"]
     for kind in kinds:
         for slope in dict.fromkeys([alpha or 1.0, 1.0] if kind == "swiglu" else [1.0]):
             for clamp_after in ((False, True) if limit is not None else (False,)):
                 for up_offset in (0.0, 1.0):
                     for interleaved in (not concatenated, concatenated):
                         yield ActivationSpec(kind, limit=limit, alpha=slope, up_offset=up_offset,
-                                             interleaved=interleaved, clamp_after=clamp_after)
+                                             interleaved=interleaved, clamp_after=clamp_after,
+                                             gate_softcap=caps[0], up_softcap=caps[1])
 
 
 def _apply_gate_spec(experts: nn.Module, act_kind: str | None) -> ActivationSpec | str:
@@ -119,7 +133,8 @@ def _apply_gate_spec(experts: nn.Module, act_kind: str | None) -> ActivationSpec
         return (f"{type(experts).__name__}'s own _apply_gate is matched to an activation spec by a probe that "
                 "runs eagerly: one forward outside torch.compile first")
     if key not in _probed:
-        scale = 3 * (candidates[0].limit or 2.0)  # values on both sides of every clamp
+        spec = candidates[0]  # values on both sides of every clamp, and where every softcap bends
+        scale = 3 * max(spec.limit or 2.0, spec.gate_softcap or 0.0, spec.up_softcap or 0.0)
         probe = torch.linspace(-scale, scale, 2 * 509, dtype=torch.float64)
         probe = probe[torch.randperm(probe.numel(), generator=torch.Generator().manual_seed(0))][None]
         name = type(experts).__name__
