@@ -306,13 +306,46 @@ IMPLEMENTATIONS = {IMPLEMENTATION: _with_backend(None), f"{IMPLEMENTATION}_torch
 _HOOK_MODULE = "transformers.integrations.moe"
 
 
+# The config attribute that config.json keeps (transformers drops its own ``_experts_implementation``
+# when saving, and reads a saved ``experts_implementation`` back into it when loading).
+SAVED_ATTRIBUTE = "experts_implementation"
+
+
+def _save_our_implementation() -> None:
+    """Make a config whose experts implementation is one of ``IMPLEMENTATIONS`` keep it in
+    config.json: ``PreTrainedConfig.to_dict`` (what ``save_pretrained`` writes, for every
+    sub-config too) is wrapped to add ``"experts_implementation": <our name>``, which
+    ``PreTrainedConfig.__init__`` reads back into ``_experts_implementation`` on load. transformers
+    alone saves no implementation (``set_experts_implementation`` and ``from_pretrained(...,
+    experts_implementation=)`` set the private ``_experts_implementation_internal``, which
+    ``to_dict`` drops); other implementations stay unsaved, as there. Idempotent."""
+    from transformers import PreTrainedConfig
+
+    original = PreTrainedConfig.to_dict
+    if getattr(original, "_moe_restore", False):
+        return
+
+    def to_dict(config) -> dict:
+        out = original(config)
+        current = config.__dict__.get("_experts_implementation_internal")
+        if current in IMPLEMENTATIONS:
+            out[SAVED_ATTRIBUTE] = current
+        return out
+
+    to_dict._moe_restore = True
+    to_dict.__doc__, to_dict.__wrapped__ = original.__doc__, original
+    PreTrainedConfig.to_dict = to_dict
+
+
 def register() -> None:
     """Register ``IMPLEMENTATIONS`` with transformers' experts interface: now if transformers' experts
     hook is imported already, else as soon as it is (importing it here would add seconds to every
-    ``import moe_restore``). Nothing happens where transformers is not installed. Idempotent."""
+    ``import moe_restore``), and make a config that selects one of them save it
+    (``_save_our_implementation``). Nothing happens where transformers is not installed. Idempotent."""
     module = sys.modules.get(_HOOK_MODULE)
     if module is not None:
         _add_transformers_activations()
+        _save_our_implementation()
         for name, forward in IMPLEMENTATIONS.items():
             module.ExpertsInterface.register(name, forward)
     elif not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
