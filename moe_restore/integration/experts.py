@@ -28,12 +28,16 @@ on the experts' own Parameters in their own dtype, through views (no copy):
   that matches it (float32, 1e-6 relative) is used;
 * biases (``has_bias``): b1 = ``gate_up_proj_bias`` (or ``up_proj_bias``), b2 = ``down_proj_bias``;
 * slots that repeat an expert of their row or hold a sentinel id >= E (expert parallelism) are
-  folded into distinct ids first (``distinct_slots``), the sum over slots unchanged.
+  folded into distinct ids first (``distinct_slots``), the sum over slots unchanged;
+* a norm after each expert (``has_post_expert_norm``: MuseSpark's ``post_expert_norm`` of each
+  expert's D_out row, before the routing weight): ``moe_mlp`` computes the unweighted expert
+  outputs of the [T*k, D] rows (each token once per slot, weight 1), and the norm, the weights and
+  the sum over slots run in torch (``_with_post_expert_norm``). The grouped path tiles D_out
+  across programs, so the norm cannot go into its epilogue; this costs the [T*k, D] input and
+  [T*k, D_out] output that transformers' ``grouped_mm`` also materialises.
 
 Everything else (an ``_apply_gate`` no spec matches; interleaved rows with the default gate;
-another activation; a norm after each expert, as in MuseSpark, which normalises each expert's D_out row before the routing weight: the grouped path
-tiles D_out across programs, so it would take another pass over [T*k, D_out] and a backward of its
-own, with the norm weight's gradient; more slots than experts; quantised or mixed-dtype weights)
+another activation; more slots than experts; quantised or mixed-dtype weights)
 runs what transformers would have run without us (``fallback_forward``: its ``"grouped_mm"``, else
 its ``"batched_mm"``, the family's eager forward only where the installed transformers has
 neither), with a warning given once per reason that names it.
@@ -156,8 +160,8 @@ def plan(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Ten
     """(activation, (w1, w2, b1, b2)) for ``moe_mlp``, or the reason the kernels cannot take this call."""
     from transformers.integrations.moe import _default_apply_gate
 
-    if getattr(experts, "has_post_expert_norm", False):
-        return "a norm after each expert is not supported"
+    if getattr(experts, "has_post_expert_norm", False) and not callable(getattr(experts, "post_expert_norm", None)):
+        return "it declares a norm after each expert but has no post_expert_norm module"
     if hidden_states.dim() != 2 or top_k_index.dim() != 2 or top_k_weights.shape != top_k_index.shape:
         return (f"the call is not (hidden_states [T, D], top_k_index [T, k], top_k_weights [T, k]): got "
                 f"{tuple(hidden_states.shape)}, {tuple(top_k_index.shape)}, {tuple(top_k_weights.shape)}")
@@ -285,9 +289,25 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
         return forward(experts, hidden_states, top_k_index, top_k_weights)
     activation, (w1, w2, b1, b2) = planned
     ids, weights = distinct_slots(top_k_index, top_k_weights, w1.shape[0])
+    if getattr(experts, "has_post_expert_norm", False):
+        return _with_post_expert_norm(experts, hidden_states, ids, weights, activation, (w1, w2, b1, b2), backend)
     routing = routing_from_topk(ids, weights, w1.shape[0], backend=backend)
     y = moe_mlp(hidden_states, routing, w1, w2, b1, b2, activation=activation, backend=backend)
     return y.to(hidden_states.dtype)
+
+
+def _with_post_expert_norm(experts: nn.Module, hidden_states: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                           activation, params: tuple, backend: str | None) -> torch.Tensor:
+    """sum_j w_j norm(f_{e_j}(x)) (MuseSpark: a norm after each expert, before its routing weight).
+    ``moe_mlp`` computes the unweighted expert outputs: each (token, slot) pair is one row of a
+    [T*k, D] input routed to its expert with weight 1; the norm, the weights and the sum over the
+    k slots run in torch on the [T*k, D_out] result."""
+    T, k = ids.shape
+    rows = hidden_states[:, None, :].expand(T, k, hidden_states.shape[1]).reshape(T * k, -1)
+    routing = routing_from_topk(ids.reshape(-1, 1), weights.new_ones(T * k, 1, dtype=torch.float32),
+                                params[0].shape[0], backend=backend)
+    out = experts.post_expert_norm(moe_mlp(rows, routing, *params, activation=activation, backend=backend))
+    return (out.view(T, k, -1) * weights[..., None].to(out.dtype)).sum(1).to(hidden_states.dtype)
 
 
 def _with_backend(backend: str | None):
