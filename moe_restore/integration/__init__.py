@@ -2,7 +2,7 @@
 
 * ``replace_moe(model)``: swap the sparse MoE blocks of transformers models (Mixtral, Qwen2-MoE,
   Qwen3-MoE, OLMoE) for blocks that run ``topk_route`` and, through the experts module, ``moe_mlp``
-  on the same weights; rebuild Llama 4's and DBRX's MoE blocks (outside the experts hook) on
+  on the same weights; rebuild Llama 4's, DBRX's and JetMoE's MoE blocks (outside the experts hook) on
   ``moe_mlp``; switch the experts of every other block that uses the hook to "moe_restore".
 * ``upcycle_ffn(model, num_experts=, top_k=)``: turn dense feed-forward modules (diffusers
   ``FeedForward``, timm-style ``Mlp`` and ``GluMlp``, Llama-style gated MLPs, transformers'
@@ -22,11 +22,12 @@ in config.json.
 ``.skipped``, ``.note``). See docs/integration.md.
 """
 from . import experts
-from .hf_blocks import KernelDbrxFFN, KernelLlama4TextMoe, KernelSparseMoeBlock
+from .hf_blocks import KernelDbrxFFN, KernelJetMoeMoE, KernelLlama4TextMoe, KernelSparseMoeBlock
 from .replace import from_pretrained, replace_moe
 from .report import Change, IntegrationReport, Skip
 from .upcycle import upcycle_ffn
 
 experts.register()
 
-__all__ = ["Change", "IntegrationReport", "KernelDbrxFFN", "KernelLlama4TextMoe", "KernelSparseMoeBlock", "Skip", "from_pretrained", "replace_moe", "upcycle_ffn"]
+__all__ = ["Change", "IntegrationReport", "KernelDbrxFFN", "KernelJetMoeMoE", "KernelLlama4TextMoe", "KernelSparseMoeBlock",
+           "Skip", "from_pretrained", "replace_moe", "upcycle_ffn"]

@@ -287,10 +287,50 @@ class KernelDbrxFFN(nn.Module):
                 f"backend={self.backend}")
 
 
+class KernelJetMoeMoE(nn.Module):
+    """JetMoE's ``JetMoeMoE`` (its experts are outside transformers' experts hook) on ``moe_mlp``.
+
+    Routing as the stock block: float32 logits from its router module, their top-k, softmax over
+    those k logits in the hidden states' dtype. The experts store ``input_linear.weight`` [E, 2I, D]
+    (gate rows first) and ``output_linear.weight`` [E, D, I]: moe_mlp's w1 and w2 are their
+    transposes, views, no copy; the block's output bias [D] is added after the sum over experts.
+    The router module is called (its logits are what the model records as router logits; it also
+    reads the expert sizes back to the host, as in the stock block). Children are the stock
+    block's; returns the hidden states [B, S, D].
+    """
+
+    def __init__(self, block: nn.Module, backend: str | None = None):
+        super().__init__()
+        w1, w2 = getattr(block.input_linear, "weight", None), getattr(block.output_linear, "weight", None)
+        _check_float(w1, w2)
+        if w1.dim() != 3 or w2.dim() != 3 or w1.shape[1] != 2 * w2.shape[2]:
+            raise NotConvertible("its experts are not gated [E, 2I, D] and [E, D, I] weights")
+        self.expert_activation = _gated_activation(block.activation)
+        for name in list(block._parameters) + list(block._modules):  # "activation" is the stock module
+            setattr(self, name, getattr(block, name))
+        self.top_k = block.router.top_k
+        self.backend = backend
+        self.source = type(block).__name__
+
+    def forward(self, layer_input: torch.Tensor) -> torch.Tensor:
+        x = layer_input.reshape(-1, layer_input.shape[-1])
+        logits = self.router(x)[4]
+        top_logits, experts = logits.topk(self.top_k, dim=1)
+        weights = torch.softmax(top_logits, dim=1).type_as(x)
+        routing = routing_from_topk(experts, weights, self.input_linear.weight.shape[0], backend=self.backend)
+        y = moe_mlp(x, routing, self.input_linear.weight.transpose(1, 2), self.output_linear.weight.transpose(1, 2),
+                    activation=self.expert_activation, backend=self.backend)
+        return y.to(x.dtype).view(layer_input.shape) + self.bias
+
+    def extra_repr(self) -> str:
+        return f"source={self.source}, top_k={self.top_k}, activation={self.expert_activation}, backend={self.backend}"
+
+
 # Blocks whose experts are outside transformers' experts hook, each with its own replacement.
 OTHER_BLOCKS: dict[str, type[nn.Module]] = {
     _MODELS + "llama4.modeling_llama4.Llama4TextMoe": KernelLlama4TextMoe,
     _MODELS + "dbrx.modeling_dbrx.DbrxFFN": KernelDbrxFFN,
+    _MODELS + "jetmoe.modeling_jetmoe.JetMoeMoE": KernelJetMoeMoE,
 }
 
 
@@ -300,6 +340,9 @@ def describe_other(block: nn.Module) -> str:
         return (f"{block.experts.gate_up_proj.shape[0]} experts, {block.activation}, views of gate_up_proj/down_proj "
                 f"(no copy); the router's top-{block.top_k}, sigmoid score scaling each expert's input; shared "
                 "expert: the model's own MLP")
+    if isinstance(block, KernelJetMoeMoE):
+        return (f"{block.input_linear.weight.shape[0]} experts, {block.expert_activation}, views of input_linear/"
+                f"output_linear (no copy); top-{block.top_k} logits, softmax over them; the block's bias after the sum")
     return (f"{block.num_experts} experts, {block.activation}, w1 = [w1 | v1] concatenated per call, w2 a view; "
             f"softmax, top-{block.top_k}, "
             f"{'not normalised' if block.norm_p is None else f'normalised by the {block.norm_p}-norm'}")

@@ -43,9 +43,9 @@ def replace_moe(model: nn.Module, *, backend: str | None = None) -> IntegrationR
     (see ``hf_blocks``). The new block reuses the original block's parameters (views, no copy),
     applies the same routing rule and returns what the original returned, so outputs, gradients,
     state-dict names and the model's router-logits outputs stay as they were. Blocks whose experts
-    are outside transformers' experts hook: Llama 4's ``Llama4TextMoe`` and DBRX's ``DbrxFFN``
-    become ``KernelLlama4TextMoe`` and ``KernelDbrxFFN`` (routing in torch as the stock block,
-    experts on ``moe_mlp``). Any other block whose ``experts`` child uses the hook (DeepSeek-V2/V3,
+    are outside transformers' experts hook: Llama 4's ``Llama4TextMoe``, DBRX's ``DbrxFFN`` and
+    JetMoE's ``JetMoeMoE`` become ``KernelLlama4TextMoe``, ``KernelDbrxFFN`` and ``KernelJetMoeMoE``
+    (routing in torch as the stock block, experts on ``moe_mlp``). Any other block whose ``experts`` child uses the hook (DeepSeek-V2/V3,
     Jamba, PhiMoE, GraniteMoE, ERNIE-4.5-MoE, ...: the family's own routing, grouped top-k, score
     corrections and shared experts included) is kept and its experts are switched to
     ``experts_implementation="moe_restore"`` (``"moe_restore_<backend>"``); the report lists it as
@@ -89,7 +89,7 @@ def replace_moe(model: nn.Module, *, backend: str | None = None) -> IntegrationR
     report = swap_modules(model, convert)
     if not report.replaced and not report.skipped:
         report.note = ("no MoE block found: looked for transformers' Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
-                       "Llama 4 and DBRX MoE blocks and for modules with an `experts` child")
+                       "Llama 4, DBRX and JetMoE MoE blocks and for modules with an `experts` child")
     for skip in report.skipped:
         warnings.warn(f"replace_moe: {skip.name or '<model>'} ({skip.kind}) left as it was: {skip.reason}",
                       stacklevel=2)
