@@ -112,7 +112,9 @@ def from_pretrained(model_class: Any, pretrained_model_name_or_path: Any, *args:
     ``replace_moe`` again with the recorded backend if the saved config records a ``replace_moe``
     (see ``replace_moe``): a model saved after ``replace_moe`` comes back replaced. A config
     without the record loads as it would with transformers alone, and transformers alone loads a
-    replaced model's directory as the stock model (the parameters and their names are the same).
+    replaced model's directory as the stock model (the parameters and their names are the same),
+    its experts on the saved ``experts_implementation`` (``experts._save_our_implementation``:
+    ``moe_restore`` must be imported, or ``experts_implementation=`` passed to override it).
     """
     load = getattr(model_class, "from_pretrained", None)
     if not callable(load):
