@@ -172,3 +172,21 @@ def test_experts_implementation_survives_save_and_load(family, count_moe_mlp, tm
     loaded.save_pretrained(tmp_path)
     assert "experts_implementation" not in json.loads((tmp_path / "config.json").read_text())
     assert tf.AutoModelForCausalLM.from_pretrained(tmp_path).config._experts_implementation != "moe_restore"
+
+
+def test_saved_implementation_needs_moe_restore_to_load(tmp_path):
+    """The saved name is one transformers alone does not know: it refuses it, and an explicit
+    experts_implementation= loads the directory without moe_restore."""
+    import subprocess
+    import sys
+
+    model = tiny_model("qwen3_moe")
+    model.set_experts_implementation("moe_restore")
+    model.save_pretrained(tmp_path / "saved")
+    load = ("import sys, transformers as tf; m = tf.AutoModelForCausalLM.from_pretrained('saved'{}); "
+            "assert 'moe_restore' not in sys.modules; print(m.config._experts_implementation)")
+    refused = subprocess.run([sys.executable, "-c", load.format("")], cwd=tmp_path, capture_output=True, text=True)
+    assert refused.returncode != 0 and 'experts_implementation="moe_restore"' in refused.stderr, refused.stderr[-500:]
+    loaded = subprocess.run([sys.executable, "-c", load.format(", experts_implementation='grouped_mm'")],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "grouped_mm", loaded.stderr[-500:]
