@@ -108,7 +108,7 @@ def _gate_candidates(experts: nn.Module, act_kind: str | None):
     """The specs the family's ``_apply_gate`` may compute, most likely first: the gate function of
     its ``act_fn`` (any gated kind without one), its slope and clamp limit, the clamp before or
     after the gate function, up offset 0 or 1, the columns as ``is_concatenated`` says or not; with
-    softcaps on its ``act_fn`` (``gate_softcap``/``up_softcap``) and no limit, SwiGLU softcapped."""
+    no limit, the softcaps on its ``act_fn`` (``gate_softcap``: SwiGLU only, ``up_softcap``)."""
     limit = _number(experts, ("limit", "swiglu_limit"))
     limit = limit if limit is not None and limit > 0 else None
     alpha = _number(experts, ("alpha", "swiglu_alpha"))
@@ -116,7 +116,7 @@ def _gate_candidates(experts: nn.Module, act_kind: str | None):
     caps = (_softcap(act_fn, "gate_softcap"), _softcap(act_fn, "up_softcap")) if limit is None else (None, None)
     concatenated = getattr(experts, "is_concatenated", True)
     kinds = [_GATED_KIND[act_kind]] if act_kind in _GATED_KIND else list(_GATED_KIND.values())
-    if caps != (None, None):
+    if caps[0] is not None:  # a gate softcap is SwiGLU's
         kinds = ["swiglu"]
     for kind in kinds:
         for slope in dict.fromkeys([alpha or 1.0, 1.0] if kind == "swiglu" else [1.0]):
