@@ -54,6 +54,8 @@ USER_SHAPES = {
     "spec-geglu_tanh-S1": (64, 128, 8, 2, "geglu_tanh", False),
     "spec-relu2-F128": (128, 256, 8, 2, "relu2", False),
     "spec-geglu-U100": (100, 266, 8, 2, "geglu", False),
+    # Inkling-2's softcapped SwiGLU (its config's caps: gate 4, up 25)
+    "spec-inkling2-S1": (64, 128, 8, 2, str(ActivationSpec("swiglu", gate_softcap=4.0, up_softcap=25.0)), False),
 }
 # Routing alone at the transformers families' E/k and scorings (the blocks run ``topk_route``; the
 # families with their own router only the dispatch): name: (E, k, scoring, renormalize).

@@ -41,6 +41,7 @@ def _fused_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, weights_ptr, order_
                       stride_w2e, stride_w2h, stride_w2d, stride_b2e, stride_b2d, stride_oa, stride_od,
                       HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACT: tl.constexpr,
                       LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr, CLAMP_AFTER: tl.constexpr,
+                      GATE_SOFTCAP: tl.constexpr, UP_SOFTCAP: tl.constexpr,
                       INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_E: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     expert, p, row_mask, a = _expert_rows(tl.program_id(0), order_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
@@ -56,7 +57,7 @@ def _fused_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, weights_ptr, order_
         hh = h0 + tl.arange(0, BLOCK_H)
         z, z_up = _fused_up(x, w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1, ACT,
                             INTERLEAVED)
-        h = _hidden(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER).to(x.dtype)
+        h = _hidden(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP).to(x.dtype)
         acc = tl.dot(h, _load_matrix(w2_e, hh, H, do, DO, stride_w2h, stride_w2d), acc)
     if HAS_B2:
         acc += tl.load(b2_ptr + e64 * stride_b2e + do * stride_b2d, mask=do < DO, other=0.0).to(tl.float32)[None, :]
@@ -74,7 +75,8 @@ def _fused_bwd_rows_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, weight
                            stride_w2e, stride_w2h, stride_w2d, stride_b2e, stride_b2d, stride_dxa, stride_dxd,
                            HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACT: tl.constexpr,
                            LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
-                           CLAMP_AFTER: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_E: tl.constexpr,
+                           CLAMP_AFTER: tl.constexpr,
+                           GATE_SOFTCAP: tl.constexpr, UP_SOFTCAP: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_E: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     """Per row tile: dx rows (per assignment) and dL/dw_a, streaming the hidden layer."""
     expert, p, row_mask, a = _expert_rows(tl.program_id(0), order_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
@@ -94,8 +96,10 @@ def _fused_bwd_rows_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, weight
         z, z_up = _fused_up(x, w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h, HAS_B1, ACT,
                             INTERLEAVED)
         g = tl.dot(dy, _load_matrix(w2_e, do, DO, hh, H, stride_w2d, stride_w2h))
-        dw += tl.sum(_hidden(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER) * g, axis=1)
-        dz, dz_up = _hidden_grads(z, z_up, w[:, None] * g, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
+        dw += tl.sum(_hidden(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET,
+                             CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP) * g, axis=1)
+        dz, dz_up = _hidden_grads(z, z_up, w[:, None] * g, ACT, LIMIT, ALPHA, UP_OFFSET,
+                                  CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP)
         gate_cols, gate_limit = _w1_columns(hh, H, False, INTERLEAVED)
         dx = tl.dot(dz.to(x.dtype), _load_matrix(w1_e, gate_cols, gate_limit, d, D, stride_w1h, stride_w1d), dx)
         if ACT >= GATED:
@@ -188,7 +192,8 @@ def _fused_bwd_w2_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, weights_ptr, order_ptr, 
                          stride_w1e, stride_w1d, stride_w1h, stride_b1e, stride_b1h,
                          HAS_B1: tl.constexpr, ACT: tl.constexpr,
                          LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
-                         CLAMP_AFTER: tl.constexpr, INTERLEAVED: tl.constexpr,
+                         CLAMP_AFTER: tl.constexpr,
+                         GATE_SOFTCAP: tl.constexpr, UP_SOFTCAP: tl.constexpr, INTERLEAVED: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     """Float32 partial dW2 [S, E, H, DO] and db2 [S, E, DO] of part ``split`` of expert e, hidden chunk hh."""
@@ -206,7 +211,8 @@ def _fused_bwd_w2_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, weights_ptr, order_ptr, 
         x, dy, w = _part_rows(p0, end, order_ptr, x_ptr, dy_ptr, weights_ptr, d, D, do, DO, TOPK,
                               stride_xt, stride_xd, stride_gt, stride_gd, BLOCK_M)
         z, z_up = _project(x, w1_gate, b1_gate, w1_up, b1_up, HAS_B1, ACT >= GATED)
-        weighted_h = (_hidden(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER) * w[:, None]).to(x.dtype)
+        weighted_h = (_hidden(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET,
+                              CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP) * w[:, None]).to(x.dtype)
         dw2 = tl.dot(tl.trans(weighted_h), dy, dw2)
         db2 += tl.sum(dy.to(tl.float32) * w[:, None], axis=0)
     part = split.to(tl.int64) * E + expert  # flat index into the [S, E] partials
@@ -223,7 +229,8 @@ def _fused_bwd_w1_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, weights_ptr, ord
                          stride_w2e, stride_w2h, stride_w2d,
                          HAS_B1: tl.constexpr, ACT: tl.constexpr, UP: tl.constexpr,
                          LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
-                         CLAMP_AFTER: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                         CLAMP_AFTER: tl.constexpr,
+                         GATE_SOFTCAP: tl.constexpr, UP_SOFTCAP: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     """Float32 partial dW1 [S, E, D, W1 columns] and db1 [S, E, W1 columns] of part ``split`` of expert
     e, hidden chunk hh: the gate (or only) columns of hh, or for a gated activation with UP the up half's."""
@@ -234,8 +241,8 @@ def _fused_bwd_w1_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, weights_ptr, ord
     w1_e, b1_e = w1_ptr + e64 * stride_w1e, b1_ptr + e64 * stride_b1e
     w2_t = _load_matrix(w2_ptr + e64 * stride_w2e, do, DO, hh, H, stride_w2d, stride_w2h)
     # a gated activation's gate gradient needs z_up; its up half's needs only the gate, unless up is
-    # clamped (its gradient is zero outside [-LIMIT, LIMIT])
-    WITH_UP: tl.constexpr = ACT >= GATED and (not UP or LIMIT is not None)
+    # clamped (its gradient is zero outside [-LIMIT, LIMIT]) or softcapped (1 - tanh(up / S_u)^2)
+    WITH_UP: tl.constexpr = ACT >= GATED and (not UP or LIMIT is not None or UP_SOFTCAP is not None)
     w1_gate, b1_gate, w1_up, b1_up = _up_chunks(w1_e, b1_e, d, D, hh, H, stride_w1d, stride_w1h, stride_b1h,
                                                 HAS_B1, WITH_UP, INTERLEAVED)
     dw1_t = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)  # transposed: the hidden chunk is the dot's M
@@ -244,7 +251,8 @@ def _fused_bwd_w1_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, weights_ptr, ord
         x, dy, w = _part_rows(p0, end, order_ptr, x_ptr, dy_ptr, weights_ptr, d, D, do, DO, TOPK,
                               stride_xt, stride_xd, stride_gt, stride_gd, BLOCK_M)
         z, z_up = _project(x, w1_gate, b1_gate, w1_up, b1_up, HAS_B1, WITH_UP)
-        dz, dz_up = _hidden_grads(z, z_up, w[:, None] * tl.dot(dy, w2_t), ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
+        dz, dz_up = _hidden_grads(z, z_up, w[:, None] * tl.dot(dy, w2_t), ACT, LIMIT, ALPHA, UP_OFFSET,
+                                  CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP)
         dcol = dz_up if UP else dz
         dw1_t = tl.dot(tl.trans(dcol.to(x.dtype)), x, dw1_t)
         db1 += tl.sum(dcol, axis=0)

@@ -15,7 +15,8 @@ from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _expert_tile, _hidden, _hi
 from ._reductions import split_partials, sum_splits
 
 # The constexprs of no activation (the second layer's and dx's GEMMs): ACT 0 is the identity.
-_NO_ACTIVATION = dict(ACT=0, LIMIT=None, ALPHA=1.0, UP_OFFSET=0.0, CLAMP_AFTER=False, INTERLEAVED=False)
+_NO_ACTIVATION = dict(ACT=0, LIMIT=None, ALPHA=1.0, UP_OFFSET=0.0, CLAMP_AFTER=False, INTERLEAVED=False,
+                      GATE_SOFTCAP=None, UP_SOFTCAP=None)
 
 @triton.jit
 def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offsets_ptr, out_ptr,
@@ -24,7 +25,8 @@ def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offse
                            stride_om, stride_on,
                            GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
                            ACT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
-                           CLAMP_AFTER: tl.constexpr, INTERLEAVED: tl.constexpr,
+                           CLAMP_AFTER: tl.constexpr,
+                           GATE_SOFTCAP: tl.constexpr, UP_SOFTCAP: tl.constexpr, INTERLEAVED: tl.constexpr,
                            SCALE_ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[row_out(p)] = scale_p * act(A[row_in(p)] B_e + bias_e) over each expert's rows p.
@@ -55,7 +57,7 @@ def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offse
         acc += tl.load(bias_e + gate_cols * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
         if ACT >= GATED:
             acc_up += tl.load(bias_e + up_cols * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
-    out = _hidden(acc, acc_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
+    out = _hidden(acc, acc_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP)
     if SCALE_ROWS:
         out *= tl.load(weights_ptr + a, mask=row_mask, other=0.0)[:, None]
     tl.store(out_ptr + rows_out[:, None] * stride_om + n[None, :] * stride_on, out.to(out_ptr.dtype.element_ty),
@@ -71,7 +73,8 @@ def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w
                                 stride_w2e, stride_w2h, stride_w2d, stride_b2e, stride_b2d,
                                 HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACT: tl.constexpr,
                                 LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
-                                CLAMP_AFTER: tl.constexpr, INTERLEAVED: tl.constexpr,
+                                CLAMP_AFTER: tl.constexpr,
+                                GATE_SOFTCAP: tl.constexpr, UP_SOFTCAP: tl.constexpr, INTERLEAVED: tl.constexpr,
                                 BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_K: tl.constexpr):
     """For rows p of one expert and hidden columns n: recompute z = x W1 + b1 and G = g W2^T,
@@ -112,13 +115,14 @@ def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w
         z += tl.load(b1_e + gate_cols * stride_b1h, mask=n < H, other=0.0).to(tl.float32)[None, :]
         if ACT >= GATED:
             z_up += tl.load(b1_e + up_cols * stride_b1h, mask=n < H, other=0.0).to(tl.float32)[None, :]
-    h = _hidden(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
+    h = _hidden(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP)
     w = tl.load(weights_ptr + a, mask=row_mask, other=0.0)
     dw = tl.sum(h * g, axis=1)
     if pid_n == 0:
         dw += dy_b2
     tl.store(dweights_ptr + pid_n.to(tl.int64) * A + a, dw, mask=row_mask)
-    dz, dz_up = _hidden_grads(z, z_up, w[:, None] * g, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
+    dz, dz_up = _hidden_grads(z, z_up, w[:, None] * g, ACT, LIMIT, ALPHA, UP_OFFSET,
+                              CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP)
     cols = 2 * H if ACT >= GATED else H
     mask = row_mask[:, None] & (n[None, :] < H)
     rows = p.to(tl.int64)[:, None]
@@ -223,13 +227,19 @@ _grouped_xty = arch_autotune(
     narrow=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3}, _XTY_CANDIDATES))
 
 
+def _bounded(act: dict) -> bool:
+    """Whether a gated activation clamps or softcaps (more live state in its tiles)."""
+    return act["LIMIT"] is not None or act["GATE_SOFTCAP"] is not None or act["UP_SOFTCAP"] is not None
+
+
 def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | None, out, n: int, k_dim: int, *,
                            gather: bool, scatter: bool, act: dict, scale: bool) -> None:
     """``act``: the activation's constexprs (``ActivationSpec.triton_constexprs`` or ``_NO_ACTIVATION``)."""
     bias_ptr, stride_be, stride_bn = (b, 0, 0) if bias is None else (bias, bias.stride(0), bias.stride(1))
     # A clamped gated activation in float32 holds 255 registers at the aligned default on sm_80
-    # (GPT-OSS's spec, S1/S3, Triton 3.9): it takes the 8-warp tiles too.
-    clamped_fp32 = act["ACT"] >= GATED_BASE and act["LIMIT"] is not None and a.dtype == torch.float32
+    # (GPT-OSS's spec, S1/S3, Triton 3.9): it takes the 8-warp tiles too, and so does a softcapped
+    # one (more live state than the clamps; assumed alike, not measured).
+    clamped_fp32 = act["ACT"] >= GATED_BASE and _bounded(act) and a.dtype == torch.float32
     aligned_launch = aligned(n, k_dim, a.stride(0), *b_strides, out.stride(0)) and not clamped_fp32
     tuned = _grouped_matmul if aligned_launch else _grouped_matmul_unaligned
     tuned.for_device(a.device)[d.row_grid(lambda meta: triton.cdiv(n, meta["BLOCK_N"]))](
@@ -274,8 +284,8 @@ def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool
     dz = torch.empty(A, w.w1.shape[2], dtype=x.dtype, device=x.device)
     dweights = torch.empty(column_blocks, A, dtype=torch.float32, device=x.device)
     # Gated in float32, or clamped: the aligned default's live state spills there (see above; the
-    # clamped specs spilled 8-56 B on sm_80 at S1/S3, Triton 3.9).
-    heavy = act["ACT"] >= GATED_BASE and (x.dtype == torch.float32 or act["LIMIT"] is not None)
+    # clamped specs spilled 8-56 B on sm_80 at S1/S3, Triton 3.9; softcapped ones assumed alike).
+    heavy = act["ACT"] >= GATED_BASE and (x.dtype == torch.float32 or _bounded(act))
     tuned = _grouped_hidden_grad if aligned(D, H, DO, *x.stride(), *dy.stride(), *w.w1.stride(), *w.w2.stride()) \
         and not heavy else _grouped_hidden_grad_unaligned
     tuned.for_device(x.device)[d.row_grid(lambda meta: column_blocks)](

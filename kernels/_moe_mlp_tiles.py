@@ -90,42 +90,56 @@ def _activation_grad(z, ACT: tl.constexpr, ALPHA: tl.constexpr):
 
 
 @triton.jit
+def _tanh(u):
+    """tanh(u) = 2 sigmoid(2u) - 1 (tl.math has no tanh)."""
+    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+
+
+@triton.jit
 def _gate_up(z, z_up, ACT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
-             CLAMP_AFTER: tl.constexpr):
-    """(gate after its input clamp, f of it, f after its output clamp, up factor clamp(up, -L, L) +
-    UP_OFFSET) of a gated activation (``activations`` module docstring); the clamps keep NaN, as
-    torch.clamp does."""
+             CLAMP_AFTER: tl.constexpr, GATE_SOFTCAP: tl.constexpr, UP_SOFTCAP: tl.constexpr):
+    """(gate after its input clamp, f of it, f after its output clamp, up factor s_u(clamp(up, -L,
+    L)) + UP_OFFSET) of a gated activation (``activations`` module docstring); the clamps keep NaN,
+    as torch.clamp does. With GATE_SOFTCAP, f(g) = S_g tanh(g / S_g) sigmoid(ALPHA g)."""
     gate = z
     if LIMIT is not None:
         if not CLAMP_AFTER:
             gate = tl.where(z > LIMIT, LIMIT, z)
-    f = _activation(gate, ACT - GATED, ALPHA)
+    if GATE_SOFTCAP is not None:
+        f = GATE_SOFTCAP * _tanh(gate / GATE_SOFTCAP) * tl.sigmoid(ALPHA * gate)
+    else:
+        f = _activation(gate, ACT - GATED, ALPHA)
     f_out = f
     up = z_up
     if LIMIT is not None:
         if CLAMP_AFTER:
             f_out = tl.where(f > LIMIT, LIMIT, f)
         up = tl.where(z_up > LIMIT, LIMIT, tl.where(z_up < -LIMIT, -LIMIT, z_up))
+    if UP_SOFTCAP is not None:
+        up = UP_SOFTCAP * _tanh(up / UP_SOFTCAP)
     return gate, f, f_out, up + UP_OFFSET
 
 
 @triton.jit
 def _hidden(z, z_up, ACT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
-            CLAMP_AFTER: tl.constexpr):
-    """h = act(z), or for a gated ACT f(gate) * (up + UP_OFFSET) with its clamps (z is then the gate half)."""
+            CLAMP_AFTER: tl.constexpr, GATE_SOFTCAP: tl.constexpr, UP_SOFTCAP: tl.constexpr):
+    """h = act(z), or for a gated ACT f(gate) * (up + UP_OFFSET) with its clamps and softcaps (z is
+    then the gate half)."""
     if ACT >= GATED:
-        gate, f, f_out, up = _gate_up(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
+        gate, f, f_out, up = _gate_up(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP)
         return f_out * up
     return _activation(z, ACT, ALPHA)
 
 
 @triton.jit
 def _hidden_grads(z, z_up, dh, ACT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr,
-                  UP_OFFSET: tl.constexpr, CLAMP_AFTER: tl.constexpr):
+                  UP_OFFSET: tl.constexpr, CLAMP_AFTER: tl.constexpr, GATE_SOFTCAP: tl.constexpr,
+                  UP_SOFTCAP: tl.constexpr):
     """(dL/dz, dL/dz_up) from dL/dh; the second is only meaningful for a gated ACT, where a clamped
-    value passes no gradient outside its range (at the bound it does, as torch.clamp's)."""
+    value passes no gradient outside its range (at the bound it does, as torch.clamp's), and a
+    softcapped one S tanh(x / S) has the derivative 1 - tanh(x / S)^2."""
     if ACT >= GATED:
-        gate, f, f_out, up = _gate_up(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER)
+        gate, f, f_out, up = _gate_up(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP)
         dh_gate = dh
         dh_up = dh
         if LIMIT is not None:  # the cuts first, so that z and z_up need not stay live
@@ -134,7 +148,16 @@ def _hidden_grads(z, z_up, dh, ACT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl
                 dh_gate = tl.where(f <= LIMIT, dh, 0.0)
             else:
                 dh_gate = tl.where(z <= LIMIT, dh, 0.0)
-        return dh_gate * up * _activation_grad(gate, ACT - GATED, ALPHA), dh_up * f_out
+        if UP_SOFTCAP is not None:
+            t_up = _tanh(z_up / UP_SOFTCAP)
+            dh_up = dh_up * (1.0 - t_up * t_up)
+        if GATE_SOFTCAP is not None:  # f' = (1 - t^2) s + S_g t ALPHA s (1 - s), t = tanh(g / S_g), s = sigmoid(ALPHA g)
+            t = _tanh(gate / GATE_SOFTCAP)
+            s = tl.sigmoid(ALPHA * gate)
+            f_grad = (1.0 - t * t) * s + GATE_SOFTCAP * t * ALPHA * s * (1.0 - s)
+        else:
+            f_grad = _activation_grad(gate, ACT - GATED, ALPHA)
+        return dh_gate * up * f_grad, dh_up * f_out
     return dh * _activation_grad(z, ACT, ALPHA), dh
 
 

@@ -21,10 +21,14 @@ parameters, as the transformers families that use them write their ``_apply_gate
     clamp_after  the gate's clamp applies to f(gate) instead of to gate (Bailing-hybrid, Step-3.7)
     alpha        the sigmoid's slope in swiglu (GPT-OSS: 1.702)
     up_offset    h = f(gate) * (up + up_offset) (GPT-OSS: 1)
+    gate_softcap None, or S_g > 0 (swiglu only): f(g) = S_g tanh(g / S_g) sigmoid(alpha g), the
+                 linear factor of SiLU softcapped while the sigmoid sees the raw gate (Inkling-2)
+    up_softcap   None, or S_u > 0: up enters as S_u tanh(up / S_u) (Inkling-2)
 
-so h = c_a(f(c_g(gate))) * (clamp(up, -L, L) + up_offset), c_g the gate clamp unless
-``clamp_after``, c_a the clamp with it. A clamped value's gradient is zero outside its range (as
-torch.clamp's: at the bound itself it passes).
+so h = c_a(f(c_g(gate))) * (s_u(clamp(up, -L, L)) + up_offset), c_g the gate clamp unless
+``clamp_after``, c_a the clamp with it, s_u the up softcap (identity without one). A clamped
+value's gradient is zero outside its range (as torch.clamp's: at the bound itself it passes). A
+spec takes a clamp limit or softcaps, not both (no family combines them).
 
 A spec is written anywhere a name is accepted, as an ``ActivationSpec`` or as its canonical string
 (``str(spec)``: the kind alone with default parameters, else e.g.
@@ -54,7 +58,7 @@ GATED_BASE = 16
 _PLAIN_CODES = {"gelu": 1, "silu": 2, "relu": 3, "gelu_tanh": 5, "relu2": 6}
 TRITON_CODES: dict[str, int] = {**_PLAIN_CODES, **{k: GATED_BASE + _PLAIN_CODES[g] for k, g in _GATE_OF.items()}}
 
-_PARAMETERS = ("limit", "alpha", "up_offset", "interleaved", "clamp_after")
+_PARAMETERS = ("limit", "alpha", "up_offset", "interleaved", "clamp_after", "gate_softcap", "up_softcap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,28 +71,38 @@ class ActivationSpec:
     up_offset: float = 0.0
     interleaved: bool = False
     clamp_after: bool = False
+    gate_softcap: float | None = None
+    up_softcap: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS} (or an ActivationSpec of one), "
                              f"got {self.kind!r}")
-        for name in ("alpha", "up_offset") + (("limit",) if self.limit is not None else ()):
+        optional = tuple(name for name in ("limit", "gate_softcap", "up_softcap") if getattr(self, name) is not None)
+        for name in ("alpha", "up_offset") + optional:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"activation {name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))
+        for name in ("gate_softcap", "up_softcap"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"activation {name} must be > 0 (x -> {name} tanh(x / {name})), "
+                                 f"got {getattr(self, name)}")
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"activation limit must be > 0 (it clamps up to [-limit, limit]), got {self.limit}")
         for name in ("interleaved", "clamp_after"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"activation {name} must be a bool, got {getattr(self, name)!r}")
         if self.kind not in GATED and self._changed():
-            raise ValueError(f"{self.kind!r} is not gated: limit, alpha, up_offset, interleaved and clamp_after "
-                             f"apply to {sorted(GATED)} only")
+            raise ValueError(f"{self.kind!r} is not gated: {', '.join(_PARAMETERS)} apply to {sorted(GATED)} only")
         if self.alpha != 1.0 and self.kind != "swiglu":
             raise ValueError(f"alpha (the sigmoid's slope) applies to swiglu only, got {self.kind!r}")
         if self.clamp_after and self.limit is None:
             raise ValueError("clamp_after needs a limit")
+        if self.gate_softcap is not None and self.kind != "swiglu":
+            raise ValueError(f"gate_softcap (SiLU's linear factor softcapped) applies to swiglu only, got {self.kind!r}")
+        if self.limit is not None and (self.gate_softcap is not None or self.up_softcap is not None):
+            raise ValueError("an activation takes a clamp limit or softcaps, not both")
 
     def _changed(self) -> list[str]:
         """"name=value" of every parameter that differs from its default."""
@@ -106,9 +120,10 @@ class ActivationSpec:
 
     def triton_constexprs(self) -> dict:
         """The kernels' constexpr arguments (``_moe_mlp_tiles``): ACT, LIMIT (None: no clamp),
-        ALPHA, UP_OFFSET, CLAMP_AFTER, INTERLEAVED."""
+        ALPHA, UP_OFFSET, CLAMP_AFTER, INTERLEAVED, GATE_SOFTCAP and UP_SOFTCAP (None: none)."""
         return dict(ACT=TRITON_CODES[self.kind], LIMIT=self.limit, ALPHA=self.alpha, UP_OFFSET=self.up_offset,
-                    CLAMP_AFTER=self.clamp_after, INTERLEAVED=self.interleaved)
+                    CLAMP_AFTER=self.clamp_after, INTERLEAVED=self.interleaved, GATE_SOFTCAP=self.gate_softcap,
+                    UP_SOFTCAP=self.up_softcap)
 
 
 Activation = Union[str, ActivationSpec]
@@ -195,14 +210,22 @@ def _plain_backward(dh: torch.Tensor, z: torch.Tensor, kind: str, alpha: float =
     return torch.ops.aten.threshold_backward(2 * z * dh, z, 0)  # relu2: 2 max(z, 0)
 
 
+def _softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return cap * torch.tanh(x / cap)
+
+
 def _gate_parts(z: torch.Tensor, spec: ActivationSpec):
-    """(gate, f(c_g(gate)) before the clamp after, c_a of it, up factor) of a gated z."""
+    """(gate, f(c_g(gate)) before the clamp after, c_a of it, up, up factor) of a gated z."""
     gate, up = _split(z, spec)
     limit = spec.limit
     gate_in = gate.clamp(max=limit) if limit is not None and not spec.clamp_after else gate
-    f = _plain(gate_in, _GATE_OF[spec.kind], spec.alpha)
+    if spec.gate_softcap is not None:
+        f = _softcap(gate_in, spec.gate_softcap) * torch.sigmoid(spec.alpha * gate_in)
+    else:
+        f = _plain(gate_in, _GATE_OF[spec.kind], spec.alpha)
     f_out = f.clamp(max=limit) if spec.clamp_after else f
     up_c = up.clamp(-limit, limit) if limit is not None else up
+    up_c = _softcap(up_c, spec.up_softcap) if spec.up_softcap is not None else up_c
     return gate, gate_in, f, f_out, up, up_c + spec.up_offset if spec.up_offset else up_c
 
 
@@ -217,7 +240,9 @@ def activate(z: torch.Tensor, activation: Activation) -> torch.Tensor:
 
 def activation_backward(dh: torch.Tensor, z: torch.Tensor, activation: Activation) -> torch.Tensor:
     """dz = act'(z) dh for ``activate`` (gated: d gate = f'(gate) (up + up_offset) dh and d up =
-    f(gate) dh, each zero where its clamp cut)."""
+    f(gate) s_u'(up) dh, each zero where its clamp cut; s_u'(u) = 1 - tanh(u / S_u)^2, and with a
+    gate softcap f'(g) = (1 - tanh(g / S_g)^2) sigmoid(alpha g) + S_g tanh(g / S_g) alpha s (1 - s),
+    s = sigmoid(alpha g))."""
     spec = activation_spec(activation)
     if not spec.gated:
         return _plain_backward(dh, z, spec.kind)
@@ -228,7 +253,13 @@ def activation_backward(dh: torch.Tensor, z: torch.Tensor, activation: Activatio
         limit = spec.limit
         d_f = d_f * (f <= limit) if spec.clamp_after else d_f
         d_up = d_up * ((up >= -limit) & (up <= limit))
-    d_gate = _plain_backward(d_f, gate_in, _GATE_OF[spec.kind], spec.alpha)
+    if spec.up_softcap is not None:
+        d_up = d_up * (1 - torch.tanh(up / spec.up_softcap).square())
+    if spec.gate_softcap is not None:
+        t, s = torch.tanh(gate_in / spec.gate_softcap), torch.sigmoid(spec.alpha * gate_in)
+        d_gate = d_f * ((1 - t.square()) * s + spec.gate_softcap * t * spec.alpha * s * (1 - s))
+    else:
+        d_gate = _plain_backward(d_f, gate_in, _GATE_OF[spec.kind], spec.alpha)
     if spec.limit is not None and not spec.clamp_after:
         d_gate = d_gate * (gate <= spec.limit)
     return _join(d_gate, d_up, spec)

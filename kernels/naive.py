@@ -92,7 +92,8 @@ def _plain_activation(z: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
 def activate(z: torch.Tensor, activation: Activation) -> torch.Tensor:
     """act(z) of a name or ``ActivationSpec``, written from the definitions (``activations``
     module docstring): for a gated spec, gate and up are z's halves (or its even and odd columns),
-    h = c_a(f(c_g(gate))) * (clamp(up, -limit, limit) + up_offset)."""
+    h = c_a(f(c_g(gate))) * (s_u(clamp(up, -limit, limit)) + up_offset), s_u(u) = S_u tanh(u / S_u)
+    with an up softcap, and f(g) = S_g tanh(g / S_g) sigmoid(alpha g) with a gate softcap."""
     spec = activation_spec(activation)
     if not spec.gated:
         return _plain_activation(z, spec.kind, 1.0)
@@ -101,11 +102,16 @@ def activate(z: torch.Tensor, activation: Activation) -> torch.Tensor:
     gate_fn = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}[spec.kind]
     if spec.limit is not None and not spec.clamp_after:
         gate = torch.clamp(gate, max=spec.limit)
-    f = _plain_activation(gate, gate_fn, spec.alpha)
+    if spec.gate_softcap is not None:
+        f = spec.gate_softcap * torch.tanh(gate / spec.gate_softcap) * torch.sigmoid(spec.alpha * gate)
+    else:
+        f = _plain_activation(gate, gate_fn, spec.alpha)
     if spec.limit is not None:
         if spec.clamp_after:
             f = torch.clamp(f, max=spec.limit)
         up = torch.clamp(up, min=-spec.limit, max=spec.limit)
+    if spec.up_softcap is not None:
+        up = spec.up_softcap * torch.tanh(up / spec.up_softcap)
     return f * (up + spec.up_offset)
 
 

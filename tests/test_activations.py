@@ -22,6 +22,11 @@ SPECS = {
     "clamp_then_silu": ActivationSpec("swiglu", limit=0.5),
     "silu_then_clamp": ActivationSpec("swiglu", limit=0.2, clamp_after=True),
     "geglu_tanh_interleaved_clamped": ActivationSpec("geglu_tanh", limit=0.5, up_offset=-0.25, interleaved=True),
+    # Inkling-2's softcapped SwiGLU, caps small enough that tanh bends on the random values
+    "inkling2": ActivationSpec("swiglu", gate_softcap=0.7, up_softcap=0.4),
+    "softcaps_sloped_interleaved": ActivationSpec("swiglu", alpha=1.702, up_offset=1.0, interleaved=True,
+                                                  gate_softcap=1.5, up_softcap=0.3),
+    "geglu_up_softcap": ActivationSpec("geglu", up_softcap=0.5),
 }
 # T, D, H, D_out, E, k, bias; expert E-1 gets no token in every shape
 SHAPES = {"odd": (13, 7, 5, 9, 4, 2, True), "one_token": (1, 6, 3, 5, 3, 2, False)}
@@ -109,6 +114,10 @@ def test_gpt_oss_string():
     assert str(GPT_OSS) == "swiglu(limit=0.6,alpha=1.702,up_offset=1.0,interleaved=True)"
 
 
+def test_inkling2_string():
+    assert str(SPECS["inkling2"]) == "swiglu(gate_softcap=0.7,up_softcap=0.4)"
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda: ActivationSpec("tanh"), "activation must be one of"),
     (lambda: ActivationSpec("gelu", limit=1.0), "is not gated"),
@@ -118,6 +127,11 @@ def test_gpt_oss_string():
     (lambda: ActivationSpec("swiglu", limit=float("inf")), "finite"),
     (lambda: ActivationSpec("swiglu", clamp_after=True), "clamp_after needs a limit"),
     (lambda: ActivationSpec("swiglu", interleaved=1), "must be a bool"),
+    (lambda: ActivationSpec("swiglu", gate_softcap=0.0), "gate_softcap must be > 0"),
+    (lambda: ActivationSpec("swiglu", up_softcap=float("nan")), "finite"),
+    (lambda: ActivationSpec("geglu", gate_softcap=1.0), "swiglu only"),
+    (lambda: ActivationSpec("silu", up_softcap=1.0), "is not gated"),
+    (lambda: ActivationSpec("swiglu", limit=1.0, up_softcap=1.0), "limit or softcaps, not both"),
     (lambda: activation_spec("swiglu(limit=7.0"), "expected kind"),
     (lambda: activation_spec("swiglu(slope=2.0)"), "is not one of"),
     (lambda: activation_spec("swiglu(limit=seven)"), "no number"),

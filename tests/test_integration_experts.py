@@ -27,12 +27,10 @@ TOL = 1e-5
 FALLS_BACK_TO = "grouped_mm" if "grouped_mm" in moe_hook.ALL_EXPERTS_FUNCTIONS else "batched_mm"
 # Families whose experts moe_mlp cannot compute, with the reason the fallback names, as of this
 # transformers release (an older one may lack some of them, or not hook their experts yet):
-# Inkling-2's softcapped SwiGLU (c tanh(gate / c) sigmoid(gate) * c' tanh(up / c')) is no
-# activation spec, and MuseSpark normalises each expert's output (see moe_restore.integration.experts).
+# None in this release: Inkling-2's softcapped SwiGLU and MuseSpark's norm after each expert run
+# the kernels too (see moe_restore.integration.experts).
 FALLBACK_RELEASE = "5.25.0"
-FALLBACK = {
-    "inkling2": "_apply_gate", "inkling2_loop": "_apply_gate", "muse_spark": "norm after each expert",
-}
+FALLBACK: dict[str, str] = {}
 
 
 @pytest.fixture

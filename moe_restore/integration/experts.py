@@ -21,19 +21,23 @@ on the experts' own Parameters in their own dtype, through views (no copy):
   tanh-GELU, ReLU or squared ReLU);
 * a family's own ``_apply_gate`` (GPT-OSS's clamped SwiGLU with its slope, ``up + 1`` and
   interleaved columns; DeepSeek-V4's and GLM-5-Next's clamp then SiLU; Step-3.7's SiLU then
-  clamp, ...) runs as the ``ActivationSpec`` it computes: the candidate specs built from the
-  module's ``limit``/``swiglu_limit`` and ``alpha``/``swiglu_alpha`` are probed against the
-  family's own ``_apply_gate`` on values that cross every clamp, once per class and parameters,
-  and the first that matches it (float32, 1e-6 relative) is used;
+  clamp; Inkling-2's softcapped SwiGLU, ...) runs as the ``ActivationSpec`` it computes: the
+  candidate specs built from the module's ``limit``/``swiglu_limit`` and ``alpha``/``swiglu_alpha``
+  and its ``act_fn``'s ``gate_softcap``/``up_softcap`` are probed against the family's own
+  ``_apply_gate`` on values that cross every clamp, once per class and parameters, and the first
+  that matches it (float32, 1e-6 relative) is used;
 * biases (``has_bias``): b1 = ``gate_up_proj_bias`` (or ``up_proj_bias``), b2 = ``down_proj_bias``;
 * slots that repeat an expert of their row or hold a sentinel id >= E (expert parallelism) are
-  folded into distinct ids first (``distinct_slots``), the sum over slots unchanged.
+  folded into distinct ids first (``distinct_slots``), the sum over slots unchanged;
+* a norm after each expert (``has_post_expert_norm``: MuseSpark's ``post_expert_norm`` of each
+  expert's D_out row, before the routing weight): ``moe_mlp`` computes the unweighted expert
+  outputs of the [T*k, D] rows (each token once per slot, weight 1), and the norm, the weights and
+  the sum over slots run in torch (``_with_post_expert_norm``). The grouped path tiles D_out
+  across programs, so the norm cannot go into its epilogue; this costs the [T*k, D] input and
+  [T*k, D_out] output that transformers' ``grouped_mm`` also materialises.
 
-Everything else (an ``_apply_gate`` no spec matches, such as Inkling-2's softcapped SwiGLU;
-interleaved rows with the default gate; another activation; a norm after each expert, as in
-MuseSpark, which normalises each expert's D_out row before the routing weight: the grouped path
-tiles D_out across programs, so it would take another pass over [T*k, D_out] and a backward of its
-own, with the norm weight's gradient; more slots than experts; quantised or mixed-dtype weights)
+Everything else (an ``_apply_gate`` no spec matches; interleaved rows with the default gate;
+another activation; more slots than experts; quantised or mixed-dtype weights)
 runs what transformers would have run without us (``fallback_forward``: its ``"grouped_mm"``, else
 its ``"batched_mm"``, the family's eager forward only where the installed transformers has
 neither), with a warning given once per reason that names it.
@@ -92,22 +96,36 @@ def _number(experts: nn.Module, names: tuple[str, ...]) -> float | None:
     return None
 
 
+def _softcap(module: object, name: str) -> float | None:
+    """The softcap ``name`` of ``module`` (Inkling-2's act_fn): a number, or a submodule holding
+    one as ``softcap``; None if absent or not > 0."""
+    value = getattr(module, name, None)
+    value = getattr(value, "softcap", value)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
 def _gate_candidates(experts: nn.Module, act_kind: str | None):
     """The specs the family's ``_apply_gate`` may compute, most likely first: the gate function of
     its ``act_fn`` (any gated kind without one), its slope and clamp limit, the clamp before or
-    after the gate function, up offset 0 or 1, the columns as ``is_concatenated`` says or not."""
+    after the gate function, up offset 0 or 1, the columns as ``is_concatenated`` says or not; with
+    no limit, the softcaps on its ``act_fn`` (``gate_softcap``: SwiGLU only, ``up_softcap``)."""
     limit = _number(experts, ("limit", "swiglu_limit"))
     limit = limit if limit is not None and limit > 0 else None
     alpha = _number(experts, ("alpha", "swiglu_alpha"))
+    act_fn = getattr(experts, "act_fn", None)
+    caps = (_softcap(act_fn, "gate_softcap"), _softcap(act_fn, "up_softcap")) if limit is None else (None, None)
     concatenated = getattr(experts, "is_concatenated", True)
     kinds = [_GATED_KIND[act_kind]] if act_kind in _GATED_KIND else list(_GATED_KIND.values())
+    if caps[0] is not None:  # a gate softcap is SwiGLU's
+        kinds = ["swiglu"]
     for kind in kinds:
         for slope in dict.fromkeys([alpha or 1.0, 1.0] if kind == "swiglu" else [1.0]):
             for clamp_after in ((False, True) if limit is not None else (False,)):
                 for up_offset in (0.0, 1.0):
                     for interleaved in (not concatenated, concatenated):
                         yield ActivationSpec(kind, limit=limit, alpha=slope, up_offset=up_offset,
-                                             interleaved=interleaved, clamp_after=clamp_after)
+                                             interleaved=interleaved, clamp_after=clamp_after,
+                                             gate_softcap=caps[0], up_softcap=caps[1])
 
 
 def _apply_gate_spec(experts: nn.Module, act_kind: str | None) -> ActivationSpec | str:
@@ -119,7 +137,8 @@ def _apply_gate_spec(experts: nn.Module, act_kind: str | None) -> ActivationSpec
         return (f"{type(experts).__name__}'s own _apply_gate is matched to an activation spec by a probe that "
                 "runs eagerly: one forward outside torch.compile first")
     if key not in _probed:
-        scale = 3 * (candidates[0].limit or 2.0)  # values on both sides of every clamp
+        spec = candidates[0]  # values on both sides of every clamp, and where every softcap bends
+        scale = 3 * max(spec.limit or 2.0, spec.gate_softcap or 0.0, spec.up_softcap or 0.0)
         probe = torch.linspace(-scale, scale, 2 * 509, dtype=torch.float64)
         probe = probe[torch.randperm(probe.numel(), generator=torch.Generator().manual_seed(0))][None]
         name = type(experts).__name__
@@ -141,8 +160,8 @@ def plan(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Ten
     """(activation, (w1, w2, b1, b2)) for ``moe_mlp``, or the reason the kernels cannot take this call."""
     from transformers.integrations.moe import _default_apply_gate
 
-    if getattr(experts, "has_post_expert_norm", False):
-        return "a norm after each expert is not supported"
+    if getattr(experts, "has_post_expert_norm", False) and not callable(getattr(experts, "post_expert_norm", None)):
+        return "it declares a norm after each expert but has no post_expert_norm module"
     if hidden_states.dim() != 2 or top_k_index.dim() != 2 or top_k_weights.shape != top_k_index.shape:
         return (f"the call is not (hidden_states [T, D], top_k_index [T, k], top_k_weights [T, k]): got "
                 f"{tuple(hidden_states.shape)}, {tuple(top_k_index.shape)}, {tuple(top_k_weights.shape)}")
@@ -270,9 +289,25 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
         return forward(experts, hidden_states, top_k_index, top_k_weights)
     activation, (w1, w2, b1, b2) = planned
     ids, weights = distinct_slots(top_k_index, top_k_weights, w1.shape[0])
+    if getattr(experts, "has_post_expert_norm", False):
+        return _with_post_expert_norm(experts, hidden_states, ids, weights, activation, (w1, w2, b1, b2), backend)
     routing = routing_from_topk(ids, weights, w1.shape[0], backend=backend)
     y = moe_mlp(hidden_states, routing, w1, w2, b1, b2, activation=activation, backend=backend)
     return y.to(hidden_states.dtype)
+
+
+def _with_post_expert_norm(experts: nn.Module, hidden_states: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                           activation, params: tuple, backend: str | None) -> torch.Tensor:
+    """sum_j w_j norm(f_{e_j}(x)) (MuseSpark: a norm after each expert, before its routing weight).
+    ``moe_mlp`` computes the unweighted expert outputs: each (token, slot) pair is one row of a
+    [T*k, D] input routed to its expert with weight 1; the norm, the weights and the sum over the
+    k slots run in torch on the [T*k, D_out] result."""
+    T, k = ids.shape
+    rows = hidden_states[:, None, :].expand(T, k, hidden_states.shape[1]).reshape(T * k, -1)
+    routing = routing_from_topk(ids.reshape(-1, 1), weights.new_ones(T * k, 1, dtype=torch.float32),
+                                params[0].shape[0], backend=backend)
+    out = experts.post_expert_norm(moe_mlp(rows, routing, *params, activation=activation, backend=backend))
+    return (out.view(T, k, -1) * weights[..., None].to(out.dtype)).sum(1).to(hidden_states.dtype)
 
 
 def _with_backend(backend: str | None):
@@ -291,13 +326,46 @@ IMPLEMENTATIONS = {IMPLEMENTATION: _with_backend(None), f"{IMPLEMENTATION}_torch
 _HOOK_MODULE = "transformers.integrations.moe"
 
 
+# The config attribute that config.json keeps (transformers drops its own ``_experts_implementation``
+# when saving, and reads a saved ``experts_implementation`` back into it when loading).
+SAVED_ATTRIBUTE = "experts_implementation"
+
+
+def _save_our_implementation() -> None:
+    """Make a config whose experts implementation is one of ``IMPLEMENTATIONS`` keep it in
+    config.json: ``PreTrainedConfig.to_dict`` (what ``save_pretrained`` writes, for every
+    sub-config too) is wrapped to add ``"experts_implementation": <our name>``, which
+    ``PreTrainedConfig.__init__`` reads back into ``_experts_implementation`` on load. transformers
+    alone saves no implementation (``set_experts_implementation`` and ``from_pretrained(...,
+    experts_implementation=)`` set the private ``_experts_implementation_internal``, which
+    ``to_dict`` drops); other implementations stay unsaved, as there. Idempotent."""
+    from transformers import PreTrainedConfig
+
+    original = PreTrainedConfig.to_dict
+    if getattr(original, "_moe_restore", False):
+        return
+
+    def to_dict(config) -> dict:
+        out = original(config)
+        current = config.__dict__.get("_experts_implementation_internal")
+        if current in IMPLEMENTATIONS:
+            out[SAVED_ATTRIBUTE] = current
+        return out
+
+    to_dict._moe_restore = True
+    to_dict.__doc__, to_dict.__wrapped__ = original.__doc__, original
+    PreTrainedConfig.to_dict = to_dict
+
+
 def register() -> None:
     """Register ``IMPLEMENTATIONS`` with transformers' experts interface: now if transformers' experts
     hook is imported already, else as soon as it is (importing it here would add seconds to every
-    ``import moe_restore``). Nothing happens where transformers is not installed. Idempotent."""
+    ``import moe_restore``), and make a config that selects one of them save it
+    (``_save_our_implementation``). Nothing happens where transformers is not installed. Idempotent."""
     module = sys.modules.get(_HOOK_MODULE)
     if module is not None:
         _add_transformers_activations()
+        _save_our_implementation()
         for name, forward in IMPLEMENTATIONS.items():
             module.ExpertsInterface.register(name, forward)
     elif not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):

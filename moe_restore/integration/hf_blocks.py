@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from moe_restore.kernels import topk_route
+from moe_restore.kernels import moe_mlp, routing_from_topk, topk_route
 
-from .experts import IMPLEMENTATION, eager_forward
+from .experts import _FLOAT_DTYPES, _GATED_KIND, IMPLEMENTATION, _activation_name, eager_forward
 from .report import NotConvertible
 
 
@@ -177,3 +177,172 @@ def describe(block: KernelSparseMoeBlock) -> str:
     return (f"{experts.gate_up_proj.shape[0]} experts, swiglu, views of gate_up_proj/down_proj (no copy) through "
             f'the experts module (experts_implementation="{implementation_name(block.backend)}"); '
             f"softmax, top-{block.top_k}, {'renormalised' if block.renormalize else 'not renormalised'}{shared}")
+
+
+def _gated_activation(act_fn: object) -> str:
+    """moe_mlp's gated kind of ``act_fn(gate) * up`` (SiLU, GELU or tanh-GELU), else NotConvertible."""
+    kind = _GATED_KIND.get(_activation_name(act_fn))
+    if kind is None:
+        raise NotConvertible(f"its experts' activation {type(act_fn).__name__} is not SiLU, GELU or tanh-GELU, so "
+                             "the expert MLP is none of moe_mlp's gated kinds")
+    return kind
+
+
+def _check_float(*weights: torch.Tensor) -> None:
+    if not all(isinstance(w, torch.Tensor) and w.dtype in _FLOAT_DTYPES and w.device.type != "meta"
+               for w in weights):
+        raise NotConvertible("its expert weights are not float tensors in memory (quantised or offloaded)")
+
+
+class KernelLlama4TextMoe(nn.Module):
+    """Llama 4's ``Llama4TextMoe`` (its experts are outside transformers' experts hook) on ``moe_mlp``.
+
+    The stock block computes, for x [T, D], router logits l = x W_r^T and its top-k experts e_j:
+
+        y = Shared(x) + sum_j down_{e_j}(act(gate_{e_j}(s_j x)) * up_{e_j}(s_j x)),  s_j = sigmoid(l_{e_j})
+
+    (it runs every expert on every token, the unchosen ones on s x = 0). The router score scales the
+    expert's input, not its output, so each (token, choice) pair is one row s_j x of a [T*k, D]
+    input, routed to expert e_j with weight 1, and the k rows of a token are summed. The weights are
+    the experts' own Parameters: ``gate_up_proj`` [E, D, 2I] (gate columns first) is moe_mlp's w1
+    and ``down_proj`` [E, I, D] its w2, no copy. Children (``experts``, ``router``,
+    ``shared_expert``) and their order are the stock block's, so the state dict is unchanged;
+    returns (hidden states [T, D], router logits), as the stock block.
+    """
+
+    def __init__(self, block: nn.Module, backend: str | None = None):
+        super().__init__()
+        experts = block.experts
+        for name in ("gate_up_proj", "down_proj", "act_fn"):
+            if not hasattr(experts, name):
+                raise NotConvertible(f"its experts module has no {name!r} (not Llama 4's fused expert layout)")
+        _check_float(experts.gate_up_proj, experts.down_proj)
+        self.activation = _gated_activation(experts.act_fn)
+        for name in list(block._modules):
+            setattr(self, name, getattr(block, name))
+        self.top_k = block.router.top_k
+        self.backend = backend
+        self.source = type(block).__name__
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        scores, logits = self.router(x)  # scores: sigmoid of the top-k logits, 0 elsewhere
+        experts = torch.topk(logits, self.top_k, dim=1).indices  # the router's own choice
+        T, k = experts.shape
+        rows = (x[:, None, :] * scores.gather(1, experts)[..., None]).reshape(T * k, -1)
+        num_experts = self.experts.gate_up_proj.shape[0]
+        routing = routing_from_topk(experts.reshape(-1, 1), rows.new_ones(T * k, 1, dtype=torch.float32),
+                                    num_experts, backend=self.backend)
+        routed = moe_mlp(rows, routing, self.experts.gate_up_proj, self.experts.down_proj,
+                         activation=self.activation, backend=self.backend)
+        return self.shared_expert(x) + routed.reshape(T, k, -1).sum(1).to(x.dtype), logits
+
+    def extra_repr(self) -> str:
+        return f"source={self.source}, top_k={self.top_k}, activation={self.activation}, backend={self.backend}"
+
+
+class KernelDbrxFFN(nn.Module):
+    """DBRX's ``DbrxFFN`` (its experts are outside transformers' experts hook) on ``moe_mlp``.
+
+    Routing as the stock block: logits from its router module (with the router's own training
+    jitter), p = softmax(logits) in the logits' dtype, top-k of p, divided by their
+    ``moe_normalize_expert_weights``-norm when that is set. The experts store gate ``w1``, up ``v1``
+    and down ``w2`` as [E*I, D] each; moe_mlp's w2 [E, I, D] is a view of ``w2``, its w1 [E, D, 2I]
+    a concatenation of ``w1`` and ``v1`` (a copy of the first layer's weights per call: they are
+    two Parameters). Children (``router``, ``experts``) are the stock block's, so the state dict
+    is unchanged; returns the hidden states [B, S, D], as the stock block.
+    """
+
+    def __init__(self, block: nn.Module, backend: str | None = None):
+        super().__init__()
+        mlp = getattr(block.experts, "mlp", None)
+        for name in ("w1", "v1", "w2", "activation_fn"):
+            if not hasattr(mlp, name):
+                raise NotConvertible(f"its experts have no mlp.{name} (not DBRX's expert layout)")
+        _check_float(mlp.w1, mlp.v1, mlp.w2)
+        self.activation = _gated_activation(mlp.activation_fn)
+        for name in list(block._modules):
+            setattr(self, name, getattr(block, name))
+        self.top_k = block.top_k
+        self.norm_p = block.moe_normalize_expert_weights
+        self.num_experts = block.experts.num_experts
+        self.backend = backend
+        self.source = type(block).__name__
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = self.router(hidden_states)
+        probs = torch.softmax(logits, dim=1, dtype=logits.dtype)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_p is not None:
+            weights = weights / torch.norm(weights, p=self.norm_p, dim=-1, keepdim=True)
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        mlp, E = self.experts.mlp, self.num_experts
+        w1 = torch.cat([mlp.w1.view(E, -1, x.shape[1]), mlp.v1.view(E, -1, x.shape[1])], dim=1).transpose(1, 2)
+        routing = routing_from_topk(experts, weights, E, backend=self.backend)
+        y = moe_mlp(x, routing, w1, mlp.w2.view(E, -1, x.shape[1]), activation=self.activation, backend=self.backend)
+        return y.to(x.dtype).view(hidden_states.shape[0], -1, x.shape[1])
+
+    def extra_repr(self) -> str:
+        return (f"source={self.source}, top_k={self.top_k}, normalise={self.norm_p}, activation={self.activation}, "
+                f"backend={self.backend}")
+
+
+class KernelJetMoeMoE(nn.Module):
+    """JetMoE's ``JetMoeMoE`` (its experts are outside transformers' experts hook) on ``moe_mlp``.
+
+    Routing as the stock block: float32 logits from its router module, their top-k, softmax over
+    those k logits in the hidden states' dtype. The experts store ``input_linear.weight`` [E, 2I, D]
+    (gate rows first) and ``output_linear.weight`` [E, D, I]: moe_mlp's w1 and w2 are their
+    transposes, views, no copy; the block's output bias [D] is added after the sum over experts.
+    The router module is called (its logits are what the model records as router logits; it also
+    reads the expert sizes back to the host, as in the stock block). Children are the stock
+    block's; returns the hidden states [B, S, D].
+    """
+
+    def __init__(self, block: nn.Module, backend: str | None = None):
+        super().__init__()
+        w1, w2 = getattr(block.input_linear, "weight", None), getattr(block.output_linear, "weight", None)
+        _check_float(w1, w2)
+        if w1.dim() != 3 or w2.dim() != 3 or w1.shape[1] != 2 * w2.shape[2]:
+            raise NotConvertible("its experts are not gated [E, 2I, D] and [E, D, I] weights")
+        self.expert_activation = _gated_activation(block.activation)
+        for name in list(block._parameters) + list(block._modules):  # "activation" is the stock module
+            setattr(self, name, getattr(block, name))
+        self.top_k = block.router.top_k
+        self.backend = backend
+        self.source = type(block).__name__
+
+    def forward(self, layer_input: torch.Tensor) -> torch.Tensor:
+        x = layer_input.reshape(-1, layer_input.shape[-1])
+        logits = self.router(x)[4]
+        top_logits, experts = logits.topk(self.top_k, dim=1)
+        weights = torch.softmax(top_logits, dim=1).type_as(x)
+        routing = routing_from_topk(experts, weights, self.input_linear.weight.shape[0], backend=self.backend)
+        y = moe_mlp(x, routing, self.input_linear.weight.transpose(1, 2), self.output_linear.weight.transpose(1, 2),
+                    activation=self.expert_activation, backend=self.backend)
+        return y.to(x.dtype).view(layer_input.shape) + self.bias
+
+    def extra_repr(self) -> str:
+        return f"source={self.source}, top_k={self.top_k}, activation={self.expert_activation}, backend={self.backend}"
+
+
+# Blocks whose experts are outside transformers' experts hook, each with its own replacement.
+OTHER_BLOCKS: dict[str, type[nn.Module]] = {
+    _MODELS + "llama4.modeling_llama4.Llama4TextMoe": KernelLlama4TextMoe,
+    _MODELS + "dbrx.modeling_dbrx.DbrxFFN": KernelDbrxFFN,
+    _MODELS + "jetmoe.modeling_jetmoe.JetMoeMoE": KernelJetMoeMoE,
+}
+
+
+def describe_other(block: nn.Module) -> str:
+    """The report's line for a block of ``OTHER_BLOCKS`` replaced."""
+    if isinstance(block, KernelLlama4TextMoe):
+        return (f"{block.experts.gate_up_proj.shape[0]} experts, {block.activation}, views of gate_up_proj/down_proj "
+                f"(no copy); the router's top-{block.top_k}, sigmoid score scaling each expert's input; shared "
+                "expert: the model's own MLP")
+    if isinstance(block, KernelJetMoeMoE):
+        return (f"{block.input_linear.weight.shape[0]} experts, {block.expert_activation}, views of input_linear/"
+                f"output_linear (no copy); top-{block.top_k} logits, softmax over them; the block's bias after the sum")
+    return (f"{block.num_experts} experts, {block.activation}, w1 = [w1 | v1] concatenated per call, w2 a view; "
+            f"softmax, top-{block.top_k}, "
+            f"{'not normalised' if block.norm_p is None else f'normalised by the {block.norm_p}-norm'}")

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from .hf_blocks import KNOWN_BLOCKS, KernelSparseMoeBlock, describe, qualified_name
+from .hf_blocks import (KNOWN_BLOCKS, OTHER_BLOCKS, KernelSparseMoeBlock, describe, describe_other,
+                        implementation_name, qualified_name, unwrapped)
+from .experts import eager_forward
 from .report import IntegrationReport, NotConvertible, check_arguments, swap_modules
 
 
@@ -18,13 +20,36 @@ def _looks_like_moe_block(module: nn.Module) -> bool:
     return named_like or isinstance(getattr(module, "experts", None), nn.Module)
 
 
+def _hooked_experts(module: nn.Module) -> nn.Module | None:
+    """The module's ``experts`` child (through PEFT's wrappers) if its class uses transformers'
+    experts hook and its config can select an implementation, else None."""
+    experts = getattr(module, "experts", None)
+    if not isinstance(experts, nn.Module):
+        return None
+    experts = unwrapped(experts)
+    if not hasattr(getattr(experts, "config", None), "_experts_implementation"):
+        return None
+    try:
+        eager_forward(experts)
+    except RuntimeError:
+        return None
+    return experts
+
+
 def replace_moe(model: nn.Module, *, backend: str | None = None) -> IntegrationReport:
     """Swap every known transformers sparse MoE block in ``model`` for a ``KernelSparseMoeBlock``.
 
     Known: Mixtral, Qwen2-MoE (with its gated shared expert), Qwen3-MoE and OLMoE sparse MoE blocks
     (see ``hf_blocks``). The new block reuses the original block's parameters (views, no copy),
     applies the same routing rule and returns what the original returned, so outputs, gradients,
-    state-dict names and the model's router-logits outputs stay as they were.
+    state-dict names and the model's router-logits outputs stay as they were. Blocks whose experts
+    are outside transformers' experts hook: Llama 4's ``Llama4TextMoe``, DBRX's ``DbrxFFN`` and
+    JetMoE's ``JetMoeMoE`` become ``KernelLlama4TextMoe``, ``KernelDbrxFFN`` and ``KernelJetMoeMoE``
+    (routing in torch as the stock block, experts on ``moe_mlp``). Any other block whose ``experts`` child uses the hook (DeepSeek-V2/V3,
+    Jamba, PhiMoE, GraniteMoE, ERNIE-4.5-MoE, ...: the family's own routing, grouped top-k, score
+    corrections and shared experts included) is kept and its experts are switched to
+    ``experts_implementation="moe_restore"`` (``"moe_restore_<backend>"``); the report lists it as
+    replaced, ``before == after``, with that detail.
 
     The model is changed in place. Returns an ``IntegrationReport``: ``.model`` (the model),
     ``.replaced`` (one ``Change`` per swapped block) and ``.skipped`` (MoE-like blocks left alone,
@@ -40,7 +65,7 @@ def replace_moe(model: nn.Module, *, backend: str | None = None) -> IntegrationR
     check_arguments(model, backend)
 
     def convert(name: str, module: nn.Module):
-        if isinstance(module, KernelSparseMoeBlock):
+        if isinstance(module, (KernelSparseMoeBlock, *OTHER_BLOCKS.values())):
             raise NotConvertible("already replaced")
         if type(module).__module__.startswith("moe_restore."):
             return None  # this library's own layers run the kernels already
@@ -48,14 +73,23 @@ def replace_moe(model: nn.Module, *, backend: str | None = None) -> IntegrationR
         if rule is not None:
             block = KernelSparseMoeBlock(module, rule, backend)
             return block, describe(block)
+        other = OTHER_BLOCKS.get(qualified_name(type(module)))
+        if other is not None:
+            block = other(module, backend)
+            return block, describe_other(block)
+        experts = _hooked_experts(module)
+        if experts is not None:
+            experts.config._experts_implementation = implementation_name(backend)
+            return module, (f'kept, with its own routing; its experts ({type(experts).__name__}, transformers\' '
+                            f'experts hook) run experts_implementation="{implementation_name(backend)}"')
         if _looks_like_moe_block(module):
             raise NotConvertible("unknown MoE block class; left as it was")
         return None
 
     report = swap_modules(model, convert)
     if not report.replaced and not report.skipped:
-        report.note = ("no MoE block found: looked for transformers' Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE "
-                       "sparse MoE blocks and for modules with an `experts` child")
+        report.note = ("no MoE block found: looked for transformers' Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
+                       "Llama 4, DBRX and JetMoE MoE blocks and for modules with an `experts` child")
     for skip in report.skipped:
         warnings.warn(f"replace_moe: {skip.name or '<model>'} ({skip.kind}) left as it was: {skip.reason}",
                       stacklevel=2)
@@ -78,7 +112,9 @@ def from_pretrained(model_class: Any, pretrained_model_name_or_path: Any, *args:
     ``replace_moe`` again with the recorded backend if the saved config records a ``replace_moe``
     (see ``replace_moe``): a model saved after ``replace_moe`` comes back replaced. A config
     without the record loads as it would with transformers alone, and transformers alone loads a
-    replaced model's directory as the stock model (the parameters and their names are the same).
+    replaced model's directory as the stock model (the parameters and their names are the same),
+    its experts on the saved ``experts_implementation`` (``experts._save_our_implementation``:
+    ``moe_restore`` must be imported, or ``experts_implementation=`` passed to override it).
     """
     load = getattr(model_class, "from_pretrained", None)
     if not callable(load):

@@ -1,0 +1,192 @@
+"""replace_moe beyond the four rebuilt blocks: Llama 4's and DBRX's MoE blocks (experts outside
+transformers' experts hook) rebuilt on moe_mlp, and the blocks whose experts use the hook
+(DeepSeek-V2/V3, ...) kept with their experts on moe_restore; each equal to the stock model
+(float32 logits and every gradient, <= 1e-5 relative), moe_mlp really running, the report naming
+what changed, and the state dict unchanged through save_pretrained and a reload. Also: the experts
+implementation "moe_restore" survives save_pretrained / from_pretrained."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+tf = pytest.importorskip("transformers")
+pytest.importorskip("transformers.integrations.moe")
+
+import moe_restore.integration.experts as experts_impl  # noqa: E402
+import moe_restore.integration.hf_blocks as hf_blocks  # noqa: E402
+from hf_tiny_models import NoTinyModel, hook_families, relative_error, tiny_model  # noqa: E402
+from moe_restore.integration import from_pretrained, replace_moe  # noqa: E402
+from utils import backends  # noqa: E402
+
+TOL = 1e-5
+VOCAB = 64
+
+
+@pytest.fixture
+def count_moe_mlp(monkeypatch):
+    calls = []
+
+    for module in (experts_impl, hf_blocks):
+        real = module.moe_mlp
+
+        def counted(*args, _real=real, **kwargs):
+            calls.append(kwargs.get("backend"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "moe_mlp", counted)
+    return calls
+
+
+def _llama4():
+    if not hasattr(tf, "Llama4TextConfig"):
+        pytest.skip(f"transformers {tf.__version__} has no Llama 4")
+    return tf.Llama4ForCausalLM(tf.Llama4TextConfig(
+        hidden_size=16, intermediate_size=12, intermediate_size_mlp=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, vocab_size=VOCAB, num_local_experts=5, num_experts_per_tok=2,
+        interleave_moe_layer_step=1, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=None))
+
+
+def _dbrx():
+    if not hasattr(tf, "DbrxConfig"):
+        pytest.skip(f"transformers {tf.__version__} has no DBRX")
+    return tf.DbrxForCausalLM(tf.DbrxConfig(
+        d_model=16, n_heads=2, n_layers=2, max_seq_len=32, vocab_size=VOCAB,
+        attn_config=dict(kv_n_heads=1, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=12, moe_num_experts=5, moe_top_k=2, moe_normalize_expert_weights=1.0)))
+
+
+def _jetmoe():
+    if not hasattr(tf, "JetMoeConfig"):
+        pytest.skip(f"transformers {tf.__version__} has no JetMoE")
+    return tf.JetMoeForCausalLM(tf.JetMoeConfig(
+        hidden_size=16, intermediate_size=12, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
+        vocab_size=VOCAB, num_local_experts=5, num_experts_per_tok=2, max_position_embeddings=32, bos_token_id=0,
+        eos_token_id=1, pad_token_id=None))
+
+
+REBUILT = {"llama4": (_llama4, "Llama4TextMoe", "KernelLlama4TextMoe"),
+           "dbrx": (_dbrx, "DbrxFFN", "KernelDbrxFFN"),
+           "jetmoe": (_jetmoe, "JetMoeMoE", "KernelJetMoeMoE")}
+# Left alone and named: JetMoE's mixture of attention heads (an `experts` child of its attention).
+SKIPPED = {"jetmoe": [("model.layers.0.self_attention", "JetMoeAttention"),
+                      ("model.layers.1.self_attention", "JetMoeAttention")]}
+
+
+def _model(family: str):
+    torch.manual_seed(0)
+    model = REBUILT[family][0]().float().eval()
+    with torch.no_grad():  # weights large enough that the routers are far from uniform
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def _logits_and_grads(model):
+    model.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(1)
+    y = model(input_ids=torch.randint(0, VOCAB, (2, 7), generator=gen), use_cache=False).logits
+    (y * torch.randn(y.shape, generator=gen)).sum().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_equal_to(got, want, what):
+    (y, g), (y_ref, g_ref) = got, want
+    assert set(g) == set(g_ref), what
+    err_y, err_g = relative_error(y, y_ref), max(relative_error(g[n], g_ref[n]) for n in g_ref)
+    assert err_y <= TOL and err_g <= TOL, (what, err_y, err_g)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("family", list(REBUILT))
+def test_rebuilt_blocks_match_the_stock_model(family, backend, count_moe_mlp, tmp_path):
+    model = _model(family)
+    keys = list(model.state_dict())
+    want = _logits_and_grads(model)
+    report = replace_moe(model, backend=backend)
+    _, before, after = REBUILT[family]
+    assert [(c.before, c.after) for c in report.replaced] == [(before, after)] * 2
+    assert [(s.name, s.kind) for s in report.skipped] == SKIPPED.get(family, [])
+    assert "experts" in report.replaced[0].detail
+    assert list(model.state_dict()) == keys
+    got = _logits_and_grads(model)
+    assert count_moe_mlp and set(count_moe_mlp) == {backend}
+    _assert_equal_to(got, want, family)
+
+    # saved, the stock model's parameter names; reloaded through from_pretrained, rebuilt again
+    model.save_pretrained(tmp_path)
+    count_moe_mlp.clear()
+    reloaded = from_pretrained(type(model), tmp_path)
+    assert sum(type(m).__name__ == after for m in reloaded.modules()) == 2
+    assert list(reloaded.state_dict()) == keys
+    with torch.no_grad():  # (JetMoE's stock model too differs from its own reload by ~2e-7: its attention)
+        ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+        got, want = reloaded(input_ids=ids, use_cache=False).logits, model(input_ids=ids, use_cache=False).logits
+        assert relative_error(got, want) <= TOL
+    assert count_moe_mlp
+
+
+# Blocks whose experts use the hook (routing their own: DeepSeek's grouped top-k with the score
+# correction bias and routed scaling, shared experts, Jamba's and PhiMoE's routers, ...).
+HOOKED_BLOCKS = ["deepseek_v2", "deepseek_v3", "jamba", "phimoe", "granitemoe", "ernie4_5_moe", "glm4_moe"]
+
+
+@pytest.mark.parametrize("family", HOOKED_BLOCKS)
+def test_hooked_blocks_are_kept_with_their_experts_on_the_kernels(family, count_moe_mlp):
+    if family not in hook_families():
+        pytest.skip(f"transformers {tf.__version__}: {family} does not use the experts hook (or is missing)")
+    try:
+        model = tiny_model(family)
+    except NoTinyModel as error:
+        pytest.skip(str(error))
+    model.set_experts_implementation("eager")
+    want = _logits_and_grads(model)
+    report = replace_moe(model, backend="torch")
+    assert report.replaced and not report.skipped, str(report)
+    assert all(c.before == c.after and 'experts_implementation="moe_restore_torch"' in c.detail
+               for c in report.replaced), str(report)
+    got = _logits_and_grads(model)
+    assert count_moe_mlp and set(count_moe_mlp) == {"torch"}
+    _assert_equal_to(got, want, family)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_experts_implementation_survives_save_and_load(family, count_moe_mlp, tmp_path):
+    model = tiny_model(family)
+    model.set_experts_implementation("moe_restore_torch")
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["experts_implementation"] == "moe_restore_torch"
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config._experts_implementation == "moe_restore_torch"
+    want = _logits_and_grads(model)
+    count_moe_mlp.clear()
+    got = _logits_and_grads(reloaded)
+    assert count_moe_mlp and torch.equal(got[0], want[0])
+
+    # from_pretrained(..., experts_implementation=) is saved alike; any other choice is not
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="moe_restore")
+    loaded.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["experts_implementation"] == "moe_restore"
+    loaded.set_experts_implementation("eager")
+    loaded.save_pretrained(tmp_path)
+    assert "experts_implementation" not in json.loads((tmp_path / "config.json").read_text())
+    assert tf.AutoModelForCausalLM.from_pretrained(tmp_path).config._experts_implementation != "moe_restore"
+
+
+def test_saved_implementation_needs_moe_restore_to_load(tmp_path):
+    """The saved name is one transformers alone does not know: it refuses it, and an explicit
+    experts_implementation= loads the directory without moe_restore."""
+    import subprocess
+    import sys
+
+    model = tiny_model("qwen3_moe")
+    model.set_experts_implementation("moe_restore")
+    model.save_pretrained(tmp_path / "saved")
+    load = ("import sys, transformers as tf; m = tf.AutoModelForCausalLM.from_pretrained('saved'{}); "
+            "assert 'moe_restore' not in sys.modules; print(m.config._experts_implementation)")
+    refused = subprocess.run([sys.executable, "-c", load.format("")], cwd=tmp_path, capture_output=True, text=True)
+    assert refused.returncode != 0 and 'experts_implementation="moe_restore"' in refused.stderr, refused.stderr[-500:]
+    loaded = subprocess.run([sys.executable, "-c", load.format(", experts_implementation='grouped_mm'")],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "grouped_mm", loaded.stderr[-500:]
