@@ -2,8 +2,9 @@
 
 * ``SyntheticDataset``: degrades clean images on the fly. Item ``i`` is a pure function of
   (``seed``, ``i``): task ``tasks[i % len(tasks)]`` (task-balanced), a random image, a random
-  ``patch`` x ``patch`` crop, random flips, a random strength and degradation seed. A training run
-  that asks for items ``step * batch + j`` therefore resumes bit-exactly from any step.
+  ``patch`` x ``patch`` crop, random flips, a random strength and degradation seed, and with
+  ``shuffle_channels`` a random order of the colour channels. A training run that asks for items
+  ``step * batch + j`` therefore resumes bit-exactly from any step.
 * ``PairedFolderDataset``: real benchmarks. Either one task's ``input/`` and ``target/`` folders
   with matching file names (stems), or the all-in-one layout ``ROOT/{Train,Test}/<Task>/`` with
   ``<Task>`` among Denoise, Derain, Dehaze, Deblur, Enhance, each holding ``input/`` and
@@ -71,13 +72,14 @@ class SyntheticDataset(Dataset):
     """Random patches of clean images, degraded on the fly; see the module docstring."""
 
     def __init__(self, images: Sequence[torch.Tensor], tasks: Sequence[str], *, patch: int,
-                 length: int, seed: int = 0):
+                 length: int, seed: int = 0, shuffle_channels: bool = False):
         if not images:
             raise ValueError("images must hold at least one clean image")
         small = [tuple(im.shape[1:]) for im in images if min(im.shape[1:]) < patch]
         if small:
             raise UserError(f"patch={patch} is larger than image(s) of size {small}")
         self.images, self.tasks, self.patch, self.length, self.seed = list(images), check_tasks(tasks), patch, length, seed
+        self.shuffle_channels = shuffle_channels
 
     def __len__(self) -> int:
         return self.length
@@ -89,6 +91,12 @@ class SyntheticDataset(Dataset):
         clean = _random_crop_flip(image[None], self.patch, gen)[0]
         strength = float(torch.rand((), generator=gen))
         degradation_seed = int(torch.randint(2**31 - 1, (), generator=gen))
+        if self.shuffle_channels:
+            # Every degradation treats the three channels alike (grey airlight and rain streaks, one
+            # blur kernel, one gamma), so a pair with its channels permuted is as valid as the
+            # original; drawing the order at random makes the mean colour of the training patches
+            # grey, which leaves the network no colour prior to add to what it restores.
+            clean = clean[torch.randperm(3, generator=gen)]
         degraded = degrade(self.tasks[task_index], clean, degradation_seed, strength)
         return degraded, clean, task_index
 
