@@ -1,14 +1,12 @@
 """The built-in sample set: natural photographs that scikit-image ships inside its wheel.
 
-No download: the files live in ``skimage/data``. Training uses six colour photographs and six
+No download: the files live in ``skimage/data``. Training uses seven colour photographs and six
 grayscale ones (textures: brick, grass, gravel; the cameraman, coins, the moon), replicated to
-three channels by ``read_image``, for more varied content than six photographs (the demo's
-haze result depends on it most: docs/m2ir.md). Three colour photographs are held out (chelsea,
-rocket, astronaut: a cat's fur, a night sky, a white suit against black), so that the demo shows
-each task on three images. The split is fixed by name, so that the held-out test images are never
-seen in training (the two motorcycle views are near-duplicates and sit on the same side). Images
-larger than ``max_side`` on their longer side are downscaled by area averaging (retina and the
-Hubble deep field are 1000-1400 px).
+three channels by ``read_image``, for more varied content than seven photographs (the demo's
+haze result depends on it most: docs/m2ir.md). The split is fixed by name, so that the held-out
+test images are never seen in training (the two motorcycle views are near-duplicates and sit on
+the same side). Images larger than ``max_side`` on their longer side are downscaled by area
+averaging (retina and the Hubble deep field are 1000-1400 px).
 """
 from __future__ import annotations
 
@@ -19,9 +17,10 @@ import torch.nn.functional as F
 
 from moe_restore.data.image_io import read_image
 
-TRAIN_FILES = ("coffee.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "motorcycle_right.png",
-               "retina.jpg", "brick.png", "camera.png", "coins.png", "grass.png", "gravel.png", "moon.png")
-TEST_FILES = ("chelsea.png", "rocket.jpg", "astronaut.png")
+TRAIN_FILES = ("astronaut.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
+               "motorcycle_left.png", "motorcycle_right.png", "retina.jpg",
+               "brick.png", "camera.png", "coins.png", "grass.png", "gravel.png", "moon.png")
+TEST_FILES = ("chelsea.png", "rocket.jpg")
 
 
 def _data_dir() -> Path:
