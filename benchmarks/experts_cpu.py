@@ -2,7 +2,7 @@
 ("moe_restore_torch", the torch backend) against transformers' "grouped_mm" (its default),
 "batched_mm" and "eager" (the plain per-expert loop), on the same module, weights and routing.
 
-    python -m moe_restore.benchmarks.experts_cpu [--rounds 15] [--threads 1]
+    python -m moe_restore.benchmarks.experts_cpu [--rounds 15] [--threads 1] [--json PATH]
 
 The module is Mixtral's experts class (SiLU-gated, [gate | up] rows, the hook's default layout),
 float32. For each shape every implementation runs once per round, in turn (after one warm-up
@@ -11,11 +11,14 @@ that all rows of a shape see the same moments of a shared machine; each call is 
 as this process's CPU time. ``fwd``: inference (no autograd); ``fwd+bwd``: a training forward and
 its backward to the hidden states and the expert weights. Reported: median and interquartile
 range (p25-p75) in ms, and each implementation's median over ours. CPU figures: they compare
-implementations on this machine, they are not kernel speeds.
+implementations on this machine, they are not kernel speeds. ``--json PATH`` also writes every
+row, every sample and the versions of torch and transformers.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import statistics
 import time
 from typing import Callable
@@ -88,7 +91,7 @@ def bench_shape(T: int, D: int, I: int, E: int, k: int, rounds: int) -> list[dic
         p25, p50, p75 = _quartiles(times)
         ours = statistics.median(samples["moe_restore_torch", what])
         rows.append(dict(shape=f"T{T} D{D} I{I} E{E} k{k}", implementation=name, what=what, median_ms=p50,
-                         p25_ms=p25, p75_ms=p75, vs_ours=p50 / ours, rel_err_vs_eager=err[name]))
+                         p25_ms=p25, p75_ms=p75, vs_ours=p50 / ours, rel_err_vs_eager=err[name], samples_ms=times))
     return rows
 
 
@@ -96,20 +99,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", metavar="PATH", help="also write the rows and samples to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"CPU figures (process CPU time, {args.rounds} interleaved rounds, {args.threads} thread(s), float32; "
           "not kernel speeds)")
     print("| shape | pass | " + " | ".join(IMPLEMENTATIONS) + " |")
     print("|---|---|" + "---|" * len(IMPLEMENTATIONS))
+    every_row = []
     for shape in SHAPES:
         rows = bench_shape(*shape, rounds=args.rounds)
+        every_row += rows
         for what in ("fwd", "fwd+bwd"):
             cells = [f"{r['median_ms']:.2f} [{r['p25_ms']:.2f}-{r['p75_ms']:.2f}] ({r['vs_ours']:.2f}x)"
                      for name in IMPLEMENTATIONS for r in rows if r["implementation"] == name and r["what"] == what]
             print(f"| {rows[0]['shape']} | {what} | " + " | ".join(cells) + " |")
         worst = max(r["rel_err_vs_eager"] for r in rows)
         print(f"<!-- {rows[0]['shape']}: largest relative error against eager {worst:.1e} -->")
+    if args.json:
+        import transformers
+
+        meta = dict(rounds=args.rounds, threads=args.threads, dtype="float32", timer="process CPU time",
+                    torch=torch.__version__, transformers=transformers.__version__,
+                    python=platform.python_version(), machine=platform.machine())
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(dict(meta=meta, rows=every_row), f, indent=1)
     return 0
 
 

@@ -6,9 +6,10 @@ With the N = T*k assignments sorted by expert (token t_a, weight w_a, expert e_a
 
     u = x[t],  z = u @ w1[e] + b1[e],  h = act(z),  o = h @ w2[e] + b2[e],  y[t_a] += w_a * o_a
 
-Kept for backward: the inputs (x, the routing weights and order, the parameters) and z, which
-costs k * H(or 2H) values per token against the eager loop's u, z, h and o; u and h are
-recomputed from x and z there. With g = dy[t] and q = g @ w2[e]^T:
+Kept for backward: the inputs (x, the routing weights and order, the parameters), the token of
+each sorted row and z, which costs k * H(or 2H) values per token against the eager loop's u, z,
+h and o; u and h are recomputed from x and z there (h together with act'(z) dh, one pass over z). With g = dy[t] and
+q = g @ w2[e]^T:
 
     dw_a = q_a . h_a + g_a . b2[e_a]       (dy . o without recomputing o)
     dW2[e] = h^T (w g),  db2[e] = sum_a w_a g_a,  dh = w q
@@ -20,7 +21,7 @@ so torch.compile traces the whole op with fullgraph=True, dynamic shapes include
 data-dependent size reaches the graph. Inside, each runs ``torch._grouped_mm`` where that takes
 the operands (``_native``: on the CPU, float32/bfloat16/float16, 16-byte aligned strides, no
 bias; measured 25-35% faster than a slice loop at the benchmark shapes) and otherwise reads the
-E+1 expert offsets and multiplies slice by slice (float64, odd widths, biases fused into addmm,
+E group ends and multiplies slice by slice (float64, odd widths, biases fused into addmm,
 other devices), as transformers' ``grouped_mm`` fallback does.
 """
 from __future__ import annotations
@@ -31,41 +32,53 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._backend import autocast_off
-from .activations import activate, activation_backward
+from .activations import activate, activate_and_backward
 from .routing import Routing
 
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
 def _native(a: torch.Tensor, b: torch.Tensor, out_row: int) -> bool:
     """Whether ``torch._grouped_mm`` takes operands ``a``, ``b`` and an output of rows of
     ``out_row`` values: on the CPU (its kernel there has no float64 and wants every stride but the
-    unit one, the output's row and the data pointers on 16 bytes)."""
-    return hasattr(torch, "_grouped_mm") and out_row * a.element_size() % 16 == 0 and all(
-        t.device.type == "cpu" and t.dtype in _NATIVE_DTYPES and t.data_ptr() % 16 == 0
-        and all(stride == 1 or stride * t.element_size() % 16 == 0 for stride in t.stride()) for t in (a, b))
+    unit one, the output's row and the data pointers on 16 bytes). Plain loops: this runs before
+    every grouped product in eager mode."""
+    if not _HAS_GROUPED_MM or out_row * a.element_size() % 16:
+        return False
+    for t in (a, b):
+        if t.device.type != "cpu" or t.dtype not in _NATIVE_DTYPES or t.data_ptr() % 16:
+            return False
+        size = t.element_size()
+        for stride in t.stride():
+            if stride != 1 and stride * size % 16:
+                return False
+    return True
 
 
-def _group_ends(offsets: torch.Tensor) -> torch.Tensor:
-    """``torch._grouped_mm``'s offs: the E group ends, int32."""
+def group_ends(offsets: torch.Tensor) -> torch.Tensor:
+    """The E group ends offsets[1:] as int32: ``torch._grouped_mm``'s offs, and what the grouped
+    ops below take (computed once per forward and backward)."""
     return offsets[1:].to(torch.int32)
 
 
-def _slices(offsets: torch.Tensor):
-    """(e, lo, hi) of every expert with assignments; the op's one read of the offsets."""
-    bounds = offsets.tolist()
-    return ((e, lo, hi) for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo)
+def _bounds(ends: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(e, lo, hi) of every expert, rows lo:hi; the op's one read of the group ends."""
+    bounds = [0] + ends.tolist()
+    return [(e, lo, hi) for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
 
-def _grouped_linear(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], offsets: torch.Tensor
+def _grouped_linear(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], ends: torch.Tensor
                     ) -> torch.Tensor:
-    """[N, out]: a[lo:hi] @ w[e] + b[e] for every expert's rows lo:hi = offsets[e]:offsets[e+1]
-    (``offsets`` [E+1] int64 from 0 to N, checked by ``moe_mlp``)."""
+    """[N, out]: a[lo:hi] @ w[e] + b[e] for every expert's rows lo:hi (``ends`` [E] int32, the
+    group ends of offsets from 0 to N, checked by ``moe_mlp``)."""
     if b is None and _native(a, w, w.shape[2]):
-        return torch._grouped_mm(a, w, offs=_group_ends(offsets))
+        return torch._grouped_mm(a, w, offs=ends)
     out = a.new_empty(a.shape[0], w.shape[2])
-    for e, lo, hi in _slices(offsets):
+    for e, lo, hi in _bounds(ends):
+        if hi == lo:
+            continue
         if b is None:
             torch.mm(a[lo:hi], w[e], out=out[lo:hi])
         else:
@@ -77,7 +90,7 @@ _grouped_linear_op = torch.library.custom_op("moe_restore::grouped_linear", _gro
 
 
 @_grouped_linear_op.register_fake
-def _(a, w, b, offsets):
+def _(a, w, b, ends):
     return a.new_empty(a.shape[0], w.shape[2])
 
 
@@ -90,18 +103,17 @@ def _weight_grad_like(a: torch.Tensor, g: torch.Tensor, num_experts: int, transp
     return a.new_empty(num_experts, a.shape[1], g.shape[1])
 
 
-def _grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, transposed: bool
+def _grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, ends: torch.Tensor, transposed: bool
                          ) -> torch.Tensor:
     """[E, in, out]: a[lo:hi]^T @ g[lo:hi] per expert (zeros for an expert without rows), stored
     [E, out, in] when ``transposed`` (see ``_weight_grad_like``)."""
     # Groups split the shared axis N; an empty group's product is zeros.
     if _native(a, g, a.shape[1] if transposed else g.shape[1]):
         if transposed:
-            return torch._grouped_mm(g.T, a, offs=_group_ends(offsets)).transpose(1, 2)
-        return torch._grouped_mm(a.T, g, offs=_group_ends(offsets))
-    out = _weight_grad_like(a, g, offsets.shape[0] - 1, transposed)
-    bounds = offsets.tolist()
-    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            return torch._grouped_mm(g.T, a, offs=ends).transpose(1, 2)
+        return torch._grouped_mm(a.T, g, offs=ends)
+    out = _weight_grad_like(a, g, ends.shape[0], transposed)
+    for e, lo, hi in _bounds(ends):
         if hi > lo:
             torch.mm(a[lo:hi].T, g[lo:hi], out=out[e])
         else:
@@ -114,20 +126,20 @@ _grouped_weight_grad_op = torch.library.custom_op("moe_restore::grouped_weight_g
 
 
 @_grouped_weight_grad_op.register_fake
-def _(a, g, offsets, transposed):
-    return _weight_grad_like(a, g, offsets.shape[0] - 1, transposed)
+def _(a, g, ends, transposed):
+    return _weight_grad_like(a, g, ends.shape[0], transposed)
 
 
-def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, ends: torch.Tensor) -> torch.Tensor:
     """``_grouped_linear``: through its custom op where torch.compile traces, directly in eager
     mode (the same function, without the op's dispatch cost)."""
-    return (_grouped_linear_op if torch.compiler.is_compiling() else _grouped_linear)(a, w, b, offsets)
+    return (_grouped_linear_op if torch.compiler.is_compiling() else _grouped_linear)(a, w, b, ends)
 
 
-def grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
+def grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, ends: torch.Tensor, transposed: bool) -> torch.Tensor:
     """``_grouped_weight_grad``, dispatched as ``grouped_linear`` is."""
     return (_grouped_weight_grad_op if torch.compiler.is_compiling() else _grouped_weight_grad)(
-        a, g, offsets, transposed)
+        a, g, ends, transposed)
 
 
 def _stored_transposed(w: torch.Tensor) -> bool:
@@ -135,17 +147,19 @@ def _stored_transposed(w: torch.Tensor) -> bool:
     return not w.is_contiguous() and w.transpose(1, 2).is_contiguous()
 
 
-def _forward(x, weights, w1, w2, b1, b2, order, offsets, activation) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [T, D_out] in x's dtype, z [N, H or 2H]) of the module docstring's forward."""
+def _forward(x, weights, w1, w2, b1, b2, order, ends, activation
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y [T, D_out] in x's dtype, z [N, H or 2H], the token t_a of each sorted row) of the module
+    docstring's forward."""
     T, k = weights.shape
     with autocast_off(x.device.type):  # moe_mlp already cast to the autocast dtype
         tokens = order // k
-        z = grouped_linear(x.index_select(0, tokens), w1, b1, offsets)
-        o = grouped_linear(activate(z, activation), w2, b2, offsets)
+        z = grouped_linear(x.index_select(0, tokens), w1, b1, ends)
+        o = grouped_linear(activate(z, activation), w2, b2, ends)
         # The combine accumulates in at least float32 (the routing weights' dtype).
         y = torch.zeros(T, w2.shape[2], dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device)
-        y = y.index_add(0, tokens, o * weights.reshape(-1)[order, None])
-    return y.to(x.dtype), z
+        y = y.index_add(0, tokens, o * weights.reshape(-1).index_select(0, order)[:, None])
+    return y.to(x.dtype), z, tokens
 
 
 # Measured on torch 2.11.0 (the oldest supported): a compiled call of ``_ExpertLoop`` (Dynamo alone,
@@ -156,37 +170,40 @@ COMPILED_BACKWARD_IS_WRONG = torch.torch_version.TorchVersion(torch.__version__)
 
 class _ExpertLoop(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, w1, w2, b1, b2, order, offsets, row_experts, activation):
-        y, z = _forward(x, weights, w1, w2, b1, b2, order, offsets, activation)
-        ctx.save_for_backward(x, weights, w1, w2, b1, b2, order, offsets, row_experts, z)
+    def forward(ctx, x, weights, w1, w2, b1, b2, order, ends, activation):
+        y, z, tokens = _forward(x, weights, w1, w2, b1, b2, order, ends, activation)
+        ctx.save_for_backward(x, weights, w1, w2, b1, b2, order, tokens, ends, z)
         ctx.activation = activation
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weights, w1, w2, b1, b2, order, offsets, row_experts, z = ctx.saved_tensors
+        x, weights, w1, w2, b1, b2, order, tokens, ends, z = ctx.saved_tensors
         T, k = weights.shape
         E = w1.shape[0]
         with autocast_off(x.device.type):
-            tokens = order // k
-            scale = weights.reshape(-1)[order, None].to(x.dtype)
+            scale = weights.reshape(-1).index_select(0, order)[:, None].to(x.dtype)
             u, g = x.index_select(0, tokens), dy.to(x.dtype).index_select(0, tokens)
-            h = activate(z, ctx.activation)
-            q = grouped_linear(g, w2.transpose(1, 2), None, offsets)
+            q = grouped_linear(g, w2.transpose(1, 2), None, ends)
+            h, dz = activate_and_backward(q * scale, z, ctx.activation)
             dw = (q * h).sum(dim=-1, dtype=weights.dtype)
             if b2 is not None:  # g_a . b2[e_a], as one grouped product with a single output column
-                dw = dw + grouped_linear(g, b2[:, :, None], None, offsets)[:, 0]
+                dw = dw + grouped_linear(g, b2[:, :, None], None, ends)[:, 0]
             dweights = torch.zeros_like(dw).index_copy(0, order, dw).view(T, k)
             g = g * scale  # the gradient of o
-            dz = activation_backward(q * scale, z, ctx.activation)
-            dw1 = grouped_weight_grad(u, dz, offsets, _stored_transposed(w1))
-            dw2 = grouped_weight_grad(h, g, offsets, _stored_transposed(w2))
-            db1 = None if b1 is None else b1.new_zeros(E, b1.shape[1]).index_add(0, row_experts, dz)
-            db2 = None if b2 is None else b2.new_zeros(E, b2.shape[1]).index_add(0, row_experts, g)
-            du = grouped_linear(dz, w1.transpose(1, 2), None, offsets)
+            dw1 = grouped_weight_grad(u, dz, ends, _stored_transposed(w1))
+            dw2 = grouped_weight_grad(h, g, ends, _stored_transposed(w2))
+            db1 = db2 = None
+            if b1 is not None or b2 is not None:
+                # The expert of each sorted row p: the number of group ends <= p.
+                rows = torch.arange(order.shape[0], device=order.device, dtype=torch.int32)
+                row_experts = torch.searchsorted(ends, rows, right=True)
+                db1 = None if b1 is None else b1.new_zeros(E, b1.shape[1]).index_add(0, row_experts, dz)
+                db2 = None if b2 is None else b2.new_zeros(E, b2.shape[1]).index_add(0, row_experts, g)
+            du = grouped_linear(dz, w1.transpose(1, 2), None, ends)
             dx = torch.zeros_like(x).index_add(0, tokens, du)
-        return dx, dweights, dw1, dw2, db1, db2, None, None, None, None
+        return dx, dweights, dw1, dw2, db1, db2, None, None, None
 
 
 def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
@@ -194,14 +211,15 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
     """``moe_mlp`` for a checked routing (see ``_device_checks.check_routing``); without autograd
     (inference) the forward alone, which keeps nothing."""
     order = routing.sorted_assignments
+    if order.numel() > torch.iinfo(torch.int32).max:
+        raise ValueError(f"moe_mlp's torch backend takes at most 2**31 - 1 assignments (T*k), got {order.numel()}")
+    ends = group_ends(routing.expert_offsets)
     inputs = (x, routing.weights, w1, w2, b1, b2)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
-        return _forward(*inputs, order, routing.expert_offsets, activation)[0]
+        return _forward(*inputs, order, ends, activation)[0]
     if COMPILED_BACKWARD_IS_WRONG and torch.compiler.is_compiling():
         raise NotImplementedError(
             "moe_mlp's torch backend with autograd under torch.compile needs torch >= 2.13: on torch "
             f"{torch.__version__} Dynamo's trace of its backward returns zero gradients. Compile without "
             "fullgraph (this call then runs eagerly), run it eagerly, or use backend='triton' on a GPU")
-    row_experts = routing.experts.reshape(-1).index_select(0, order)  # the expert of each sorted row
-    return _ExpertLoop.apply(x, routing.weights, w1, w2, b1, b2, order, routing.expert_offsets, row_experts,
-                             activation)
+    return _ExpertLoop.apply(x, routing.weights, w1, w2, b1, b2, order, ends, activation)

@@ -238,14 +238,15 @@ def activate(z: torch.Tensor, activation: Activation) -> torch.Tensor:
     return f_out * up_factor
 
 
-def activation_backward(dh: torch.Tensor, z: torch.Tensor, activation: Activation) -> torch.Tensor:
-    """dz = act'(z) dh for ``activate`` (gated: d gate = f'(gate) (up + up_offset) dh and d up =
-    f(gate) s_u'(up) dh, each zero where its clamp cut; s_u'(u) = 1 - tanh(u / S_u)^2, and with a
-    gate softcap f'(g) = (1 - tanh(g / S_g)^2) sigmoid(alpha g) + S_g tanh(g / S_g) alpha s (1 - s),
-    s = sigmoid(alpha g))."""
+def activate_and_backward(dh: torch.Tensor, z: torch.Tensor, activation: Activation
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(z), dz = act'(z) dh) for ``activate``, from one pass over z (gated: d gate =
+    f'(gate) (up + up_offset) dh and d up = f(gate) s_u'(up) dh, each zero where its clamp cut;
+    s_u'(u) = 1 - tanh(u / S_u)^2, and with a gate softcap f'(g) = (1 - tanh(g / S_g)^2)
+    sigmoid(alpha g) + S_g tanh(g / S_g) alpha s (1 - s), s = sigmoid(alpha g))."""
     spec = activation_spec(activation)
     if not spec.gated:
-        return _plain_backward(dh, z, spec.kind)
+        return _plain(z, spec.kind), _plain_backward(dh, z, spec.kind)
     gate, gate_in, f, f_out, up, up_factor = _gate_parts(z, spec)
     d_f = dh * up_factor
     d_up = dh * f_out
@@ -262,7 +263,7 @@ def activation_backward(dh: torch.Tensor, z: torch.Tensor, activation: Activatio
         d_gate = _plain_backward(d_f, gate_in, _GATE_OF[spec.kind], spec.alpha)
     if spec.limit is not None and not spec.clamp_after:
         d_gate = d_gate * (gate <= spec.limit)
-    return _join(d_gate, d_up, spec)
+    return f_out * up_factor, _join(d_gate, d_up, spec)
 
 
 def triton_code(activation: Activation) -> int:

@@ -58,7 +58,7 @@ def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
                       sorted_assignments=routing.sorted_assignments)
 
 
-def _resolve_backend(backend: str | None, x: torch.Tensor) -> str:
+def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
     """``resolve_backend_for_dtype``, and no bfloat16 on the Triton interpreter (CPU tensors): its
     bfloat16 ``tl.dot`` returns wrong products (``interpreter_dot_is_wrong``), so there ``None``
     takes the torch backend and ``"triton"`` raises TypeError rather than return wrong numbers."""
@@ -97,7 +97,7 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
 def _moe_mlp(x, routing, w1, w2, b1, b2, activation: Activation, backend: str | None) -> torch.Tensor:
     activation = check_activation(activation)  # the canonical string, which the custom op carries
     _validate(x, routing, w1, w2, b1, b2, activation)
-    backend = _resolve_backend(backend, x)
+    backend = resolve_backend(backend, x)
     if x.shape[0] == 0:
         # Empty, but attached to the graph so that every input gets a (zero) gradient.
         return x.new_zeros(0, w2.shape[2]) + sum(0 * t.sum() for t in (x, w1, w2, b1, b2) if t is not None)

@@ -141,13 +141,18 @@ def topk_route(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", re
 
 
 def routing_from_topk(experts: torch.Tensor, weights: torch.Tensor, num_experts: int, *,
-                      backend: str | None = None) -> Routing:
+                      backend: str | None = None, repeats: bool = False) -> Routing:
     """A Routing from choices made elsewhere (a model's own router: group-limited, biased, ...).
 
     experts: [T, k] integer expert ids in [0, num_experts), distinct in each row; weights: [T, k]
     float, the weight of each choice as the caller computed it (kept as float32, differentiable:
     gradients flow back to ``weights``). The dispatch layout is built as for ``topk_route``; a row
     with an id out of range or twice is refused like NaN scores.
+
+    ``repeats=True`` lets a row name an expert more than once (each slot is its own assignment,
+    and ``moe_mlp`` sums them): the torch backend only, since the Triton dispatch ranks an expert
+    at most once per token. Only ids out of range are refused then, a check read off the
+    dispatch itself (no id below 0 sorts before expert 0's segment, none >= E after the last).
     """
     check_tensor("experts", experts)
     check_has_values("experts", experts)
@@ -158,11 +163,23 @@ def routing_from_topk(experts: torch.Tensor, weights: torch.Tensor, num_experts:
     check_shape("weights", weights, tuple(experts.shape), "[T, k] (the shape of experts)")
     check_same_device(experts=experts, weights=weights)
     check_positive_int("num_experts", num_experts)
+    check_bool("repeats", repeats)
     backend = resolve_backend(backend, experts.device)
+    if repeats and backend != "torch":
+        raise ValueError("routing_from_topk(repeats=True) needs the torch backend: the Triton dispatch ranks an "
+                         "expert at most once per token")
     T, k = experts.shape
     if T == 0:
         return _empty_routing(weights, k, num_experts)
     experts = experts.long()
+    if repeats:
+        sorted_assignments, offsets = dispatch(experts, num_experts, backend)
+        # offsets[0] counts the ids < 0 and offsets[E] those < E: all are in range exactly when
+        # offsets[E] - offsets[0] = T*k.
+        refuse_unless(offsets[-1] - offsets[0] == T * k, f"experts hold ids outside [0, {num_experts})", backend)
+        routing = Routing(weights.float(), experts, num_experts, sorted_assignments, offsets)
+        mark_consistent(routing)
+        return routing
     # A row is refused for an id outside the range or an id it holds twice (the dispatch ranks
     # each expert at most once per token).
     in_order = experts.sort(dim=-1).values

@@ -85,8 +85,9 @@ def test_matches_the_float64_oracle(monkeypatch, backend, path, name, shape):
 
 def test_clamps_cut_the_gradient_where_torch_clamp_does():
     """A gated spec's clamps, elementwise on the torch backend's derivative: zero past the bound,
-    passed at the bound itself and inside (as torch.clamp's backward)."""
-    from moe_restore.kernels.activations import activation_backward
+    passed at the bound itself and inside (as torch.clamp's backward); the value computed with it
+    is the activation's."""
+    from moe_restore.kernels.activations import activate_and_backward
 
     limit = 1.0
     gate = torch.tensor([-3.0, 0.5, 1.0, 2.0], dtype=torch.float64)
@@ -95,11 +96,12 @@ def test_clamps_cut_the_gradient_where_torch_clamp_does():
         z = torch.cat([gate, up]).requires_grad_()
         h = naive.activate(z, spec)
         want, = torch.autograd.grad(h.sum(), z)
-        got = activation_backward(torch.ones(4, dtype=torch.float64), z.detach(), spec)
+        value, got = activate_and_backward(torch.ones(4, dtype=torch.float64), z.detach(), spec)
         assert torch.allclose(got, want, rtol=1e-12, atol=0)
+        assert torch.allclose(value, h.detach(), rtol=1e-12, atol=0)
         assert got[4] == 0 and got[5] != 0 and got[7] == 0  # up: -2 cut, -1 (the bound) passes, 1.5 cut
-    assert activation_backward(torch.ones(4, dtype=torch.float64), torch.cat([gate, up]),
-                               ActivationSpec("swiglu", limit=limit))[3] == 0  # gate 2 > limit
+    assert activate_and_backward(torch.ones(4, dtype=torch.float64), torch.cat([gate, up]),
+                                 ActivationSpec("swiglu", limit=limit))[1][3] == 0  # gate 2 > limit
 
 
 @pytest.mark.parametrize("spec", list(SPECS.values()) + ["gelu", "swiglu", "relu"])

@@ -298,15 +298,22 @@ def test_accelerate_offload(count_moe_mlp):
     assert count_moe_mlp == ["torch"] * 2 and relative_error(got, want) <= TOL
 
 
+@pytest.mark.parametrize("path", ["fold", "repeats"])
 @pytest.mark.parametrize("backend", backends())
-def test_repeated_and_sentinel_slots_match_the_slot_sum(backend):
+def test_repeated_and_sentinel_slots_match_the_slot_sum(backend, path):
     """transformers' contract sums every slot: a row may repeat an expert (LongCat-Flash's zero
     experts) or hold a sentinel id >= E (expert parallelism), which contributes nothing. Against
     that sum, written slot by slot in float64: the output and the gradients of x, the weights and
-    every slot weight (a sentinel's is 0)."""
+    every slot weight (a sentinel's is 0). ``fold``: through ``distinct_slots``; ``repeats``: the
+    torch backend's ``routing_from_topk(repeats=True)``, the repeated slots as they are (no
+    sentinels: expert_forward takes that path only where the hook rules them out)."""
+    if path == "repeats" and backend != "torch":
+        pytest.skip("repeats=True is the torch backend's")
     gen = torch.Generator().manual_seed(3)
     T, D, H, E, k = 7, 5, 6, 4, 3
     ids = torch.tensor([[0, 0, 1], [2, 5, 2], [3, 3, 3], [4, 7, 1], [1, 2, 3], [0, 0, 0], [6, 6, 2]])
+    if path == "repeats":
+        ids = ids.clamp(max=E - 1)
     x = torch.randn(T, D, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.rand(T, k, generator=gen, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(E, D, H, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -324,10 +331,13 @@ def test_repeated_and_sentinel_slots_match_the_slot_sum(backend):
 
     def ours():
         dtype = torch.float32 if backend == "triton" else torch.float64
-        distinct, weights = experts_impl.distinct_slots(ids, w, E)
-        assert ((distinct >= 0) & (distinct < E)).all()
-        assert (distinct.sort(-1).values.diff(dim=-1) > 0).all()
-        routing = experts_impl.routing_from_topk(distinct, weights, E, backend=backend)
+        if path == "repeats":
+            routing = experts_impl.routing_from_topk(ids, w, E, backend=backend, repeats=True)
+        else:
+            distinct, weights = experts_impl.distinct_slots(ids, w, E)
+            assert ((distinct >= 0) & (distinct < E)).all()
+            assert (distinct.sort(-1).values.diff(dim=-1) > 0).all()
+            routing = experts_impl.routing_from_topk(distinct, weights, E, backend=backend)
         return experts_impl.moe_mlp(x.to(dtype), routing, w1.to(dtype), w2.to(dtype), activation="gelu",
                                     backend=backend).double()
 
@@ -338,7 +348,31 @@ def test_repeated_and_sentinel_slots_match_the_slot_sum(backend):
     tol = 1e-5 if backend == "triton" else 1e-6  # the routing keeps its weights in float32
     for got, want in zip(grads[1], grads[0]):
         assert relative_error(got, want) <= tol
-    assert grads[1][2][1, 1] == 0 and grads[1][2][3, 1] == 0  # sentinel slots
+    if path == "fold":
+        assert grads[1][2][1, 1] == 0 and grads[1][2][3, 1] == 0  # sentinel slots
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True, None])
+def test_torch_backend_folds_only_where_sentinels_may_come(monkeypatch, expert_parallel):
+    """On the torch backend the slots are folded (``distinct_slots``) only where the hook's
+    ``_is_expert_parallel`` is not False (True, or absent as in transformers 5.17), and either
+    path gives the eager experts' output on repeated slots."""
+    experts = _hooked_experts(tiny_model("mixtral"))
+    if expert_parallel is None:
+        experts.__dict__.pop("_is_expert_parallel", None)
+    else:
+        experts._is_expert_parallel = expert_parallel
+    folds = []
+    real = experts_impl.distinct_slots
+    monkeypatch.setattr(experts_impl, "distinct_slots", lambda *a: folds.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, experts.gate_up_proj.shape[2], generator=gen)
+    index = torch.tensor([[0, 0], [1, 2], [3, 3], [2, 1], [0, 3], [1, 1]]) % experts.gate_up_proj.shape[0]
+    weights = torch.rand(6, 2, generator=gen)
+    want = experts_impl.eager_forward(experts)(experts, x, index, weights)
+    got = experts_impl.experts_forward(experts, x, index, weights, backend="torch")
+    assert len(folds) == (0 if expert_parallel is False else 1)
+    assert relative_error(got, want) <= TOL
 
 
 def test_apply_gate_probe_under_torch_compile():

@@ -182,6 +182,25 @@ def test_routing_from_topk_out_of_range_raises(backend, bad):
         routing_from_topk(experts, torch.ones(2, 2, device=DEVICE), 5, backend=backend)
 
 
+def test_routing_from_topk_with_repeats():
+    """repeats=True (torch backend): a row may name an expert twice, each slot its own assignment
+    in the layout of a hand loop; an id out of range is still refused, and the Triton dispatch,
+    which ranks an expert once per token, is refused by name."""
+    experts = torch.tensor([[2, 2, 0], [1, 2, 1], [0, 0, 0]], device=DEVICE)
+    r = routing_from_topk(experts, torch.rand(3, 3, device=DEVICE), 4, backend="torch", repeats=True)
+    flat = experts.reshape(-1).tolist()
+    assert r.sorted_assignments.tolist() == [a for e in range(4) for a in range(9) if flat[a] == e]
+    assert r.expert_offsets.tolist() == [0, 4, 6, 9, 9]
+    check_dispatch_invariants(r)
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
+            routing_from_topk(torch.tensor([[0, bad], [1, 1]], device=DEVICE), torch.ones(2, 2, device=DEVICE), 4,
+                              backend="torch", repeats=True)
+    if "triton" in backends():
+        with pytest.raises(ValueError, match="torch backend"):
+            routing_from_topk(experts, torch.rand(3, 3, device=DEVICE), 4, backend="triton", repeats=True)
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_routing_from_topk_no_tokens(backend):
     weights = torch.zeros(0, 2, device=DEVICE, requires_grad=True)

@@ -27,8 +27,12 @@ on the experts' own Parameters in their own dtype, through views (no copy):
   ``_apply_gate`` on values that cross every clamp, once per class and parameters, and the first
   that matches it (float32, 1e-6 relative) is used;
 * biases (``has_bias``): b1 = ``gate_up_proj_bias`` (or ``up_proj_bias``), b2 = ``down_proj_bias``;
-* slots that repeat an expert of their row or hold a sentinel id >= E (expert parallelism) are
-  folded into distinct ids first (``distinct_slots``), the sum over slots unchanged;
+* slots that repeat an expert of their row (LongCat-Flash's zero experts) are computed as they
+  are on the torch backend (``routing_from_topk(repeats=True)``: every slot its own assignment,
+  summed); where a slot may hold a sentinel id >= E (expert parallelism: the hook's
+  ``_is_expert_parallel`` is not False), on the Triton path, which ranks an expert once per
+  token, and with a norm after each expert, they are folded into distinct ids first
+  (``distinct_slots``), the sum over slots unchanged;
 * a norm after each expert (``has_post_expert_norm``: MuseSpark's ``post_expert_norm`` of each
   expert's D_out row, before the routing weight): ``moe_mlp`` computes the unweighted expert
   outputs of the [T*k, D] rows (each token once per slot, weight 1), and the norm, the weights and
@@ -53,6 +57,7 @@ import torch
 import torch.nn as nn
 
 from moe_restore.kernels import ActivationSpec, moe_mlp, naive, routing_from_topk
+from moe_restore.kernels.moe_mlp import resolve_backend as resolve_moe_mlp_backend
 
 IMPLEMENTATION = "moe_restore"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -288,10 +293,20 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
         _warn_once(experts, planned, name)
         return forward(experts, hidden_states, top_k_index, top_k_weights)
     activation, (w1, w2, b1, b2) = planned
-    ids, weights = distinct_slots(top_k_index, top_k_weights, w1.shape[0])
     if getattr(experts, "has_post_expert_norm", False):
+        ids, weights = distinct_slots(top_k_index, top_k_weights, w1.shape[0])
         return _with_post_expert_norm(experts, hidden_states, ids, weights, activation, (w1, w2, b1, b2), backend)
-    routing = routing_from_topk(ids, weights, w1.shape[0], backend=backend)
+    backend = resolve_moe_mlp_backend(backend, hidden_states)
+    num_experts = w1.shape[0]
+    if backend == "torch" and getattr(experts, "_is_expert_parallel", True) is False:
+        # No sentinel ids (the hook's flag, False unless expert parallelism is set up; older
+        # transformers lack it, so their calls are folded). Repeated ids need no fold here: the
+        # torch backend computes every slot as its own assignment and sums them, as the contract
+        # does; an id out of range is still refused.
+        routing = routing_from_topk(top_k_index, top_k_weights, num_experts, backend=backend, repeats=True)
+    else:
+        ids, weights = distinct_slots(top_k_index, top_k_weights, num_experts)
+        routing = routing_from_topk(ids, weights, num_experts, backend=backend)
     y = moe_mlp(hidden_states, routing, w1, w2, b1, b2, activation=activation, backend=backend)
     return y.to(hidden_states.dtype)
 
