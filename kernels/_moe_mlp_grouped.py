@@ -208,10 +208,10 @@ _grouped_hidden_grad = arch_autotune(
 # the aligned default spilled 32-200 B on sm_80 and used 248-254 registers on sm_90a at D=100, H=266
 # with swiglu. Compile check, Triton 3.6 / 3.9, bf16, fp16 and fp32: on sm_90a at 64 x 64 tiles,
 # BLOCK_K=16, 8 warps, swiglu still held 218-255 registers (255 on 3.6 at D=100 and D=300); at 16
-# warps 82-128, no spill, still on wgmma. On sm_80 32-row tiles at 8 warps were held to 128 registers
+# warps 72-128, no spill, still on wgmma. On sm_80 32-row tiles at 8 warps were held to 128 registers
 # and spilled 8-24 B (relu at D=100 on 3.6; swiglu at D=300 without bias on 3.6; swiglu in fp32 at
 # D=100 with BLOCK_K=16), and 16 rows at 8 warps still 8 B (GPT-OSS's spec in fp32, 3.6); 16 x 64
-# tiles at 4 warps, BLOCK_K=16: 87-168 registers, no spill.
+# tiles at 4 warps, BLOCK_K=16: 80-168 registers, no spill.
 _grouped_hidden_grad_unaligned = arch_autotune(
     _grouped_hidden_grad_kernel, "moe_grouped_hidden_grad", key=["D", "H", "DO", "E", "ACT"],
     wide=({"BLOCK_M": 64, "BLOCK_K": 16, "num_warps": 16, "num_stages": 3}, []),
