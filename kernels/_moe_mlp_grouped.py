@@ -216,6 +216,15 @@ _grouped_hidden_grad_unaligned = arch_autotune(
     _grouped_hidden_grad_kernel, "moe_grouped_hidden_grad", key=["D", "H", "DO", "E", "ACT"],
     wide=({"BLOCK_M": 64, "BLOCK_K": 16, "num_warps": 16, "num_stages": 3}, []),
     narrow=({"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 3}, []))
+def _aligned_xty_candidates(configs: list, named_args: dict, **kwargs) -> list:
+    """Grouped xty: the default only where a width or row stride is off a multiple of 16
+    (``_backend.aligned``). There the compile check (``--all-configs``, Triton 3.9, bf16) saw both
+    candidates spill: 12-2204 B on sm_90a and 96-620 B on sm_80 at D=100/300 (H=266/798), 200 B
+    on sm_80 at m2ir's H=255/510."""
+    widths = (named_args[name] for name in ("KX", "NY", "stride_xm", "stride_xk", "stride_ym", "stride_yn"))
+    return configs if aligned(*widths) else configs[:1]
+
+
 _XTY_CANDIDATES = [{"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3},
                    {"BLOCK_I": 64, "BLOCK_J": 128, "BLOCK_P": 64, "num_warps": 4, "num_stages": 4}]
 # Below sm_90 the default at 8 warps: at 4, Triton 3.6 held it to 128 registers on sm_80 and it spilled
@@ -223,7 +232,8 @@ _XTY_CANDIDATES = [{"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_P": 32, "num_warps": 
 _grouped_xty = arch_autotune(
     _grouped_xty_kernel, "moe_grouped_xty", key=["KX", "NY", "E", "SPLITS"],
     wide=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 3}, _XTY_CANDIDATES),
-    narrow=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3}, _XTY_CANDIDATES))
+    narrow=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3}, _XTY_CANDIDATES),
+    wide_prune=_aligned_xty_candidates, narrow_prune=_aligned_xty_candidates)
 
 
 def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | None, out, n: int, k_dim: int, *,
