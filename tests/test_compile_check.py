@@ -170,3 +170,19 @@ def test_fused_backward_tiles_follow_the_tensor_core_generation():
         assert (wide.kwargs["BLOCK_M"], wide.kwargs["BLOCK_H"]) == (64, wide_h)
         assert (narrow.kwargs["BLOCK_M"], narrow.kwargs["BLOCK_H"]) == (32, 32)
         assert tuned.for_device(torch.device("cpu")) is tuned.wide  # the interpreter's
+
+
+def test_xty_candidates_are_pruned_at_unaligned_widths():
+    from moe_restore.kernels._moe_mlp_grouped import _aligned_xty_candidates
+
+    configs = ["default", "candidate 1", "candidate 2"]
+
+    def kept(kx, ny, stride_xm=None, stride_ym=None):
+        return _aligned_xty_candidates(configs, {"KX": kx, "NY": ny, "stride_xm": stride_xm or kx, "stride_xk": 1,
+                                                 "stride_ym": stride_ym or ny, "stride_yn": 1})
+
+    assert kept(768, 2048) == configs
+    assert kept(64, 32, stride_ym=0) == configs  # a broadcast dy (row stride 0)
+    for kx, ny in [(100, 266), (266, 100), (300, 1596), (255, 48)]:  # the users' widths where they spilled
+        assert kept(kx, ny) == ["default"]
+    assert kept(256, 128, stride_xm=100) == ["default"]  # an aligned width with an unaligned row stride
