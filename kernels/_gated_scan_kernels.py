@@ -110,7 +110,11 @@ def _chunk_configs(name: str):
                            {"BLOCK_D": 64, "num_warps": 4}])
 
 
-@triton.autotune(configs=_chunk_configs("gated_scan_chunk_state"), key=["D", "BLOCK_N", "CHUNK"])
+# The state kernel at 4 warps: at 2 (and at BLOCK_D=16, 1 warp) it spilled 24 B on sm_90a at D=100,
+# N=12 (Triton 3.9, 80 registers); at 4 warps 37-39 registers (3.6 and 3.9, sm_90a and sm_80).
+@triton.autotune(configs=kernel_configs("gated_scan_chunk_state", {"BLOCK_D": 32, "num_warps": 4},
+                                        [{"BLOCK_D": 32, "num_warps": 1}, {"BLOCK_D": 64, "num_warps": 4}]),
+                 key=["D", "BLOCK_N", "CHUNK"])
 @triton.jit
 def _chunk_state_kernel(U, F, BM, CM, S, G,
                         L, INNER, D, N, NC,
@@ -138,8 +142,10 @@ def _chunk_state_kernel(U, F, BM, CM, S, G,
     tl.store(G + row, log_decay, mask=mask_d)
 
 
-@triton.autotune(configs=kernel_configs("gated_scan_chunk_carry", {"BLOCK_E": 128, "num_warps": 4},
-                                        [{"BLOCK_E": 256, "num_warps": 8}, {"BLOCK_E": 64, "num_warps": 2}]),
+# 8 warps for 128 elements: at 4, Triton 3.6 used 255 registers and spilled 8 B on sm_90a (D=100,
+# N=12), and 256 elements at 8 warps spilled 24 B; at 8, 172-204 registers (3.6), 80-123 (3.9).
+@triton.autotune(configs=kernel_configs("gated_scan_chunk_carry", {"BLOCK_E": 128, "num_warps": 8},
+                                        [{"BLOCK_E": 64, "num_warps": 2}, {"BLOCK_E": 64, "num_warps": 4}]),
                  key=["DN", "NC"])
 @triton.jit
 def _chunk_carry_kernel(S, G, INIT, OUT, DN, N, NC,

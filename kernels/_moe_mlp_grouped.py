@@ -209,14 +209,27 @@ _grouped_hidden_grad = arch_autotune(
           [{"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
            {"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}]),
     narrow=({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []))
-# Unaligned launches (see ``_grouped_matmul_unaligned``), and swiglu in float32: the default spilled
-# 32-200 B on sm_80 and used 248-254 registers on sm_90a at D=100, H=266 with swiglu, and 255 registers
-# on sm_80 with swiglu in fp32 at aligned widths (S3, F32, Triton 3.9); half the K step on sm_90a (214
-# registers in fp32), half the rows on sm_80 (190 in bf16; S3 in fp32: 106).
+# Unaligned launches (see ``_grouped_matmul_unaligned``), and gated activations in float32 or clamped:
+# the aligned default spilled 32-200 B on sm_80 and used 248-254 registers on sm_90a at D=100, H=266
+# with swiglu. Compile check, Triton 3.6 / 3.9, bf16, fp16 and fp32: on sm_90a at 64 x 64 tiles,
+# BLOCK_K=16, 8 warps, swiglu still held 218-255 registers (255 on 3.6 at D=100 and D=300); at 16
+# warps 72-128, no spill, still on wgmma. On sm_80 32-row tiles at 8 warps were held to 128 registers
+# and spilled 8-24 B (relu at D=100 on 3.6; swiglu at D=300 without bias on 3.6; swiglu in fp32 at
+# D=100 with BLOCK_K=16), and 16 rows at 8 warps still 8 B (GPT-OSS's spec in fp32, 3.6); 16 x 64
+# tiles at 4 warps, BLOCK_K=16: 80-168 registers, no spill.
 _grouped_hidden_grad_unaligned = arch_autotune(
     _grouped_hidden_grad_kernel, "moe_grouped_hidden_grad", key=["D", "H", "DO", "E", "ACT"],
-    wide=({"BLOCK_M": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}, []),
-    narrow=({"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []))
+    wide=({"BLOCK_M": 64, "BLOCK_K": 16, "num_warps": 16, "num_stages": 3}, []),
+    narrow=({"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 3}, []))
+def _aligned_xty_candidates(configs: list, named_args: dict, **kwargs) -> list:
+    """Grouped xty: the default only where a width or row stride is off a multiple of 16
+    (``_backend.aligned``). There the compile check (``--all-configs``, Triton 3.9, bf16) saw both
+    candidates spill: 12-2204 B on sm_90a and 96-620 B on sm_80 at D=100/300 (H=266/798), 200 B
+    on sm_80 at m2ir's H=255/510."""
+    widths = (named_args[name] for name in ("KX", "NY", "stride_xm", "stride_xk", "stride_ym", "stride_yn"))
+    return configs if aligned(*widths) else configs[:1]
+
+
 _XTY_CANDIDATES = [{"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3},
                    {"BLOCK_I": 64, "BLOCK_J": 128, "BLOCK_P": 64, "num_warps": 4, "num_stages": 4}]
 # Below sm_90 the default at 8 warps: at 4, Triton 3.6 held it to 128 registers on sm_80 and it spilled
@@ -224,7 +237,8 @@ _XTY_CANDIDATES = [{"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_P": 32, "num_warps": 
 _grouped_xty = arch_autotune(
     _grouped_xty_kernel, "moe_grouped_xty", key=["KX", "NY", "E", "SPLITS"],
     wide=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 3}, _XTY_CANDIDATES),
-    narrow=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3}, _XTY_CANDIDATES))
+    narrow=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3}, _XTY_CANDIDATES),
+    wide_prune=_aligned_xty_candidates, narrow_prune=_aligned_xty_candidates)
 
 
 def _bounded(act: dict) -> bool:

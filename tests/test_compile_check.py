@@ -78,18 +78,23 @@ def test_representative_kernels_compile_and_report():
     # choice sends there) with the routing and dispatch kernels, and at users' shapes the grouped
     # matmul at an unaligned width (D=100, H=266, gelu_tanh, no bias: the fused path spilled there)
     # and the routing at E=20, k=4; sm_80: the fused backward at the widest width the automatic
-    # path gives it.
+    # path gives it; on both, what spilled or went over the register margin at users' shapes before
+    # its configurations changed: the grouped hidden gradient at D=100 (swiglu without bias, relu), the
+    # top-k score backward at E=40, k=8 and the scan's state and carry kernels at D=100, N=12.
     rows = run_compile_check(targets=(90,), cases=["S1-swiglu"], dtypes=["bf16"], jobs=2)
     rows += run_compile_check(targets=(90,), cases=["S1"], dtypes=["bf16"], kernels=["_fused_fwd_kernel"], jobs=2)
     rows += run_compile_check(targets=(90,), cases=["U100-gelu_tanh-nobias", "route-E20-k4"], dtypes=["bf16"],
                               kernels=["_grouped_matmul_kernel", "_topk_scores_bwd_kernel", "_dispatch_rank_kernel"],
                               jobs=2)
     rows += run_compile_check(targets=(80,), cases=["S1"], dtypes=["bf16"], kernels=_FUSED_BACKWARD, jobs=2)
+    rows += run_compile_check(cases=["U100-swiglu-nobias", "U100-relu", "route-E40-k8", "scan-D100-N12"],
+                              dtypes=["bf16"], kernels=["_grouped_hidden_grad_kernel", "_topk_scores_bwd_kernel",
+                                                        "_chunk_state_kernel", "_chunk_carry_kernel"], jobs=2)
     assert {r["triton"] for r in rows} == {triton.__version__}
     kernels = {r["kernel"] for r in rows}
     assert {"_fused_fwd_kernel", *_FUSED_BACKWARD, "_topk_scores_fwd_kernel", "_grouped_matmul_kernel",
             "_grouped_hidden_grad_kernel", "_grouped_xty_kernel", "_topk_scores_bwd_kernel",
-            "_dispatch_rank_kernel", "_dispatch_scatter_kernel"} <= kernels
+            "_dispatch_rank_kernel", "_dispatch_scatter_kernel", "_chunk_state_kernel", "_chunk_carry_kernel"} <= kernels
     # swiglu's up-projection (gate and up halves in one grouped matmul) is among the builds
     swiglu = TRITON_CODES["swiglu"]
     assert any(r["constexprs"]["ACT"] == swiglu for r in rows if r["kernel"] == "_grouped_matmul_kernel")
@@ -165,3 +170,19 @@ def test_fused_backward_tiles_follow_the_tensor_core_generation():
         assert (wide.kwargs["BLOCK_M"], wide.kwargs["BLOCK_H"]) == (64, wide_h)
         assert (narrow.kwargs["BLOCK_M"], narrow.kwargs["BLOCK_H"]) == (32, 32)
         assert tuned.for_device(torch.device("cpu")) is tuned.wide  # the interpreter's
+
+
+def test_xty_candidates_are_pruned_at_unaligned_widths():
+    from moe_restore.kernels._moe_mlp_grouped import _aligned_xty_candidates
+
+    configs = ["default", "candidate 1", "candidate 2"]
+
+    def kept(kx, ny, stride_xm=None, stride_ym=None):
+        return _aligned_xty_candidates(configs, {"KX": kx, "NY": ny, "stride_xm": stride_xm or kx, "stride_xk": 1,
+                                                 "stride_ym": stride_ym or ny, "stride_yn": 1})
+
+    assert kept(768, 2048) == configs
+    assert kept(64, 32, stride_ym=0) == configs  # a broadcast dy (row stride 0)
+    for kx, ny in [(100, 266), (266, 100), (300, 1596), (255, 48)]:  # the users' widths where they spilled
+        assert kept(kx, ny) == ["default"]
+    assert kept(256, 128, stride_xm=100) == ["default"]  # an aligned width with an unaligned row stride

@@ -101,12 +101,14 @@ def test_matches_oracle_float32(monkeypatch, backend, path, T, D, H, E, k, D_out
 
 
 @pytest.mark.skipif("triton" not in backends(), reason="needs the Triton backend")
+@pytest.mark.parametrize("path", ["fused", "grouped"])
 @pytest.mark.parametrize("T,D,H,E,k,D_out,activation,bias,scoring", [CASES[2], CASES[3]])
-def test_fused_path_with_the_other_generations_tiles(monkeypatch, T, D, H, E, k, D_out, activation, bias, scoring):
-    # The fused backward's tiles differ by tensor-core generation (64-row on sm_90+, 32-row below);
-    # a run uses one of them, so the other is checked here by choosing it explicitly.
+def test_the_other_generations_tiles(monkeypatch, path, T, D, H, E, k, D_out, activation, bias, scoring):
+    # The tiles differ by tensor-core generation (the fused backward: 64-row on sm_90+, 32-row below;
+    # the grouped hidden gradient at these cases, D=97 or float32 swiglu: 64-row and 16-row); a run
+    # uses one of them, so the other is checked here by choosing it explicitly.
     from moe_restore.kernels._backend import ArchTuned
-    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", "fused")
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path)
     on_cuda = ArchTuned.for_device
     monkeypatch.setattr(ArchTuned, "for_device", lambda self, device: (
         self.narrow if on_cuda(self, device) is self.wide else self.wide))

@@ -42,6 +42,7 @@ def check_dispatch_invariants(r: Routing) -> None:
 
 CASES = [  # T, E, k
     (1, 1, 1), (7, 5, 2), (7, 5, 5), (300, 8, 2), (300, 8, 8), (64, 130, 3), (33, 3, 1),
+    (70, 40, 8),  # 64 padded experts: the backward's own token blocks (32, a partial one last)
 ]
 
 
