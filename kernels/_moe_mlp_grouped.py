@@ -241,6 +241,15 @@ _grouped_xty = arch_autotune(
     wide_prune=_aligned_xty_candidates, narrow_prune=_aligned_xty_candidates)
 
 
+# Float32 at a width or stride off a multiple of 16: the default's [BLOCK_P, 64] float32 operand
+# tiles, loaded element by element, held 254 registers on sm_90a and spilled 12 B on sm_80 (D=100 and
+# D=300, Triton 3.9); half the row step fits (compile check).
+_grouped_xty_unaligned_f32 = arch_autotune(
+    _grouped_xty_kernel, "moe_grouped_xty", key=["KX", "NY", "E", "SPLITS"],
+    wide=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 16, "num_warps": 4, "num_stages": 3}, []),
+    narrow=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 16, "num_warps": 8, "num_stages": 3}, []))
+
+
 def _bounded(act: dict) -> bool:
     """Whether a gated activation clamps or softcaps (more live state in its tiles)."""
     return act["LIMIT"] is not None or act["GATE_SOFTCAP"] is not None or act["UP_SOFTCAP"] is not None
@@ -272,9 +281,11 @@ def _grouped_xty_launch(d: _Dispatch, x, y, kx: int, ny: int, *, gather_x: bool,
     out = split_partials(splits, (d.num_experts, kx, ny), dtype, x.device)
     dbias = split_partials(splits, (d.num_experts, ny), bias_dtype, x.device) if want_dbias else out
     grid = lambda meta: (d.num_experts * splits, triton.cdiv(kx, meta["BLOCK_I"]), triton.cdiv(ny, meta["BLOCK_J"]))  # noqa: E731
-    _grouped_xty.for_device(x.device)[grid](x, y, d.weights, d.order, d.offsets, out, dbias, kx, ny, d.num_experts, d.top_k, splits,
-                       x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                       GATHER_X=gather_x, GATHER_Y=gather_y, SCALE_Y=scale_y, HAS_DBIAS=want_dbias)
+    unaligned_f32 = x.dtype == torch.float32 and not aligned(kx, ny, *x.stride(), *y.stride())
+    tuned = _grouped_xty_unaligned_f32 if unaligned_f32 else _grouped_xty
+    tuned.for_device(x.device)[grid](x, y, d.weights, d.order, d.offsets, out, dbias, kx, ny, d.num_experts, d.top_k,
+                                     splits, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                                     GATHER_X=gather_x, GATHER_Y=gather_y, SCALE_Y=scale_y, HAS_DBIAS=want_dbias)
     return sum_splits(out, dtype), (sum_splits(dbias, bias_dtype) if want_dbias else None)
 
 
