@@ -245,9 +245,11 @@ def _chunk_adjoint_kernel(U, F, BM, CM, Z, GOUT, R,
     tl.store(R + row[:, None] * N + offs_n[None, :], mu, mask=mask_d[:, None] & mask_n[None, :])
 
 
-# No 4-warp candidate: it spilled on sm_80 in float32 (24 B at N=64, 16 B in the 2-D scan;
-# compile check --all-configs).
-@triton.autotune(configs=kernel_configs("gated_scan_chunk_backward", {"num_warps": 2}, [{"num_warps": 1}]),
+# One warp, no candidate: at two, 8 B spilled once df got its own output pointer (Triton 3.6 at
+# D=100, N=12: bf16 on sm_90a, fp32 on sm_80; 3.9 in the 2-D scan at D=96, bf16 on sm_80), and four
+# spilled on sm_80 in float32 (24 B at N=64, 16 B in the 2-D scan); at one, 93-196 registers, no
+# spill (compile check, both versions, N=1 to 64).
+@triton.autotune(configs=kernel_configs("gated_scan_chunk_backward", {"num_warps": 1}),
                  key=["D", "BLOCK_N", "CHUNK"])
 @triton.jit
 def _chunk_backward_kernel(U, F, BM, CM, Z, DSKIP, GOUT, H, H0, M, DHN,
