@@ -127,6 +127,127 @@ def test_rebuilt_blocks_match_the_stock_model(family, backend, count_moe_mlp, tm
     assert count_moe_mlp
 
 
+def _switch(expert_capacity: int, activation: str):
+    if not hasattr(tf, "SwitchTransformersConfig"):
+        pytest.skip(f"transformers {tf.__version__} has no Switch Transformers")
+    torch.manual_seed(0)
+    model = tf.SwitchTransformersForConditionalGeneration(tf.SwitchTransformersConfig(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=12, num_layers=2, num_decoder_layers=2, num_heads=2,
+        num_experts=4, expert_capacity=expert_capacity, encoder_sparse_step=1, decoder_sparse_step=1,
+        dense_act_fn=activation, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1)).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def _seq2seq_logits_and_grads(model):
+    model.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(1)
+    ids, decoder_ids = torch.randint(0, VOCAB, (2, 7), generator=gen), torch.randint(0, VOCAB, (2, 5), generator=gen)
+    out = model(input_ids=ids, decoder_input_ids=decoder_ids, use_cache=False, output_router_logits=True)
+    (out.logits * torch.randn(out.logits.shape, generator=gen)).sum().backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, \
+        _router_outputs(out)
+
+
+def _router_outputs(out) -> list[torch.Tensor]:
+    """The router outputs a seq2seq MoE model records (its z-loss and balancing-loss inputs), flattened."""
+    found = []
+
+    def collect(value):
+        if isinstance(value, torch.Tensor):
+            found.append(value.detach())
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                collect(item)
+
+    for key, value in out.items():
+        if "router" in key or key.endswith("_loss"):
+            collect(value)
+    return found
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize(("expert_capacity", "activation"), [(2, "relu"), (64, "gelu_new"), (3, "silu")])
+def test_switch_transformers_blocks_match_the_stock_model(expert_capacity, activation, backend, count_moe_mlp,
+                                                          tmp_path):
+    """Top-1 routing with the expert capacity as the stock router decides it (2 and 3 of 7 tokens
+    per sequence: tokens dropped on transformers 5.25, which counts the capacity per sequence), the
+    router outputs the model records as the stock model's; every parameter's gradient as the stock model's, except that an
+    expert no token reached gets an exact zero where the stock block leaves None (its weights are
+    stacked for moe_mlp)."""
+    model = _switch(expert_capacity, activation)
+    keys = list(model.state_dict())
+    want_y, want_g, want_routers = _seq2seq_logits_and_grads(model)
+    report = replace_moe(model, backend=backend)
+    assert [(c.before, c.after) for c in report.replaced] == \
+        [("SwitchTransformersSparseMLP", "KernelSwitchTransformersSparseMLP")] * 4
+    assert not report.skipped and "capacity" in report.replaced[0].detail
+    assert list(model.state_dict()) == keys
+    got_y, got_g, got_routers = _seq2seq_logits_and_grads(model)
+    assert count_moe_mlp and set(count_moe_mlp) == {backend}
+    assert want_routers and len(got_routers) == len(want_routers)
+    assert all(got.shape == want.shape and relative_error(got, want) <= TOL
+               for got, want in zip(got_routers, want_routers))
+    unreached = set(got_g) - set(want_g)
+    assert set(want_g) <= set(got_g) and all(torch.count_nonzero(got_g[n]) == 0 for n in unreached)
+    _assert_equal_to((got_y, {n: got_g[n] for n in want_g}), (want_y, want_g), f"switch {activation}")
+
+    model.save_pretrained(tmp_path)
+    reloaded = from_pretrained(type(model), tmp_path)
+    assert sum(type(m).__name__ == "KernelSwitchTransformersSparseMLP" for m in reloaded.modules()) == 4
+    assert list(reloaded.state_dict()) == keys
+
+
+def test_switch_transformers_expert_dropout_runs_the_stock_experts(count_moe_mlp):
+    """The experts' dropout has no kernel counterpart: while training with it on, the stock
+    experts run (same random stream, so the same output); in eval mode the kernels do."""
+    model, replaced = _switch(3, "relu"), _switch(3, "relu")
+    replace_moe(replaced, backend="torch")
+    for twin in (model, replaced):
+        for name, module in twin.named_modules():
+            if name.split(".")[-1].startswith("expert_"):
+                module.dropout.p = 0.5
+    model.train(), replaced.train()
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    want = model(input_ids=ids, decoder_input_ids=ids[:, :5], use_cache=False).logits
+    torch.manual_seed(5)
+    got = replaced(input_ids=ids, decoder_input_ids=ids[:, :5], use_cache=False).logits
+    assert not count_moe_mlp and torch.equal(got, want)
+    replaced.eval()
+    replaced(input_ids=ids, decoder_input_ids=ids[:, :5], use_cache=False)
+    assert count_moe_mlp
+
+
+def test_nllb_moe_is_left_alone_with_the_reason_its_dispatch_gives():
+    """NLLB-MoE's stock experts module runs expert_1 for every first choice and expert_0 for every
+    second, whatever the router chose: replace_moe says so and leaves the blocks alone. Should
+    transformers fix the dispatch, the first assertion fails and the block can be rebuilt."""
+    if not hasattr(tf, "NllbMoeConfig"):
+        pytest.skip(f"transformers {tf.__version__} has no NLLB-MoE")
+    torch.manual_seed(0)
+    model = tf.NllbMoeForConditionalGeneration(tf.NllbMoeConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=12, decoder_ffn_dim=12, num_experts=4, encoder_sparse_step=1,
+        decoder_sparse_step=1, expert_capacity=64, max_position_embeddings=32, decoder_start_token_id=0,
+        pad_token_id=1)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits.sum().backward()
+    trained = {n.split("experts.")[1].split(".")[0] for n, p in model.named_parameters()
+               if "experts." in n and p.grad is not None and torch.count_nonzero(p.grad)}
+    assert trained == {"expert_0", "expert_1"}
+    with pytest.warns(UserWarning, match="replaced nothing"):
+        report = replace_moe(model)
+    assert not report.replaced and len(report.skipped) == 4
+    assert all(s.kind == "NllbMoeSparseMLP" and "expert_1" in s.reason for s in report.skipped)
+
+
 # Blocks whose experts use the hook (routing their own: DeepSeek's grouped top-k with the score
 # correction bias and routed scaling, shared experts, Jamba's and PhiMoE's routers, ...).
 HOOKED_BLOCKS = ["deepseek_v2", "deepseek_v3", "jamba", "phimoe", "granitemoe", "ernie4_5_moe", "glm4_moe"]

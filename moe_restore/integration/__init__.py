@@ -2,8 +2,8 @@
 
 * ``replace_moe(model)``: swap the sparse MoE blocks of transformers models (Mixtral, Qwen2-MoE,
   Qwen3-MoE, OLMoE) for blocks that run ``topk_route`` and, through the experts module, ``moe_mlp``
-  on the same weights; rebuild Llama 4's, DBRX's and JetMoE's MoE blocks (outside the experts hook) on
-  ``moe_mlp``; switch the experts of every other block that uses the hook to "moe_restore".
+  on the same weights; rebuild Llama 4's, DBRX's, JetMoE's and Switch Transformers' MoE blocks (outside
+  the experts hook) on ``moe_mlp``; switch the experts of every other block that uses the hook to "moe_restore".
 * ``upcycle_ffn(model, num_experts=, top_k=)``: turn dense feed-forward modules (diffusers
   ``FeedForward``, timm-style ``Mlp`` and ``GluMlp``, Llama-style gated MLPs, transformers'
   ``fc1``/``activation_fn``/``fc2`` MLPs such as ``ViTMLP`` and split ``*Intermediate`` + ``output``

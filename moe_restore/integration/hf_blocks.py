@@ -326,11 +326,95 @@ class KernelJetMoeMoE(nn.Module):
         return f"source={self.source}, top_k={self.top_k}, activation={self.expert_activation}, backend={self.backend}"
 
 
+class KernelSwitchTransformersSparseMLP(nn.Module):
+    """Switch Transformers' ``SwitchTransformersSparseMLP`` (experts outside transformers' experts
+    hook) on ``moe_mlp``.
+
+    Routing is the stock router module's own call (its float32 softmax, training jitter and expert
+    capacity), made as the stock block makes it: it returns, per token, a one-hot row of the top-1
+    expert with the tokens past an expert's capacity zeroed, and p, the top-1 probability. The
+    router's interface changed between the supported transformers releases (5.17: ``(p, one-hot,
+    max p)`` from the flattened tokens, where the capacity count runs over a single choice and drops
+    nothing; 5.25: ``(one-hot, p, logits)`` from [B, S, D], the capacity counted per sequence); a
+    probe call on one zero token at construction tells which. The stock block
+    adds p * Expert_e(x) for the kept tokens and nothing for the dropped ones, so here every token
+    is one assignment to its argmax expert with weight p * kept (kept = the row's sum, 0 or 1): a
+    dropped token's expert output is multiplied by 0, and p's gradient there is 0, as in the stock
+    block. Each expert is a ``DenseActDense`` (``wi`` [H, D], ``wo`` [D, H], no bias, ``act``
+    between them): moe_mlp's w1 [E, D, H] and w2 [E, H, D] are the stacked transposes (a copy of
+    the expert weights per call: they are 2E Parameters). The experts' dropout between ``act`` and
+    ``wo`` has no kernel counterpart: while training with dropout on, the block calls the stock
+    experts module instead. Children (``router``, ``experts``) are the stock block's, so the state
+    dict is unchanged; returns the hidden states [B, S, D], as the stock block.
+    """
+
+    def __init__(self, block: nn.Module, backend: str | None = None):
+        super().__init__()
+        experts = list(block.experts.values())
+        for name in ("wi", "wo", "act", "dropout"):
+            if not all(hasattr(expert, name) for expert in experts):
+                raise NotConvertible(f"its experts have no {name!r} (not Switch Transformers' DenseActDense)")
+        _check_float(*(expert.wi.weight for expert in experts), *(expert.wo.weight for expert in experts))
+        if any(expert.wi.bias is not None or expert.wo.bias is not None for expert in experts):
+            raise NotConvertible("its experts have biases, which this release does not map")
+        activation = _activation_name(experts[0].act)
+        if activation is None or activation in _GATED_KIND.values():
+            raise NotConvertible(f"its experts' activation {type(experts[0].act).__name__} is not one of moe_mlp's")
+        self.activation = activation
+        for name in list(block._modules):
+            setattr(self, name, getattr(block, name))
+        with torch.no_grad():
+            probe = self.router(experts[0].wi.weight.new_zeros(1, 1, experts[0].wi.weight.shape[1]))
+        self.routes_flat_tokens = probe[0].is_floating_point()
+        self.backend = backend
+        self.source = type(block).__name__
+
+    def _dropout_active(self) -> bool:
+        return self.training and any(expert.dropout.p > 0 for expert in self.experts.values())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if self.routes_flat_tokens:
+            probs, selected, _ = self.router(x)
+        else:
+            selected, probs, _ = self.router(hidden_states)
+        selected, probs = selected.reshape(x.shape[0], 1, -1), probs.reshape(-1, 1)  # capacity-masked one-hot, p
+        if self._dropout_active():
+            return self.experts(x, selected, probs).reshape(hidden_states.shape)
+        experts = list(self.experts.values())
+        w1 = torch.stack([expert.wi.weight for expert in experts]).transpose(1, 2)
+        w2 = torch.stack([expert.wo.weight for expert in experts]).transpose(1, 2)
+        weights = probs.float() * selected.sum(-1)
+        routing = routing_from_topk(selected.argmax(-1), weights, len(experts), backend=self.backend)
+        y = moe_mlp(x, routing, w1, w2, activation=self.activation, backend=self.backend)
+        return y.to(x.dtype).reshape(hidden_states.shape)
+
+    def extra_repr(self) -> str:
+        return f"source={self.source}, activation={self.activation}, backend={self.backend}"
+
+
 # Blocks whose experts are outside transformers' experts hook, each with its own replacement.
 OTHER_BLOCKS: dict[str, type[nn.Module]] = {
     _MODELS + "llama4.modeling_llama4.Llama4TextMoe": KernelLlama4TextMoe,
     _MODELS + "dbrx.modeling_dbrx.DbrxFFN": KernelDbrxFFN,
     _MODELS + "jetmoe.modeling_jetmoe.JetMoeMoE": KernelJetMoeMoE,
+    _MODELS + "switch_transformers.modeling_switch_transformers.SwitchTransformersSparseMLP":
+        KernelSwitchTransformersSparseMLP,
+}
+
+
+# MoE-like blocks that are no routed expert MLPs for moe_mlp, each with the reason the report gives.
+LEFT_ALONE: dict[str, str] = {
+    _MODELS + "nllb_moe.modeling_nllb_moe.NllbMoeSparseMLP": (
+        "NLLB-MoE's experts module one-hot encodes the router's mask, which is one-hot already, so every "
+        "token's first choice runs expert_1 and its second expert_0 whatever the router chose (checked on "
+        "transformers 5.25: the other experts never get a gradient); a kernel block equal to it would not be "
+        "an MoE of the router's choices, and one that followed the router would change the model's outputs"),
+    _MODELS + "doge.modeling_doge.DogeCDMoE": (
+        "Doge's experts are single neurons (rows of two embeddings) retrieved by product keys, not expert "
+        "MLPs"),
+    _MODELS + "vitpose_backbone.modeling_vitpose_backbone.VitPoseBackboneMoeMLP": (
+        "VitPose picks one expert Linear per image by its dataset index: nothing is routed"),
 }
 
 
@@ -340,6 +424,10 @@ def describe_other(block: nn.Module) -> str:
         return (f"{block.experts.gate_up_proj.shape[0]} experts, {block.activation}, views of gate_up_proj/down_proj "
                 f"(no copy); the router's top-{block.top_k}, sigmoid score scaling each expert's input; shared "
                 "expert: the model's own MLP")
+    if isinstance(block, KernelSwitchTransformersSparseMLP):
+        return (f"{len(block.experts)} experts, {block.activation}, w1/w2 stacked from each expert's wi/wo per call; "
+                "the router's top-1 with its expert capacity (dropped tokens weigh 0); the stock experts while "
+                "training with expert dropout")
     if isinstance(block, KernelJetMoeMoE):
         return (f"{block.input_linear.weight.shape[0]} experts, {block.expert_activation}, views of input_linear/"
                 f"output_linear (no copy); top-{block.top_k} logits, softmax over them; the block's bias after the sum")

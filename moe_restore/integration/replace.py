@@ -7,7 +7,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .hf_blocks import (KNOWN_BLOCKS, OTHER_BLOCKS, KernelSparseMoeBlock, describe, describe_other,
+from .hf_blocks import (KNOWN_BLOCKS, LEFT_ALONE, OTHER_BLOCKS, KernelSparseMoeBlock, describe, describe_other,
                         implementation_name, qualified_name, unwrapped)
 from .experts import eager_forward
 from .report import IntegrationReport, NotConvertible, check_arguments, swap_modules
@@ -44,8 +44,10 @@ def replace_moe(model: nn.Module, *, backend: str | None = None) -> IntegrationR
     applies the same routing rule and returns what the original returned, so outputs, gradients,
     state-dict names and the model's router-logits outputs stay as they were. Blocks whose experts
     are outside transformers' experts hook: Llama 4's ``Llama4TextMoe``, DBRX's ``DbrxFFN`` and
-    JetMoE's ``JetMoeMoE`` become ``KernelLlama4TextMoe``, ``KernelDbrxFFN`` and ``KernelJetMoeMoE``
-    (routing in torch as the stock block, experts on ``moe_mlp``). Any other block whose ``experts`` child uses the hook (DeepSeek-V2/V3,
+    JetMoE's ``JetMoeMoE`` and Switch Transformers' ``SwitchTransformersSparseMLP`` become
+    ``KernelLlama4TextMoe``, ``KernelDbrxFFN``, ``KernelJetMoeMoE`` and
+    ``KernelSwitchTransformersSparseMLP`` (routing in torch as the stock block, experts on
+    ``moe_mlp``). Any other block whose ``experts`` child uses the hook (DeepSeek-V2/V3,
     Jamba, PhiMoE, GraniteMoE, ERNIE-4.5-MoE, ...: the family's own routing, grouped top-k, score
     corrections and shared experts included) is kept and its experts are switched to
     ``experts_implementation="moe_restore"`` (``"moe_restore_<backend>"``); the report lists it as
@@ -77,6 +79,8 @@ def replace_moe(model: nn.Module, *, backend: str | None = None) -> IntegrationR
         if other is not None:
             block = other(module, backend)
             return block, describe_other(block)
+        if qualified_name(type(module)) in LEFT_ALONE:
+            raise NotConvertible(LEFT_ALONE[qualified_name(type(module))])
         experts = _hooked_experts(module)
         if experts is not None:
             experts.config._experts_implementation = implementation_name(backend)
@@ -89,7 +93,8 @@ def replace_moe(model: nn.Module, *, backend: str | None = None) -> IntegrationR
     report = swap_modules(model, convert)
     if not report.replaced and not report.skipped:
         report.note = ("no MoE block found: looked for transformers' Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
-                       "Llama 4, DBRX and JetMoE MoE blocks and for modules with an `experts` child")
+                       "Llama 4, DBRX, JetMoE and Switch Transformers MoE blocks and for modules with an "
+                       "`experts` child")
     for skip in report.skipped:
         warnings.warn(f"replace_moe: {skip.name or '<model>'} ({skip.kind}) left as it was: {skip.reason}",
                       stacklevel=2)
