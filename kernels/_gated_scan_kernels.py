@@ -110,8 +110,8 @@ def _chunk_configs(name: str):
                            {"BLOCK_D": 64, "num_warps": 4}])
 
 
-# The state kernel at 4 warps: at 2 (and at BLOCK_D=16, 1 warp) it spilled 24 B on sm_90a at D=100,
-# N=12 (Triton 3.9, 80 registers); at 4 warps 37-39 registers (3.6 and 3.9, sm_90a and sm_80).
+# The state kernel at 4 warps: at 2 (and at BLOCK_D=16, 1 warp) it spills on sm_90a
+# (docs/kernels.md, compile figures).
 @triton.autotune(configs=kernel_configs("gated_scan_chunk_state", {"BLOCK_D": 32, "num_warps": 4},
                                         [{"BLOCK_D": 32, "num_warps": 1}, {"BLOCK_D": 64, "num_warps": 4}]),
                  key=["D", "BLOCK_N", "CHUNK"])
@@ -123,8 +123,7 @@ def _chunk_state_kernel(U, F, BM, CM, S, G,
                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr):
     """S[b, c] and G[b, c], the state lanes in tiles of TILE_N, one pass over the chunk each: a
     [BLOCK_D, BLOCK_N] state spreads a warp along N, so at BLOCK_N=64 every thread held BLOCK_D / warps
-    channels of the state and of each per-channel gate (the compile check measured 128 registers and
-    20 B spilled at BLOCK_D=32, 2 warps on sm_90a; 168 registers on sm_80)."""
+    channels of the state and of each per-channel gate, and spilled (docs/kernels.md, compile figures)."""
     c, pid_d, b, start, end, offs_d, offs_n, mask_d, mask_n, base_x, base_n = _chunk_program(
         L, D, N, sx_b, sn_b, CHUNK, BLOCK_D, TILE_N)
     row = (b.to(tl.int64) * NC + c) * D + offs_d
@@ -142,8 +141,7 @@ def _chunk_state_kernel(U, F, BM, CM, S, G,
     tl.store(G + row, log_decay, mask=mask_d)
 
 
-# 8 warps for 128 elements: at 4, Triton 3.6 used 255 registers and spilled 8 B on sm_90a (D=100,
-# N=12), and 256 elements at 8 warps spilled 24 B; at 8, 172-204 registers (3.6), 80-123 (3.9).
+# 8 warps for 128 elements: 4 warps, or 256 elements at 8, spill on sm_90a (docs/kernels.md, compile figures).
 @triton.autotune(configs=kernel_configs("gated_scan_chunk_carry", {"BLOCK_E": 128, "num_warps": 8},
                                         [{"BLOCK_E": 64, "num_warps": 2}, {"BLOCK_E": 64, "num_warps": 4}]),
                  key=["DN", "NC"])
@@ -245,10 +243,7 @@ def _chunk_adjoint_kernel(U, F, BM, CM, Z, GOUT, R,
     tl.store(R + row[:, None] * N + offs_n[None, :], mu, mask=mask_d[:, None] & mask_n[None, :])
 
 
-# One warp, no candidate: at two, 8 B spilled once df got its own output pointer (Triton 3.6 at
-# D=100, N=12: bf16 on sm_90a, fp32 on sm_80; 3.9 in the 2-D scan at D=96, bf16 on sm_80), and four
-# spilled on sm_80 in float32 (24 B at N=64, 16 B in the 2-D scan); at one, 93-196 registers, no
-# spill (compile check, both versions, N=1 to 64).
+# One warp, no candidate: two and four warps spill (docs/kernels.md, compile figures).
 @triton.autotune(configs=kernel_configs("gated_scan_chunk_backward", {"num_warps": 1}),
                  key=["D", "BLOCK_N", "CHUNK"])
 @triton.jit

@@ -1,9 +1,8 @@
 """Fused expert-MLP path, for model widths D, D_out <= FUSED_MAX_WIDTH (pixel tokens).
 
-The limit is what the compile check (``moe-restore compile-check``, docs/benchmarks.md) measured to
-fit: at D=256 the backward holds a [BLOCK_M, D] dx tile or a [BLOCK_H, D] weight-gradient tile per
-program and spills at the sm_90a defaults (bf16: rows 444-604 B, dW1 1388-1408 B, dW2 272-352 B);
-wider inputs take the grouped path.
+The limit is what the compile check measured to fit: at D=256 the backward's [BLOCK_M, D] dx tile
+or [BLOCK_H, D] weight-gradient tile per program spills at the sm_90a defaults (docs/kernels.md,
+compile figures); wider inputs take the grouped path.
 
 One program owns BLOCK_M rows of one expert and streams the hidden layer through registers in
 BLOCK_H chunks, so no [T*k, H] tensor ever reaches global memory, forward or backward. Weight
@@ -181,10 +180,10 @@ def _project(x, w1_gate, b1_gate, w1_up, b1_up, HAS_B1: tl.constexpr, WITH_UP: t
 # weight and g = dy W2^T:  dW2 = sum_r (w_r h_r)^T dy_r,  dW1 = sum_r x_r^T dz_r,
 # dz_r = act'(z_r) * w_r g_r.  They are two kernels, and for swiglu dW1's gate and up halves are
 # two launches: each program then keeps one [BLOCK_H, width] float32 accumulator, which is what
-# lets 64-row tiles (wgmma on sm_90) compile without spills (both accumulators in one program spilled
-# 52-1908 B at every 64-row configuration). The price is recomputing z: 5 dots per row tile instead
-# of 4 (8 instead of 6 for swiglu). Every accumulating dot has the hidden chunk as its M dimension,
-# so its rows are BLOCK_H, never the model width.
+# lets 64-row tiles (wgmma on sm_90) compile without spills (both accumulators in one program spill at
+# every 64-row configuration: docs/kernels.md, compile figures). The price is recomputing z: 5 dots
+# per row tile instead of 4 (8 instead of 6 for swiglu). Every accumulating dot has the hidden chunk
+# as its M dimension, so its rows are BLOCK_H, never the model width.
 @triton.jit
 def _fused_bwd_w2_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, weights_ptr, order_ptr, offsets_ptr, dw2_ptr, db2_ptr,
                          D, H, DO, E, TOPK, SPLITS,
@@ -267,9 +266,7 @@ def _fused_bwd_w1_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, weights_ptr, ord
 def _fitting_candidates(configs: list, named_args: dict, **kwargs) -> list:
     """The backward-rows kernel's configurations the autotuner may try below sm_90: the default
     (first) always, the other candidates only at max(D, D_out) x (2 for swiglu) x (2 for float32)
-    <= 64. The compile check (``--all-configs``, docs/benchmarks.md) saw the candidate spill beyond
-    that on sm_80: 12-112 B at bf16/fp16 swiglu D=64, 44-78 B at D=128. (Two more candidates, 64-row
-    tiles at 3 stages, spilled 6-8 B even at bf16 D=64 and were dropped.)"""
+    <= 64: beyond that the candidate spills on sm_80 (docs/kernels.md, compile figures)."""
     width = max(kwargs["BLOCK_D"], kwargs["BLOCK_DO"])
     load = width * (2 if kwargs["ACT"] >= GATED_BASE else 1) * (
         2 if named_args["x_ptr"].dtype == torch.float32 else 1)
@@ -282,10 +279,9 @@ _fused_fwd = triton.autotune(
                     {"BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
                     {"BLOCK_M": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3}]),
     key=["D", "H", "DO", "E"])(_fused_fwd_kernel)
-# The backward's tiles per tensor-core generation (measured by the compile check, docs/benchmarks.md):
-# on sm_90+ 64-row tiles (wgmma needs 64 rows per warp group, and the weight kernels' accumulating
-# dots need BLOCK_H >= 64 rows); below, mma.sync takes its operands through registers, and the same
-# tiles spill there (42-964 B in the rows kernel, 48-232 B in the weight kernels), so 32-row tiles.
+# The backward's tiles per tensor-core generation: on sm_90+ 64-row tiles (wgmma needs 64 rows per warp
+# group, and the weight kernels' accumulating dots need BLOCK_H >= 64 rows); below, mma.sync takes its
+# operands through registers and those tiles spill, so 32-row tiles (docs/kernels.md, compile figures).
 _fused_bwd_rows = arch_autotune(
     _fused_bwd_rows_kernel, "moe_fused_bwd_rows", key=["D", "H", "DO", "E", "ACT"],
     wide=({"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2},

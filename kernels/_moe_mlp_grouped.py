@@ -176,13 +176,13 @@ def _grouped_xty_kernel(x_ptr, y_ptr, weights_ptr, order_ptr, offsets_ptr, out_p
 
 def _swiglu_default_only(configs: list, named_args: dict, **kwargs) -> list:
     """sm_90+ grouped matmul: the default only for swiglu (and the other gated activations), whose
-    gate and up tiles double the live accumulators; the compile check (``--all-configs``) saw every
-    candidate spill (8-236 B) or need more than 227 KiB of shared memory (256-320 KiB in fp32) there."""
+    gate and up tiles double the live accumulators: every candidate spills or overflows shared
+    memory there (docs/kernels.md, compile figures)."""
     return configs[:1] if kwargs["ACT"] >= GATED_BASE else configs
 
 
-# Below sm_90 (mma.sync) only the defaults: there the compile check saw the larger candidates spill
-# at swiglu (24-556 B), in float32 (16-152 B) and at D=256 in bf16 (8-24 B).
+# Below sm_90 (mma.sync) only the defaults: the larger candidates spill there
+# (docs/kernels.md, compile figures).
 _grouped_matmul = arch_autotune(
     _grouped_matmul_kernel, "moe_grouped_matmul", key=["N", "K", "E", "ACT"],
     wide=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
@@ -191,49 +191,38 @@ _grouped_matmul = arch_autotune(
            {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}]),
     narrow=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}, []),
     wide_prune=_swiglu_default_only)
-# Launches whose widths or row strides are not multiples of 16 (``_backend.aligned``): their tiles are
-# loaded element by element, and at 4 warps the default spilled (D=100, H=266, sm_90a / sm_80, bf16:
-# 128 / 268 B with swiglu, 128 / 192 B in the dx product; Triton 3.6: 24 B); at 8 warps 184-188
-# registers on sm_90a, but 246-255 on sm_80 with swiglu (both versions), where half the K step
-# gives 178.
+# Widths or row strides off a multiple of 16 (``_backend.aligned``) load element by element: 8 warps
+# (and half the K step below sm_90), as 4 warps spill (docs/kernels.md, compile figures).
 _grouped_matmul_unaligned = arch_autotune(
     _grouped_matmul_kernel, "moe_grouped_matmul", key=["N", "K", "E", "ACT"],
     wide=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []),
     narrow=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}, []))
 # Its column-block count sizes the partial dL/dw buffer, so BLOCK_N stays fixed across configs.
 _HIDDEN_GRAD_BLOCK_N = 64
-# 8 warps at the default: at 4 the S3 build (D=2048, swiglu) spilled 40 B on sm_80 (compile check).
+# 8 warps at the default: at 4 the S3 build (D=2048, swiglu) spills on sm_80
+# (docs/kernels.md, compile figures).
 _grouped_hidden_grad = arch_autotune(
     _grouped_hidden_grad_kernel, "moe_grouped_hidden_grad", key=["D", "H", "DO", "E", "ACT"],
     wide=({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
           [{"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
            {"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}]),
     narrow=({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []))
-# Unaligned launches (see ``_grouped_matmul_unaligned``), and gated activations in float32 or clamped:
-# the aligned default spilled 32-200 B on sm_80 and used 248-254 registers on sm_90a at D=100, H=266
-# with swiglu. Compile check, Triton 3.6 / 3.9, bf16, fp16 and fp32: on sm_90a at 64 x 64 tiles,
-# BLOCK_K=16, 8 warps, swiglu still held 218-255 registers (255 on 3.6 at D=100 and D=300); at 16
-# warps 72-128, no spill, still on wgmma. On sm_80 32-row tiles at 8 warps were held to 128 registers
-# and spilled 8-24 B (relu at D=100 on 3.6; swiglu at D=300 without bias on 3.6; swiglu in fp32 at
-# D=100 with BLOCK_K=16), and 16 rows at 8 warps still 8 B (GPT-OSS's spec in fp32, 3.6); 16 x 64
-# tiles at 4 warps, BLOCK_K=16: 80-168 registers, no spill.
+# Unaligned launches (see ``_grouped_matmul_unaligned``), and gated activations in float32 or clamped,
+# where the aligned default spills: 16 warps on sm_90a, 16-row tiles below (docs/kernels.md, compile figures).
 _grouped_hidden_grad_unaligned = arch_autotune(
     _grouped_hidden_grad_kernel, "moe_grouped_hidden_grad", key=["D", "H", "DO", "E", "ACT"],
     wide=({"BLOCK_M": 64, "BLOCK_K": 16, "num_warps": 16, "num_stages": 3}, []),
     narrow=({"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 3}, []))
 def _aligned_xty_candidates(configs: list, named_args: dict, **kwargs) -> list:
     """Grouped xty: the default only where a width or row stride is off a multiple of 16
-    (``_backend.aligned``). There the compile check (``--all-configs``, Triton 3.9, bf16) saw both
-    candidates spill: 12-2204 B on sm_90a and 96-620 B on sm_80 at D=100/300 (H=266/798), 200 B
-    on sm_80 at m2ir's H=255/510."""
+    (``_backend.aligned``), where both candidates spill (docs/kernels.md, compile figures)."""
     widths = (named_args[name] for name in ("KX", "NY", "stride_xm", "stride_xk", "stride_ym", "stride_yn"))
     return configs if aligned(*widths) else configs[:1]
 
 
 _XTY_CANDIDATES = [{"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3},
                    {"BLOCK_I": 64, "BLOCK_J": 128, "BLOCK_P": 64, "num_warps": 4, "num_stages": 4}]
-# Below sm_90 the default at 8 warps: at 4, Triton 3.6 held it to 128 registers on sm_80 and it spilled
-# 12 B in fp16 (the dW2 product, S2/S3/F256); at 8, 80-99 registers (Triton 3.9 / 3.6).
+# Below sm_90 the default at 8 warps: at 4 it spills in fp16 on sm_80 (docs/kernels.md, compile figures).
 _grouped_xty = arch_autotune(
     _grouped_xty_kernel, "moe_grouped_xty", key=["KX", "NY", "E", "SPLITS"],
     wide=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 3}, _XTY_CANDIDATES),
@@ -241,9 +230,8 @@ _grouped_xty = arch_autotune(
     wide_prune=_aligned_xty_candidates, narrow_prune=_aligned_xty_candidates)
 
 
-# Float32 at a width or stride off a multiple of 16: the default's [BLOCK_P, 64] float32 operand
-# tiles, loaded element by element, held 254 registers on sm_90a and spilled 12 B on sm_80 (D=100 and
-# D=300, Triton 3.9); half the row step fits (compile check).
+# Float32 at a width or stride off a multiple of 16: half the row step, as the default's element-wise
+# loaded float32 tiles spill (docs/kernels.md, compile figures).
 _grouped_xty_unaligned_f32 = arch_autotune(
     _grouped_xty_kernel, "moe_grouped_xty", key=["KX", "NY", "E", "SPLITS"],
     wide=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 16, "num_warps": 4, "num_stages": 3}, []),
@@ -259,9 +247,9 @@ def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | N
                            gather: bool, scatter: bool, act: dict, scale: bool) -> None:
     """``act``: the activation's constexprs (``ActivationSpec.triton_constexprs`` or ``_NO_ACTIVATION``)."""
     bias_ptr, stride_be, stride_bn = (b, 0, 0) if bias is None else (bias, bias.stride(0), bias.stride(1))
-    # A clamped gated activation in float32 holds 255 registers at the aligned default on sm_80
-    # (GPT-OSS's spec, S1/S3, Triton 3.9): it takes the 8-warp tiles too, and so does a softcapped
-    # one (more live state than the clamps; assumed alike, not measured).
+    # A clamped gated activation in float32 fills the registers at the aligned default on sm_80: it
+    # takes the 8-warp tiles too, and so does a softcapped one (assumed alike; docs/kernels.md,
+    # compile figures).
     clamped_fp32 = act["ACT"] >= GATED_BASE and _bounded(act) and a.dtype == torch.float32
     aligned_launch = aligned(n, k_dim, a.stride(0), *b_strides, out.stride(0)) and not clamped_fp32
     tuned = _grouped_matmul if aligned_launch else _grouped_matmul_unaligned
@@ -308,8 +296,8 @@ def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool
     hidden = torch.empty(A, H, dtype=x.dtype, device=x.device)
     dz = torch.empty(A, w.w1.shape[2], dtype=x.dtype, device=x.device)
     dweights = torch.empty(column_blocks, A, dtype=torch.float32, device=x.device)
-    # Gated in float32, or clamped: the aligned default's live state spills there (see above; the
-    # clamped specs spilled 8-56 B on sm_80 at S1/S3, Triton 3.9; softcapped ones assumed alike).
+    # Gated in float32, or clamped (softcapped assumed alike): the aligned default spills
+    # (docs/kernels.md, compile figures).
     heavy = act["ACT"] >= GATED_BASE and (x.dtype == torch.float32 or _bounded(act))
     tuned = _grouped_hidden_grad if aligned(D, H, DO, *x.stride(), *dy.stride(), *w.w1.stride(), *w.w2.stride()) \
         and not heavy else _grouped_hidden_grad_unaligned

@@ -42,21 +42,11 @@ from ._moe_mlp_tiles import _Dispatch, _Weights
 from .activations import Activation, ActivationSpec, activation_spec, triton_constexprs
 
 
-# The automatic choice takes the fused path where its kernels were measured to fit a GPU at their
-# defaults, on Triton 3.6 and 3.9, with a margin (at most 240 of 255 registers; compile check,
-# docs/benchmarks.md): the live state per program grows with the width, with swiglu (two
-# up-projection halves) and with float32 tiles. Widest fitting max(D, D_out) by (gated, float32):
-# the sm_90a dW1 kernel (one [BLOCK_H, D] float32 accumulator, both W1 halves for swiglu's gate)
-# spilled at D=128 (Triton 3.6: 12-48 B; 3.9: 248-253 registers), at D=64 in fp32 (3.6: 16-296 B;
-# 3.9: 241-243 registers) and used 250-255 registers for swiglu's gate half at D=32 and D=64 in
-# bf16 (both versions); fp32 swiglu spilled even at D=32 (3.9: dW1 16 B). The other gated
-# activations need more epilogue still (GPT-OSS's clamped spec spilled 24-40 B in dW1's up half,
-# geglu_tanh 16 B in its gate half, Triton 3.9), so no gated activation takes the fused path.
+# Widest max(D, D_out) by (gated, float32) at which the fused kernels' defaults fit within 240 of 255
+# registers on Triton 3.6 and 3.9; the sm_90a dW1 kernel sets it (docs/kernels.md, compile figures).
 _FUSED_FIT = {(False, False): 64, (True, False): 0, (False, True): 32, (True, True): 0}
-# Users' widths: the fused kernels hold the whole padded width per program, and widths that are not
-# multiples of 16 (rows not provably aligned, loaded element by element) ran out of registers at every
-# activation: D=100 (H=266) spilled 580-2528 B in the forward and row kernels and 860-1184 B in dW1 on
-# sm_90a (bf16, Triton 3.9). Those widths take the grouped path.
+# The fused kernels hold the whole padded width per program; widths off a multiple of 16 (loaded element
+# by element) spill at every activation and take the grouped path (docs/kernels.md, compile figures).
 _FUSED_WIDTHS = (16, 32, 48, 64)
 
 

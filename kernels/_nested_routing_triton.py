@@ -50,7 +50,7 @@ def _token_block(gl_ptr, el_ptr, T, G, E, stride_gt, stride_gg, stride_et, strid
 @triton.jit
 def _group(groups_ptr, rows, row_mask, KG, i):
     """Each row's i-th chosen group, as int32: compared in int64 with the int32 column tiles, it made
-    those comparisons 64-bit (the backward spilled 92-108 B on sm_80 at the pixel shape; as int32, none)."""
+    those comparisons 64-bit and the backward spilled (docs/kernels.md, compile figures)."""
     return tl.load(groups_ptr + rows * KG + i, mask=row_mask, other=0).to(tl.int32)
 
 
@@ -123,10 +123,8 @@ def _nested_scores_bwd_kernel(gl_ptr, el_ptr, groups_ptr, experts_ptr, dweights_
 
 def _blocks(G: int, E: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_G, BLOCK_GE). The kernels hold the group and the expert tiles with their
-    selections, so a block takes half the tokens of a top-k score block, at 8 warps (at the full
-    BLOCK_T the compile check measured 424-448 B spilled in the forward and 1.5-2.2 KB in the
-    backward at 4 warps, 8-48 B at 8, 200 B at 16; at the half block, 8 warps: none, once the backward
-    compares groups in int32, see ``_group``)."""
+    selections, so a block takes half the tokens of a top-k score block, at 8 warps: the full block
+    spills at 4, 8 and 16 warps (docs/kernels.md, compile figures)."""
     block_g, block_ge = _block_e(G), _block_e(G * E)
     return max(1, _block_t(max(block_g, block_ge)) // 2), block_g, block_ge
 

@@ -35,47 +35,37 @@ def _block_e(num_experts: int) -> int:
 
 
 def _block_t(block_e: int) -> int:
-    # Keep the [BLOCK_T, BLOCK_E] tiles near 4K elements whatever the expert count (at most 128
-    # tokens). 8K-element tiles ran out of registers in the top-k forward (compile check, Triton 3.6:
-    # 432-540 B spilled at E=40 and E=60; E=384 in fp32: 241-253 registers on 3.6 and 3.9); at 4K,
-    # 106-222 registers, no spill, on both versions.
+    # [BLOCK_T, BLOCK_E] tiles near 4K elements (at most 128 tokens): 8K spill in the top-k forward
+    # (docs/kernels.md, compile figures).
     return max(1, min(128, 4096 // block_e))
 
 
 def _dispatch_block_t(block_e: int) -> int:
-    # The rank kernel's cumulative sum over the token axis is costlier than the score kernels' row
-    # work: at 4 warps, 128 x 128 tiles spilled 960-1028 B (E=128, Triton 3.6), 8 warps still used
-    # 254 registers and 128 x 32 tiles at 8 warps spilled 8 B (E=20, Triton 3.9); at most 32 tokens
-    # per block and 4K-element tiles: 53-146 registers, no spill (compile check, both versions, sm_90a
-    # and sm_80; 32 x 256 used 254-255 on 3.6), except at 16 padded experts, where 32 x 16 spilled
-    # 12 B on sm_90a (Triton 3.9) and 64 x 16 does not, and at 512, where 8 x 512 spilled 8 B on
-    # sm_80 (3.9) and 16 x 512 does not.
+    # The rank kernel's cumulative sum over tokens costs more than the score kernels' row work: at
+    # most 32 tokens (64 at 16 padded experts, 16 at 512); larger blocks spill
+    # (docs/kernels.md, compile figures).
     return 64 if block_e <= 16 else min(32, max(16, _block_t(block_e)))
 
 
 def _score_warps(block_t: int, block_e: int) -> int:
-    """Warps for a score kernel's [BLOCK_T, BLOCK_E] tiles: one per 512 elements, 4 to 8. At 4 warps
-    the compile check measured 2.1-2.2 KB spilled at E=128 (8K-element tiles) in the top-k forward
-    (sm_90a, sm_80); at 8 none. 16 warps cap a thread at 128 registers and spilled again (the
-    forward; the backward takes 16, ``_score_bwd_warps``)."""
+    """Warps for a score kernel's [BLOCK_T, BLOCK_E] tiles: one per 512 elements, 4 to 8; fewer
+    spill, and 16 cap a thread at 128 registers and spill in the forward (docs/kernels.md, compile
+    figures; the backward takes 16, ``_score_bwd_warps``)."""
     return max(4, min(8, block_t * block_e // 512))
 
 
 def _score_bwd_warps(block_t: int, block_e: int) -> int:
     """Warps for the top-k score backward: as ``_score_warps``, but 16 for 4K-element tiles of at most
-    32 or at least 256 columns. At 8 warps the compile check measured spills at E=20 (128 x 32 tiles:
-    32 B on sm_90a, Triton 3.9) and E=384 (48 B on sm_80); at 16, 40-87 registers and no spill (E=20,
-    160, 256, 384, both versions). 64 x 64 and 32 x 128 tiles spilled 16-24 B at 16 warps (64
-    registers a thread) and fit at 8 (60-169 registers)."""
+    32 or at least 256 columns, which spill at 8 (the other shapes spill at 16: docs/kernels.md,
+    compile figures)."""
     if block_t * block_e >= 4096 and (block_e <= 32 or block_e >= 256):
         return 16
     return _score_warps(block_t, block_e)
 
 
 def _score_bwd_block_t(block_e: int) -> int:
-    """Tokens per block of the top-k score backward: as the forward's, but 32 at 64 padded experts.
-    There 64 x 64 tiles at 8 warps spilled on sm_80 with renormalised softmax scores (E=40, k=8:
-    16 B on Triton 3.9, 40 B on 3.6; compile check); 32 x 64 at 4 warps: 86-120 registers, no spill."""
+    """Tokens per block of the top-k score backward: as the forward's, but 32 at 64 padded experts,
+    where 64 x 64 tiles spill on sm_80 (docs/kernels.md, compile figures)."""
     return 32 if block_e == 64 else _block_t(block_e)
 
 
@@ -208,8 +198,8 @@ def _topk_scores_bwd_kernel(logits_ptr, experts_ptr, dweights_ptr, dlogits_ptr,
                             BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     rows, cols, row_mask, col_mask = _block_lanes(tl.program_id(0), T, E, BLOCK_T, BLOCK_E)
     dp, chosen = _chosen_grads(experts_ptr, dweights_ptr, rows, row_mask, cols, K, 0, K, BLOCK_T, BLOCK_E)
-    # The logits are read after the choices: live through that loop they spilled 72 B at E=128
-    # in float32 on sm_90a (128 registers, 64 x 128 tiles at 8 warps); read here, 98 registers.
+    # The logits are read after the choices: live through that loop they spill
+    # (docs/kernels.md, compile figures).
     logits = _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_t, stride_e)
     w, _ = _choice_weights(logits, col_mask[None, :], chosen, SIGMOID, RENORMALIZE)
     dlogits = _choice_weights_grad(logits, w, dp, SIGMOID, RENORMALIZE)

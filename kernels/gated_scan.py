@@ -20,8 +20,6 @@ token's own (h, w). Both ops take the same arguments (``h0``, ``reverse``,
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from ._backend import autocast_inputs, autocast_off, resolve_backend_for_dtype
@@ -29,7 +27,6 @@ from .validation import check_bool, check_float, check_has_values, check_ndim, c
 from ._gated_scan_torch import gated_scan_torch
 
 ORDERS = ("row", "col")
-_DEPRECATED_ORDERS = {"row_reverse": "row", "col_reverse": "col"}
 MAX_STATE_TRITON = 64  # N beyond this would not fit the kernels' register tile
 MAX_BATCH_TRITON = 65535  # the batch is a grid axis of its own
 
@@ -71,13 +68,6 @@ def gated_scan_2d(u: torch.Tensor, f: torch.Tensor, Bm: torch.Tensor, Cm: torch.
     return convention and autocast as in ``gated_scan``. The Triton kernels read the grid
     through its strides: no permuted copy.
     """
-    if order in _DEPRECATED_ORDERS:
-        if reverse:
-            raise ValueError(f"order={order!r} already reverses the visit; use order="
-                             f"{_DEPRECATED_ORDERS[order]!r} with reverse=True")
-        warnings.warn(f"gated_scan_2d(): order={order!r} is deprecated, use order={_DEPRECATED_ORDERS[order]!r}, "
-                      "reverse=True", DeprecationWarning, stacklevel=2)
-        order, reverse = _DEPRECATED_ORDERS[order], True
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     return _scan(u, f, Bm, Cm, d_skip, z, h0, order, reverse, return_final_state, backend)

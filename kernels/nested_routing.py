@@ -31,7 +31,6 @@ import torch
 
 from . import _nested_routing_torch
 from ._backend import resolve_backend
-from ._deprecation import renamed_keywords
 from .validation import check_bool, check_float, check_has_values, check_ndim, check_positive_int, check_same_device
 from .routing import Routing, finish_routing
 
@@ -56,7 +55,6 @@ def _expert_logits_3d(group_logits: torch.Tensor, expert_logits: torch.Tensor) -
     return expert_logits
 
 
-@renamed_keywords(k_groups="top_k_groups", k_experts="top_k_experts")
 def nested_route(group_logits: torch.Tensor, expert_logits: torch.Tensor, top_k_groups: int, top_k_experts: int,
                  *, renormalize: bool = True, backend: str | None = None) -> Routing:
     """Route each token to top_k_groups groups and top_k_experts sub-experts inside each (k_g and

@@ -27,7 +27,6 @@ import torch
 
 from . import _routing_torch
 from ._backend import resolve_backend
-from ._deprecation import renamed_keywords
 from ._device_checks import mark_consistent, refuse_unless
 from .validation import (check_bool, check_float, check_has_values, check_ndim, check_positive_int,
                          check_same_device, check_shape, check_tensor)
@@ -106,7 +105,6 @@ def finish_routing(weights: torch.Tensor, experts: torch.Tensor, bad_rows: torch
     return routing
 
 
-@renamed_keywords(k="top_k")
 def topk_route(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
                backend: str | None = None) -> Routing:
     """Route each token to its top_k highest-scoring experts; see the module docstring for the math.

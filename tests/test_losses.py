@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_restore.train.losses import LossWeights, charbonnier, fft_loss, restoration_loss
+from moe_restore.losses import LossWeights, charbonnier, fft_loss, restoration_loss
 
 
 def test_charbonnier_formula():

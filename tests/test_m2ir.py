@@ -8,7 +8,7 @@ import torch
 from moe_restore.data import builtin_images, degrade
 from moe_restore.data.degradations import NOISE_STRENGTH
 from moe_restore.models import M2IR, build, config, names
-from moe_restore.train.losses import charbonnier
+from moe_restore.losses import charbonnier
 from moe_restore.train.metrics import psnr
 
 

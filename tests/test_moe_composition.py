@@ -16,7 +16,7 @@ from moe_restore.layers.mixture import MoE, per_pixel
 from moe_restore.layers.moe import TopKMoE
 from moe_restore.layers.routers import TopKRouter
 from moe_restore.losses import LossWeights, restoration_loss
-from moe_restore.train.objective import TrainingObjective
+from moe_restore.train.training_objective import TrainingObjective
 
 
 def _randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -1,5 +1,5 @@
-"""The ops' shared conventions: deprecated keyword aliases, empty sequences and h0 in both scans,
-one direction argument, the autocast policy and the pinned launch sizes."""
+"""The ops' shared conventions: the number of choices a routing records, empty sequences and h0
+in both scans, one direction argument, the autocast policy and the pinned launch sizes."""
 from __future__ import annotations
 
 import warnings
@@ -14,25 +14,11 @@ from utils import DEVICE, assert_close, backends
 TRITON = [b for b in backends() if b == "triton"]
 
 
-def test_deprecated_keyword_aliases_warn_and_agree():
+def test_routing_records_its_number_of_choices():
     gen = torch.Generator().manual_seed(0)
     logits, gl, el = (torch.randn(*s, generator=gen).to(DEVICE) for s in ((6, 5), (6, 3), (6, 3, 4)))
-    with pytest.warns(DeprecationWarning, match="k= is deprecated, use top_k="):
-        old = topk_route(logits, k=2, backend="torch")
-    assert torch.equal(old.experts, topk_route(logits, top_k=2, backend="torch").experts)
-    with pytest.warns(DeprecationWarning) as record:
-        old = nested_route(gl, el, k_groups=2, k_experts=3, backend="torch")
-    assert sorted(str(w.message).split(":")[1].split("=")[0].strip() for w in record) == ["k_experts", "k_groups"]
-    assert torch.equal(old.experts, nested_route(gl, el, top_k_groups=2, top_k_experts=3, backend="torch").experts)
-    assert old.top_k == 6 and old.top_k_groups == 2 and topk_route(logits, 2).top_k_groups is None
-    with pytest.raises(TypeError, match="both top_k= and its deprecated alias k="):
-        topk_route(logits, top_k=2, k=2)
-    u, f, Bm, Cm, *_ = make_inputs((1, 2, 3), 4, 2)
-    with pytest.warns(DeprecationWarning, match="order='col_reverse' is deprecated"):
-        old = gated_scan_2d(u, f, Bm, Cm, order="col_reverse", backend="torch")
-    assert torch.equal(old, gated_scan_2d(u, f, Bm, Cm, order="col", reverse=True, backend="torch"))
-    with pytest.raises(ValueError, match="already reverses"):
-        gated_scan_2d(u, f, Bm, Cm, order="row_reverse", reverse=True)
+    nested = nested_route(gl, el, top_k_groups=2, top_k_experts=3, backend="torch")
+    assert nested.top_k == 6 and nested.top_k_groups == 2 and topk_route(logits, 2).top_k_groups is None
 
 
 @pytest.mark.parametrize("backend", backends())

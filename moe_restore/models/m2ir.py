@@ -172,7 +172,7 @@ class M2IR(nn.Module):
                       ) -> tuple[torch.Tensor, dict[str, float]]:
         """``restoration_loss`` of the restored batch (Charbonnier + FFT + load balance +
         degradation classification, from the call's ``M2IRRecord``; the objective protocol of
-        ``moe_restore.models.objective``). The labels also pick the output heads
+        ``moe_restore.train.training_objective``). The labels also pick the output heads
         (``degradation_heads``). It draws nothing at random, so ``generator`` is unused."""
         restored, record = self.run(degraded, labels=labels)
         return restoration_loss(restored.float(), clean, weights=weights, aux_loss=record.aux_loss,

@@ -1,7 +1,7 @@
 """Losses, metrics, checkpoints, the training loop, evaluation, inference and the demo."""
 from moe_restore.train.evaluate import evaluate, markdown_table, write_results
 from moe_restore.train.inference import load_model, restore_image
-from moe_restore.train.losses import LossWeights, charbonnier, fft_loss, restoration_loss
+from moe_restore.losses import LossWeights, charbonnier, fft_loss, restoration_loss
 from moe_restore.train.metrics import image_metrics, psnr, ssim
 from moe_restore.train.trainer import TrainConfig, train
 

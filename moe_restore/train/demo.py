@@ -23,7 +23,7 @@ from moe_restore.data.sources import evaluation_set
 from moe_restore.train.evaluate import evaluate, write_results
 from moe_restore.train.inference import restore_image
 from moe_restore.train.metrics import image_metrics
-from moe_restore.train.losses import LossWeights
+from moe_restore.losses import LossWeights
 from moe_restore.train.trainer import TrainConfig, train
 
 DEMO_STEPS = 600

@@ -5,7 +5,7 @@ per-process batch, W the number of processes; rank r takes its B consecutive ite
 items are pure functions of their index, so together with the checkpointed model, optimizer,
 scheduler and RNG states a resumed run repeats an uninterrupted one bit for bit.
 
-Per step: the network's objective (``objective``: for M2IR Charbonnier + FFT + load balance +
+Per step: the network's objective (``training_objective``: for M2IR Charbonnier + FFT + load balance +
 degradation classification, weights in the configuration, see ``losses``; for MiM-DiT its
 rectified-flow loss), AdamW, gradient clipping at ``clip_norm``, linear warm-up then
 cosine decay of the learning rate to ``min_lr_ratio`` of its peak. On CUDA the forward runs under
@@ -34,8 +34,8 @@ from moe_restore.train import distributed
 from moe_restore.train.checkpoint import load_checkpoint, save_checkpoint, set_generator_states, set_rng_state
 from moe_restore.train.evaluate import evaluate, markdown_table, tasks_not_beating_identity, write_results
 from moe_restore.train.inference import pipeline_backend
-from moe_restore.train.losses import LossWeights
-from moe_restore.train.objective import TrainingObjective
+from moe_restore.losses import LossWeights
+from moe_restore.train.training_objective import TrainingObjective
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"

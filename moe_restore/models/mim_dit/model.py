@@ -13,7 +13,7 @@ input channels start at zero, and every expert starts as a copy of the dense FFN
 becomes the shared expert and the routed experts start at zero output), so the upcycled model
 initially computes exactly what the pretrained DiT computed.
 
-The objective (``objective.py``), the sampler (``sampling.py``) and persistence
+The objective (``flow_matching.py``), the sampler (``sampling.py``) and persistence
 (``persistence.py``) are methods of ``MiMDiT`` implemented beside it.
 
 Diffusers calls a block's feed-forward as ``ff(hidden_states)``, with no other argument (and
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from moe_restore.layers.degradation_encoder import DegradationEncoder
 from moe_restore.layers.nested_moe import NestedMoE
 
-from . import objective, persistence, sampling
+from . import flow_matching, persistence, sampling
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,7 @@ class MiMDiT(nn.Module):
 
     # ------------------------------------------------------------------ objective, sampling, persistence
 
-    training_loss = objective.flow_matching_loss
+    training_loss = flow_matching.flow_matching_loss
     restore = sampling.restore
     save_pretrained = persistence.save_pretrained
     from_pretrained = classmethod(persistence.from_pretrained)

@@ -21,7 +21,7 @@ def flow_matching_loss(model, degraded: torch.Tensor, clean: torch.Tensor, label
                        weights: LossWeights = LossWeights(), generator: torch.Generator | None = None
                        ) -> tuple[torch.Tensor, dict[str, float]]:
     """Rectified-flow loss of ``model`` (a MiMDiT) on a batch of degraded/clean images [B, 3, H, W]
-    in [0, 1] (the objective protocol of ``moe_restore.models.objective``). ``labels`` [B]:
+    in [0, 1] (the objective protocol of ``moe_restore.train.training_objective``). ``labels`` [B]:
     degradation index per image (-1: composite or unknown, no classification terms). Returns
     (loss, its terms as floats); ``weights.fft`` is unused."""
     with torch.no_grad():
