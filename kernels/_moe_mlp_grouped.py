@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import aligned, arch_autotune
+from ._tuning import aligned, arch_autotune
 from .activations import GATED_BASE
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _expert_tile, _hidden, _hidden_grads, _load_matrix,
                              GATED, _load_rows, _row_splits, _w1_columns, _Weights)
@@ -191,7 +191,7 @@ _grouped_matmul = arch_autotune(
            {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}]),
     narrow=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}, []),
     wide_prune=_swiglu_default_only)
-# Launches whose widths or row strides are not multiples of 16 (``_backend.aligned``): their tiles are
+# Launches whose widths or row strides are not multiples of 16 (``_tuning.aligned``): their tiles are
 # loaded element by element, and at 4 warps the default spilled (D=100, H=266, sm_90a / sm_80, bf16:
 # 128 / 268 B with swiglu, 128 / 192 B in the dx product; Triton 3.6: 24 B); at 8 warps 184-188
 # registers on sm_90a, but 246-255 on sm_80 with swiglu (both versions), where half the K step
@@ -223,7 +223,7 @@ _grouped_hidden_grad_unaligned = arch_autotune(
     narrow=({"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 3}, []))
 def _aligned_xty_candidates(configs: list, named_args: dict, **kwargs) -> list:
     """Grouped xty: the default only where a width or row stride is off a multiple of 16
-    (``_backend.aligned``). There the compile check (``--all-configs``, Triton 3.9, bf16) saw both
+    (``_tuning.aligned``). There the compile check (``--all-configs``, Triton 3.9, bf16) saw both
     candidates spill: 12-2204 B on sm_90a and 96-620 B on sm_80 at D=100/300 (H=266/798), 200 B
     on sm_80 at m2ir's H=255/510."""
     widths = (named_args[name] for name in ("KX", "NY", "stride_xm", "stride_xk", "stride_ym", "stride_yn"))
