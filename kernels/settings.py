@@ -49,6 +49,8 @@ Read elsewhere, by design (the test ``tests/test_settings.py`` lists these excep
   configuration switches above and pinning ``TRITON_INTERPRET``); ``kernels/_compile_record.py``,
   which runs in such a subprocess, removes the launch-size pins so that it records the default
   launches. Both write the environment of a process they own; neither reads a setting.
+* ``MOE_RESTORE_TEST_ALL_FAMILIES=1``: a switch of the test suite, not the library (read by
+  ``tests/test_integration_compile.py``: compile every family that uses transformers' experts hook).
 
 The launch sizes exist so that a test can make short inputs cross several row splits, chunks and
 carry blocks: the test suite pins small values (tests/conftest.py), and a test may

@@ -64,7 +64,7 @@ _warned: set[str] = set()
 
 
 # The moe_mlp name of each activation module class and function. transformers' classes are added
-# by ``register`` (when its experts hook is imported), never inside a forward: an import there
+# by ``register`` (which ``import moe_restore`` calls), never inside a forward: an import there
 # breaks torch.compile(fullgraph=True) on torch 2.11.
 _ACTIVATION_CLASSES: dict[type, str] = {nn.SiLU: "silu", nn.ReLU: "relu"}
 _ACTIVATION_FUNCTIONS = {nn.functional.silu: "silu", nn.functional.gelu: "gelu", nn.functional.relu: "relu"}
