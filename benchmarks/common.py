@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import itertools
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -21,7 +20,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-RESULTS_ENV = "MOE_RESTORE_RESULTS_DIR"
+from moe_restore.kernels.settings import results_dir
+
 L2_BYTES_GUESS = 60 * 2**20  # an H100/H200 L2 is 50-60 MB: input sets larger than this need no rotation
 
 
@@ -159,12 +159,6 @@ def measured_matmul_rate(dtype: torch.dtype = torch.bfloat16, n: int = 8192, dev
 def floor_ms(bytes_moved: float, flops: float, bandwidth: float, matmul_rate: float) -> float:
     """The physical floor: the larger of bytes over bandwidth and FLOPs over the matmul rate."""
     return max(bytes_moved / bandwidth, flops / matmul_rate) * 1e3
-
-
-def results_dir() -> Path:
-    """Where results go: ``$MOE_RESTORE_RESULTS_DIR``, else ``benchmarks/results/`` under the
-    working directory (never beside this file, which may sit inside an installed package)."""
-    return Path(os.environ.get(RESULTS_ENV) or Path.cwd() / "benchmarks" / "results")
 
 
 def write_results(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Path:

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moe_restore.kernels import settings
 from moe_restore.layers.moe import TopKMoE
 
 from .baselines import grouped_mm_topk_moe, grouped_mm_unsupported, transformers_forward
@@ -81,7 +82,7 @@ def _layer_and_tokens(shape: MoEShape, dtype: torch.dtype, device: torch.device,
 def triton_saved_bytes_per_token(shape: MoEShape, dtype: torch.dtype, device: torch.device, skew: float) -> float:
     """The Triton path's saved bytes per token: here if Triton runs (GPU or interpreter), else in
     a subprocess under TRITON_INTERPRET=1."""
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cuda" or settings.INTERPRET:
         layer, x = _layer_and_tokens(shape, dtype, device, skew)
         return saved_bytes(backend_forward(layer, "triton"), x, layer.parameters()) / shape.tokens
     code = ("import json, sys, torch; from moe_restore.benchmarks.moe import MoEShape, triton_saved_bytes_per_token; "

@@ -14,12 +14,12 @@ float32, as CPU wall time; under TRITON_INTERPRET=1 the Triton rows carry saved 
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
+from moe_restore.kernels import settings
 from moe_restore.layers.moe import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
 
@@ -64,7 +64,7 @@ def bench_shape(shape: NestedShape, dtype: torch.dtype, device: torch.device,
     floor = training_floor_ms(expert_flops(shape.tokens, top_k, shape.dim, shape.hidden, "gelu"), x, nested, rates)
     impls = []
     # On the CPU under TRITON_INTERPRET=1 the Triton rows carry saved bytes only (untimed).
-    interpreted = device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = device.type != "cuda" and settings.INTERPRET
     for backend in ("triton", "torch") if device.type == "cuda" or interpreted else ("torch",):
         timed = backend == "torch" or device.type == "cuda"
         impls += [Impl(f"nested {backend}", backend_forward(nested, backend), nested,

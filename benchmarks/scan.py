@@ -14,13 +14,12 @@ so and times only the torch backend against the loop, at small shapes, as CPU wa
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable
 
 import torch
 
-from moe_restore.kernels import naive
+from moe_restore.kernels import naive, settings
 from moe_restore.kernels.gated_scan import gated_scan
 
 from .common import CPU_ROUNDS, cpu_step_times, on_gpu, peak_memory_mb, time_ms
@@ -140,7 +139,7 @@ CPU_NOTE = (f"No GPU: Triton kernel timings need a GPU. Timing only the torch ba
 def bench_all(shape, dtype, device, rates) -> list[dict]:
     """Our scan (Triton on a GPU), the torch backend and the loop; fla's HGRN beside them on a GPU."""
     if device.type != "cuda":
-        interpreted = ("triton",) if os.environ.get("TRITON_INTERPRET") == "1" else ()
+        interpreted = ("triton",) if settings.INTERPRET else ()
         return bench_shape(shape, dtype, device, None, (*interpreted, "torch", "loop"))
     copy_rate = rates[0]
     return bench_shape(shape, dtype, device, copy_rate, ("triton", "torch", "loop")) + \

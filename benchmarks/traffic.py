@@ -208,7 +208,7 @@ def _target_gpu(device: Device, scale: _FullScale | None, full_splits: list[int]
     appends to ``full_splits`` the split count the library's rule (``_row_splits``) gives on
     ``device`` at the full shape, while the run itself keeps the count pinned by
     MOE_RESTORE_ROW_SPLITS."""
-    from moe_restore.kernels import _backend, _moe_mlp_fused, _moe_mlp_grouped, _moe_mlp_tiles
+    from moe_restore.kernels import _moe_mlp_fused, _moe_mlp_grouped, _moe_mlp_tiles, _tuning
 
     original = _moe_mlp_tiles._row_splits
 
@@ -221,7 +221,7 @@ def _target_gpu(device: Device, scale: _FullScale | None, full_splits: list[int]
                                             blocks_per_expert * scale.blocks, torch.device("cuda")))
         return original(num_assignments, num_experts, blocks_per_expert, where)
 
-    with mock.patch.object(_backend.ArchTuned, "for_device",
+    with mock.patch.object(_tuning.ArchTuned, "for_device",
                            lambda tuned, _: tuned.for_capability(device.capability_major)), \
             mock.patch.object(_moe_mlp_fused, "_row_splits", row_splits), \
             mock.patch.object(_moe_mlp_grouped, "_row_splits", row_splits):
@@ -230,13 +230,13 @@ def _target_gpu(device: Device, scale: _FullScale | None, full_splits: list[int]
 
 def _count(step: Callable[[Counter], None], device: Device, env: dict[str, str | None],
            scale: _FullScale | None = None) -> tuple[list[Launch], list[int]]:
-    from moe_restore.kernels import _backend
+    from moe_restore.kernels import _interpreter
 
     full_splits: list[int] = []
     # The count is of the Triton path's launches, whose traffic does not depend on the values: the
     # interpreter's wrong bfloat16 products (which make ``backend=None`` take the torch backend for
     # bfloat16 on the CPU) change no byte or FLOP counted, so that refusal is lifted here.
-    with _pinned_env(env), _target_gpu(device, scale, full_splits), _backend.launches_only():
+    with _pinned_env(env), _target_gpu(device, scale, full_splits), _interpreter.launches_only():
         return count_launches(step), full_splits
 
 

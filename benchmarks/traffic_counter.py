@@ -39,6 +39,8 @@ from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.flop_counter import flop_registry
 
+from moe_restore.kernels import settings
+
 # Ops that allocate, alias or inspect without moving tensor data.
 _NO_TRAFFIC = {
     "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
@@ -294,7 +296,7 @@ class _AtenMode(TorchDispatchMode):
 
 def interpreter_on() -> bool:
     """Whether Triton kernels defined in this process run under the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return settings.INTERPRET
 
 
 def count_launches(step: Callable[[Counter], Any]) -> list[Launch]:

@@ -1,10 +1,10 @@
 """moe_restore.kernels: Triton kernels for MoE routing, grouped expert MLPs and gated scans.
 
 Each op has a Triton implementation (forward and backward, behind an autograd Function) and a
-vectorised eager PyTorch implementation; ``backend=`` chooses (see ``_backend``, which also
-states the autocast policy shared by every op). Public submodules: ``naive`` (one plain PyTorch
-reference per op), ``activations`` (the expert activations by name) and ``validation``
-(argument checks).
+vectorised eager PyTorch implementation; ``backend=`` chooses (see ``_backend``; the autocast policy shared by every
+op is in ``_autocast``). Public submodules: ``naive`` (one plain PyTorch reference per op),
+``activations`` (the expert activations by name), ``validation`` (argument checks) and
+``settings`` (every environment variable the library reads, its default, and when it is read).
 """
 import sys as _sys
 

@@ -41,7 +41,7 @@ def kernel_and_configs(launch: dict, capability: int):
     these arguments, or [None] for a kernel without one)."""
     from triton.runtime.autotuner import Autotuner
 
-    from ._backend import ArchTuned
+    from ._tuning import ArchTuned
 
     module = importlib.import_module(launch["module"])
     fn = getattr(module, launch["kernel"])

@@ -184,7 +184,7 @@ def record(case_names: list[str], dtype_names: list[str]) -> list[dict]:
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
 
-    from ._backend import launches_only
+    from ._interpreter import launches_only
 
     cases = all_cases()
     launches: dict[str, dict] = {}

@@ -45,7 +45,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._backend import kernel_configs
+from ._tuning import kernel_configs
 
 
 @triton.jit

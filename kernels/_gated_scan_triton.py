@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 import triton
 
-from ._backend import launch_size, refuse_double_backward
+from . import settings
+from ._backend import refuse_double_backward
 from ._gated_scan_kernels import (_chunk_adjoint_kernel, _chunk_backward_kernel, _chunk_carry_kernel,
                                   _chunk_output_kernel, _chunk_state_kernel)
 from ._reductions import sum_splits
@@ -16,14 +17,13 @@ from ._reductions import sum_splits
 def chunk_length(length: int) -> int:
     """Tokens per chunk: enough chunks to fill a GPU, long enough that the chunk states
     (4 * D * N float32 per chunk, written and read twice) stay small beside the inputs.
-    ``MOE_RESTORE_SCAN_CHUNK`` pins it (see ``_backend``)."""
-    return launch_size("MOE_RESTORE_SCAN_CHUNK", min(256, max(64, triton.next_power_of_2(triton.cdiv(length, 512)))),
-                       power_of_two=True, minimum=16)
+    ``MOE_RESTORE_SCAN_CHUNK`` pins it (see ``settings``)."""
+    return settings.scan_chunk(min(256, max(64, triton.next_power_of_2(triton.cdiv(length, 512)))))
 
 
 def carry_block() -> int:
     """Chunk states the carry kernel combines per step (``MOE_RESTORE_SCAN_CARRY_BLOCK`` pins it)."""
-    return launch_size("MOE_RESTORE_SCAN_CARRY_BLOCK", 32, power_of_two=True, minimum=2)
+    return settings.scan_carry_block()
 
 
 def _backward_block_d(block_n: int) -> int:

@@ -8,7 +8,7 @@ One program owns BLOCK_M rows of one expert and streams the hidden layer through
 BLOCK_H chunks, so no [T*k, H] tensor ever reaches global memory, forward or backward. Weight
 gradients come from two more kernels (dW2/db2, and dW1/db1 per W1 half) that split each expert's
 rows into S parts and write float32 partial sums (no atomics). The math is in ``_moe_mlp_triton``.
-Tile sizes differ by tensor-core generation (``_backend.arch_autotune``).
+Tile sizes differ by tensor-core generation (``_tuning.arch_autotune``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import arch_autotune, kernel_configs
+from ._tuning import arch_autotune, kernel_configs
 from .activations import GATED_BASE
 from ._reductions import split_partials, sum_splits
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _hidden, _hidden_grads, _load_matrix, _load_rows,

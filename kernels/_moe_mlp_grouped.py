@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import aligned, arch_autotune
+from ._tuning import aligned, arch_autotune
 from .activations import GATED_BASE
 from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _expert_tile, _hidden, _hidden_grads, _load_matrix,
                              GATED, _load_rows, _row_splits, _w1_columns, _Weights)
@@ -191,7 +191,7 @@ _grouped_matmul = arch_autotune(
            {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}]),
     narrow=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}, []),
     wide_prune=_swiglu_default_only)
-# Widths or row strides off a multiple of 16 (``_backend.aligned``) load element by element: 8 warps
+# Widths or row strides off a multiple of 16 (``_tuning.aligned``) load element by element: 8 warps
 # (and half the K step below sm_90), as 4 warps spill (docs/kernels.md, compile figures).
 _grouped_matmul_unaligned = arch_autotune(
     _grouped_matmul_kernel, "moe_grouped_matmul", key=["N", "K", "E", "ACT"],
@@ -215,7 +215,7 @@ _grouped_hidden_grad_unaligned = arch_autotune(
     narrow=({"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 3}, []))
 def _aligned_xty_candidates(configs: list, named_args: dict, **kwargs) -> list:
     """Grouped xty: the default only where a width or row stride is off a multiple of 16
-    (``_backend.aligned``), where both candidates spill (docs/kernels.md, compile figures)."""
+    (``_tuning.aligned``), where both candidates spill (docs/kernels.md, compile figures)."""
     widths = (named_args[name] for name in ("KX", "NY", "stride_xm", "stride_xk", "stride_ym", "stride_yn"))
     return configs if aligned(*widths) else configs[:1]
 

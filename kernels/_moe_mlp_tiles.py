@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import launch_size
+from . import settings
 from .activations import GATED_BASE, TRITON_CODES
 
 # The activation codes as constexprs the jit code can read (globals must be constexpr there).
@@ -195,12 +195,12 @@ def _load_matrix(ptr, r, r_limit, c, c_limit, stride_r, stride_c):
 def _row_splits(num_assignments: int, num_experts: int, blocks_per_expert: int, device: torch.device) -> int:
     """How many parts to split each expert's rows into for the weight-gradient reductions: enough
     programs to fill the GPU, each still reducing a few hundred rows; one part off CUDA, where
-    there are no SMs to fill. ``MOE_RESTORE_ROW_SPLITS`` pins the count (see ``_backend``)."""
+    there are no SMs to fill. ``MOE_RESTORE_ROW_SPLITS`` pins the count (see ``settings``)."""
     if device.type != "cuda":
-        return launch_size("MOE_RESTORE_ROW_SPLITS", 1)
+        return settings.row_splits(1)
     programs = num_experts * blocks_per_expert
     wanted = triton.cdiv(4 * torch.cuda.get_device_properties(device).multi_processor_count, programs)
-    return launch_size("MOE_RESTORE_ROW_SPLITS", max(1, min(wanted, num_assignments // (num_experts * 256))))
+    return settings.row_splits(max(1, min(wanted, num_assignments // (num_experts * 256))))
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._backend import autocast_off
+from ._autocast import autocast_off
 from .activations import activate, activate_and_backward
 from .routing import Routing
 

@@ -29,11 +29,11 @@ order in one pass (no atomics, no float32 buffer), so every path is deterministi
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
+from . import settings
 from ._backend import refuse_double_backward
 from ._reductions import combine
 from ._moe_mlp_fused import FUSED_MAX_WIDTH, _backward_fused, _forward_fused
@@ -56,9 +56,7 @@ def use_fused_path(d_in: int, d_out: int, activation: Activation = "gelu", dtype
     takes it where it fits without spilling, within a register margin, on Triton 3.6 and 3.9: D and
     D_out among 16, 32, 48 and 64 in bfloat16 and float16, 16 and 32 in float32, never for a gated
     activation (swiglu, geglu, geglu_tanh, with or without parameters)."""
-    choice = os.environ.get("MOE_RESTORE_MLP_PATH", "auto")
-    if choice not in ("auto", "fused", "grouped"):
-        raise ValueError(f"MOE_RESTORE_MLP_PATH must be auto, fused or grouped, got {choice!r}")
+    choice = settings.mlp_path()
     width = max(d_in, d_out)
     if choice == "auto":
         return (d_in in _FUSED_WIDTHS and d_out in _FUSED_WIDTHS

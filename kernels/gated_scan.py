@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import autocast_inputs, autocast_off, resolve_backend_for_dtype
+from ._autocast import autocast_inputs, autocast_off
+from ._backend import resolve_backend_for_dtype
 from .validation import check_bool, check_float, check_has_values, check_ndim, check_same_device, check_shape
 from ._gated_scan_torch import gated_scan_torch
 
@@ -51,7 +52,7 @@ def gated_scan(u: torch.Tensor, f: torch.Tensor, Bm: torch.Tensor, Cm: torch.Ten
         out [B, L, D] in u's dtype, or with ``return_final_state`` the pair (out, final state
         [B, D, N]; float32, float64 for float64 inputs on the torch backend). Differentiable with
         respect to every tensor argument. Under ``torch.autocast`` u, f, Bm, Cm and z are cast
-        to the autocast dtype first (the policy in ``_backend``).
+        to the autocast dtype first (the policy in ``_autocast``).
     """
     return _scan(u, f, Bm, Cm, d_skip, z, h0, None, reverse, return_final_state, backend)
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 
 from . import _moe_mlp_torch
-from ._backend import autocast_inputs, autocast_off, interpreter_dot_is_wrong, resolve_backend_for_dtype
+from ._autocast import autocast_inputs, autocast_off
+from ._backend import resolve_backend_for_dtype
+from ._interpreter import interpreter_dot_is_wrong
 from ._device_checks import check_routing
 from .validation import check_float, check_has_values, check_ndim, check_same_device, check_shape
 from .activations import ACTIVATIONS, Activation, ActivationSpec, check_activation, first_layer_width, is_gated
@@ -82,7 +84,7 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
     ``backend=None`` then picks; ``backend="triton"`` raises TypeError). The Routing's tensors may
     be strided views. Under ``torch.autocast`` x and the expert parameters are cast to the autocast
     dtype, which the output then has (the routing weights stay float32; see the autocast policy in
-    ``_backend``). An inconsistent ``routing`` (e.g. built by hand, offsets that disagree with its
+    ``_autocast``). An inconsistent ``routing`` (e.g. built by hand, offsets that disagree with its
     assignments) is refused before any kernel reads it: ValueError on the torch backend, a
     device-side assert on the Triton path (ValueError under the interpreter), and a device-side
     assert under torch.compile; see ``_device_checks``.

@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from moe_restore.errors import UserError
-
-DEBUG_VARIABLE = "MOE_RESTORE_DEBUG"
+from moe_restore.kernels import settings
 
 TIMED_SUITES = ("moe", "nested", "scan")
 # traffic: bytes and FLOPs counted under the interpreter (moe_restore.benchmarks.traffic); run when named
@@ -205,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moe-restore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--debug", action="store_true",
-                        help=f"show the traceback of every error (also: {DEBUG_VARIABLE}=1)")
+                        help="show the traceback of every error (also: MOE_RESTORE_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser("bench", help="time the kernels against eager PyTorch (GPU for kernel speeds)")
@@ -288,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; a user's mistake raises ``SystemExit`` after one line on stderr."""
     args = build_parser().parse_args(argv)
-    debug = args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    debug = args.debug or settings.debug()
     try:
         return args.run(args)
     except (UserError, OSError, KeyboardInterrupt) as error:

@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Small launch sizes (documented in moe_restore.kernels._backend), so that the tests' short inputs
+# Small launch sizes (documented in moe_restore.kernels.settings, read at every call), so that the tests' short inputs
 # cross several chunks and carry blocks of the scan and several row splits of the expert-MLP
 # weight-gradient reductions, on every device.
 os.environ.setdefault("MOE_RESTORE_SCAN_CHUNK", "16")

@@ -178,9 +178,9 @@ def test_faults_that_used_to_end_in_a_traceback_are_one_line(tmp_path, capsys, t
     ]
     for argv, problem in cases:
         assert problem in _refused(capsys, argv, 1), argv
-    from moe_restore.kernels import _backend
+    from moe_restore.kernels import settings
 
-    monkeypatch.setattr(_backend, "INTERPRET", False)  # a CPU without the interpreter: Triton cannot run
+    monkeypatch.setattr(settings, "INTERPRET", False)  # a CPU without the interpreter: Triton cannot run
     argv = ["train", "--data", clean, "--batch", "1", "--patch", "16", "--out", str(tmp_path / "r"), "--steps", "1",
             "--device", "cpu", "--backend", "triton"]
     assert "--backend triton on cpu" in _refused(capsys, argv, 1)

@@ -160,7 +160,7 @@ def test_backward_candidates_are_pruned_where_the_compile_check_saw_them_spill()
 
 
 def test_fused_backward_tiles_follow_the_tensor_core_generation():
-    from moe_restore.kernels._backend import wide_tiles
+    from moe_restore.kernels._tuning import wide_tiles
     from moe_restore.kernels._moe_mlp_fused import _fused_bwd_rows, _fused_bwd_w1, _fused_bwd_w2
 
     assert [wide_tiles(m) for m in (7, 8, 9, 10, 11, 12)] == [False, False, True, True, True, False]

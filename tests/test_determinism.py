@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_restore.kernels import _backend, moe_mlp, nested_route, topk_route
+from moe_restore.kernels import _tuning, moe_mlp, nested_route, settings, topk_route
 from utils import DEVICE, backends
 
 # (backend, moe_mlp path of the Triton backend); the torch backend has one path.
@@ -89,19 +89,19 @@ def test_replaced_transformers_block_is_deterministic(deterministic_algorithms):
 def test_deterministic_mode_pins_kernel_configurations(switch, monkeypatch):
     pytest.importorskip("triton")
     default, candidates = {"BLOCK_M": 32}, [{"BLOCK_M": 64}, {"BLOCK_M": 128}]
-    monkeypatch.setattr(_backend, "INTERPRET", False)  # as on a GPU, where the candidates are timed
+    monkeypatch.setattr(settings, "INTERPRET", False)  # as on a GPU, where the candidates are timed
     monkeypatch.delenv("MOE_RESTORE_AUTOTUNE", raising=False)
     monkeypatch.delenv("MOE_RESTORE_DETERMINISTIC", raising=False)
-    assert not _backend.deterministic()
-    assert len(_backend.kernel_configs("k", default, candidates)) == 3
+    assert not _tuning.deterministic()
+    assert len(_tuning.kernel_configs("k", default, candidates)) == 3
     saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         if switch == "environment":
             monkeypatch.setenv("MOE_RESTORE_DETERMINISTIC", "1")
         else:
             torch.use_deterministic_algorithms(True)
-        assert _backend.deterministic()
-        (config,) = _backend.kernel_configs("k", default, candidates)
+        assert _tuning.deterministic()
+        (config,) = _tuning.kernel_configs("k", default, candidates)
         assert config.kwargs == default
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])

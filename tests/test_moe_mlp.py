@@ -107,7 +107,7 @@ def test_the_other_generations_tiles(monkeypatch, path, T, D, H, E, k, D_out, ac
     # The tiles differ by tensor-core generation (the fused backward: 64-row on sm_90+, 32-row below;
     # the grouped hidden gradient at these cases, D=97 or float32 swiglu: 64-row and 16-row); a run
     # uses one of them, so the other is checked here by choosing it explicitly.
-    from moe_restore.kernels._backend import ArchTuned
+    from moe_restore.kernels._tuning import ArchTuned
     monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path)
     on_cuda = ArchTuned.for_device
     monkeypatch.setattr(ArchTuned, "for_device", lambda self, device: (

@@ -10,24 +10,22 @@
   MLPs such as BERT's, any two-Linear MLP a ``match`` selects) into ``TopKMoE``
   or ``NestedMoE`` layers whose experts start as copies of the dense MLP.
 
-Importing this package registers ``experts_implementation="moe_restore"`` with transformers'
-experts hook (when transformers is installed): ``from_pretrained(..., experts_implementation=
-"moe_restore")`` or ``model.set_experts_implementation("moe_restore")`` runs ``moe_mlp`` on the
-experts of every family that uses the hook (see ``experts``), and a config that selects it saves it
-in config.json.
+* ``register()``: register ``experts_implementation="moe_restore"`` with transformers' experts hook
+  (``import moe_restore`` calls it when transformers is installed): ``from_pretrained(...,
+  experts_implementation="moe_restore")`` or ``model.set_experts_implementation("moe_restore")``
+  runs ``moe_mlp`` on the experts of every family that uses the hook (see ``experts``), and a config
+  that selects it saves it in config.json.
 
 ``from_pretrained(model_class, path)`` loads a model saved after ``replace_moe`` and replaces it again.
 
 ``replace_moe`` and ``upcycle_ffn`` change the model in place and return an ``IntegrationReport`` (``.model``, ``.replaced``,
 ``.skipped``, ``.note``). See docs/integration.md.
 """
-from . import experts
+from .experts import register
 from .hf_blocks import KernelDbrxFFN, KernelJetMoeMoE, KernelLlama4TextMoe, KernelSparseMoeBlock
 from .replace import from_pretrained, replace_moe
 from .report import Change, IntegrationReport, Skip
 from .upcycle import upcycle_ffn
 
-experts.register()
-
 __all__ = ["Change", "IntegrationReport", "KernelDbrxFFN", "KernelJetMoeMoE", "KernelLlama4TextMoe", "KernelSparseMoeBlock",
-           "Skip", "from_pretrained", "replace_moe", "upcycle_ffn"]
+           "Skip", "from_pretrained", "register", "replace_moe", "upcycle_ffn"]

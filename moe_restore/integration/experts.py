@@ -48,9 +48,8 @@ neither), with a warning given once per reason that names it.
 """
 from __future__ import annotations
 
-import importlib.abc
+import importlib
 import importlib.util
-import sys
 import warnings
 
 import torch
@@ -65,7 +64,7 @@ _warned: set[str] = set()
 
 
 # The moe_mlp name of each activation module class and function. transformers' classes are added
-# by ``register`` (when its experts hook is imported), never inside a forward: an import there
+# by ``register`` (which ``import moe_restore`` calls), never inside a forward: an import there
 # breaks torch.compile(fullgraph=True) on torch 2.11.
 _ACTIVATION_CLASSES: dict[type, str] = {nn.SiLU: "silu", nn.ReLU: "relu"}
 _ACTIVATION_FUNCTIONS = {nn.functional.silu: "silu", nn.functional.gelu: "gelu", nn.functional.relu: "relu"}
@@ -372,37 +371,23 @@ def _save_our_implementation() -> None:
     PreTrainedConfig.to_dict = to_dict
 
 
-def register() -> None:
-    """Register ``IMPLEMENTATIONS`` with transformers' experts interface: now if transformers' experts
-    hook is imported already, else as soon as it is (importing it here would add seconds to every
-    ``import moe_restore``), and make a config that selects one of them save it
-    (``_save_our_implementation``). Nothing happens where transformers is not installed. Idempotent."""
-    module = sys.modules.get(_HOOK_MODULE)
-    if module is not None:
-        _add_transformers_activations()
-        _save_our_implementation()
-        for name, forward in IMPLEMENTATIONS.items():
-            module.ExpertsInterface.register(name, forward)
-    elif not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
-
-
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps the loader of transformers' experts hook so that ``register``
-    runs right after that module has executed, then removes itself."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _HOOK_MODULE:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_and_register(module):
-            exec_module(module)
-            register()
-
-        spec.loader.exec_module = exec_and_register
-        return spec
+def register() -> bool:
+    """Register ``IMPLEMENTATIONS`` with transformers' experts interface, and make a config that
+    selects one of them save it in config.json (``_save_our_implementation``, a wrap of
+    ``PreTrainedConfig.to_dict``): both happen here and nowhere else. Imports transformers' experts
+    hook (``transformers.integrations.moe``) to do so; where transformers is not installed, or is
+    too old to have the hook, nothing happens and False is returned. ``import moe_restore`` calls
+    it (see docs/integration.md); it is idempotent, so calling it again is harmless."""
+    if importlib.util.find_spec("transformers") is None:
+        return False
+    try:
+        module = importlib.import_module(_HOOK_MODULE)
+    except ModuleNotFoundError as error:
+        if error.name != _HOOK_MODULE:
+            raise
+        return False  # a transformers without the experts hook (< 5)
+    _add_transformers_activations()
+    _save_our_implementation()
+    for name, forward in IMPLEMENTATIONS.items():
+        module.ExpertsInterface.register(name, forward)
+    return True
