@@ -2,8 +2,8 @@
 
 Each op has a Triton implementation (forward and backward, behind an autograd Function) and a
 vectorised eager PyTorch implementation; ``backend=`` chooses (see ``_backend``, which also
-states the autocast policy shared by every op). Public submodules: ``naive`` (one plain PyTorch
-reference per op), ``activations`` (the expert activations by name) and ``validation``
+states the autocast policy shared by every op). Public submodules: ``naive`` (the float64
+reference of every op), ``activations`` (the expert activations by name) and ``validation``
 (argument checks).
 """
 import sys as _sys
