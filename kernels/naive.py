@@ -1,6 +1,7 @@
 """The float64 reference of every op: each op's math written the readable way (loops over
-tokens, experts or cells, no fusion, no chunking, no log-sum tricks beyond what the math needs),
-computed and returned in float64 whatever the inputs' dtype. It is the one oracle the tests and
+tokens, experts or cells, no fusion, no chunking), computed and returned in float64 whatever the
+inputs' dtype, with two rewrites that keep float64 exact where the direct formula is not: routing
+weights from log-scores, and 1 - sigmoid(f) as sigmoid(-f). It is the one oracle the tests and
 benchmarks compare the backends with; slow on purpose, not a backend, and independent of them:
 it imports no backend (Triton or torch), and no backend imports it.
 

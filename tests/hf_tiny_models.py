@@ -179,18 +179,19 @@ FALLBACK: dict[str, str] = {}
 
 @pytest.fixture
 def count_moe_mlp(monkeypatch):
-    """The backends of the calls to moe_mlp made through moe_restore.integration.experts, in order
-    (a list that fills while the test runs)."""
+    """The backends of the calls to moe_mlp made by the integration (the experts hook in
+    ``integration.experts`` and the rebuilt blocks of ``integration.hf_blocks``), in order: a list
+    that fills while the test runs."""
     import moe_restore.integration.experts as experts_impl
+    import moe_restore.integration.hf_blocks as hf_blocks
 
     calls = []
-    real = experts_impl.moe_mlp
+    for module in (experts_impl, hf_blocks):
+        def counted(*args, _real=module.moe_mlp, **kwargs):
+            calls.append(kwargs.get("backend"))
+            return _real(*args, **kwargs)
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("backend"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(experts_impl, "moe_mlp", counted)
+        monkeypatch.setattr(module, "moe_mlp", counted)
     return calls
 
 
@@ -210,7 +211,8 @@ def replace_configs() -> dict[str, object]:
     return {
         "mixtral": tf.MixtralConfig(**REPLACE_SIZES, num_local_experts=5, num_experts_per_tok=2),
         "qwen2_moe": tf.Qwen2MoeConfig(**REPLACE_SIZES, moe_intermediate_size=12,
-                                       shared_expert_intermediate_size=20, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
+                                       shared_expert_intermediate_size=20, num_experts=4, num_experts_per_tok=2,
+                                       norm_topk_prob=False),
         "qwen3_moe": tf.Qwen3MoeConfig(**REPLACE_SIZES, moe_intermediate_size=12, num_experts=5,
                                        num_experts_per_tok=3, norm_topk_prob=True, head_dim=8),
         "olmoe": tf.OlmoeConfig(**REPLACE_SIZES, num_experts=3, num_experts_per_tok=1, norm_topk_prob=False),

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_restore.kernels import naive
-from moe_restore.kernels.gated_scan import ORDERS, gated_scan, gated_scan_2d
+from moe_restore.kernels.gated_scan import gated_scan, gated_scan_2d
 from utils import DEVICE, VISITS, assert_close, backends, poisoned_allocations, run_scan, scan_2d, scan_inputs
 
 TRITON = [b for b in backends() if b == "triton"]

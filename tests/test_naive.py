@@ -225,8 +225,9 @@ def test_moe_mlp_is_the_weighted_sum_of_each_tokens_experts(activation):
     experts = torch.stack([torch.randperm(E - 1, generator=gen)[:2] for _ in range(T)])  # expert E-1: no token
     weights = torch.rand(T, 2, generator=gen, dtype=F64)
     cols = first_layer_width(activation, H)
-    w1, b1 = torch.randn(E, D, cols, generator=gen, dtype=F64) / D ** 0.5, torch.randn(E, cols, generator=gen, dtype=F64)
-    w2, b2 = torch.randn(E, H, D_out, generator=gen, dtype=F64) / H ** 0.5, torch.randn(E, D_out, generator=gen, dtype=F64)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=F64)  # noqa: E731
+    w1, b1 = rand(E, D, cols) / D ** 0.5, rand(E, cols)
+    w2, b2 = rand(E, H, D_out) / H ** 0.5, rand(E, D_out)
     y = naive.moe_mlp(x, weights, experts, w1, w2, b1, b2, activation=activation)
     for t in range(T):
         want = sum(weights[t, j] * naive.expert_mlp(x[t:t + 1], w1[e], b1[e], w2[e], b2[e], activation)[0]
@@ -281,7 +282,10 @@ def test_gated_scan_2d_is_the_1d_scan_of_the_visit_sequence(visit):
     order, reverse = VISITS[visit]
     out, h = naive.gated_scan_2d(u, f, Bm, Cm, order=order, reverse=reverse, d_skip=d_skip, z=z, h0=h0)
     B, H, W, _ = u.shape
-    to_seq = (lambda t: t.reshape(B, H * W, -1)) if order == "row" else (lambda t: t.transpose(1, 2).reshape(B, W * H, -1))
+    if order == "row":
+        to_seq = lambda t: t.reshape(B, H * W, -1)  # noqa: E731
+    else:
+        to_seq = lambda t: t.transpose(1, 2).reshape(B, W * H, -1)  # noqa: E731
     seq_out, want_h = naive.gated_scan(*(to_seq(t) for t in (u, f, Bm, Cm)), d_skip=d_skip, z=to_seq(z), h0=h0,
                                        reverse=reverse)
     want = seq_out.reshape(B, H, W, -1) if order == "row" else seq_out.reshape(B, W, H, -1).transpose(1, 2)
