@@ -215,7 +215,7 @@ def test_activate_gated_specs_by_hand(spec):
     torch.testing.assert_close(naive.activate(z, spec), want, rtol=1e-6, atol=1e-7)  # z is float32
 
 
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_moe_mlp_is_the_weighted_sum_of_each_tokens_experts(activation):
     """y[t] = sum_j weights[t, j] * expert_mlp(x[t]) of expert experts[t, j], token by token, with an
     expert that no token chooses; the gradients are those of finite differences."""
