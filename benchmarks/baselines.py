@@ -20,12 +20,13 @@ import torch.nn as nn
 from moe_restore.layers.moe import TopKMoE
 
 from moe_restore.kernels.activations import activate
-from moe_restore.kernels.naive import topk_route
+
+from .eager_moe import top_k
 
 
 def routed(layer: TopKMoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, k], experts [T, k]) of the eager loop's routing: softmax, top-k, renormalised."""
-    return topk_route(layer.router.logits(x), layer.top_k)
+    return top_k(layer.router.logits(x).float().softmax(dim=-1), layer.top_k)
 
 
 def grouped_mm_unsupported(layer: TopKMoE, x: torch.Tensor) -> str | None:

@@ -1,27 +1,36 @@
 """The eager baselines of the MoE benchmarks, written as most model code writes an MoE layer:
 a Python loop over experts that gathers each expert's tokens with index_select, runs the MLP and
 adds the weighted result back with index_add (one host synchronisation per expert to size the
-gather). They read the parameters of a TopKMoE / NestedMoE, so every implementation computes the
-same function (up to ties in the top-k and rounding)."""
+gather), in the input's dtype with float32 router scores, torch.topk for the choice and the
+library's own PyTorch activations. They read the parameters of a TopKMoE / NestedMoE, so every
+implementation computes the same function (up to ties in the top-k and rounding). A baseline, not
+the oracle: that is ``moe_restore.kernels.naive``, in float64."""
 from __future__ import annotations
 
 import torch
 
-from moe_restore.kernels.naive import expert_mlp, stable_top_k as top_k, topk_route
+from moe_restore.kernels.activations import activate
 from moe_restore.layers.moe import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
 
 
+def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, indices) of the k largest probabilities of each row, renormalised to sum to 1."""
+    weights, indices = probs.topk(k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), indices
+
+
 def _add_expert(y: torch.Tensor, layer, e: int, x: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> None:
-    b1 = None if layer.b1 is None else layer.b1[e]
-    b2 = None if layer.b2 is None else layer.b2[e]
-    out = expert_mlp(x.index_select(0, tokens), layer.w1[e], b1, layer.w2[e], b2, layer.activation)
+    z = x.index_select(0, tokens) @ layer.w1[e]
+    z = z if layer.b1 is None else z + layer.b1[e]
+    out = activate(z, layer.activation) @ layer.w2[e]
+    out = out if layer.b2 is None else out + layer.b2[e]
     y.index_add_(0, tokens, out * weights[:, None].to(out.dtype))
 
 
 def eager_topk_moe(layer: TopKMoE, x: torch.Tensor) -> torch.Tensor:
     """The TopKMoE's routed experts (softmax scoring, renormalised) for tokens x [T, dim], expert by expert."""
-    weights, experts = topk_route(layer.router.logits(x), layer.top_k)
+    weights, experts = top_k(layer.router.logits(x).float().softmax(dim=-1), layer.top_k)
     y = x.new_zeros(x.shape[0], layer.out_dim)
     for e in range(layer.num_experts):
         tokens, slots = torch.where(experts == e)
@@ -34,18 +43,14 @@ def eager_nested_moe(layer: NestedMoE, x: torch.Tensor) -> torch.Tensor:
     """The NestedMoE's routed experts (no context) for tokens x [T, dim]: for each group, for each
     of its sub-experts, gather, MLP, weighted add."""
     G, E = layer.num_groups, layer.experts_per_group
-    group_probs = layer.group_router(x).float().softmax(dim=-1)
-    q, groups = top_k(group_probs, layer.top_k_groups)
-    q = q / q.sum(dim=-1, keepdim=True)
+    q, groups = top_k(layer.group_router(x).float().softmax(dim=-1), layer.top_k_groups)
     expert_logits = layer.expert_router(x).view(-1, G, E)
     y = x.new_zeros(x.shape[0], layer.out_dim)
     for g in range(G):
         in_group, group_slots = torch.where(groups == g)
         if not in_group.numel():
             continue
-        sub_probs = expert_logits[in_group, g].float().softmax(dim=-1)
-        s, subs = top_k(sub_probs, layer.top_k_experts)
-        s = s / s.sum(dim=-1, keepdim=True)
+        s, subs = top_k(expert_logits[in_group, g].float().softmax(dim=-1), layer.top_k_experts)
         group_weight = q[in_group, group_slots]
         for e in range(E):
             rows, sub_slots = torch.where(subs == e)

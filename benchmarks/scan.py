@@ -1,5 +1,6 @@
 """Benchmark of the sigmoid-gated selective scan: Triton kernels vs the "torch" backend
-(vectorised chunked PyTorch) vs the sequential loop over tokens (``kernels.naive.gated_scan``); at N = 1 also vs
+(vectorised chunked PyTorch) vs the sequential loop over tokens (the float64 oracle
+``kernels.naive.gated_scan``, float64 whatever the inputs' dtype); at N = 1 also vs
 flash-linear-attention's chunked HGRN kernel (``fla-core``), when it imports.
 
     python -m benchmarks.scan [--quick]          (also: moe-restore bench scan)

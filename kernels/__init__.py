@@ -2,7 +2,7 @@
 
 Each op has a Triton implementation (forward and backward, behind an autograd Function) and a
 vectorised eager PyTorch implementation; ``backend=`` chooses (see ``_backend``; the autocast policy shared by every
-op is in ``_autocast``). Public submodules: ``naive`` (one plain PyTorch reference per op),
+op is in ``_autocast``). Public submodules: ``naive`` (the float64 reference of every op),
 ``activations`` (the expert activations by name), ``validation`` (argument checks) and
 ``settings`` (every environment variable the library reads, its default, and when it is read).
 """

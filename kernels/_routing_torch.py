@@ -4,9 +4,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .naive import stable_top_k  # the one stable top-k, ties to the lower index
+__all__ = ["bad_rows", "choice_weights", "dispatch", "route", "stable_top_k"]
 
-__all__ = ["bad_rows", "choice_weights", "dispatch", "route"]
+
+def stable_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [.., k] of the k largest entries of each row, ties to the lower index: a stable
+    descending sort keeps equal values in index order, which ``torch.topk`` does not promise (ties
+    are common: bf16 logits, saturated sigmoids)."""
+    return logits.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def choice_weights(logits: torch.Tensor, experts: torch.Tensor, scoring: str, renormalize: bool) -> torch.Tensor:
@@ -33,7 +38,7 @@ def route(logits: torch.Tensor, k: int, scoring: str, renormalize: bool
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weights [.., k] float32, experts [.., k] int64, bad rows [..] bool) of ``logits`` [.., E]."""
     logits = logits.float()
-    experts = stable_top_k(logits, k)[1]  # ranked by the logits
+    experts = stable_top_k(logits, k)  # ranked by the logits
     weights = choice_weights(logits, experts, scoring, renormalize)
     return weights, experts, bad_rows(logits, weights)
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib
 import os
 
+import pytest
 import torch
+
+from utils import DEVICE
 
 # One tiny size for every family; a family reads the names it knows and ignores the others.
 TINY = dict(hidden_size=32, intermediate_size=32, moe_intermediate_size=16, expert_intermediate_size=16,
@@ -163,6 +166,81 @@ def logits_and_grads(model: torch.nn.Module, implementation: str, seed: int = 1)
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------- the experts hook ------------
+# Families whose experts moe_mlp cannot compute, with the reason the fallback names, as of this
+# transformers release (an older one may lack some of them, or not hook their experts yet):
+# None in this release: Inkling-2's softcapped SwiGLU and MuseSpark's norm after each expert run
+# the kernels too (see moe_restore.integration.experts).
+FALLBACK_RELEASE = "5.25.0"
+FALLBACK: dict[str, str] = {}
+
+
+@pytest.fixture
+def count_moe_mlp(monkeypatch):
+    """The backends of the calls to moe_mlp made by the integration (the experts hook in
+    ``integration.experts`` and the rebuilt blocks of ``integration.hf_blocks``), in order: a list
+    that fills while the test runs."""
+    import moe_restore.integration.experts as experts_impl
+    import moe_restore.integration.hf_blocks as hf_blocks
+
+    calls = []
+    for module in (experts_impl, hf_blocks):
+        def counted(*args, _real=module.moe_mlp, **kwargs):
+            calls.append(kwargs.get("backend"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "moe_mlp", counted)
+    return calls
+
+
+# ---------------------------------------------------------------- replace_moe's families ------
+# The families replace_moe supports (tests/test_integration_replace*.py), built from their config
+# classes at one tiny size of their own.
+REPLACE_VOCAB = 64
+REPLACE_SIZES = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, vocab_size=REPLACE_VOCAB, max_position_embeddings=32, bos_token_id=0,
+                     eos_token_id=1, pad_token_id=None)
+
+
+def replace_configs() -> dict[str, object]:
+    """One tiny config per supported family; odd expert counts and top-k, both renormalisation rules."""
+    import transformers as tf
+
+    return {
+        "mixtral": tf.MixtralConfig(**REPLACE_SIZES, num_local_experts=5, num_experts_per_tok=2),
+        "qwen2_moe": tf.Qwen2MoeConfig(**REPLACE_SIZES, moe_intermediate_size=12,
+                                       shared_expert_intermediate_size=20, num_experts=4, num_experts_per_tok=2,
+                                       norm_topk_prob=False),
+        "qwen3_moe": tf.Qwen3MoeConfig(**REPLACE_SIZES, moe_intermediate_size=12, num_experts=5,
+                                       num_experts_per_tok=3, norm_topk_prob=True, head_dim=8),
+        "olmoe": tf.OlmoeConfig(**REPLACE_SIZES, num_experts=3, num_experts_per_tok=1, norm_topk_prob=False),
+    }
+
+
+def replace_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random causal LM of ``family`` (``replace_configs``), float32, in eval mode on DEVICE."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(replace_configs()[family]).float()
+    with torch.no_grad():  # routers far from uniform, so no near-tie decides an expert by rounding
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight"):
+                p.normal_(0.0, 1.0)
+    return model.to(DEVICE).eval()
+
+
+def replace_tokens(seed: int = 1) -> torch.Tensor:
+    """Two random sequences of 7 token ids, on DEVICE."""
+    return torch.randint(0, REPLACE_VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def lm_loss(model: torch.nn.Module, ids: torch.Tensor):
+    """(output, language-model loss + 0.1 * the router's auxiliary loss) of ``ids`` as input and labels."""
+    out = model(ids, labels=ids, output_router_logits=True)
+    return out, out.loss + 0.1 * out.aux_loss
 
 
 def _table() -> None:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_restore.kernels import gated_scan, gated_scan_2d, moe_mlp, nested_route, routing_from_topk, topk_route
+from moe_restore.kernels import gated_scan, gated_scan_2d, moe_mlp, naive, nested_route, routing_from_topk, topk_route
 from moe_restore.layers.moe import TopKMoE
 from moe_layer_oracle import float64_params
 from test_moe_layer import TOKENS, oracle_topk_moe
-from test_moe_mlp import oracle_moe_mlp
 from utils import DEVICE, assert_close, backends
 
 TRITON_HERE = "triton" in backends()
@@ -29,8 +28,7 @@ def test_moe_mlp_float64_with_backend_none_is_float64_exact():
     """float64 goes to the torch backend, whose arithmetic (combine included) is float64."""
     x, r, w1, w2, b1, b2 = mlp_problem(torch.float64)
     y = moe_mlp(x, r, w1, w2, b1, b2)
-    ref = oracle_moe_mlp(x.cpu(), r.experts.cpu(), r.weights.double().cpu(), w1.cpu(), w2.cpu(), b1.cpu(),
-                         b2.cpu(), "gelu")
+    ref = naive.moe_mlp(*(t.cpu() for t in (x, r.weights, r.experts, w1, w2, b1, b2)), activation="gelu")
     assert y.dtype == torch.float64
     assert_close(y, ref, torch.float64, what="float64 output")
 
@@ -47,13 +45,12 @@ def test_moe_mlp_bfloat16_under_the_interpreter_takes_torch_or_is_refused():
     """The interpreter's bfloat16 tl.dot is wrong: None takes the torch backend (right within the
     bf16 tolerance of the oracle), "triton" is refused; float16 stays on Triton and is right."""
     x, r, w1, w2, b1, b2 = mlp_problem(torch.bfloat16)
-    ref = oracle_moe_mlp(x.double(), r.experts, r.weights.double(),
-                         *(t.double() for t in (w1, w2, b1, b2)), "gelu")
+    ref = naive.moe_mlp(x, r.weights, r.experts, w1, w2, b1, b2, activation="gelu")
     assert_close(moe_mlp(x, r, w1, w2, b1, b2), ref, torch.bfloat16, what="bf16 output, backend None")
     with pytest.raises(TypeError, match="x is bfloat16"):
         moe_mlp(x, r, w1, w2, b1, b2, backend="triton")
     half = [t.half() for t in (x, w1, w2, b1, b2)]
-    ref = oracle_moe_mlp(half[0].double(), r.experts, r.weights.double(), *(t.double() for t in half[1:]), "gelu")
+    ref = naive.moe_mlp(half[0], r.weights, r.experts, *half[1:], activation="gelu")
     assert_close(moe_mlp(half[0], r, *half[1:], backend="triton"), ref, torch.float16, backend="triton",
                  what="fp16 output on Triton")
 

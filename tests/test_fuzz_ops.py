@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from moe_restore.kernels import gated_scan, moe_mlp, nested_route, routing_from_topk, topk_route
-from test_gated_scan import reference_scan
-from test_moe_mlp import oracle_moe_mlp
-from test_nested_routing import oracle_nested
-from test_routing_underflow import oracle
+from moe_restore.kernels import gated_scan, moe_mlp, naive, nested_route, routing_from_topk, topk_route
 from utils import DEVICE, assert_close, backends, raising_backends
 
 FUZZ = settings(max_examples=12, deadline=None, derandomize=True, database=None,
@@ -93,7 +88,7 @@ def test_fuzz_topk_route(backend, T, E, k, dtype, layout, scoring, renormalize, 
     if T == 0:
         assert r.weights.shape == r.experts.shape == (0, k) and r.expert_offsets.tolist() == [0] * (E + 1)
         return
-    weights, experts = oracle(rounded, k, scoring, renormalize)
+    weights, experts = naive.topk_route(rounded, k, scoring=scoring, renormalize=renormalize)
     assert torch.equal(r.experts.cpu(), experts)
     assert torch.equal(r.expert_counts().cpu(), torch.bincount(experts.flatten(), minlength=E))
     assert_close(r.weights, weights, torch.float32, backend=backend, what="weights")
@@ -135,8 +130,8 @@ def test_fuzz_moe_mlp(backend, T, D, H, D_out, E, k, dtype, layout, activation, 
         assert y.shape == (0, D_out) and y.dtype == dtype
         return
     as64 = lambda t: None if t is None else t.to(dtype).double()  # noqa: E731
-    ref = oracle_moe_mlp(as64(x), routing.experts.cpu(), routing.weights.double().cpu(), as64(w1), as64(w2),
-                         as64(b1), as64(b2), activation)
+    ref = naive.moe_mlp(as64(x), routing.weights.cpu(), routing.experts.cpu(), as64(w1), as64(w2), as64(b1), as64(b2),
+                        activation=activation)
     assert y.dtype == dtype
     assert_matches(y, ref, dtype, backend, "moe_mlp output")
 
@@ -185,9 +180,9 @@ def test_fuzz_gated_scan(backend, B, L, D, N, dtype, layout, reverse, extras, de
         assert torch.equal(h_final.cpu(), torch.zeros(B, D, N) if h0 is None else h0.float())
         return
     as64 = lambda v: None if v is None else v.to(dtype).double()  # noqa: E731
-    ref_out, ref_final = reference_scan(*(as64(v) for v in (u, f, bm, cm)),
-                                        None if d_skip is None else d_skip.float().double(), as64(z),
-                                        None if h0 is None else h0.float().double(), reverse)
+    ref_out, ref_final = naive.gated_scan(*(as64(v) for v in (u, f, bm, cm)),
+                                          d_skip=None if d_skip is None else d_skip.float(), z=as64(z),
+                                          h0=None if h0 is None else h0.float(), reverse=reverse)
     assert out.dtype == dtype
     assert_matches(out, ref_out, dtype, backend, "scan output")
     assert_matches(h_final, ref_final, dtype, backend, "final state")
@@ -215,9 +210,9 @@ def test_fuzz_nested_route(backend, T, G, E, k_g, k_e, dtype, layout, flat, reno
     if T == 0:
         return
     rounded = lambda t: t.float().double().cpu()  # noqa: E731
-    weights, experts, group_weights, groups = oracle_nested(rounded(group_logits),
-                                                            rounded(expert_logits).reshape(T, G, E), k_g, k_e,
-                                                            renormalize)
+    weights, experts, group_weights, groups = naive.nested_route(rounded(group_logits),
+                                                                 rounded(expert_logits).reshape(T, G, E), k_g, k_e,
+                                                                 renormalize=renormalize)
     assert torch.equal(r.experts.cpu(), experts) and torch.equal(r.groups.cpu(), groups)
     assert_close(r.weights, weights, torch.float32, backend=backend, what="weights")
     assert_close(r.group_weights, group_weights, torch.float32, backend=backend, what="group weights")
@@ -236,11 +231,10 @@ def test_fuzz_routing_from_topk(backend, T, E, k, dtype, layout, index_dtype, se
     experts = laid_out(experts.to(index_dtype).to(DEVICE), layout)
     weights = laid_out(randn(g, T, k).to(dtype).to(DEVICE), layout)
     r = routing_from_topk(experts, weights, E, backend=backend)
-    flat = experts.reshape(-1).long().cpu()
     assert torch.equal(r.experts.cpu(), experts.long().cpu()) and r.weights.dtype == torch.float32
     assert torch.equal(r.weights.cpu(), weights.float().cpu())
-    assert torch.equal(r.sorted_assignments.cpu(), torch.sort(flat, stable=True).indices)
-    assert r.expert_offsets.tolist() == [0] + torch.bincount(flat, minlength=E).cumsum(0).tolist()
+    order, offsets = naive.dispatch(experts.cpu(), E)
+    assert r.sorted_assignments.tolist() == order and r.expert_offsets.tolist() == offsets
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -256,7 +250,6 @@ def test_nan_in_x_reaches_its_token_only(backend, activation):
     x[4, 1] = torch.nan
     routing = topk_route(randn(g, T, E).float().to(DEVICE), 2, backend=backend)
     y = moe_mlp(x.to(DEVICE), routing, w1.to(DEVICE), w2.to(DEVICE), activation=activation, backend=backend)
-    ref = oracle_moe_mlp(x.double(), routing.experts.cpu(), routing.weights.double().cpu(), w1.double(),
-                         w2.double(), None, None, activation)
+    ref = naive.moe_mlp(x, routing.weights.cpu(), routing.experts.cpu(), w1, w2, activation=activation)
     assert ref[[2, 4]].isnan().all()
     assert_matches(y, ref, torch.float32, backend, "moe_mlp output")

@@ -1,6 +1,7 @@
-"""The sigmoid-gated selective scan against a float64 loop written from the issue's equations.
+"""The sigmoid-gated selective scan against the float64 loop written from the issue's equations
+(``naive.gated_scan`` / ``naive.gated_scan_2d``).
 
-Both backends are compared with the oracle below (not with each other), on odd shapes, with
+Both backends are compared with that oracle (not with each other), on odd shapes, with
 every optional input, in every visit order, for the outputs, the final state and every gradient.
 Triton runs under the interpreter on a CPU: the shapes are small (a few hundred tokens at most).
 """
@@ -13,86 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_restore.kernels.gated_scan import ORDERS, gated_scan, gated_scan_2d
-from utils import DEVICE, assert_close, backends, poisoned_allocations
+from moe_restore.kernels import naive
+from moe_restore.kernels.gated_scan import gated_scan, gated_scan_2d
+from utils import DEVICE, VISITS, assert_close, backends, poisoned_allocations, run_scan, scan_2d, scan_inputs
 
 TRITON = [b for b in backends() if b == "triton"]
-
-
-# ---------------------------------------------------------------- oracle ------------------
-def reference_scan(u, f, Bm, Cm, d_skip=None, z=None, h0=None, reverse=False):
-    """float64, one token at a time: returns (out [B, L, D], final state [B, D, N])."""
-    u, f, Bm, Cm = (t.double() for t in (u, f, Bm, Cm))
-    batch, length, dim = u.shape
-    h = torch.zeros(batch, dim, Bm.shape[-1], dtype=torch.float64, device=u.device) if h0 is None else h0.double()
-    outs = [None] * length
-    for t in (reversed(range(length)) if reverse else range(length)):
-        a = torch.sigmoid(f[:, t])
-        h = a[:, :, None] * h + torch.sigmoid(-f[:, t])[:, :, None] * (u[:, t, :, None] * Bm[:, t, None, :])
-        y = (h * Cm[:, t, None, :]).sum(-1)
-        if d_skip is not None:
-            y = y + d_skip.double() * u[:, t]
-        if z is not None:
-            y = y * torch.sigmoid(z[:, t].double())
-        outs[t] = y
-    return torch.stack(outs, dim=1), h
-
-
-# The oracle's names of the four visits of a grid, and the op's (order, reverse) for each.
-VISITS = {"row": ("row", False), "row_reverse": ("row", True), "col": ("col", False), "col_reverse": ("col", True)}
-
-
-def visit(height, width, order):
-    """The (row, column) cells of an H x W grid in the order the scan visits them."""
-    if order.startswith("row"):
-        cells = [(i, j) for i in range(height) for j in range(width)]
-    else:
-        cells = [(i, j) for j in range(width) for i in range(height)]
-    return cells[::-1] if order.endswith("_reverse") else cells
-
-
-def reference_scan_2d(u, f, Bm, Cm, order, d_skip=None, z=None, h0=None, return_final_state=False):
-    """float64 loop over the grid's cells in visit order; each result written at its cell."""
-    batch, height, width, dim = u.shape
-    h = torch.zeros(batch, dim, Bm.shape[-1], dtype=torch.float64, device=u.device) if h0 is None else h0.double()
-    out = torch.zeros(batch, height, width, dim, dtype=torch.float64, device=u.device)
-    for i, j in visit(height, width, order):
-        a = torch.sigmoid(f[:, i, j].double())
-        h = a[:, :, None] * h + (1 - a)[:, :, None] * (u[:, i, j, :, None].double() * Bm[:, i, j, None, :].double())
-        y = (h * Cm[:, i, j, None, :].double()).sum(-1)
-        if d_skip is not None:
-            y = y + d_skip.double() * u[:, i, j].double()
-        if z is not None:
-            y = y * torch.sigmoid(z[:, i, j].double())
-        out = out.index_put((torch.arange(batch), torch.tensor(i), torch.tensor(j)), y)
-    return (out, h) if return_final_state else out
-
-
-def scan_2d(u, f, Bm, Cm, visit_name, **kwargs):
-    """``gated_scan_2d`` in the visit the oracle calls ``visit_name``."""
-    order, reverse = VISITS[visit_name]
-    return gated_scan_2d(u, f, Bm, Cm, order=order, reverse=reverse, **kwargs)
-
-
-# ---------------------------------------------------------------- inputs ------------------
-def make_inputs(lead, dim, state, *, dtype=torch.float32, seed=0, decay_scale=2.0):
-    """u, f, Bm, Cm, d_skip, z, h0 with leading dims ``lead`` = (B, L) or (B, H, W)."""
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(DEVICE)  # noqa: E731
-    batch = lead[0]
-    u = rand(*lead, dim)
-    f = rand(*lead, dim, scale=decay_scale) + 1.0  # mostly long memory, some suppression
-    Bm, Cm = rand(*lead, state), rand(*lead, state)
-    d_skip, z = rand(dim), rand(*lead, dim)
-    h0 = rand(batch, dim, state)
-    cast = lambda t: t.to(dtype)  # noqa: E731
-    return cast(u), cast(f), cast(Bm), cast(Cm), d_skip, cast(z), h0
-
-
-def run_scan(backend, u, f, Bm, Cm, d_skip, z, h0, reverse):
-    with poisoned_allocations():
-        return gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, reverse=reverse,
-                          return_final_state=True, backend=backend)
 
 
 # ---------------------------------------------------------------- forward -----------------
@@ -116,10 +42,10 @@ def test_forward_matches_reference(backend, case):
     batch, length, dim, state, use_d, use_z, use_h0, reverse = case
     if backend == "triton" and batch * length * dim > 20_000:
         batch = 1  # interpreter time; the B=2 path is covered by the other cases
-    u, f, Bm, Cm, d_skip, z, h0 = make_inputs((batch, length), dim, state)
+    u, f, Bm, Cm, d_skip, z, h0 = scan_inputs((batch, length), dim, state)
     d_skip, z, h0 = (d_skip if use_d else None), (z if use_z else None), (h0 if use_h0 else None)
     out, h_final = run_scan(backend, u, f, Bm, Cm, d_skip, z, h0, reverse)
-    ref_out, ref_final = reference_scan(u, f, Bm, Cm, d_skip, z, h0, reverse)
+    ref_out, ref_final = naive.gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, reverse=reverse)
     assert out.dtype == u.dtype and h_final.dtype == torch.float32
     assert_close(out, ref_out, torch.float32, backend=backend, what="out")
     assert_close(h_final, ref_final, torch.float32, backend=backend, what="final state")
@@ -129,16 +55,16 @@ def test_forward_matches_reference(backend, case):
 def test_extreme_gates_keep_precision(backend):
     """Logits of +-30: a = sigmoid(f) rounds to 1 in float32, yet 1 - a must stay exact
     (a suppressed token still writes (1 - a) u Bm, about 1e-13 of it)."""
-    u, f, Bm, Cm, d_skip, z, _ = make_inputs((2, 37), 5, 3, decay_scale=30.0)
+    u, f, Bm, Cm, d_skip, z, _ = scan_inputs((2, 37), 5, 3, decay_scale=30.0)
     out, h_final = run_scan(backend, u, f, Bm, Cm, None, None, None, False)
-    ref_out, ref_final = reference_scan(u, f, Bm, Cm)
+    ref_out, ref_final = naive.gated_scan(u, f, Bm, Cm)
     assert_close(out, ref_out, torch.float32, backend=backend, what="out")
     assert_close(h_final, ref_final, torch.float32, backend=backend, what="final state")
 
 
 def test_hgrn_special_case():
     """N = 1 and Bm = Cm = 1 is HGRN: h = a h + (1 - a) u, out = h (torch backend, float64)."""
-    u, f, *_ = make_inputs((2, 19), 4, 1, dtype=torch.float64)
+    u, f, *_ = scan_inputs((2, 19), 4, 1, dtype=torch.float64)
     ones = torch.ones(2, 19, 1, dtype=torch.float64, device=DEVICE)
     out = gated_scan(u, f, ones, ones, backend="torch")
     h, expected = torch.zeros_like(u[:, 0]), []
@@ -150,10 +76,10 @@ def test_hgrn_special_case():
 
 
 def test_torch_backend_float64():
-    u, f, Bm, Cm, d_skip, z, h0 = make_inputs((2, 45), 6, 5, dtype=torch.float64)
+    u, f, Bm, Cm, d_skip, z, h0 = scan_inputs((2, 45), 6, 5, dtype=torch.float64)
     out, h_final = gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0.double(), reverse=True,
                               return_final_state=True)  # backend None: float64 runs on torch
-    ref_out, ref_final = reference_scan(u, f, Bm, Cm, d_skip, z, h0, True)
+    ref_out, ref_final = naive.gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, reverse=True)
     assert out.dtype == torch.float64
     assert_close(out, ref_out, torch.float64, what="out")
     assert_close(h_final, ref_final, torch.float64, what="final state")
@@ -167,11 +93,11 @@ def test_torch_backend_across_segments(reverse):
     from moe_restore.kernels._gated_scan_torch import CHUNK, SEGMENT_CHUNKS
     length = 1100
     assert 2 * CHUNK * SEGMENT_CHUNKS < length < 3 * CHUNK * SEGMENT_CHUNKS and length % CHUNK
-    inputs = [t.double().requires_grad_() for t in make_inputs((2, length), 3, 2)]
+    inputs = [t.double().requires_grad_() for t in scan_inputs((2, length), 3, 2)]
     u, f, Bm, Cm, d_skip, z, h0 = inputs
     out, h_final = gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, reverse=reverse,
                               return_final_state=True, backend="torch")
-    ref_out, ref_final = reference_scan(u, f, Bm, Cm, d_skip, z, h0, reverse)
+    ref_out, ref_final = naive.gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, reverse=reverse)
     assert_close(out, ref_out, torch.float64, what="out")
     assert_close(h_final, ref_final, torch.float64, what="final state")
     g_out, g_final = torch.randn_like(out), torch.randn_like(h_final)
@@ -183,18 +109,18 @@ def test_torch_backend_across_segments(reverse):
 
 @pytest.mark.parametrize("backend", backends())
 def test_float16_inputs(backend):
-    u, f, Bm, Cm, d_skip, z, h0 = make_inputs((2, 40), 20, 4, dtype=torch.float16)
+    u, f, Bm, Cm, d_skip, z, h0 = scan_inputs((2, 40), 20, 4, dtype=torch.float16)
     out, _ = run_scan(backend, u, f, Bm, Cm, d_skip, z, h0, False)
-    ref_out, _ = reference_scan(u, f, Bm, Cm, d_skip, z, h0)
+    ref_out, _ = naive.gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0)
     assert out.dtype == torch.float16
     assert_close(out, ref_out, torch.float16, backend=backend, what="out")
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the interpreter's bf16 arithmetic is not the GPU's")
 def test_bfloat16_inputs_on_gpu():
-    u, f, Bm, Cm, d_skip, z, h0 = make_inputs((2, 3000), 96, 16, dtype=torch.bfloat16)
+    u, f, Bm, Cm, d_skip, z, h0 = scan_inputs((2, 3000), 96, 16, dtype=torch.bfloat16)
     out, _ = run_scan("triton", u, f, Bm, Cm, d_skip, z, h0, True)
-    ref_out, _ = reference_scan(u, f, Bm, Cm, d_skip, z, h0, True)
+    ref_out, _ = naive.gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, reverse=True)
     assert_close(out, ref_out, torch.bfloat16, backend="triton", what="out")
 
 
@@ -202,25 +128,26 @@ def test_bfloat16_inputs_on_gpu():
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("grid", [(1, 1), (3, 5), (8, 8), (7, 13)], ids=lambda g: f"{g[0]}x{g[1]}")
 def test_2d_orders_match_reference(backend, grid):
-    u, f, Bm, Cm, d_skip, z, _ = make_inputs((2, *grid), 5, 4, seed=sum(grid))
+    u, f, Bm, Cm, d_skip, z, _ = scan_inputs((2, *grid), 5, 4, seed=sum(grid))
     for i, order in enumerate(VISITS):
         # alternate the optional inputs across orders
         dd, zz = (d_skip, z) if i % 2 == 0 else (None, None)
         with poisoned_allocations():
-            out = scan_2d(u, f, Bm, Cm, order, d_skip=dd, z=zz, backend=backend)
+            out = scan_2d(gated_scan_2d, u, f, Bm, Cm, order, d_skip=dd, z=zz, backend=backend)
         assert out.shape == u.shape
-        assert_close(out, reference_scan_2d(u, f, Bm, Cm, order, dd, zz), torch.float32,
+        want = scan_2d(naive.gated_scan_2d, u, f, Bm, Cm, order, d_skip=dd, z=zz)[0]
+        assert_close(out, want, torch.float32,
                      backend=backend, what=f"out, order {order}")
 
 
 @pytest.mark.parametrize("backend", backends())
 def test_2d_reads_strided_inputs(backend):
     """Inputs that are views of channel-first tensors (what a conv produces) give the same result."""
-    u, f, Bm, Cm, d_skip, z, _ = make_inputs((1, 4, 6), 3, 2)
+    u, f, Bm, Cm, d_skip, z, _ = scan_inputs((1, 4, 6), 3, 2)
     strided = [t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1) for t in (u, f, Bm, Cm, z)]
-    out = scan_2d(*strided[:4], "col_reverse", d_skip=d_skip, z=strided[4], backend=backend)
-    assert_close(out, reference_scan_2d(u, f, Bm, Cm, "col_reverse", d_skip, z), torch.float32,
-                 backend=backend, what="out")
+    out = scan_2d(gated_scan_2d, *strided[:4], "col_reverse", d_skip=d_skip, z=strided[4], backend=backend)
+    want = scan_2d(naive.gated_scan_2d, u, f, Bm, Cm, "col_reverse", d_skip=d_skip, z=z)[0]
+    assert_close(out, want, torch.float32, backend=backend, what="out")
 
 
 # ---------------------------------------------------------------- gradients ---------------
@@ -248,30 +175,33 @@ def check_gradients(backend, call, reference, inputs):
                          ids=["L1", "L5-reverse", "L64-D48-N16", "L300-reverse"])
 def test_gradients_match_reference(backend, shape, reverse):
     batch, length, dim, state = shape
-    inputs = make_inputs((batch, length), dim, state, seed=length)
+    inputs = scan_inputs((batch, length), dim, state, seed=length)
 
     def call(u, f, Bm, Cm, d_skip, z, h0):
         return gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, reverse=reverse,
                           return_final_state=True, backend=backend)
 
-    check_gradients(backend, call, lambda *a: reference_scan(*a, reverse=reverse), inputs)
+    def reference(u, f, Bm, Cm, d_skip, z, h0):
+        return naive.gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, reverse=reverse)
+
+    check_gradients(backend, call, reference, inputs)
 
 
 @pytest.mark.parametrize("backend", backends())
 def test_gradients_without_optional_inputs(backend):
     """Only u, f, Bm, Cm, and only the output used (no final-state gradient)."""
-    inputs = make_inputs((2, 23), 6, 3, seed=3)[:4]
+    inputs = scan_inputs((2, 23), 6, 3, seed=3)[:4]
 
     def call(u, f, Bm, Cm):
         return (gated_scan(u, f, Bm, Cm, backend=backend),)
 
-    check_gradients(backend, call, lambda *a: reference_scan(*a)[:1], inputs)
+    check_gradients(backend, call, lambda *a: naive.gated_scan(*a)[:1], inputs)
 
 
 @pytest.mark.parametrize("backend", backends())
 def test_gradient_through_final_state_only(backend):
     """A loss on the final state alone (as when chaining segments)."""
-    inputs = make_inputs((1, 21), 4, 3, seed=4)
+    inputs = scan_inputs((1, 21), 4, 3, seed=4)
 
     def call(u, f, Bm, Cm, d_skip, z, h0):
         return (gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, return_final_state=True,
@@ -282,7 +212,9 @@ def test_gradient_through_final_state_only(backend):
         (final,) = call(*ours)
         grads = torch.autograd.grad(final.sum(), ours[:4] + ours[6:], allow_unused=True)
     refs = [t.detach().double().requires_grad_() for t in inputs]
-    ref_grads = torch.autograd.grad(reference_scan(*refs)[1].sum(), refs[:4] + refs[6:], allow_unused=True)
+    u64, f64, Bm64, Cm64, d64, z64, h64 = refs
+    ref_final = naive.gated_scan(u64, f64, Bm64, Cm64, d_skip=d64, z=z64, h0=h64)[1]
+    ref_grads = torch.autograd.grad(ref_final.sum(), refs[:4] + refs[6:], allow_unused=True)
     for name, grad, ref in zip(["u", "f", "Bm", "Cm", "h0"], grads, ref_grads):
         if ref is None:  # Cm does not reach the state
             assert grad is None or not grad.abs().any(), f"d{name} should be zero"
@@ -292,12 +224,15 @@ def test_gradient_through_final_state_only(backend):
 
 @pytest.mark.parametrize("backend", backends())
 def test_2d_gradients_match_reference(backend):
-    inputs = make_inputs((2, 3, 5), 4, 3, seed=7)[:6]
+    inputs = scan_inputs((2, 3, 5), 4, 3, seed=7)[:6]
     for order in VISITS:
         def call(u, f, Bm, Cm, d_skip, z):
-            return (scan_2d(u, f, Bm, Cm, order, d_skip=d_skip, z=z, backend=backend),)
+            return (scan_2d(gated_scan_2d, u, f, Bm, Cm, order, d_skip=d_skip, z=z, backend=backend),)
 
-        check_gradients(backend, call, lambda *a: (reference_scan_2d(*a[:4], order, *a[4:]),), inputs)
+        def reference(u, f, Bm, Cm, d_skip, z):
+            return scan_2d(naive.gated_scan_2d, u, f, Bm, Cm, order, d_skip=d_skip, z=z)[:1]
+
+        check_gradients(backend, call, reference, inputs)
 
 
 # ---------------------------------------------------------------- properties --------------
@@ -305,11 +240,11 @@ def test_2d_gradients_match_reference(backend):
 @given(batch=st.integers(1, 2), height=st.integers(1, 6), width=st.integers(1, 7), dim=st.integers(1, 9),
        state=st.integers(1, 6), order=st.sampled_from(list(VISITS)), use_z=st.booleans(), seed=st.integers(0, 99))
 def test_property_random_shapes(batch, height, width, dim, state, order, use_z, seed):
-    u, f, Bm, Cm, d_skip, z, _ = make_inputs((batch, height, width), dim, state, seed=seed)
+    u, f, Bm, Cm, d_skip, z, _ = scan_inputs((batch, height, width), dim, state, seed=seed)
     z = z if use_z else None
-    ref = reference_scan_2d(u, f, Bm, Cm, order, d_skip, z)
+    ref = scan_2d(naive.gated_scan_2d, u, f, Bm, Cm, order, d_skip=d_skip, z=z)[0]
     for backend in backends():
-        out = scan_2d(u, f, Bm, Cm, order, d_skip=d_skip, z=z, backend=backend)
+        out = scan_2d(gated_scan_2d, u, f, Bm, Cm, order, d_skip=d_skip, z=z, backend=backend)
         assert_close(out, ref, torch.float32, backend=backend, what=f"out ({backend}, {order})")
 
 
@@ -317,7 +252,7 @@ def test_property_random_shapes(batch, height, width, dim, state, order, use_z, 
 @given(length=st.integers(1, 40), dim=st.integers(1, 6), state=st.integers(1, 5), seed=st.integers(0, 99))
 def test_property_reverse_is_flip(length, dim, state, seed):
     """reverse=True equals flipping every input along L, scanning forward, flipping back."""
-    u, f, Bm, Cm, d_skip, z, h0 = make_inputs((2, length), dim, state, seed=seed)
+    u, f, Bm, Cm, d_skip, z, h0 = scan_inputs((2, length), dim, state, seed=seed)
     flip = lambda t: t.flip(1)  # noqa: E731
     for backend in backends():
         out = gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, reverse=True, backend=backend)
@@ -332,10 +267,10 @@ def test_compiles_without_graph_breaks():
     """The Triton path is a custom op: torch.compile(fullgraph=True) traces it, and the compiled
     graph computes what eager does, gradients included."""
     torch._dynamo.reset()
-    inputs = [t.requires_grad_() for t in make_inputs((2, 3, 7), 5, 3, seed=5)[:6]]
+    inputs = [t.requires_grad_() for t in scan_inputs((2, 3, 7), 5, 3, seed=5)[:6]]
 
     def fn(u, f, Bm, Cm, d_skip, z):
-        return scan_2d(u, f, Bm, Cm, "col_reverse", d_skip=d_skip, z=z, backend="triton")
+        return scan_2d(gated_scan_2d, u, f, Bm, Cm, "col_reverse", d_skip=d_skip, z=z, backend="triton")
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     eager_out, out = fn(*inputs), compiled(*inputs)
@@ -347,8 +282,8 @@ def test_compiles_without_graph_breaks():
 
 # ---------------------------------------------------------------- benchmark ---------------
 def test_benchmark_baseline_and_quick_run(tmp_path, monkeypatch):
-    """``--quick`` writes the benchmark's table (its sequential baseline is ``naive.gated_scan``,
-    checked against the oracle above)."""
+    """``--quick`` writes the benchmark's table (its sequential baseline is the oracle
+    ``naive.gated_scan``)."""
     from moe_restore.benchmarks import scan as bench
 
     monkeypatch.setenv("MOE_RESTORE_RESULTS_DIR", str(tmp_path))
@@ -365,7 +300,7 @@ def test_benchmark_baseline_and_quick_run(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- errors ------------------
 def test_errors_name_the_argument():
-    u, f, Bm, Cm, d_skip, z, h0 = make_inputs((2, 6), 4, 3)
+    u, f, Bm, Cm, d_skip, z, h0 = scan_inputs((2, 6), 4, 3)
     with pytest.raises(ValueError, match="f must have shape"):
         gated_scan(u, f[:, :5], Bm, Cm)
     with pytest.raises(ValueError, match="Cm must have shape"):
@@ -405,9 +340,9 @@ def test_errors_name_the_argument():
 
 @pytest.mark.skipif(not TRITON, reason="Triton cannot run here")
 def test_triton_limits_are_explicit():
-    u, f, Bm, Cm, *_ = make_inputs((1, 4), 3, 65)
+    u, f, Bm, Cm, *_ = scan_inputs((1, 4), 3, 65)
     with pytest.raises(ValueError, match="N <= 64"):
         gated_scan(u, f, Bm, Cm, backend="triton")
-    u, f, Bm, Cm, *_ = make_inputs((1, 4), 3, 2, dtype=torch.float64)
+    u, f, Bm, Cm, *_ = scan_inputs((1, 4), 3, 2, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
         gated_scan(u, f, Bm, Cm, backend="triton")

@@ -30,8 +30,7 @@ tf = pytest.importorskip("transformers")
 pytest.importorskip("transformers.integrations.moe")
 
 import moe_restore  # noqa: E402,F401 - registers the implementations
-from hf_tiny_models import NoTinyModel, hook_families, relative_error, tiny_model  # noqa: E402
-from test_integration_experts import FALLBACK, count_moe_mlp  # noqa: E402,F401 - the fixture
+from hf_tiny_models import FALLBACK, NoTinyModel, count_moe_mlp, hook_families, relative_error, tiny_model  # noqa: E402,F401 - the fixture
 from utils import backends  # noqa: E402
 
 # The families of issue 27 and one that falls back to grouped_mm (gpt_oss: its own clamped gate).

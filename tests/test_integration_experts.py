@@ -19,31 +19,13 @@ moe_hook = pytest.importorskip("transformers.integrations.moe")
 
 import moe_restore  # noqa: E402,F401 - registers the implementations
 import moe_restore.integration.experts as experts_impl  # noqa: E402
-from hf_tiny_models import NoTinyModel, hook_families, is_hooked, logits_and_grads, relative_error, tiny_model  # noqa: E402
+from hf_tiny_models import (FALLBACK, FALLBACK_RELEASE, NoTinyModel, count_moe_mlp, hook_families, is_hooked,  # noqa: E402,F401 - a fixture
+                            logits_and_grads, relative_error, tiny_model)
 from utils import backends  # noqa: E402
 
 TOL = 1e-5
 # What a call the kernels cannot take runs instead: transformers' default experts implementation.
 FALLS_BACK_TO = "grouped_mm" if "grouped_mm" in moe_hook.ALL_EXPERTS_FUNCTIONS else "batched_mm"
-# Families whose experts moe_mlp cannot compute, with the reason the fallback names, as of this
-# transformers release (an older one may lack some of them, or not hook their experts yet):
-# None in this release: Inkling-2's softcapped SwiGLU and MuseSpark's norm after each expert run
-# the kernels too (see moe_restore.integration.experts).
-FALLBACK_RELEASE = "5.25.0"
-FALLBACK: dict[str, str] = {}
-
-
-@pytest.fixture
-def count_moe_mlp(monkeypatch):
-    calls = []
-    real = experts_impl.moe_mlp
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("backend"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(experts_impl, "moe_mlp", counted)
-    return calls
 
 
 def test_registered_names():

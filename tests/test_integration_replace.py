@@ -12,59 +12,23 @@ import torch.nn as nn
 
 import moe_restore.integration.experts as experts_impl
 from moe_restore.integration import KernelSparseMoeBlock, replace_moe
+from hf_tiny_models import REPLACE_SIZES, lm_loss, replace_model, replace_tokens
 from utils import DEVICE, assert_close, backends, poisoned_allocations
 
 tf = pytest.importorskip("transformers")
 
-VOCAB = 64
-_COMMON = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-               num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=0,
-               eos_token_id=1, pad_token_id=None)
-
-
-def _configs() -> dict[str, object]:
-    """One tiny config per supported family; odd expert counts and top-k, both renormalisation rules."""
-    return {
-        "mixtral": tf.MixtralConfig(**_COMMON, num_local_experts=5, num_experts_per_tok=2),
-        "qwen2_moe": tf.Qwen2MoeConfig(**_COMMON, moe_intermediate_size=12, shared_expert_intermediate_size=20,
-                                       num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
-        "qwen3_moe": tf.Qwen3MoeConfig(**_COMMON, moe_intermediate_size=12, num_experts=5, num_experts_per_tok=3,
-                                       norm_topk_prob=True, head_dim=8),
-        "olmoe": tf.OlmoeConfig(**_COMMON, num_experts=3, num_experts_per_tok=1, norm_topk_prob=False),
-    }
-
-
-def _tiny_model(family: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(_configs()[family]).float()
-    with torch.no_grad():  # routers far from uniform, so no near-tie decides an expert by rounding
-        for name, p in model.named_parameters():
-            if name.endswith("gate.weight"):
-                p.normal_(0.0, 1.0)
-    return model.to(DEVICE).eval()
-
-
-def _tokens(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-
-
-def _loss(model: nn.Module, ids: torch.Tensor):
-    out = model(ids, labels=ids, output_router_logits=True)
-    return out, out.loss + 0.1 * out.aux_loss
-
-
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_replaced_model_matches_the_original(family, backend):
-    model = _tiny_model(family)
+    model = replace_model(family)
     oracle = copy.deepcopy(model).double()
     oracle.set_experts_implementation("eager")  # the per-expert loop; grouped_mm has no float64
     report = replace_moe(model, backend=backend)
-    ids = _tokens()
+    ids = replace_tokens()
     with poisoned_allocations():
-        out, loss = _loss(model, ids)
+        out, loss = lm_loss(model, ids)
         loss.backward()
-    ref, ref_loss = _loss(oracle, ids)
+    ref, ref_loss = lm_loss(oracle, ids)
     ref_loss.backward()
     assert_close(out.logits, ref.logits, torch.float32, backend=backend, what="logits")
     assert_close(out.aux_loss, ref.aux_loss, torch.float32, backend=backend, what="aux loss")
@@ -89,7 +53,7 @@ def test_replacement_shares_the_weights_and_keeps_the_state_dict(monkeypatch):
         return real(x, routing, w1, w2, *rest, **kwargs)
 
     monkeypatch.setattr(experts_impl, "moe_mlp", moe_mlp)
-    model = _tiny_model("qwen2_moe")
+    model = replace_model("qwen2_moe")
     before = {name: p.data_ptr() for name, p in model.named_parameters()}
     keys = list(model.state_dict())
     report = replace_moe(model)
@@ -98,7 +62,7 @@ def test_replacement_shares_the_weights_and_keeps_the_state_dict(monkeypatch):
     assert list(model.state_dict()) == keys
     block = model.model.layers[0].mlp
     assert isinstance(block, KernelSparseMoeBlock)
-    model(_tokens())
+    model(replace_tokens())
     assert len(seen) == 2
     w1, w2 = seen[0]
     assert w1.data_ptr() == block.experts.gate_up_proj.data_ptr() and w1.shape == (4, 16, 24)
@@ -115,9 +79,9 @@ def test_replaced_model_trains_a_step(backend):
     """Also after a forward of the original model, which installs transformers' output-recording
     hooks on the router modules: the replacement keeps those modules, so the hooks still see the
     router logits that the aux loss needs."""
-    model = _tiny_model("mixtral", seed=3)
-    ids = _tokens(seed=4)
-    _loss(model, ids)
+    model = replace_model("mixtral", seed=3)
+    ids = replace_tokens(seed=4)
+    lm_loss(model, ids)
     replace_moe(model, backend=backend)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -126,7 +90,7 @@ def test_replaced_model_trains_a_step(backend):
     losses = []
     for _ in range(2):
         optimizer.zero_grad()
-        out, loss = _loss(model, ids)
+        out, loss = lm_loss(model, ids)
         assert len(out.router_logits) == 2 and out.aux_loss > 0
         loss.backward()
         optimizer.step()
@@ -137,7 +101,7 @@ def test_replaced_model_trains_a_step(backend):
 
 def test_router_jitter_matches_mixtral_in_training():
     """Mixtral's multiplicative jitter draws the same noise in the replacement (same RNG use)."""
-    config = tf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.3)
+    config = tf.MixtralConfig(**REPLACE_SIZES, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.3)
     torch.manual_seed(5)
     original = tf.MixtralForCausalLM(config).model.layers[0].mlp.to(DEVICE).train()
     with torch.no_grad():
@@ -165,11 +129,11 @@ class ToySparseMoeBlock(nn.Module):
 
 
 def test_unknown_and_unsupported_blocks_are_left_alone_and_named():
-    gelu_config = tf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2, hidden_act="gelu")
+    gelu_config = tf.MixtralConfig(**REPLACE_SIZES, num_local_experts=4, num_experts_per_tok=2, hidden_act="gelu")
     gelu_block = tf.MixtralForCausalLM(gelu_config).model.layers[0].mlp
     from moe_restore.layers.moe import TopKMoE
 
-    model = nn.Sequential(ToySparseMoeBlock(), gelu_block, _tiny_model("olmoe").model.layers[0].mlp,
+    model = nn.Sequential(ToySparseMoeBlock(), gelu_block, replace_model("olmoe").model.layers[0].mlp,
                           TopKMoE(16, 8, 2, 1))
     with pytest.warns(UserWarning) as caught:
         report = replace_moe(model)
@@ -191,20 +155,20 @@ def test_unknown_and_unsupported_blocks_are_left_alone_and_named():
 def test_experts_found_by_their_hook_not_by_private_attributes():
     """transformers 5.17's experts modules have no ``_is_expert_parallel``: the block is still
     replaced (the hook is found in the class's MRO) and computes what the original computes."""
-    model = _tiny_model("qwen3_moe")
-    want = model(_tokens()).logits
+    model = replace_model("qwen3_moe")
+    want = model(replace_tokens()).logits
     for layer in model.model.layers:
         layer.mlp.experts.__dict__.pop("_is_expert_parallel", None)
         assert not hasattr(layer.mlp.experts, "_is_expert_parallel")
     report = replace_moe(model, backend="torch")
     assert [c.name for c in report.replaced] == ["model.layers.0.mlp", "model.layers.1.mlp"]
-    assert_close(model(_tokens()).logits, want, torch.float32, backend="torch", what="logits")
+    assert_close(model(replace_tokens()).logits, want, torch.float32, backend="torch", what="logits")
 
 
 def test_experts_without_the_hook_are_named_not_replaced():
     """Experts with the fused layout but a plain forward (no transformers hook to dispatch to the
     kernels) are left alone with a warning naming the module and the reason."""
-    block = _tiny_model("qwen3_moe").model.layers[0].mlp
+    block = replace_model("qwen3_moe").model.layers[0].mlp
     plain = type("PlainExperts", (nn.Module,), {"forward": experts_impl.eager_forward(block.experts)})
     block.experts.__class__ = plain
     with pytest.warns(UserWarning, match=r"replace_moe: 0 \(Qwen3MoeSparseMoeBlock\) left as it was: .*experts hook"):
@@ -213,7 +177,7 @@ def test_experts_without_the_hook_are_named_not_replaced():
 
 
 def test_quantised_experts_are_left_alone_and_named():
-    block = _tiny_model("qwen3_moe").model.layers[0].mlp
+    block = replace_model("qwen3_moe").model.layers[0].mlp
     block.experts.gate_up_proj.data = block.experts.gate_up_proj.data.to(torch.float8_e4m3fn)
     with pytest.warns(UserWarning, match="left as it was: .*float8_e4m3fn"):
         report = replace_moe(nn.Sequential(block))
@@ -231,10 +195,10 @@ def test_bad_model_is_refused_by_name():
 def test_parameter_order_and_optimizer_state_survive(family):
     """An optimizer's state is keyed by parameter position: one saved before replace_moe must load
     into an optimizer built after it and step the same parameters (shapes checked by Adam)."""
-    model = _tiny_model(family)
+    model = replace_model(family)
     names_before = [n for n, _ in model.named_parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    _loss(model, _tokens())[1].backward()
+    lm_loss(model, replace_tokens())[1].backward()
     opt.step()
     state = copy.deepcopy(opt.state_dict())
     replace_moe(model, backend="torch")
@@ -242,7 +206,7 @@ def test_parameter_order_and_optimizer_state_survive(family):
     opt2 = torch.optim.Adam(model.parameters(), lr=1e-3)
     opt2.load_state_dict(state)
     model.zero_grad()
-    _loss(model, _tokens())[1].backward()
+    lm_loss(model, replace_tokens())[1].backward()
     opt2.step()
     for p in model.parameters():
         assert opt2.state[p]["exp_avg"].shape == p.shape and opt2.state[p]["step"] == 2
@@ -252,9 +216,9 @@ def test_replaced_model_runs_under_accelerate_offload():
     """cpu_offload keeps the weights on the meta device and loads them around each module's
     forward; the replaced block reads the experts' weights through that hook."""
     accelerate = pytest.importorskip("accelerate")
-    model = _tiny_model("qwen3_moe").cpu()
+    model = replace_model("qwen3_moe").cpu()
     replace_moe(model, backend="torch")
-    ids = _tokens().cpu()
+    ids = replace_tokens().cpu()
     want = model(ids).logits
     accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
     assert model.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"

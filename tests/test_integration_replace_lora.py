@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from moe_restore.integration import KernelSparseMoeBlock, from_pretrained, replace_moe
-from test_integration_experts import count_moe_mlp  # noqa: F401 - a fixture
-from test_integration_replace import _loss, _tiny_model, _tokens
+from hf_tiny_models import count_moe_mlp, lm_loss, replace_model, replace_tokens  # noqa: F401 - a fixture
 from utils import DEVICE, assert_close
 
 tf = pytest.importorskip("transformers")
@@ -26,7 +25,7 @@ def _lora_config():
 
 def _adapter_grads(model, ids):
     model.zero_grad(set_to_none=True)
-    out, loss = _loss(model, ids)
+    out, loss = lm_loss(model, ids)
     loss.backward()
     return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
 
@@ -38,13 +37,13 @@ def test_lora_on_the_experts_of_a_replaced_model(family, lora_first, count_moe_m
     the adapters change the output (so the LoRA'd weights reach moe_mlp) and an SGD step on them
     lowers the loss."""
     peft = pytest.importorskip("peft")
-    reference = peft.get_peft_model(_tiny_model(family), _lora_config())
+    reference = peft.get_peft_model(replace_model(family), _lora_config())
     reference.base_model.model.set_experts_implementation("eager")
     if lora_first:
-        model = peft.get_peft_model(_tiny_model(family), _lora_config())
+        model = peft.get_peft_model(replace_model(family), _lora_config())
         report = replace_moe(model, backend="torch")
     else:
-        report = replace_moe(_tiny_model(family), backend="torch")
+        report = replace_moe(replace_model(family), backend="torch")
         model = peft.get_peft_model(report.model, _lora_config())
     assert len(report.replaced) == 2 and not report.skipped
     assert isinstance(model.base_model.model.model.layers[0].mlp, KernelSparseMoeBlock)
@@ -52,7 +51,7 @@ def test_lora_on_the_experts_of_a_replaced_model(family, lora_first, count_moe_m
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(wanted[name])  # the same (random, non-zero) adapters on the same weights
-    ids = _tokens()
+    ids = replace_tokens()
     y_ref, g_ref = _adapter_grads(reference, ids)
     count_moe_mlp.clear()
     y, g = _adapter_grads(model, ids)
@@ -66,17 +65,17 @@ def test_lora_on_the_experts_of_a_replaced_model(family, lora_first, count_moe_m
     with model.disable_adapter(), torch.no_grad():
         assert not torch.allclose(model(ids).logits, y, atol=1e-4)
     optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if "lora_" in n], lr=0.05)
-    before = _loss(model, ids)[1]
+    before = lm_loss(model, ids)[1]
     before.backward()
     optimizer.step()
-    assert _loss(model, ids)[1].item() < before.item()
+    assert lm_loss(model, ids)[1].item() < before.item()
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_saved_replaced_model_comes_back_replaced(family, tmp_path, count_moe_mlp):
-    model = _tiny_model(family).cpu()
+    model = replace_model(family).cpu()
     replace_moe(model, backend="torch")
-    ids = _tokens().cpu()
+    ids = replace_tokens().cpu()
     with torch.no_grad():
         want = model(ids).logits
     model.save_pretrained(tmp_path)

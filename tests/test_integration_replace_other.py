@@ -14,29 +14,12 @@ import torch
 tf = pytest.importorskip("transformers")
 pytest.importorskip("transformers.integrations.moe")
 
-import moe_restore.integration.experts as experts_impl  # noqa: E402
-import moe_restore.integration.hf_blocks as hf_blocks  # noqa: E402
-from hf_tiny_models import NoTinyModel, hook_families, relative_error, tiny_model  # noqa: E402
+from hf_tiny_models import NoTinyModel, count_moe_mlp, hook_families, relative_error, tiny_model  # noqa: E402,F401 - a fixture
 from moe_restore.integration import from_pretrained, replace_moe  # noqa: E402
 from utils import backends  # noqa: E402
 
 TOL = 1e-5
 VOCAB = 64
-
-
-@pytest.fixture
-def count_moe_mlp(monkeypatch):
-    calls = []
-
-    for module in (experts_impl, hf_blocks):
-        real = module.moe_mlp
-
-        def counted(*args, _real=real, **kwargs):
-            calls.append(kwargs.get("backend"))
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(module, "moe_mlp", counted)
-    return calls
 
 
 def _llama4():

@@ -1,13 +1,13 @@
 """MambaStyleAttention against a float64 recomputation written out step by step, with the
-scan done by the float64 oracle loop of test_gated_scan (not by either backend)."""
+scan done by the float64 oracle loop ``naive.gated_scan_2d`` (not by either backend)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from moe_restore.kernels import naive
 from moe_restore.layers.mamba_attention import MambaStyleAttention
-from test_gated_scan import VISITS, reference_scan_2d
-from utils import DEVICE, assert_close, backends
+from utils import DEVICE, VISITS, assert_close, backends, scan_2d
 
 
 def reference_block(block: MambaStyleAttention, x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +27,7 @@ def reference_block(block: MambaStyleAttention, x: torch.Tensor) -> torch.Tensor
     for i, order in enumerate(list(VISITS)[:directions]):
         f = proj[..., i, :rank] @ p["decay_weight"][i] + p["decay_bias"][i]
         Bm, Cm = proj[..., i, rank:rank + state], proj[..., i, rank + state:]
-        total = total + reference_scan_2d(u, f, Bm, Cm, order, p["d_skip"][i])
+        total = total + scan_2d(naive.gated_scan_2d, u, f, Bm, Cm, order, d_skip=p["d_skip"][i])[0]
     mean = total.mean(-1, keepdim=True)
     var = ((total - mean) ** 2).mean(-1, keepdim=True)
     normed = (total - mean) / torch.sqrt(var + block.norm.eps) * p["norm.weight"] + p["norm.bias"]

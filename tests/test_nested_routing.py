@@ -1,4 +1,5 @@
-"""nested_route against a float64 oracle of issue 3's math, on every backend runnable here."""
+"""nested_route against the float64 oracle of issue 3's math (``naive.nested_route``), on every backend
+runnable here."""
 from __future__ import annotations
 
 import math
@@ -6,53 +7,18 @@ import math
 import pytest
 import torch
 
-from moe_restore.kernels import moe_mlp
+from moe_restore.kernels import moe_mlp, naive
 from moe_restore.kernels.nested_routing import nested_route
 from utils import DEVICE, assert_close, backends, poisoned_allocations, raising_backends, tolerance
 
 
-def softmax64(x: torch.Tensor) -> torch.Tensor:
-    e = torch.exp(x - x.max())
-    return e / e.sum()
-
-
-def largest(values: torch.Tensor, k: int) -> list[int]:
-    """Indices of the k largest entries, lower index first on ties."""
-    return sorted(range(len(values)), key=lambda i: (-values[i].item(), i))[:k]
-
-
-def oracle_nested(gl: torch.Tensor, el: torch.Tensor, k_g: int, k_e: int, renormalize: bool):
-    """The issue's math token by token in float64: (weights, experts, group_weights, groups),
-    differentiable w.r.t. gl [T, G] and el [T, G, E] (float64 tensors)."""
-    T, G, E = el.shape
-    weights, experts, q_all, groups = [], [], [], []
-    for t in range(T):
-        p = softmax64(gl[t])
-        chosen_groups = largest(p, k_g)
-        group_total = sum(p[g] for g in chosen_groups) if renormalize else 1.0
-        for g in chosen_groups:
-            q = p[g] / group_total
-            q_all.append(q)
-            groups.append(g)
-            r = softmax64(el[t, g])
-            chosen_experts = largest(r, k_e)
-            expert_total = sum(r[e] for e in chosen_experts) if renormalize else 1.0
-            for e in chosen_experts:
-                weights.append(q * r[e] / expert_total)
-                experts.append(g * E + e)
-    return (torch.stack(weights).reshape(T, k_g * k_e), torch.tensor(experts).reshape(T, k_g * k_e),
-            torch.stack(q_all).reshape(T, k_g), torch.tensor(groups).reshape(T, k_g))
-
-
 def check_dispatch(r, want_experts: torch.Tensor, num_experts: int, backend: str) -> None:
     """Offsets count each expert's assignments; sorted_assignments lists them expert by expert,
-    in assignment order inside an expert."""
-    flat = want_experts.reshape(-1).tolist()
-    counts = [flat.count(e) for e in range(num_experts)]
-    want_offsets = [sum(counts[:e]) for e in range(num_experts + 1)]
+    in assignment order inside an expert (``naive.dispatch`` of the oracle's experts)."""
+    want_order, want_offsets = naive.dispatch(want_experts, num_experts)
     assert r.expert_offsets.dtype == torch.int64 and r.sorted_assignments.dtype == torch.int64
     assert r.expert_offsets.tolist() == want_offsets
-    assert r.sorted_assignments.tolist() == sorted(range(len(flat)), key=lambda a: (flat[a], a))
+    assert r.sorted_assignments.tolist() == want_order
 
 
 def random_logits(T: int, G: int, E: int, seed: int, dtype=torch.float32):
@@ -70,7 +36,7 @@ def check_against_oracle(gl, el, k_g, k_e, renormalize, backend, dtype=torch.flo
     with poisoned_allocations():
         r = nested_route(gl_dev, el_dev, k_g, k_e, renormalize=renormalize, backend=backend)
         gl64, el64 = gl.double().requires_grad_(), el.double().requires_grad_()
-        want_w, want_e, want_q, want_g = oracle_nested(gl64, el64, k_g, k_e, renormalize)
+        want_w, want_e, want_q, want_g = naive.nested_route(gl64, el64, k_g, k_e, renormalize=renormalize)
         assert r.num_experts == G * E and r.experts.shape == (T, k_g * k_e)
         assert r.weights.dtype == torch.float32 and r.group_weights.dtype == torch.float32
         assert r.groups.dtype == torch.int64 and r.experts.dtype == torch.int64
@@ -163,7 +129,7 @@ def test_flat_expert_logits_match_the_3d_layout(backend):
     gl, el = random_logits(9, 3, 4, seed=5)
     flat = el.reshape(9, 12).to(DEVICE).requires_grad_()
     r = nested_route(gl.to(DEVICE), flat, 2, 2, backend=backend)
-    want_w, want_e, _, _ = oracle_nested(gl.double(), el.double(), 2, 2, True)
+    want_w, want_e, _, _ = naive.nested_route(gl.double(), el.double(), 2, 2)
     assert torch.equal(r.experts.cpu(), want_e)
     assert_close(r.weights, want_w, torch.float32, backend=backend, what="weights")
     (grad,) = torch.autograd.grad(r.weights[:, 0].sum(), flat)
@@ -176,7 +142,7 @@ def test_strided_logits(backend):
     gl_t = gl.t().contiguous().t()                       # column-major group logits
     el_sliced = torch.cat([el, el], dim=2)[:, :, ::2]   # non-unit sub-expert stride
     r = nested_route(gl_t.to(DEVICE), el_sliced.to(DEVICE), 2, 3, backend=backend)
-    want_w, want_e, _, _ = oracle_nested(gl.double(), el_sliced.double(), 2, 3, True)
+    want_w, want_e, _, _ = naive.nested_route(gl.double(), el_sliced.double(), 2, 3)
     assert torch.equal(r.experts.cpu(), want_e)
     assert_close(r.weights, want_w, torch.float32, backend=backend, what="weights")
 
@@ -222,7 +188,7 @@ def test_unchosen_group_is_never_scored(backend):
     gl[:, 3] = -30.0
     el[:, 3] = -math.inf  # its softmax would be undefined, but no token chooses group 3
     r = nested_route(gl.to(DEVICE), el.to(DEVICE), 2, 2, backend=backend)
-    want_w, want_e, _, _ = oracle_nested(gl.double(), el.double(), 2, 2, True)
+    want_w, want_e, _, _ = naive.nested_route(gl.double(), el.double(), 2, 2)
     assert torch.equal(r.experts.cpu(), want_e)
     assert_close(r.weights, want_w, torch.float32, backend=backend, what="weights")
 
@@ -252,21 +218,6 @@ def test_bad_backend():
         nested_route(torch.zeros(2, 2), torch.zeros(2, 2, 2), 1, 1, backend="cuda")
 
 
-def oracle_nested_moe(x, gl, el, k_g, k_e, w1, b1, w2, b2):
-    """y[t] = sum over t's assignments of w * Expert_{g*E+e}(x[t]), one token at a time."""
-    weights, experts, _, _ = oracle_nested(gl, el, k_g, k_e, True)
-    rows = []
-    for t in range(x.shape[0]):
-        y = torch.zeros(w2.shape[2], dtype=torch.float64)
-        for j in range(experts.shape[1]):
-            n = experts[t, j].item()
-            z = x[t] @ w1[n] + b1[n]
-            gelu = 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
-            y = y + weights[t, j] * (gelu @ w2[n] + b2[n])
-        rows.append(y)
-    return torch.stack(rows)
-
-
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("T,G,k_g,E,k_e", [(7, 3, 2, 2, 2), (13, 5, 2, 4, 2)])
 def test_nested_route_with_moe_mlp_is_the_nested_moe(backend, T, G, k_g, E, k_e):
@@ -284,7 +235,9 @@ def test_nested_route_with_moe_mlp_is_the_nested_moe(backend, T, G, k_g, E, k_e)
         routing = nested_route(gl32, el32, k_g, k_e, backend=backend)
         y = moe_mlp(x, routing, w1, w2, b1, b2, activation="gelu", backend=backend)
         grads = torch.autograd.grad((y * cotangent.float().to(DEVICE)).sum(), params)
-    want = oracle_nested_moe(*params64[:3], k_g, k_e, *params64[3:])
+    x64, gl64, el64, w1_64, b1_64, w2_64, b2_64 = params64
+    want_w, want_e, _, _ = naive.nested_route(gl64, el64, k_g, k_e)
+    want = naive.moe_mlp(x64, want_w, want_e, w1_64, w2_64, b1_64, b2_64, activation="gelu")
     assert_close(y, want, torch.float32, backend=backend, what="y")
     want_grads = torch.autograd.grad((want * cotangent.float().double()).sum(), params64)
     names = ["x", "group_logits", "expert_logits", "w1", "b1", "w2", "b2"]

@@ -1,4 +1,5 @@
-"""Shared test harness: one table of tolerances, one error measure, poisoned outputs.
+"""Shared test harness: one table of tolerances, one error measure, poisoned outputs, and the
+inputs and visit names of the scan tests. The float64 oracles live in ``moe_restore.kernels.naive``.
 
 Error measure: ``||out - ref|| / max(||ref||, tiny)`` in float64, against a float64 oracle.
 Tolerances are per dtype of the op's inputs, in this one place:
@@ -16,6 +17,7 @@ bfloat16   3e-2        bf16 operands (8-bit mantissa), float32 accumulation
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import pytest
 import torch
@@ -103,6 +105,44 @@ class poisoned_allocations:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
         det.fill_uninitialized_memory = fill
         return False
+
+
+# The scan tests' names of the four visits of a grid, and the op's (order, reverse) for each.
+VISITS = {"row": ("row", False), "row_reverse": ("row", True), "col": ("col", False), "col_reverse": ("col", True)}
+
+
+def scan_2d(op: Callable, u: torch.Tensor, f: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, visit: str,
+            **kwargs):
+    """``op`` (``gated_scan_2d`` or the oracle ``naive.gated_scan_2d``) in the visit ``VISITS`` calls
+    ``visit``."""
+    order, reverse = VISITS[visit]
+    return op(u, f, Bm, Cm, order=order, reverse=reverse, **kwargs)
+
+
+def scan_inputs(lead: tuple[int, ...], dim: int, state: int, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                decay_scale: float = 2.0) -> tuple[torch.Tensor, ...]:
+    """u, f, Bm, Cm, d_skip, z, h0 of a gated scan on DEVICE, with leading dims ``lead`` = (B, L) or
+    (B, H, W); d_skip and h0 float32, the others ``dtype``. f = N(1, decay_scale): mostly long
+    memory, some suppression."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(DEVICE)  # noqa: E731
+    batch = lead[0]
+    u = rand(*lead, dim)
+    f = rand(*lead, dim, scale=decay_scale) + 1.0
+    Bm, Cm = rand(*lead, state), rand(*lead, state)
+    d_skip, z = rand(dim), rand(*lead, dim)
+    h0 = rand(batch, dim, state)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    return cast(u), cast(f), cast(Bm), cast(Cm), d_skip, cast(z), h0
+
+
+def run_scan(backend: str, u, f, Bm, Cm, d_skip, z, h0, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, final state) of ``gated_scan`` on ``backend``, its outputs allocated poisoned."""
+    from moe_restore.kernels.gated_scan import gated_scan
+
+    with poisoned_allocations():
+        return gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, reverse=reverse,
+                          return_final_state=True, backend=backend)
 
 
 def skip_if_compiled_torch_backward_is_wrong(backend: str) -> None:

@@ -34,7 +34,7 @@ class MambaStyleAttention(nn.Module):
         dim: channels of the input and output.
         d_state: state size N of the scan.
         expand: the scan runs on ``expand * dim`` channels.
-        directions: 1 (row), 2 (row, row_reverse) or 4 (row, row_reverse, col, col_reverse).
+        directions: 1 (row), 2 (row, row reversed) or 4 (row, row reversed, col, col reversed).
         d_conv: odd kernel size of the depthwise convolution before the scan.
         backend: passed to ``gated_scan_2d`` ("triton", "torch" or None).
     """
