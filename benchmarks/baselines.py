@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers.topk_moe import TopKMoE
 
 from moe_restore.kernels.activations import activate
 from moe_restore.kernels.naive import topk_route

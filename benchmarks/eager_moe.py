@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from moe_restore.kernels.naive import expert_mlp, stable_top_k as top_k, topk_route
-from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers.topk_moe import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
 
 

@@ -43,7 +43,7 @@ from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from moe_restore.kernels import Routing, routing_from_topk
-from moe_restore.layers._experts import ExpertMLPs
+from moe_restore.layers.experts import ExpertMLPs
 from moe_restore.layers.mixture import MoE
 
 __all__ = ["ExpertParallel"]

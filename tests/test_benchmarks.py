@@ -18,7 +18,7 @@ from moe_restore.benchmarks.memory import saved_bytes
 from moe_restore.benchmarks.moe import MoEShape, triton_saved_bytes_per_token
 from moe_restore.cli import main as cli_main
 from moe_restore.kernels import moe_mlp, nested_route, topk_route
-from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers.topk_moe import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
 from utils import DEVICE, assert_close
 

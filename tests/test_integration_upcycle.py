@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from moe_restore.integration import upcycle_ffn
-from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers.topk_moe import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
 from utils import DEVICE, assert_close, backends, poisoned_allocations
 

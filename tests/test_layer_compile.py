@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from moe_restore.layers.moe import TopKMoE, TopKMoE2d
+from moe_restore.layers.topk_moe import TopKMoE, TopKMoE2d
 from moe_restore.layers.nested_moe import NestedMoE, NestedMoE2d
 from moe_layer_oracle import (assert_compiled_layer_matches_eager, expert64, float64_params, random_input,
                               softmax64, top_indices)

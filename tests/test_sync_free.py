@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from moe_restore.kernels import gated_scan
-from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers.topk_moe import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
 from utils import DEVICE, assert_close
 

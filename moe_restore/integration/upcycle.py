@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from moe_restore.kernels.validation import check_finite_non_negative, check_positive_int
-from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers.topk_moe import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
 
 from .report import IntegrationReport, NotConvertible, check_arguments, swap_modules

@@ -1,9 +1,9 @@
 """nn.Modules over the kernels: the MoE composition and its parts, the MoE layers, Mamba-style
 attention and the networks' blocks."""
-from ._experts import ExpertMLPs
+from .experts import ExpertMLPs
 from .mamba_attention import MambaStyleAttention
 from .mixture import MoE, MoERecord
-from .moe import TopKMoE, TopKMoE2d
+from .topk_moe import TopKMoE, TopKMoE2d
 from .nested_moe import NestedMoE, NestedMoE2d
 from .routers import ContextLinear, NestedRouter, RouterLosses, TopKRouter
 

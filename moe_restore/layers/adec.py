@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ._experts import ExpertMLPs
+from .experts import ExpertMLPs
 from .mixture import MoE, MoERecord, pixel_tokens
 from .restormer_blocks import LayerNorm2d
 from .routers import TopKRouter

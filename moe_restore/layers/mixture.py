@@ -23,7 +23,7 @@ import torch.nn as nn
 from moe_restore.kernels import Routing
 from moe_restore.kernels.validation import check_float
 
-from ._experts import ExpertMLPs
+from .experts import ExpertMLPs
 from .routers import RouterLosses
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .mixture import per_pixel, rename_legacy_keys
-from .moe import ExpertLayer
+from .topk_moe import ExpertLayer
 from .routers import NestedRouter, check_context, check_nonnegative_int
 
 

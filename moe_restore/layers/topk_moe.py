@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._experts import ExpertMLPs, dense_mlp_dims
+from .experts import ExpertMLPs, dense_mlp_dims
 from .mixture import MoE, per_pixel, rename_legacy_keys
 from .routers import TopKRouter, check_nonnegative_int
 
