@@ -44,7 +44,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from moe_restore.kernels import Routing, routing_from_topk
 from moe_restore.layers.experts import ExpertMLPs
-from moe_restore.layers.mixture import MoE
+from moe_restore.layers.moe import MoE
 
 __all__ = ["ExpertParallel"]
 

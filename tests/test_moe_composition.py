@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from moe_restore.kernels import topk_route
 from moe_restore.layers.experts import ExpertMLPs
 from moe_restore.layers.adec import ADEC
-from moe_restore.layers.mixture import MoE, per_pixel
+from moe_restore.layers.moe import MoE, per_pixel
 from moe_restore.layers.topk_moe import TopKMoE
 from moe_restore.layers.routers import TopKRouter
 from moe_restore.losses import LossWeights, restoration_loss

@@ -2,7 +2,7 @@
 attention and the networks' blocks."""
 from .experts import ExpertMLPs
 from .mamba_attention import MambaStyleAttention
-from .mixture import MoE, MoERecord
+from .moe import MoE, MoERecord
 from .topk_moe import TopKMoE, TopKMoE2d
 from .nested_moe import NestedMoE, NestedMoE2d
 from .routers import ContextLinear, NestedRouter, RouterLosses, TopKRouter

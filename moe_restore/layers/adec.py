@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .experts import ExpertMLPs
-from .mixture import MoE, MoERecord, pixel_tokens
+from .moe import MoE, MoERecord, pixel_tokens
 from .restormer_blocks import LayerNorm2d
 from .routers import TopKRouter
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .mixture import per_pixel, rename_legacy_keys
+from .moe import per_pixel, rename_legacy_keys
 from .topk_moe import ExpertLayer
 from .routers import NestedRouter, check_context, check_nonnegative_int
 

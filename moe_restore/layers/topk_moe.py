@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .experts import ExpertMLPs, dense_mlp_dims
-from .mixture import MoE, per_pixel, rename_legacy_keys
+from .moe import MoE, per_pixel, rename_legacy_keys
 from .routers import TopKRouter, check_nonnegative_int
 
 # Parameter names before TopKMoE and NestedMoE were compositions (state dicts written then still load).
