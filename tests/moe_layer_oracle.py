@@ -47,13 +47,15 @@ def expert64(params: dict[str, torch.Tensor], prefix: str, e: int, u: torch.Tens
     return out + params[prefix + "b2"][e] if prefix + "b2" in params else out
 
 
-def shared64(params: dict[str, torch.Tensor], num_shared: int, u: torch.Tensor, activation: str,
-             out_dim: int) -> torch.Tensor:
-    """sum_s Shared_s(u)."""
-    total = torch.zeros(out_dim, dtype=torch.float64)
-    for s in range(num_shared):
-        total = total + expert64(params, "shared_expert.", s, u, activation)
-    return total
+def shared64(params: dict[str, torch.Tensor], u: torch.Tensor, activation: str, out_dim: int) -> torch.Tensor:
+    """Shared(u) = act(u @ w1 + b1) @ w2 + b2 of the layer's dense shared expert, 0 without one."""
+    if "shared_expert.w1" not in params:
+        return torch.zeros(out_dim, dtype=torch.float64)
+    z = u @ params["shared_expert.w1"]
+    if "shared_expert.b1" in params:
+        z = z + params["shared_expert.b1"]
+    out = activation64(z, activation) @ params["shared_expert.w2"]
+    return out + params["shared_expert.b2"] if "shared_expert.b2" in params else out
 
 
 def random_input(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe_restore.kernels import gated_scan, gated_scan_2d, moe_mlp, nested_route, routing_from_topk, topk_route
-from moe_restore.layers.topk_moe import TopKMoE
+from moe_restore.layers import TopKMoE
 from moe_layer_oracle import float64_params
 from test_moe_layer import TOKENS, oracle_topk_moe
 from test_moe_mlp import oracle_moe_mlp

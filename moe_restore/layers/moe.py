@@ -1,4 +1,4 @@
-"""MoE: a router, a bank of routed experts and an optional shared expert, composed.
+"""MoE: a router, routed experts and an optional shared expert, composed (torchtune's way).
 
 For tokens x [..., dim] (and an optional per-image context c [B, P] that the router reads):
 
@@ -14,8 +14,6 @@ collect the losses after their forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -23,7 +21,7 @@ import torch.nn as nn
 from moe_restore.kernels import Routing
 from moe_restore.kernels.validation import check_float
 
-from .experts import ExpertMLPs
+from .experts import check_experts
 from .routers import RouterLosses
 
 
@@ -42,18 +40,32 @@ class MoE(nn.Module):
 
     Args:
         router: ``router(tokens [T, dim], context) -> (Routing, RouterLosses)`` over
-            ``experts.num_experts`` experts (``TopKRouter``, ``NestedRouter``).
-        experts: an ``ExpertMLPs`` bank [E, dim -> out_dim], applied by the routing.
-        shared_expert: a module [T, dim] -> [T, out_dim] every token uses with weight 1 (e.g. an
-            ``ExpertMLPs`` of shared experts, which then all run), or None.
+            ``experts.num_experts`` experts (``TopKRouter``, ``NestedRouter`` or your own).
+        experts: any module following the experts protocol (``moe_restore.layers.experts``:
+            ``num_experts``, ``dim``, ``out_dim`` and ``forward(tokens, routing) -> [T, out_dim]``),
+            e.g. an ``ExpertMLPs`` bank.
+        shared_expert: a module [T, dim] -> [T, out_dim] every token uses with weight 1 (e.g. a
+            ``DenseMLP``), or None.
+
+    There is no ``combine`` argument: the experts module combines its outputs itself (the weighted
+    sum in ``moe_mlp``'s epilogue), because that is where the combine is cheap; see docs/layers.md.
     """
 
-    def __init__(self, router: nn.Module, experts: ExpertMLPs, shared_expert: nn.Module | None = None):
+    def __init__(self, router: nn.Module, experts: nn.Module, shared_expert: nn.Module | None = None):
         super().__init__()
-        if not isinstance(experts, ExpertMLPs):
-            raise TypeError(f"experts must be an ExpertMLPs, got {type(experts).__name__}")
+        check_experts(experts)
+        if not callable(router):
+            raise TypeError(f"router must be callable as router(tokens, context), got {type(router).__name__}")
         if getattr(router, "num_experts", experts.num_experts) != experts.num_experts:
-            raise ValueError(f"the router routes to {router.num_experts} experts, the bank holds {experts.num_experts}")
+            raise ValueError(f"the router routes to {router.num_experts} experts, the experts module holds "
+                             f"{experts.num_experts}")
+        if shared_expert is not None and not callable(shared_expert):
+            raise TypeError(f"shared_expert must be a module [T, dim] -> [T, out_dim] or None, "
+                            f"got {type(shared_expert).__name__}")
+        for name in ("dim", "out_dim"):
+            if getattr(shared_expert, name, getattr(experts, name)) != getattr(experts, name):
+                raise ValueError(f"shared_expert.{name} = {getattr(shared_expert, name)} but experts.{name} = "
+                                 f"{getattr(experts, name)}")
         self.router, self.experts, self.shared_expert = router, experts, shared_expert
         self.last_record: MoERecord | None = None
 
@@ -68,7 +80,7 @@ class MoE(nn.Module):
     @property
     def backend(self) -> str | None:
         """The kernel backend of the router and the experts ("triton", "torch", None: the rule)."""
-        return self.experts.backend
+        return getattr(self.experts, "backend", getattr(self.router, "backend", None))
 
     @backend.setter
     def backend(self, backend: str | None) -> None:
@@ -119,32 +131,3 @@ class MoE(nn.Module):
     def last_routing(self) -> Routing:
         """The Routing of the last forward."""
         return self._record().routing
-
-
-def pixel_tokens(x: torch.Tensor) -> torch.Tensor:
-    """The pixels of a feature map x [B, C, H, W] as tokens, the view [B, H, W, C]."""
-    check_float("x", x)
-    if x.dim() != 4:
-        raise ValueError(f"x must have shape [B, C, H, W], got {tuple(x.shape)}")
-    return x.movedim(1, -1)
-
-
-def per_pixel(forward: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor:
-    """Apply a token layer's ``forward`` to every pixel of x [B, C, H, W] -> [B, C_out, H, W]."""
-    return forward(pixel_tokens(x), *args).movedim(-1, 1)
-
-
-def rename_legacy_keys(module: nn.Module, renames: dict[str, str]) -> None:
-    """Let ``module.load_state_dict`` read state dicts written before the layer was a composition:
-    a key ``prefix + old + rest`` becomes ``prefix + new + rest`` for each (old, new) of ``renames``
-    (old a parameter name, or a child's name ending in '.'). The hook pickles with the module."""
-    module.register_load_state_dict_pre_hook(partial(_rename_keys, dict(renames)))
-
-
-def _rename_keys(renames: dict[str, str], _module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        local = key[len(prefix):]
-        for old, new in renames.items():
-            if local == old or (old.endswith(".") and local.startswith(old)):
-                state_dict[prefix + new + local[len(old):]] = state_dict.pop(key)
-                break
