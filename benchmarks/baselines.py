@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers import TopKMoE
 
 from moe_restore.kernels.activations import activate
 
@@ -26,7 +26,7 @@ from .eager_moe import top_k
 
 def routed(layer: TopKMoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, k], experts [T, k]) of the eager loop's routing: softmax, top-k, renormalised."""
-    return top_k(layer.router.logits(x).float().softmax(dim=-1), layer.top_k)
+    return top_k(layer.router.logits(x).float().softmax(dim=-1), layer.router.top_k)
 
 
 def grouped_mm_unsupported(layer: TopKMoE, x: torch.Tensor) -> str | None:
@@ -35,7 +35,8 @@ def grouped_mm_unsupported(layer: TopKMoE, x: torch.Tensor) -> str | None:
         return f"torch {torch.__version__} has no torch._grouped_mm"
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"torch._grouped_mm takes float32, bfloat16 or float16, not {x.dtype}"
-    widths = (layer.w1.shape[1], layer.w1.shape[2], layer.w2.shape[1], layer.w2.shape[2])
+    w1, w2 = layer.experts.w1, layer.experts.w2
+    widths = (w1.shape[1], w1.shape[2], w2.shape[1], w2.shape[2])
     if any(w * x.element_size() % 16 for w in widths):
         return f"torch._grouped_mm needs row strides of 16 bytes: widths {widths} in {x.dtype}"
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
@@ -49,14 +50,14 @@ def grouped_mm_topk_moe(layer: TopKMoE, x: torch.Tensor) -> torch.Tensor:
     weights, experts = routed(layer, x)
     T, k = experts.shape
     order = experts.reshape(-1).sort(stable=True).indices
-    offsets = torch.bincount(experts.reshape(-1), minlength=layer.num_experts).cumsum(0).to(torch.int32)
+    offsets = torch.bincount(experts.reshape(-1), minlength=layer.experts.num_experts).cumsum(0).to(torch.int32)
     expert_of = experts.reshape(-1)[order]
-    z = torch._grouped_mm(x[order // k], layer.w1, offs=offsets)
-    if layer.b1 is not None:
-        z = z + layer.b1[expert_of]
-    out = torch._grouped_mm(activate(z, layer.activation).contiguous(), layer.w2, offs=offsets)
-    if layer.b2 is not None:
-        out = out + layer.b2[expert_of]
+    z = torch._grouped_mm(x[order // k], layer.experts.w1, offs=offsets)
+    if layer.experts.b1 is not None:
+        z = z + layer.experts.b1[expert_of]
+    out = torch._grouped_mm(activate(z, layer.experts.activation).contiguous(), layer.experts.w2, offs=offsets)
+    if layer.experts.b2 is not None:
+        out = out + layer.experts.b2[expert_of]
     scaled = out * weights.reshape(-1)[order, None]
     by_assignment = torch.empty_like(scaled).index_copy(0, order, scaled)
     return by_assignment.view(T, k, -1).sum(dim=1).to(x.dtype)
@@ -70,13 +71,14 @@ def _transformers_experts(layer: TopKMoE, implementation: str) -> nn.Module | No
         from transformers.integrations.moe import use_experts_implementation
     except ImportError:
         return None
-    gated = layer.activation == "swiglu"
+    gated = layer.experts.activation == "swiglu"
 
     class Experts(nn.Module):
         def __init__(self, config):
             super().__init__()
-            self.num_experts = layer.num_experts
-            name = "silu" if gated else {"gelu_tanh": "gelu_pytorch_tanh"}.get(layer.activation, layer.activation)
+            self.num_experts = layer.experts.num_experts
+            activation = layer.experts.activation
+            name = "silu" if gated else {"gelu_tanh": "gelu_pytorch_tanh"}.get(activation, activation)
             self.act_fn = ACT2FN[name]
 
         def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -87,23 +89,24 @@ def _transformers_experts(layer: TopKMoE, implementation: str) -> nn.Module | No
                 hit = (mask.sum(dim=(-1, -2)) > 0).nonzero()
             for (e,) in hit.tolist():
                 slot, token = torch.where(mask[e])
-                z = hidden_states[token] @ layer.w1[e]
-                if layer.b1 is not None:
-                    z = z + layer.b1[e]
+                z = hidden_states[token] @ layer.experts.w1[e]
+                if layer.experts.b1 is not None:
+                    z = z + layer.experts.b1[e]
                 h = self._apply_gate(z) if gated else self.act_fn(z)
-                out = h @ layer.w2[e]
-                if layer.b2 is not None:
-                    out = out + layer.b2[e]
+                out = h @ layer.experts.w2[e]
+                if layer.experts.b2 is not None:
+                    out = out + layer.experts.b2[e]
                 final.index_add_(0, token, (out * top_k_weights[token, slot, None]).to(final.dtype))
             return final
 
-    decorated = use_experts_implementation(Experts, is_transposed=True, has_bias=layer.b1 is not None, has_gate=gated)
+    decorated = use_experts_implementation(Experts, is_transposed=True, has_bias=layer.experts.b1 is not None,
+                                           has_gate=gated)
     experts = decorated(SimpleNamespace(_experts_implementation=implementation))
     # The parameters stay the layer's: plain attributes, so the module owns no copy.
     names = ("gate_up_proj", "down_proj") if gated else ("up_proj", "down_proj")
-    for name, tensor in zip(names, (layer.w1, layer.w2)):
+    for name, tensor in zip(names, (layer.experts.w1, layer.experts.w2)):
         object.__setattr__(experts, name, tensor)
-    for name, tensor in zip([n + "_bias" for n in names], (layer.b1, layer.b2)):
+    for name, tensor in zip([n + "_bias" for n in names], (layer.experts.b1, layer.experts.b2)):
         object.__setattr__(experts, name, tensor)
     return experts
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from moe_restore.kernels import settings
-from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers import TopKMoE
 
 from .baselines import grouped_mm_topk_moe, grouped_mm_unsupported, transformers_forward
 from .eager_moe import eager_topk_moe

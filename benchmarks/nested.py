@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_restore.kernels import settings
-from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
 
 from .eager_moe import eager_nested_moe

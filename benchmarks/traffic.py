@@ -117,7 +117,7 @@ CARRY_BLOCK = 32  # the scan's default carry block (chunks combined per step)
 
 def _moe_step(shape: MoEShape, tokens: int) -> Callable[[Counter], None]:
     """The layer in bf16 on ``tokens`` tokens with balanced routing (see the module docstring)."""
-    from moe_restore.layers.moe import TopKMoE
+    from moe_restore.layers import TopKMoE
 
     E, k = shape.experts, shape.top_k
     if shape.dim < E:

@@ -43,8 +43,8 @@ from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from moe_restore.kernels import Routing, routing_from_topk
-from moe_restore.layers._experts import ExpertMLPs
-from moe_restore.layers.mixture import MoE
+from moe_restore.layers.experts import ExpertMLPs
+from moe_restore.layers.moe import MoE
 
 __all__ = ["ExpertParallel"]
 
@@ -96,7 +96,7 @@ class _TokenExchange:
     def dispatch(self, bank: nn.Module, inputs: tuple, _mesh: DeviceMesh) -> tuple[torch.Tensor, Routing]:
         if len(inputs) != 2 or not isinstance(inputs[1], Routing):
             raise TypeError("an expert-parallel bank is called as experts(tokens [T, dim], routing): the routing "
-                            "tells which rank each token goes to (a bank of shared experts is not sharded)")
+                            "tells which rank each token goes to")
         tokens, routing = inputs
         if routing.num_experts != bank.num_experts:
             raise ValueError(f"routing is over {routing.num_experts} experts but the bank holds {bank.num_experts}")

@@ -2,10 +2,10 @@
 of the layers' docstrings (not from the layers' code), differentiable by autograd in float64."""
 from __future__ import annotations
 
-import math
-
 import torch
 
+from moe_restore.kernels import naive
+from moe_restore.layers import TopKMoE
 from utils import DEVICE, assert_close
 
 
@@ -15,45 +15,32 @@ def float64_params(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def softmax64(v: torch.Tensor) -> torch.Tensor:
-    e = torch.exp(v - v.max())
-    return e / e.sum()
+    return torch.softmax(v.double(), dim=-1)
 
 
 def top_indices(p: torch.Tensor, k: int) -> list[int]:
     """Indices of the k largest entries of the vector p, the lower index first on ties."""
-    return sorted(range(p.shape[0]), key=lambda i: (-p[i].item(), i))[:k]
+    return naive.stable_top_k(p, k)[1].tolist()
 
 
-def activation64(z: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "gelu":
-        return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
-    if activation == "gelu_tanh":
-        return 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
-    if activation == "silu":
-        return z / (1 + torch.exp(-z))
-    if activation == "relu":
-        return torch.clamp(z, min=0)
-    half = z.shape[-1] // 2
-    gate, up = z[..., :half], z[..., half:]  # swiglu: [gate | up] along the last axis
-    return gate / (1 + torch.exp(-gate)) * up
+activation64 = naive.activate
 
 
 def expert64(params: dict[str, torch.Tensor], prefix: str, e: int, u: torch.Tensor, activation: str) -> torch.Tensor:
     """Expert e of the bank whose parameters are named prefix + w1/b1/w2/b2, on one token u."""
-    z = u @ params[prefix + "w1"][e]
-    if prefix + "b1" in params:
-        z = z + params[prefix + "b1"][e]
-    out = activation64(z, activation) @ params[prefix + "w2"][e]
-    return out + params[prefix + "b2"][e] if prefix + "b2" in params else out
+    b1, b2 = (params[prefix + name][e] if prefix + name in params else None for name in ("b1", "b2"))
+    return naive.expert_mlp(u, params[prefix + "w1"][e], b1, params[prefix + "w2"][e], b2, activation)
 
 
-def shared64(params: dict[str, torch.Tensor], num_shared: int, u: torch.Tensor, activation: str,
-             out_dim: int) -> torch.Tensor:
-    """sum_s Shared_s(u)."""
-    total = torch.zeros(out_dim, dtype=torch.float64)
-    for s in range(num_shared):
-        total = total + expert64(params, "shared_expert.", s, u, activation)
-    return total
+def shared64(params: dict[str, torch.Tensor], u: torch.Tensor, activation: str, out_dim: int) -> torch.Tensor:
+    """Shared(u) = act(u @ w1 + b1) @ w2 + b2 of the layer's dense shared expert, 0 without one."""
+    if "shared_expert.w1" not in params:
+        return torch.zeros(out_dim, dtype=torch.float64)
+    z = u @ params["shared_expert.w1"]
+    if "shared_expert.b1" in params:
+        z = z + params["shared_expert.b1"]
+    out = activation64(z, activation) @ params["shared_expert.w2"]
+    return out + params["shared_expert.b2"] if "shared_expert.b2" in params else out
 
 
 def random_input(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
@@ -86,3 +73,37 @@ def assert_compiled_layer_matches_eager(layer: torch.nn.Module, x: torch.Tensor,
     assert torch.equal(y, y_eager) and torch.equal(aux, aux_eager) and torch.equal(dx, dx_eager)
     for got, want in zip(grads, grads_eager):
         assert torch.equal(got, want)
+
+
+# The token layout of x [..., dim]: to [T, dim] and back.
+TOKENS = (lambda x: x.reshape(-1, x.shape[-1]), lambda y, x: y.reshape(*x.shape[:-1], -1))
+
+
+def oracle_topk_moe(layer: TopKMoE, params: dict[str, torch.Tensor], tokens: torch.Tensor):
+    """(y [T, out_dim], aux_loss, router_z_loss, chosen experts per token) in float64, token by token."""
+    T, E, k = tokens.shape[0], layer.experts.num_experts, layer.router.top_k
+    outputs, chosen, probs = [], [], []
+    counts = [0] * E
+    z_loss = torch.zeros((), dtype=torch.float64)
+    for t in range(T):
+        u = tokens[t]
+        logits = params["router.weight"] @ u
+        if layer.router.scoring == "softmax":
+            p = softmax64(logits)
+            probs.append(p)
+        else:
+            p = 1 / (1 + torch.exp(-logits))
+            probs.append(p / p.sum())
+        experts = top_indices(p, k)
+        weights = torch.stack([p[e] for e in experts])
+        weights = weights / weights.sum()
+        y = shared64(params, u, layer.experts.activation, layer.out_dim)
+        for w, e in zip(weights, experts):
+            y = y + w * expert64(params, "experts.", e, u, layer.experts.activation)
+            counts[e] += 1
+        outputs.append(y)
+        chosen.append(experts)
+        z_loss = z_loss + torch.log(torch.exp(logits).sum()) ** 2
+    mean_p = torch.stack(probs).mean(dim=0)
+    aux = E * sum(counts[e] / (T * k) * mean_p[e] for e in range(E))
+    return torch.stack(outputs), aux, z_loss / T, chosen

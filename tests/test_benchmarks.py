@@ -18,7 +18,7 @@ from moe_restore.benchmarks.memory import saved_bytes
 from moe_restore.benchmarks.moe import MoEShape, triton_saved_bytes_per_token
 from moe_restore.cli import main as cli_main
 from moe_restore.kernels import moe_mlp, nested_route, topk_route
-from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
 from utils import DEVICE, assert_close
 
@@ -51,7 +51,8 @@ def test_bench_moe_mlp_forward(benchmark):
     layer = TopKMoE(D, H, 8, 2, backend="torch").to(DEVICE)
     x = tokens(4).detach()
     routing = topk_route(layer.router.logits(x), 2, backend="torch")
-    y = benchmark(moe_mlp, x, routing, layer.w1, layer.w2, layer.b1, layer.b2, backend="torch")
+    bank = layer.experts
+    y = benchmark(moe_mlp, x, routing, bank.w1, bank.w2, bank.b1, bank.b2, backend="torch")
     assert_close(y, eager_topk_moe(layer, x), torch.float32, what="moe_mlp vs eager loop")
 
 
@@ -67,7 +68,7 @@ def test_bench_topk_moe_training_step(benchmark):
     x = tokens(6)
     y = benchmark(training_step, layer, x)
     assert_close(y, eager_topk_moe(layer, x), torch.float32, what="TopKMoE vs eager loop")
-    assert layer.router.weight.grad is not None and layer.w1.grad.abs().sum() > 0
+    assert layer.router.weight.grad is not None and layer.experts.w1.grad.abs().sum() > 0
 
 
 def test_bench_nested_moe_training_step(benchmark):
@@ -76,7 +77,8 @@ def test_bench_nested_moe_training_step(benchmark):
     x = tokens(8)
     y = benchmark(training_step, layer, x)
     assert_close(y, eager_nested_moe(layer, x), torch.float32, what="NestedMoE vs eager two-level loop")
-    assert layer.group_router.weight.grad.abs().sum() > 0 and layer.expert_router.weight.grad.abs().sum() > 0
+    router = layer.router
+    assert router.group_router.weight.grad.abs().sum() > 0 and router.expert_router.weight.grad.abs().sum() > 0
 
 
 def test_bench_command_quick_writes_results(tmp_path, monkeypatch, capsys):

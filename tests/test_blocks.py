@@ -108,7 +108,7 @@ def _adec_oracle(adec: ADEC, x: torch.Tensor, context: torch.Tensor) -> torch.Te
                 for e in chosen:
                     hidden = F.gelu(feature @ experts.w1[e] + experts.b1[e])
                     out[n, :, i, j] += float(p[e]) / total * (hidden @ experts.w2[e] + experts.b2[e])
-                out[n, :, i, j] += F.gelu(feature @ shared.w1[0] + shared.b1[0]) @ shared.w2[0] + shared.b2[0]
+                out[n, :, i, j] += F.gelu(feature @ shared.w1 + shared.b1) @ shared.w2 + shared.b2
     return out
 
 

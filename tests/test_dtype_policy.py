@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from moe_restore.kernels import gated_scan, gated_scan_2d, moe_mlp, naive, nested_route, routing_from_topk, topk_route
-from moe_restore.layers.moe import TopKMoE
-from moe_layer_oracle import float64_params
-from test_moe_layer import TOKENS, oracle_topk_moe
+from moe_restore.layers import TopKMoE
+from moe_layer_oracle import TOKENS, float64_params, oracle_topk_moe
 from utils import DEVICE, assert_close, backends
 
 TRITON_HERE = "triton" in backends()

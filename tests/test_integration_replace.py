@@ -131,7 +131,7 @@ class ToySparseMoeBlock(nn.Module):
 def test_unknown_and_unsupported_blocks_are_left_alone_and_named():
     gelu_config = tf.MixtralConfig(**REPLACE_SIZES, num_local_experts=4, num_experts_per_tok=2, hidden_act="gelu")
     gelu_block = tf.MixtralForCausalLM(gelu_config).model.layers[0].mlp
-    from moe_restore.layers.moe import TopKMoE
+    from moe_restore.layers import TopKMoE
 
     model = nn.Sequential(ToySparseMoeBlock(), gelu_block, replace_model("olmoe").model.layers[0].mlp,
                           TopKMoE(16, 8, 2, 1))

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from moe_restore.integration import upcycle_ffn
-from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
 from utils import DEVICE, assert_close, backends, poisoned_allocations
 
@@ -55,7 +55,7 @@ def test_diffusers_feed_forward_keeps_its_function(activation, backend):
     (change,) = report.replaced
     assert (change.name, change.before, change.after) == ("0", "FeedForward", "TopKMoE")
     layer = report.model[0]
-    assert layer.num_experts == 3 and layer.top_k == 2 and layer.out_dim == 10
+    assert layer.experts.num_experts == 3 and layer.router.top_k == 2 and layer.out_dim == 10
     assert ("reordered" in change.detail) == (activation == "swiglu")
 
 
@@ -66,8 +66,8 @@ def test_nested_upcycling_of_a_dit_block(backend):
     block = BasicTransformerBlock(16, 2, 8, activation_fn="gelu-approximate")
     report = _assert_keeps_function(block, _input(2, 6, 16, seed=1), backend, nested=(3, 2, 2, 1))
     assert [(c.name, c.after) for c in report.replaced] == [("ff", "NestedMoE")]
-    assert isinstance(block.ff, NestedMoE) and block.ff.activation == "gelu_tanh"
-    assert block.ff.num_experts == 6 and "3 groups x 2 experts" in report.replaced[0].detail
+    assert isinstance(block.ff, NestedMoE) and block.ff.experts.activation == "gelu_tanh"
+    assert block.ff.experts.num_experts == 6 and "3 groups x 2 experts" in report.replaced[0].detail
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -112,7 +112,7 @@ def test_noise_breaks_the_symmetry_and_the_layer_trains():
     model = nn.Sequential(Mlp(8, 16, nn.GELU()))
     report = upcycle_ffn(model, num_experts=3, top_k=2, noise_std=0.05, backend="torch")
     layer = model[0]
-    assert not torch.equal(layer.w1[0], layer.w1[1]) and "noise" in report.replaced[0].detail
+    assert not torch.equal(layer.experts.w1[0], layer.experts.w1[1]) and "noise" in report.replaced[0].detail
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, target = _input(16, 8, seed=4), _input(16, 8, seed=5)
     losses = []

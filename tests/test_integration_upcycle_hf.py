@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from moe_restore.integration import upcycle_ffn
-from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers import TopKMoE
 from utils import DEVICE
 
 tf = pytest.importorskip("transformers")

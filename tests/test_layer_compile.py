@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from moe_restore.layers.moe import TopKMoE, TopKMoE2d
+from moe_restore.layers import TopKMoE, TopKMoE2d
 from moe_restore.layers.nested_moe import NestedMoE, NestedMoE2d
 from moe_layer_oracle import (assert_compiled_layer_matches_eager, expert64, float64_params, random_input,
                               softmax64, top_indices)
@@ -141,10 +141,10 @@ def test_nested_moe_under_float16_autocast(backend):
     torch.manual_seed(9)
     layer = NestedMoE(8, 16, 3, 2, 2, 1, backend=backend).to(DEVICE)
     x = random_input((10, 8), seed=10).detach()
-    _separated_router_(layer.group_router, x)
+    _separated_router_(layer.router.group_router, x)
     with torch.no_grad():  # sub-expert logits far apart too (column 1 has |x| of order 1, kept fixed)
-        layer.expert_router.weight.zero_()
-        layer.expert_router.bias.copy_(torch.tensor([0.0, 3.0, 3.0, 0.0, 0.0, 3.0]))
+        layer.router.expert_router.weight.zero_()
+        layer.router.expert_router.bias.copy_(torch.tensor([0.0, 3.0, 3.0, 0.0, 0.0, 3.0]))
     y64 = _nested_oracle(float64_params(layer), x.double().cpu(), 3, 2, 2, 1)
     with torch.autocast(DEVICE.type, dtype=torch.float16):
         y = layer(x)

@@ -59,10 +59,10 @@ def test_gradients_reach_both_router_levels_and_used_experts():
     loss.backward()
     moe = model.moe_layers[0]
     assert {"flow", "load_balance", "group_ce", "classification"} <= set(parts)
-    assert moe.group_router.weight.grad.abs().sum() > 0
-    assert moe.expert_router.weight.grad.abs().sum() > 0
+    assert moe.router.group_router.weight.grad.abs().sum() > 0
+    assert moe.router.expert_router.weight.grad.abs().sum() > 0
     used = moe.last_routing.expert_counts() > 0
-    per_expert = moe.w1.grad.abs().flatten(1).sum(1)
+    per_expert = moe.experts.w1.grad.abs().flatten(1).sum(1)
     assert (per_expert[used] > 0).all() and (per_expert[~used] == 0).all()
     assert all(p.grad is not None for p in model.degradation_encoder.parameters())
 

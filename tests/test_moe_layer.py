@@ -7,40 +7,11 @@ import pytest
 import torch
 
 from moe_restore.kernels import Routing
-from moe_restore.layers.moe import TopKMoE, TopKMoE2d
-from moe_layer_oracle import (activation64, assert_compiled_layer_matches_eager, assert_gradients_close, expert64,
-                              float64_params, random_input, shared64, softmax64, top_indices)
+from moe_restore.layers.topk_moe import TopKMoE, TopKMoE2d
+from moe_layer_oracle import (TOKENS, activation64, assert_compiled_layer_matches_eager, assert_gradients_close,
+                              expert64, float64_params, oracle_topk_moe, random_input, shared64, softmax64,
+                              top_indices)
 from utils import DEVICE, assert_close, backends, poisoned_allocations, raising_backends
-
-
-def oracle_topk_moe(layer: TopKMoE, params: dict[str, torch.Tensor], tokens: torch.Tensor):
-    """(y [T, out_dim], aux_loss, router_z_loss, chosen experts per token) in float64, token by token."""
-    T, E, k = tokens.shape[0], layer.num_experts, layer.top_k
-    outputs, chosen, probs = [], [], []
-    counts = [0] * E
-    z_loss = torch.zeros((), dtype=torch.float64)
-    for t in range(T):
-        u = tokens[t]
-        logits = params["router.weight"] @ u
-        if layer.scoring == "softmax":
-            p = softmax64(logits)
-            probs.append(p)
-        else:
-            p = 1 / (1 + torch.exp(-logits))
-            probs.append(p / p.sum())
-        experts = top_indices(p, k)
-        weights = torch.stack([p[e] for e in experts])
-        weights = weights / weights.sum()
-        y = shared64(params, layer.num_shared_experts, u, layer.activation, layer.out_dim)
-        for w, e in zip(weights, experts):
-            y = y + w * expert64(params, "experts.", e, u, layer.activation)
-            counts[e] += 1
-        outputs.append(y)
-        chosen.append(experts)
-        z_loss = z_loss + torch.log(torch.exp(logits).sum()) ** 2
-    mean_p = torch.stack(probs).mean(dim=0)
-    aux = E * sum(counts[e] / (T * k) * mean_p[e] for e in range(E))
-    return torch.stack(outputs), aux, z_loss / T, chosen
 
 
 def run_against_oracle(layer: TopKMoE, x: torch.Tensor, tokens_of, backend: str) -> list[list[int]]:
@@ -68,7 +39,6 @@ def run_against_oracle(layer: TopKMoE, x: torch.Tensor, tokens_of, backend: str)
     return chosen
 
 
-TOKENS = (lambda x: x.reshape(-1, x.shape[-1]), lambda y, x: y.reshape(*x.shape[:-1], -1))
 PIXELS = (lambda x: x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]),
           lambda y, x: y.reshape(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2))
 
@@ -113,7 +83,7 @@ def test_skewed_routing_all_tokens_to_two_experts(backend):
     chosen = run_against_oracle(layer, x.requires_grad_(), TOKENS, backend)
     assert all(c == [0, 1] for c in chosen)
     assert layer.last_routing.expert_counts().tolist() == [11, 11, 0, 0, 0]
-    assert (layer.w1.grad[2:] == 0).all() and (layer.w2.grad[2:] == 0).all()
+    assert (layer.experts.w1.grad[2:] == 0).all() and (layer.experts.w2.grad[2:] == 0).all()
 
 
 def test_autocast_runs_experts_in_the_autocast_dtype():
@@ -143,7 +113,7 @@ def test_from_dense_keeps_the_dense_function(activation, backend):
     linear2 = torch.nn.Linear(hidden, out_dim).to(DEVICE)
     layer = TopKMoE.from_dense(linear1, linear2, 6, 2, activation=activation, num_shared_experts=1,
                                scoring="sigmoid", backend=backend)
-    assert (layer.dim, layer.hidden_dim, layer.out_dim, layer.num_experts) == (dim, hidden, out_dim, 6)
+    assert (layer.dim, layer.experts.hidden_dim, layer.out_dim, layer.experts.num_experts) == (dim, hidden, out_dim, 6)
     x = random_input((2, 9, dim), seed=5).detach()
     x64 = x.double().cpu()
     dense = activation64(x64 @ linear1.weight.double().cpu().t() + linear1.bias.double().cpu(), activation)
@@ -151,8 +121,8 @@ def test_from_dense_keeps_the_dense_function(activation, backend):
     assert_close(layer(x), dense, torch.float32, backend=backend, what="upcycled output")
 
     noisy = TopKMoE.from_dense(linear1, linear2, 6, 2, noise_std=0.1, activation=activation, backend=backend)
-    assert not torch.equal(noisy.w1[0], noisy.w1[1]), "noise_std > 0 must make the copies differ"
-    assert torch.equal(noisy.b1[0], linear1.bias), "biases are copied without noise"
+    assert not torch.equal(noisy.experts.w1[0], noisy.experts.w1[1]), "noise_std > 0 must make the copies differ"
+    assert torch.equal(noisy.experts.b1[0], linear1.bias), "biases are copied without noise"
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -16,8 +16,8 @@ def oracle_nested_moe(layer: NestedMoE, params: dict[str, torch.Tensor], tokens:
                       contexts: list[torch.Tensor | None]):
     """(y [T, out_dim], aux_loss, group_probs [T, G], chosen (group, sub-expert) pairs per token) in
     float64, token by token; ``contexts[t]`` is token t's image context (concatenated to the token)."""
-    T, G, E = tokens.shape[0], layer.num_groups, layer.experts_per_group
-    kg, ke = layer.top_k_groups, layer.top_k_experts
+    T, G, E = tokens.shape[0], layer.router.num_groups, layer.router.experts_per_group
+    kg, ke = layer.router.top_k_groups, layer.router.top_k_experts
     outputs, chosen, group_probs = [], [], []
     group_counts = [0] * G
     sub_counts = [[0] * E for _ in range(G)]
@@ -31,7 +31,7 @@ def oracle_nested_moe(layer: NestedMoE, params: dict[str, torch.Tensor], tokens:
         groups = top_indices(p, kg)
         q = torch.stack([p[g] for g in groups])
         q = q / q.sum()
-        y = shared64(params, layer.num_shared_experts, tokens[t], layer.activation, layer.out_dim)
+        y = shared64(params, tokens[t], layer.experts.activation, layer.out_dim)
         pairs = []
         for q_g, g in zip(q, groups):
             r = softmax64(el[g * E:(g + 1) * E])
@@ -39,7 +39,7 @@ def oracle_nested_moe(layer: NestedMoE, params: dict[str, torch.Tensor], tokens:
             s = torch.stack([r[e] for e in subs])
             s = s / s.sum()
             for s_e, e in zip(s, subs):
-                y = y + q_g * s_e * expert64(params, "experts.", g * E + e, tokens[t], layer.activation)
+                y = y + q_g * s_e * expert64(params, "experts.", g * E + e, tokens[t], layer.experts.activation)
                 pairs.append((g, e))
                 sub_counts[g][e] += 1
             group_counts[g] += 1
@@ -89,11 +89,12 @@ def run_against_oracle(layer: NestedMoE, x: torch.Tensor, context: torch.Tensor 
         ((y * g.to(y)).sum() + layer.aux_loss).backward()
     assert_close(y, y64, x.dtype, backend=backend, what="output")
     assert_close(layer.aux_loss, aux64, torch.float32, backend=backend, what="aux_loss")
-    expected_probs_shape = (x.shape[0], *x.shape[2:], layer.num_groups) if pixels else (*x.shape[:-1], layer.num_groups)
+    G = layer.router.num_groups
+    expected_probs_shape = (x.shape[0], *x.shape[2:], G) if pixels else (*x.shape[:-1], G)
     assert layer.group_probs.shape == expected_probs_shape
-    assert_close(layer.group_probs.reshape(-1, layer.num_groups), probs64, torch.float32, backend=backend,
+    assert_close(layer.group_probs.reshape(-1, G), probs64, torch.float32, backend=backend,
                  what="group_probs")
-    E = layer.experts_per_group
+    E = layer.router.experts_per_group
     assert layer.last_routing.experts.tolist() == [[g * E + e for g, e in pairs] for pairs in chosen]
     assert_gradients_close(layer, params, x, x64, backend)
     if context is not None:
@@ -145,10 +146,10 @@ def test_a_group_no_token_picks(backend):
     torch.manual_seed(2)
     layer = NestedMoE(8, 12, 3, 2, 2, 2, backend=backend).to(DEVICE)
     with torch.no_grad():
-        layer.group_router.bias[2] = -30.0
+        layer.router.group_router.bias[2] = -30.0
     chosen = run_against_oracle(layer, random_input((2, 9, 8), seed=4), None, backend)
     assert all(g != 2 for pairs in chosen for g, _ in pairs)
-    assert (layer.w1.grad[4:] == 0).all() and (layer.w2.grad[4:] == 0).all()
+    assert (layer.experts.w1.grad[4:] == 0).all() and (layer.experts.w2.grad[4:] == 0).all()
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -157,7 +158,7 @@ def test_from_dense_keeps_the_dense_function(backend):
     linear1, linear2 = torch.nn.Linear(10, 16).to(DEVICE), torch.nn.Linear(16, 10).to(DEVICE)
     layer = NestedMoE.from_dense(linear1, linear2, 3, 2, 2, 1, group_context_dim=4, num_shared_experts=1,
                                  backend=backend)
-    assert layer.w1.shape == (6, 10, 16) and layer.w2.shape == (6, 16, 10)
+    assert layer.experts.w1.shape == (6, 10, 16) and layer.experts.w2.shape == (6, 16, 10)
     x, context = random_input((2, 5, 10), seed=5).detach(), random_input((2, 4), seed=6).detach()
     x64 = x.double().cpu()
     dense = activation64(x64 @ linear1.weight.double().cpu().t() + linear1.bias.double().cpu(), "gelu")

@@ -78,7 +78,7 @@ def _check_case(rank: int, world: int, name: str, reference, counts: tuple[int, 
         got = dict(layer.named_parameters())[key]
         if key.startswith("experts."):
             assert isinstance(got, DTensor) and got.placements == (Shard(0),)
-            assert got.to_local().shape[0] == reference.num_experts // world
+            assert got.to_local().shape[0] == reference.experts.num_experts // world
             assert torch.equal(got.full_tensor(), want.detach())
             grad = got.grad.full_tensor()
         else:  # replicated: this rank's tokens' share, summed over the ranks as data parallelism does

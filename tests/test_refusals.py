@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_restore.kernels import gated_scan, moe_mlp, naive, nested_route, routing_from_topk, topk_route
-from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers import TopKMoE
 from utils import DEVICE, assert_close, backends
 
 

@@ -1,6 +1,6 @@
 """The Triton path makes no host read: a forward and backward of TopKMoE, NestedMoE and the gated
 scan reads nothing back from the device (checks are device-side asserts), so on a GPU a layer can
-be captured in a CUDA graph and replayed.
+be captured in a CUDA graph and replayed. The dense shared expert reads nothing on either backend.
 
 A host read is counted two ways, so that one hidden inside a custom op's implementation is seen
 too: the profiler's record of every aten op (ops that read a value back, e.g.
@@ -16,8 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from moe_restore.kernels import gated_scan
-from moe_restore.layers.moe import TopKMoE
-from moe_restore.layers.nested_moe import NestedMoE
+from moe_restore.layers import DenseMLP, NestedMoE, TopKMoE
 from utils import DEVICE, assert_close
 
 SYNCING_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::bincount", "aten::nonzero", "aten::equal",
@@ -83,6 +82,24 @@ def test_gated_scan_forward_backward_makes_no_host_read(monkeypatch):
 
     step()
     assert host_reads(step, monkeypatch) == []
+
+
+def test_shared_expert_makes_no_host_read_on_either_backend(monkeypatch):
+    """The shared expert is a DenseMLP in torch ops (no routing, no ``moe_mlp``): its forward and
+    backward read nothing back, and on the torch backend (whose grouped GEMM reads its offsets) a
+    layer with shared experts makes exactly the reads of the same layer without them."""
+    shared = DenseMLP(16, 48, 16, activation="swiglu").to(DEVICE)
+    x = torch.randn(10, 16, device=DEVICE, requires_grad=True)
+    assert host_reads(lambda: shared(x).square().sum().backward(), monkeypatch) == []
+    assert x.grad.abs().sum() > 0
+
+    def reads(num_shared_experts: int) -> list[str]:
+        torch.manual_seed(2)
+        layer = TopKMoE(16, 24, 4, 2, num_shared_experts=num_shared_experts, backend="torch").to(DEVICE)
+        layer(x)  # the first call may probe the device
+        return host_reads(lambda: layer(x).square().sum().backward(), monkeypatch)
+
+    assert reads(2) == reads(0) != []
 
 
 def test_host_read_counter_sees_reads(monkeypatch):

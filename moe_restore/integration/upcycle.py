@@ -37,15 +37,16 @@ import torch
 import torch.nn as nn
 
 from moe_restore.kernels.validation import check_finite_non_negative, check_positive_int
-from moe_restore.layers.moe import TopKMoE
+from moe_restore.layers.topk_moe import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
 
 from .report import IntegrationReport, NotConvertible, check_arguments, swap_modules
 
 @dataclass(frozen=True)
-class DenseMLP:
-    """linear2(act(linear1(u))) in moe_mlp's terms; ``note`` is anything the report must say;
-    ``finish`` is run once the MoE layer has replaced the module (a change to a sibling)."""
+class FoundMLP:
+    """A dense MLP found in a model, linear2(act(linear1(u))), in moe_mlp's terms (the model's own
+    Linears; the layer ``moe_restore.layers.DenseMLP`` is another thing); ``note`` is anything the
+    report must say; ``finish`` is run once the MoE layer has replaced the module (a change to a sibling)."""
 
     linear1: nn.Linear
     linear2: nn.Linear
@@ -116,17 +117,17 @@ def _swiglu_act(act: nn.Module) -> None:
         raise NotConvertible(f"its gate activation is {type(act).__name__}; moe_mlp gates with SiLU only (swiglu)")
 
 
-def _gated_mlp(mlp: nn.Module) -> DenseMLP:
+def _gated_mlp(mlp: nn.Module) -> FoundMLP:
     """Llama-style: down_proj(act_fn(gate_proj(u)) * up_proj(u))."""
     parts = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if not all(isinstance(p, nn.Linear) for p in parts):
         raise NotConvertible("gate_proj/up_proj/down_proj are not nn.Linear")
     _swiglu_act(mlp.act_fn)
-    return DenseMLP(_stacked(mlp.gate_proj, mlp.up_proj), mlp.down_proj, "swiglu",
+    return FoundMLP(_stacked(mlp.gate_proj, mlp.up_proj), mlp.down_proj, "swiglu",
                     "gate_proj and up_proj stacked as [gate | up]")
 
 
-def _glu_mlp(mlp: nn.Module) -> DenseMLP:
+def _glu_mlp(mlp: nn.Module) -> FoundMLP:
     """timm-style GluMlp: fc1 -> [x1 | x2] -> x1 * act(x2) (gate_last) or act(x1) * x2 -> fc2."""
     if getattr(mlp, "chunk_dim", -1) != -1:
         raise NotConvertible(f"it splits fc1's output along dim {mlp.chunk_dim} (convolutional), not the features")
@@ -135,9 +136,9 @@ def _glu_mlp(mlp: nn.Module) -> DenseMLP:
     if dense.linear1.out_features % 2:
         raise NotConvertible(f"fc1 has an odd width {dense.linear1.out_features}, not two halves")
     if getattr(mlp, "gate_last", True):
-        return DenseMLP(_gate_first(dense.linear1), dense.linear2, "swiglu", "fc1 rows reordered from [up | gate] "
+        return FoundMLP(_gate_first(dense.linear1), dense.linear2, "swiglu", "fc1 rows reordered from [up | gate] "
                         "to [gate | up]")
-    return DenseMLP(dense.linear1, dense.linear2, "swiglu")
+    return FoundMLP(dense.linear1, dense.linear2, "swiglu")
 
 
 def _probe(what: str, got: Callable[[torch.Tensor], torch.Tensor], want: Callable[[torch.Tensor], torch.Tensor],
@@ -160,7 +161,7 @@ def _probe(what: str, got: Callable[[torch.Tensor], torch.Tensor], want: Callabl
         raise NotConvertible(f"{what}, checked on a random input, does not hold")
 
 
-def _fc_mlp(mlp: nn.Module) -> DenseMLP:
+def _fc_mlp(mlp: nn.Module) -> FoundMLP:
     """transformers' fc1, activation_fn, fc2 MLP (ViTMLP, CLIPMLP, ...)."""
     if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
         raise NotConvertible("fc1/fc2 are not nn.Linear")
@@ -170,10 +171,10 @@ def _fc_mlp(mlp: nn.Module) -> DenseMLP:
     activation = _activation(mlp.activation_fn)
     _probe("forward = fc2(activation_fn(fc1(u)))", mlp, lambda u: mlp.fc2(mlp.activation_fn(mlp.fc1(u))), mlp.fc1,
            (mlp,))
-    return DenseMLP(mlp.fc1, mlp.fc2, activation)
+    return FoundMLP(mlp.fc1, mlp.fc2, activation)
 
 
-def _split_mlp(intermediate: nn.Module, parent: nn.Module | None) -> DenseMLP:
+def _split_mlp(intermediate: nn.Module, parent: nn.Module | None) -> FoundMLP:
     """An ``*Intermediate`` (dense, intermediate_act_fn) and its sibling ``output`` (dense first)."""
     output = getattr(parent, "output", None)
     if not isinstance(intermediate.dense, nn.Linear) or not isinstance(getattr(output, "dense", None), nn.Linear):
@@ -197,11 +198,11 @@ def _split_mlp(intermediate: nn.Module, parent: nn.Module | None) -> DenseMLP:
     def finish() -> None:
         output.dense = nn.Identity()
 
-    return DenseMLP(intermediate.dense, dense, activation, f"its second Linear is the sibling output.dense, now an "
+    return FoundMLP(intermediate.dense, dense, activation, f"its second Linear is the sibling output.dense, now an "
                     f"Identity ({type(output).__name__} keeps the rest of its forward: dropout, residual add, norm)", finish)
 
 
-def _feed_forward(ff: nn.Module) -> DenseMLP:
+def _feed_forward(ff: nn.Module) -> FoundMLP:
     """diffusers FeedForward: net = [act (with .proj), Dropout, Linear(, Dropout)]."""
     act, *rest = ff.net
     linears = [m for m in rest if not _is_passthrough(m)]
@@ -209,16 +210,16 @@ def _feed_forward(ff: nn.Module) -> DenseMLP:
         raise NotConvertible("its net is not [activation, Dropout, Linear(, Dropout)]")
     kind = type(act).__name__
     if kind == "GELU":
-        return DenseMLP(act.proj, linears[0], _gelu(act.approximate))
+        return FoundMLP(act.proj, linears[0], _gelu(act.approximate))
     if kind == "LinearActivation":
-        return DenseMLP(act.proj, linears[0], _activation(act.activation))
+        return FoundMLP(act.proj, linears[0], _activation(act.activation))
     if kind == "SwiGLU" and isinstance(act.activation, nn.SiLU):
-        return DenseMLP(_gate_first(act.proj), linears[0], "swiglu",
+        return FoundMLP(_gate_first(act.proj), linears[0], "swiglu",
                         "SwiGLU rows reordered from [up | gate] to [gate | up]")
     raise NotConvertible(f"{kind} (a gated GELU variant) has no moe_mlp counterpart")
 
 
-def _timm_mlp(mlp: nn.Module) -> DenseMLP:
+def _timm_mlp(mlp: nn.Module) -> FoundMLP:
     """timm-style Mlp: fc1, act, drop1, norm, fc2, drop2."""
     if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
         raise NotConvertible("fc1/fc2 are not nn.Linear (e.g. 1x1 convolutions)")
@@ -226,18 +227,18 @@ def _timm_mlp(mlp: nn.Module) -> DenseMLP:
         part = getattr(mlp, name, None)
         if part is not None and not _is_passthrough(part):
             raise NotConvertible(f"its {name} ({type(part).__name__}) is not an identity")
-    return DenseMLP(mlp.fc1, mlp.fc2, _activation(mlp.act))
+    return FoundMLP(mlp.fc1, mlp.fc2, _activation(mlp.act))
 
 
-def _two_linear(module: nn.Module) -> DenseMLP:
+def _two_linear(module: nn.Module) -> FoundMLP:
     """Children Linear, activation, Linear in registration order (pass-through children ignored)."""
     core = [m for m in module.children() if not _is_passthrough(m)]
     if len(core) != 3 or not (isinstance(core[0], nn.Linear) and isinstance(core[2], nn.Linear)):
         raise NotConvertible("its children are not Linear, activation, Linear")
-    return DenseMLP(core[0], core[2], _activation(core[1]))
+    return FoundMLP(core[0], core[2], _activation(core[1]))
 
 
-def _known_kind(module: nn.Module) -> Callable[[nn.Module], DenseMLP] | None:
+def _known_kind(module: nn.Module) -> Callable[[nn.Module], FoundMLP] | None:
     """The reader of a recognised module (see the module docstring); a split MLP's reader also
     takes the module's parent."""
     cls = type(module)
@@ -266,7 +267,7 @@ _LOOKED_FOR = ("diffusers FeedForward, timm-style Mlp/GluMlp (fc1, act, fc2), Ll
                "(dense, intermediate_act_fn) with a sibling output.dense")
 
 
-def _check_widths(dense: DenseMLP) -> None:
+def _check_widths(dense: FoundMLP) -> None:
     """linear1's output feeds linear2 (half of it for swiglu); else the module is not that MLP."""
     width = dense.linear1.out_features // (2 if dense.activation == "swiglu" else 1)
     if width != dense.linear2.in_features:

@@ -9,7 +9,7 @@ of image b, with u = LN(x)[b, :, t]:
 
 that is, norm + ``MoE(TopKRouter, experts, shared expert)`` + residual, with the projected context
 as the router's context. Expert_e(u) = W2_e GELU(W1_e u + b1_e) + b2_e are pointwise MLPs; Shared
-is one more, which every pixel uses. The experts start as W ~ N(0, 1/fan_in) with zero biases;
+is a ``DenseMLP`` of the same shape, which every pixel uses. The experts start as W ~ N(0, 1/fan_in) with zero biases;
 the router's blocks and the shared expert as ``nn.Linear`` layers start.
 
 ``run`` returns the output with the MoE's ``MoERecord`` (routing and losses) and keeps nothing;
@@ -24,8 +24,9 @@ import math
 import torch
 import torch.nn as nn
 
-from ._experts import ExpertMLPs
-from .mixture import MoE, MoERecord, pixel_tokens
+from .experts import DenseMLP, ExpertMLPs
+from .moe import MoE, MoERecord
+from .pixels import pixel_tokens
 from .restormer_blocks import LayerNorm2d
 from .routers import TopKRouter
 
@@ -61,9 +62,7 @@ class ADEC(nn.Module):
             experts.w2.normal_(0.0, 1 / math.sqrt(hidden))
             experts.b1.zero_()
             experts.b2.zero_()
-        shared = ExpertMLPs(1, dim, hidden, dim, activation="gelu", backend=backend)
-        self.moe = MoE(router, experts, shared)
-        self.register_load_state_dict_pre_hook(_legacy_adec_keys)
+        self.moe = MoE(router, experts, DenseMLP(dim, hidden, dim, activation="gelu"))
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -83,19 +82,3 @@ class ADEC(nn.Module):
         out, self.moe.last_record = self.run(x, context)
         return out
 
-
-def _legacy_adec_keys(_module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
-    """Read ADEC state dicts written before ADEC was a composition: separate feature and context
-    router Linears, experts on ADEC itself, and the shared expert as two 1x1 convolutions."""
-    old = prefix + "router_features.weight"
-    if old not in state_dict:
-        return
-    new = prefix + "moe."
-    state_dict[new + "router.weight"] = torch.cat([state_dict.pop(old),
-                                                   state_dict.pop(prefix + "router_context.weight")], dim=1)
-    state_dict[new + "router.bias"] = state_dict.pop(prefix + "router_features.bias")
-    for name in ("w1", "b1", "w2", "b2"):
-        state_dict[new + "experts." + name] = state_dict.pop(prefix + name)
-    for conv, (weight, bias) in (("0", ("w1", "b1")), ("2", ("w2", "b2"))):
-        state_dict[new + "shared_expert." + weight] = state_dict.pop(f"{prefix}shared.{conv}.weight")[:, :, 0, 0].t()[None]
-        state_dict[new + "shared_expert." + bias] = state_dict.pop(f"{prefix}shared.{conv}.bias")[None]

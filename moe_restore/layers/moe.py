@@ -1,120 +1,133 @@
-"""TopKMoE: a top-K mixture of expert MLPs over tokens [..., dim], and TopKMoE2d over pixels.
+"""MoE: a router, routed experts and an optional shared expert, composed (torchtune's way).
 
-``MoE(TopKRouter, ExpertMLPs, shared experts)``. For tokens x[t] (router W_r [E, dim], no bias):
+For tokens x [..., dim] (and an optional per-image context c [B, P] that the router reads):
 
-    logits[t]       = W_r x[t]
-    (w[t], e[t])    = topk_route(logits[t], k, scoring)           (renormalised over the k choices)
-    y[t]            = sum_j w[t, j] * Expert_{e[t, j]}(x[t]) + sum_s Shared_s(x[t])
+    (routing, losses) = router(x[t], c)
+    y[t] = sum_j w[t, j] * Expert_{e[t, j]}(x[t]) + Shared(x[t])
 
-The losses of each forward (``aux_loss``, ``router_z_loss``: see ``routers``) are in its record,
-``last_record``, and read by the properties of the same names.
+``forward`` returns y. ``run`` returns y together with an ``MoERecord`` (the routing and the
+router's ``RouterLosses``) and keeps nothing; ``forward`` keeps the record of its call as
+``last_record`` (read by ``aux_loss``, ``router_z_loss``, ``group_probs`` and ``last_routing``),
+because networks that call the layer deep inside a model (diffusers blocks, M2IR's decoder)
+collect the losses after their forward.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from ._experts import ExpertMLPs, dense_mlp_dims
-from .mixture import MoE, per_pixel, rename_legacy_keys
-from .routers import TopKRouter, check_nonnegative_int
+from moe_restore.kernels import Routing
+from moe_restore.kernels.validation import check_float
 
-# Parameter names before TopKMoE and NestedMoE were compositions (state dicts written then still load).
-LEGACY_EXPERT_KEYS = {"w1": "experts.w1", "w2": "experts.w2", "b1": "experts.b1", "b2": "experts.b2",
-                      "shared_experts.": "shared_expert."}
+from .experts import check_experts
+from .routers import RouterLosses
 
 
-class ExpertLayer(MoE):
-    """What TopKMoE and NestedMoE share: the routed bank ``experts``, the shared bank
-    ``shared_expert`` (``num_shared_experts`` MLPs of the same shape, or None), upcycling, and the
-    bank's parameters under their former names (``w1``, ``w2``, ``b1``, ``b2``, ``shared_experts``)."""
+@dataclass(frozen=True)
+class MoERecord:
+    """One MoE call: its ``routing`` and the router's ``losses``; ``group_probs`` (nested routers)
+    in the layout of the input, [..., G]."""
 
-    def __init__(self, router_factory, dim: int, hidden_dim: int, num_experts: int, *, activation: str, bias: bool,
-                 num_shared_experts: int, out_dim: int | None, backend: str | None):
-        out_dim = dim if out_dim is None else out_dim
-        check_nonnegative_int("num_shared_experts", num_shared_experts)
-        experts = ExpertMLPs(num_experts, dim, hidden_dim, out_dim, activation=activation, bias=bias, backend=backend)
-        shared = (ExpertMLPs(num_shared_experts, dim, hidden_dim, out_dim, activation=activation, bias=bias,
-                             backend=backend) if num_shared_experts else None)
-        super().__init__(router_factory(), experts, shared)
-        self.num_shared_experts = num_shared_experts
-        rename_legacy_keys(self, LEGACY_EXPERT_KEYS)
-
-    num_experts = property(lambda self: self.experts.num_experts)
-    hidden_dim = property(lambda self: self.experts.hidden_dim)
-    activation = property(lambda self: self.experts.activation)
-    w1 = property(lambda self: self.experts.w1)
-    w2 = property(lambda self: self.experts.w2)
-    b1 = property(lambda self: self.experts.b1)
-    b2 = property(lambda self: self.experts.b2)
-    shared_experts = property(lambda self: self.shared_expert)
-
-    @classmethod
-    def _upcycled(cls, linear1: nn.Linear, linear2: nn.Linear, noise_std: float, *layout, **options) -> "ExpertLayer":
-        """``cls(dim, hidden_dim, *layout, bias=, out_dim=, **options)`` whose routed experts are
-        copies of the dense MLP and whose shared experts start at zero output (so the layer keeps
-        the dense function at initialisation and the shared experts learn from there). On the
-        device and dtype of ``linear1``."""
-        dim, hidden, out_dim, bias = dense_mlp_dims(linear1, linear2, options.get("activation", "gelu"))
-        layer = cls(dim, hidden, *layout, bias=bias, out_dim=out_dim, **options)
-        layer.to(device=linear1.weight.device, dtype=linear1.weight.dtype)
-        layer.experts.copy_dense_(linear1, linear2, noise_std)
-        if layer.shared_expert is not None:
-            layer.shared_expert.zero_output_()
-        return layer
+    routing: Routing
+    losses: RouterLosses
+    group_probs: torch.Tensor | None = None
 
 
-class TopKMoE(ExpertLayer):
-    """Top-K mixture of ``num_experts`` expert MLPs (plus shared experts) over x [..., dim].
+class MoE(nn.Module):
+    """``MoE(router, experts, shared_expert=None)``: see the module docstring.
 
     Args:
-        dim: token width D.
-        hidden_dim: expert hidden width H.
-        num_experts: E routed experts; top_k: k experts per token.
-        activation: "gelu" (exact), "gelu_tanh", "silu", "swiglu" (w1 holds [gate | up], 2H columns) or "relu".
-        bias: expert biases b1, b2.
-        num_shared_experts: expert MLPs every token uses with weight 1, added to the routed output.
-        scoring: "softmax" or "sigmoid" router scores (see ``topk_route``).
-        out_dim: output width (default: dim).
-        backend: kernel backend ("triton", "torch" or None for the backend rule).
+        router: ``router(tokens [T, dim], context) -> (Routing, RouterLosses)`` over
+            ``experts.num_experts`` experts (``TopKRouter``, ``NestedRouter`` or your own).
+        experts: any module following the experts protocol (``moe_restore.layers.experts``:
+            ``num_experts``, ``dim``, ``out_dim`` and ``forward(tokens, routing) -> [T, out_dim]``),
+            e.g. an ``ExpertMLPs`` bank.
+        shared_expert: a module [T, dim] -> [T, out_dim] every token uses with weight 1 (e.g. a
+            ``DenseMLP``), or None.
 
-    Children: ``router`` (TopKRouter: ``weight`` [E, dim], no bias), ``experts`` (ExpertMLPs:
-    ``w1`` [E, D, H or 2H], ``w2`` [E, H, out_dim], ``b1``, ``b2``, None without bias),
-    ``shared_expert`` (ExpertMLPs of the shared experts, or None). After each forward:
-    ``last_record``, and from it ``aux_loss``, ``router_z_loss`` (float32 scalars) and ``last_routing``.
+    There is no ``combine`` argument: the experts module combines its outputs itself (the weighted
+    sum in ``moe_mlp``'s epilogue), because that is where the combine is cheap; see docs/layers.md.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, *, activation: str = "gelu",
-                 bias: bool = True, num_shared_experts: int = 0, scoring: str = "softmax", out_dim: int | None = None,
-                 backend: str | None = None):
-        def router() -> TopKRouter:
-            return TopKRouter(dim, num_experts, top_k, scoring=scoring, backend=backend)
+    def __init__(self, router: nn.Module, experts: nn.Module, shared_expert: nn.Module | None = None):
+        super().__init__()
+        check_experts(experts)
+        if not callable(router):
+            raise TypeError(f"router must be callable as router(tokens, context), got {type(router).__name__}")
+        if getattr(router, "num_experts", experts.num_experts) != experts.num_experts:
+            raise ValueError(f"the router routes to {router.num_experts} experts, the experts module holds "
+                             f"{experts.num_experts}")
+        if shared_expert is not None and not callable(shared_expert):
+            raise TypeError(f"shared_expert must be a module [T, dim] -> [T, out_dim] or None, "
+                            f"got {type(shared_expert).__name__}")
+        for name in ("dim", "out_dim"):
+            if getattr(shared_expert, name, getattr(experts, name)) != getattr(experts, name):
+                raise ValueError(f"shared_expert.{name} = {getattr(shared_expert, name)} but experts.{name} = "
+                                 f"{getattr(experts, name)}")
+        self.router, self.experts, self.shared_expert = router, experts, shared_expert
+        self.last_record: MoERecord | None = None
 
-        super().__init__(router, dim, hidden_dim, num_experts, activation=activation, bias=bias,
-                         num_shared_experts=num_shared_experts, out_dim=out_dim, backend=backend)
+    @property
+    def dim(self) -> int:
+        return self.experts.dim
 
-    top_k = property(lambda self: self.router.top_k)
-    scoring = property(lambda self: self.router.scoring)
+    @property
+    def out_dim(self) -> int:
+        return self.experts.out_dim
 
-    @classmethod
-    def from_dense(cls, linear1: nn.Linear, linear2: nn.Linear, num_experts: int, top_k: int,
-                   noise_std: float = 0.0, **options) -> "TopKMoE":
-        """Upcycle the dense MLP ``linear2(act(linear1(x)))`` into a TopKMoE whose experts start as
-        copies of it (plus N(0, noise_std^2) noise on each copy's weights). With equal experts the
-        renormalised routing weights sum to 1, so the layer computes the dense MLP.
+    @property
+    def backend(self) -> str | None:
+        """The kernel backend of the router and the experts ("triton", "torch", None: the rule)."""
+        return getattr(self.experts, "backend", getattr(self.router, "backend", None))
 
-        ``options`` are the constructor's keywords (activation, scoring, num_shared_experts, backend);
-        shared experts start with zero output. dim, hidden_dim, out_dim and bias come from the Linears.
-        """
-        return cls._upcycled(linear1, linear2, noise_std, num_experts, top_k, **options)
+    @backend.setter
+    def backend(self, backend: str | None) -> None:
+        for part in (self.router, self.experts, self.shared_expert):
+            if part is not None and hasattr(part, "backend"):
+                part.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., dim] -> [..., out_dim]; its record (losses, routing) becomes ``last_record``."""
-        return super().forward(x)
+    def run(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, MoERecord]:
+        """(y [..., out_dim], the call's MoERecord) for x [..., dim]; keeps nothing."""
+        check_float("x", x)
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [..., dim={self.dim}], got {tuple(x.shape)}")
+        tokens = x.reshape(-1, self.dim)
+        routing, losses = self.router(tokens, context)
+        y = self.experts(tokens, routing)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(tokens)
+        probs = losses.group_probs
+        record = MoERecord(routing, losses, None if probs is None else probs.view(*x.shape[:-1], probs.shape[-1]))
+        return y.view(*x.shape[:-1], self.out_dim), record
 
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """y [..., out_dim] for x [..., dim]; its record becomes ``last_record``."""
+        y, self.last_record = self.run(x, context)
+        return y
 
-class TopKMoE2d(TopKMoE):
-    """TopKMoE over the pixels of x [B, dim, H, W] -> [B, out_dim, H, W]: each pixel's channel
-    vector is a token. Same arguments, parameters and losses as TopKMoE."""
+    def _record(self) -> MoERecord:
+        if self.last_record is None:
+            raise RuntimeError("the MoE losses and routing are defined after a forward pass")
+        return self.last_record
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return per_pixel(super().forward, x)
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """The router's load-balancing loss of the last forward (float32 scalar)."""
+        return self._record().losses.aux_loss
+
+    @property
+    def router_z_loss(self) -> torch.Tensor | None:
+        """The router z-loss of the last forward (top-k routers; None otherwise)."""
+        return self._record().losses.router_z_loss
+
+    @property
+    def group_probs(self) -> torch.Tensor | None:
+        """softmax of the group logits of the last forward, [..., G] (nested routers; None otherwise)."""
+        return self._record().group_probs
+
+    @property
+    def last_routing(self) -> Routing:
+        """The Routing of the last forward."""
+        return self._record().routing

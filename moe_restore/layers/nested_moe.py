@@ -6,11 +6,11 @@ embedding) and u[t] = [x[t] ; c[b]]:
 
     gl[t] = W_g u[t] + b_g  [G],   el[t] = W_e u[t] + b_e  [G*E, group major]
     routing = nested_route(gl, el, k_g, k_e)      (weights q_g * s_e|g on experts g*E + e)
-    y[t] = sum over t's assignments of w * Expert_{g*E+e}(x[t]) + sum_s Shared_s(x[t])
+    y[t] = sum over t's assignments of w * Expert_{g*E+e}(x[t]) + Shared(x[t])
 
 The G*E expert MLPs are one expert bank in the ``moe_mlp`` layout [G*E, ...], group major.
 
-``MoE(NestedRouter, ExpertMLPs, shared experts)``. The losses of each forward (``aux_loss``
+``MoE(NestedRouter, ExpertMLPs, DenseMLP shared expert)``, assembled. The losses of each forward (``aux_loss``
 balancing both levels, ``group_probs`` = softmax(gl) [..., G] for a cross-entropy against a known
 degradation label: see ``routers``) are in its record, ``last_record``, and read by the properties
 of the same names.
@@ -20,12 +20,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .mixture import per_pixel, rename_legacy_keys
-from .moe import ExpertLayer
+from .moe import MoE
+from .pixels import per_pixel
 from .routers import NestedRouter, check_context, check_nonnegative_int
+from .topk_moe import expert_parts, upcycled
 
 
-class NestedMoE(ExpertLayer):
+class NestedMoE(MoE):
     """Two-level mixture of ``num_groups * experts_per_group`` expert MLPs over x [..., dim].
 
     Args:
@@ -35,17 +36,18 @@ class NestedMoE(ExpertLayer):
         top_k_groups: k_g groups per token (G: the dense Inter-MoE).
         top_k_experts: k_e sub-experts per chosen group (E: dense inside the groups).
         activation: "gelu" (exact), "gelu_tanh", "silu", "swiglu" or "relu".
-        num_shared_experts: expert MLPs every token uses with weight 1.
+        num_shared_experts: S expert MLPs every token uses with weight 1: one ``DenseMLP`` of width S*H.
         group_context_dim: width of the per-image context [B, group_context_dim] that both
             routers also read (0: no context).
         bias: expert biases b1, b2.
         out_dim: output width (default: dim).
         backend: kernel backend ("triton", "torch" or None for the backend rule).
 
-    Children: ``router`` (NestedRouter, with ``group_router`` ContextLinear(dim + group_context_dim, G)
-    and ``expert_router`` ContextLinear(dim + group_context_dim, G*E), also reachable as
-    ``layer.group_router`` / ``layer.expert_router``), ``experts`` (``w1`` [G*E, D, H or 2H],
-    ``w2`` [G*E, H, out_dim], ``b1``, ``b2``), ``shared_expert``. After each forward:
+    Parts: ``router`` (NestedRouter: ``group_router`` ContextLinear(dim + group_context_dim, G),
+    ``expert_router`` ContextLinear(dim + group_context_dim, G*E); ``num_groups``,
+    ``experts_per_group``, ``top_k_groups``, ``top_k_experts``, ``context_dim``), ``experts``
+    (ExpertMLPs: ``w1`` [G*E, D, H or 2H], ``w2`` [G*E, H, out_dim], ``b1``, ``b2``), ``shared_expert``
+    (DenseMLP or None). After each forward:
     ``last_record``, and from it ``aux_loss``, ``group_probs`` and ``last_routing`` (with
     ``group_weights`` and ``groups``).
     """
@@ -55,23 +57,12 @@ class NestedMoE(ExpertLayer):
                  group_context_dim: int = 0, bias: bool = True, out_dim: int | None = None,
                  backend: str | None = None):
         check_nonnegative_int("group_context_dim", group_context_dim)
-
-        def router() -> NestedRouter:
-            return NestedRouter(dim, num_groups, experts_per_group, top_k_groups, top_k_experts,
-                                context_dim=group_context_dim, backend=backend)
-
-        NestedRouter.check_layout(num_groups, experts_per_group, top_k_groups, top_k_experts)
-        super().__init__(router, dim, hidden_dim, num_groups * experts_per_group, activation=activation, bias=bias,
-                         num_shared_experts=num_shared_experts, out_dim=out_dim, backend=backend)
-        rename_legacy_keys(self, {"group_router.": "router.group_router.", "expert_router.": "router.expert_router."})
-
-    num_groups = property(lambda self: self.router.num_groups)
-    experts_per_group = property(lambda self: self.router.experts_per_group)
-    top_k_groups = property(lambda self: self.router.top_k_groups)
-    top_k_experts = property(lambda self: self.router.top_k_experts)
-    group_context_dim = property(lambda self: self.router.context_dim)
-    group_router = property(lambda self: self.router.group_router)
-    expert_router = property(lambda self: self.router.expert_router)
+        router = NestedRouter(dim, num_groups, experts_per_group, top_k_groups, top_k_experts,
+                              context_dim=group_context_dim, backend=backend)
+        super().__init__(router, *expert_parts(num_groups * experts_per_group, dim, hidden_dim,
+                                               activation=activation, bias=bias,
+                                               num_shared_experts=num_shared_experts, out_dim=out_dim,
+                                               backend=backend))
 
     @classmethod
     def from_dense(cls, linear1: nn.Linear, linear2: nn.Linear, num_groups: int, experts_per_group: int,
@@ -83,14 +74,18 @@ class NestedMoE(ExpertLayer):
         ``options`` are the constructor's keywords (activation, num_shared_experts,
         group_context_dim, backend); shared experts start with zero output.
         """
-        return cls._upcycled(linear1, linear2, noise_std, num_groups, experts_per_group, top_k_groups,
-                             top_k_experts, **options)
+        def build(dim: int, hidden: int, out_dim: int, bias: bool) -> NestedMoE:
+            return cls(dim, hidden, num_groups, experts_per_group, top_k_groups, top_k_experts, bias=bias,
+                       out_dim=out_dim, **options)
+
+        return upcycled(build, linear1, linear2, noise_std, options.get("activation", "gelu"))
 
     def _check_context(self, x: torch.Tensor, group_context: torch.Tensor | None) -> None:
-        if check_context("group_context", group_context, self.group_context_dim, "layer", x=x) and (
-                x.dim() < 2 or tuple(group_context.shape) != (x.shape[0], self.group_context_dim)):
+        context_dim = self.router.context_dim
+        if check_context("group_context", group_context, context_dim, "layer", x=x) and (
+                x.dim() < 2 or tuple(group_context.shape) != (x.shape[0], context_dim)):
             raise ValueError(f"group_context must have shape [B, group_context_dim] = "
-                             f"[{x.shape[0] if x.dim() >= 2 else 'B'}, {self.group_context_dim}] for x of shape "
+                             f"[{x.shape[0] if x.dim() >= 2 else 'B'}, {context_dim}] for x of shape "
                              f"[B, ..., dim] = {tuple(x.shape)}, got {tuple(group_context.shape)}")
 
     def forward(self, x: torch.Tensor, group_context: torch.Tensor | None = None) -> torch.Tensor:

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_restore.layers.adec import ADEC
-from moe_restore.layers.mixture import MoERecord
+from moe_restore.layers.moe import MoERecord
 from moe_restore.losses import LossWeights, restoration_loss
 from moe_restore.layers.degradation_encoder import DegradationEncoder
 from moe_restore.layers.mamba_attention import MambaStyleAttention

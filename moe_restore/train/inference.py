@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from moe_restore.errors import UserError
+from moe_restore.layers.experts import shared_banks_to_dense
 from moe_restore.train.checkpoint import load_checkpoint
 
 
@@ -59,7 +60,7 @@ def load_model(checkpoint: str | Path, *, device: torch.device | str = "cpu", ba
         raise UserError(f"checkpoint {str(checkpoint)!r} holds NaN or infinite weights in {len(non_finite)} "
                         f"tensor(s), e.g. {non_finite[0]!r} (the run diverged): use an earlier checkpoint")
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(shared_banks_to_dense(model, state["model"]))
     except RuntimeError as error:  # missing, unexpected or mis-shaped tensors
         first = str(error).strip().splitlines()
         raise UserError(f"checkpoint {str(checkpoint)!r}: its weights do not fit a {run['model']} of its saved "

@@ -113,7 +113,7 @@ class _DegradationRoutedFFN(nn.Module):
         self.moe, self.scope = moe, scope
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not self.moe.group_context_dim:
+        if not self.moe.router.context_dim:
             return self.moe(hidden_states)
         return self.moe(hidden_states, self.scope.context())
 

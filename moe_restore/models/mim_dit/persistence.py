@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from moe_restore.layers.experts import shared_banks_to_dense
+
 WEIGHTS = "mim_dit.pt"
 CONFIG = "mim_dit.json"
 
@@ -31,8 +33,8 @@ def from_pretrained(cls, directory: str | Path, *, vae: nn.Module | None = None)
     meta = json.loads((directory / CONFIG).read_text())
     dit_config = {k: v for k, v in meta["dit"].items() if not k.startswith("_")}
     model = cls(MiMDiTConfig(**meta["mim_dit"]), dit=dit_class().from_config(dit_config), vae=vae)
-    missing, unexpected = model.load_state_dict(torch.load(directory / WEIGHTS, map_location="cpu",
-                                                           weights_only=True), strict=False)
+    state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(shared_banks_to_dense(model, state), strict=False)
     missing = [k for k in missing if not k.startswith("vae.")]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
