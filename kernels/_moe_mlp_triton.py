@@ -39,7 +39,7 @@ from ._reductions import combine
 from ._moe_mlp_fused import FUSED_MAX_WIDTH, _backward_fused, _forward_fused
 from ._moe_mlp_grouped import _backward_grouped, _forward_grouped
 from ._moe_mlp_tiles import _Dispatch, _Weights
-from .activations import Activation, ActivationSpec, activation_spec, triton_constexprs
+from .activations import Activation, activation_spec, triton_constexprs
 
 
 # Widest max(D, D_out) by (gated, float32) at which the fused kernels' defaults fit within 240 of 255

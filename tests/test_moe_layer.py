@@ -9,8 +9,7 @@ import torch
 from moe_restore.kernels import Routing
 from moe_restore.layers.topk_moe import TopKMoE, TopKMoE2d
 from moe_layer_oracle import (TOKENS, activation64, assert_compiled_layer_matches_eager, assert_gradients_close,
-                              expert64, float64_params, oracle_topk_moe, random_input, shared64, softmax64,
-                              top_indices)
+                              float64_params, oracle_topk_moe, random_input)
 from utils import DEVICE, assert_close, backends, poisoned_allocations, raising_backends
 
 
