@@ -3,8 +3,8 @@
 The top-level folder ``kernels/`` is installed as the subpackage ``moe_restore.kernels`` and
 ``benchmarks/`` as ``moe_restore.benchmarks``: no top-level ``kernels`` module is ever installed,
 because that name belongs to the ``kernels`` package that diffusers and transformers import.
-``tests/`` is installed as ``moe_restore.benchmarks.kernel_tests`` (plain files, not imported by the
-library), so that the GPU run (``python -m moe_restore.benchmarks.gpu_run``) finds the kernel tests
+``tests/`` (its helpers, and the op and op-property tests of ``tests/ops`` and ``tests/properties``) is
+installed as ``moe_restore.benchmarks.kernel_tests`` (plain files, not imported by the library), so that the GPU run (``python -m moe_restore.benchmarks.gpu_run``) finds the kernel tests
 in a non-editable install on a machine with no source checkout.
 
 Supported range, both ends tested by ``.ci/run`` from the pins in ``.ci/constraints-*.txt``:
@@ -15,6 +15,9 @@ oldest end; the upper bounds are the next major versions, which nothing here has
 from setuptools import find_packages, setup
 
 library_packages = find_packages(include=["moe_restore", "moe_restore.*"])
+KERNEL_TESTS = {"moe_restore.benchmarks.kernel_tests": "tests",
+                "moe_restore.benchmarks.kernel_tests.ops": "tests/ops",
+                "moe_restore.benchmarks.kernel_tests.properties": "tests/properties"}
 
 setup(
     name="moe-restore",
@@ -24,12 +27,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=library_packages + ["moe_restore.kernels", "moe_restore.benchmarks",
-                                 "moe_restore.benchmarks.kernel_tests"],
+    packages=library_packages + ["moe_restore.kernels", "moe_restore.benchmarks", *KERNEL_TESTS],
     package_dir={
         "moe_restore.kernels": "kernels",
         "moe_restore.benchmarks": "benchmarks",
-        "moe_restore.benchmarks.kernel_tests": "tests",
+        **KERNEL_TESTS,
     },
     install_requires=[
         "torch>=2.11,<3",

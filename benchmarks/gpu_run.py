@@ -52,8 +52,8 @@ import torch
 from .common import environment, format_table, measured_copy_bandwidth, measured_matmul_rate, on_gpu
 
 SUITES = ("moe", "nested", "scan")
-KERNEL_TESTS = ("test_routing.py", "test_nested_routing.py", "test_moe_mlp.py", "test_gated_scan.py",
-                "test_device_checks.py", "test_sync_free.py")
+KERNEL_TESTS = ("ops/test_routing.py", "ops/test_nested_routing.py", "ops/test_moe_mlp.py", "ops/test_gated_scan.py",
+                "properties/test_device_checks.py", "properties/test_sync_free.py")
 DRY_RUN_TESTS = "empty or no_tokens"  # a few fast tests per file: the dry run checks the plumbing
 TEST_SUPPORT = ("conftest.py", "utils.py")
 _HERE = Path(__file__).resolve().parent

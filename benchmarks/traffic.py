@@ -103,7 +103,7 @@ class ScanShape:
 
 MOE_SHAPES = list(MOE_BENCH_SHAPES["gpu"])
 SCAN_SHAPES = [ScanShape("scan", *SCAN_BENCH_SHAPES[0])]
-# The CI regression shapes (tests/test_traffic.py): the fused path, the grouped path with swiglu,
+# The CI regression shapes (tests/benchmarks/test_traffic.py): the fused path, the grouped path with swiglu,
 # the scan; counted as they are (no extrapolation), in seconds under the interpreter.
 SMALL_SHAPES = [MoEShape("t-fused", 256, 32, 64, 4, 2), MoEShape("t-grouped", 128, 160, 64, 4, 2, "swiglu"),
                 ScanShape("t-scan", 2, 256, 32, 8)]

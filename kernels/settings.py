@@ -40,7 +40,7 @@ variable                           default    meaning                           
                                               results/`` under the working directory)
 =================================  =========  ==========================================================  ============================
 
-Read elsewhere, by design (the test ``tests/test_settings.py`` lists these exceptions):
+Read elsewhere, by design (the test ``tests/properties/test_settings.py`` lists these exceptions):
 
 * ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (torchrun's, default 0, 1, 0): read by
   ``moe_restore.train.distributed`` when it sets up the process group; they are the launcher's
@@ -50,7 +50,7 @@ Read elsewhere, by design (the test ``tests/test_settings.py`` lists these excep
   which runs in such a subprocess, removes the launch-size pins so that it records the default
   launches. Both write the environment of a process they own; neither reads a setting.
 * ``MOE_RESTORE_TEST_ALL_FAMILIES=1``: a switch of the test suite, not the library (read by
-  ``tests/test_integration_compile.py``: compile every family that uses transformers' experts hook).
+  ``tests/integration/test_integration_compile.py``: compile every family that uses transformers' experts hook).
 
 The launch sizes exist so that a test can make short inputs cross several row splits, chunks and
 carry blocks: the test suite pins small values (tests/conftest.py), and a test may

@@ -196,7 +196,7 @@ def count_moe_mlp(monkeypatch):
 
 
 # ---------------------------------------------------------------- replace_moe's families ------
-# The families replace_moe supports (tests/test_integration_replace*.py), built from their config
+# The families replace_moe supports (tests/integration/test_integration_replace*.py), built from their config
 # classes at one tiny size of their own.
 REPLACE_VOCAB = 64
 REPLACE_SIZES = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,

@@ -147,7 +147,7 @@ def run_scan(backend: str, u, f, Bm, Cm, d_skip, z, h0, reverse: bool) -> tuple[
 
 def skip_if_compiled_torch_backward_is_wrong(backend: str) -> None:
     """Skip a test of a compiled torch-backend backward on the torch versions where the op refuses
-    it (``_moe_mlp_torch.COMPILED_BACKWARD_IS_WRONG``; tests/test_compile.py checks the refusal)."""
+    it (``_moe_mlp_torch.COMPILED_BACKWARD_IS_WRONG``; tests/properties/test_compile.py checks the refusal)."""
     from moe_restore.kernels._moe_mlp_torch import COMPILED_BACKWARD_IS_WRONG
 
     if backend == "torch" and COMPILED_BACKWARD_IS_WRONG:

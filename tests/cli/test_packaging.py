@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_kernels_are_a_subpackage():
@@ -79,5 +79,5 @@ def test_the_repository_root_without_hugging_face_kernels_is_a_clear_import_erro
 
 
 def test_python_m_pytest_runs_from_the_repository_root():
-    done = _from_root("-m", "pytest", "-q", "tests/test_packaging.py", "-k", "not repository_root")
+    done = _from_root("-m", "pytest", "-q", "tests/cli/test_packaging.py", "-k", "not repository_root")
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]

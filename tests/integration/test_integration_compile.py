@@ -15,7 +15,7 @@ one that compiles with the default and not with ours fails.
 
 Cost: one compile per family takes 5-40 s on a CPU, so CI runs a representative subset
 (``CI_FAMILIES``: the families issue 27 names, with DeepSeek-V3's MLA and group-limited router,
-and GPT-OSS, which falls back to grouped_mm); ``MOE_RESTORE_TEST_ALL_FAMILIES=1 pytest tests/test_integration_compile.py`` runs every
+and GPT-OSS, which falls back to grouped_mm); ``MOE_RESTORE_TEST_ALL_FAMILIES=1 pytest tests/integration/test_integration_compile.py`` runs every
 family (docs/integration.md gives the last full run).
 """
 from __future__ import annotations

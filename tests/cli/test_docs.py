@@ -17,7 +17,7 @@ import pytest
 
 from moe_restore.cli import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SKIP = re.compile(r"<!-- docs-test: skip \((.+)\) -->\n$")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)

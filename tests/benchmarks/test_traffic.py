@@ -1,11 +1,11 @@
 """The traffic counter (``benchmarks.traffic_counter``) on toy kernels and aten ops whose bytes and
 FLOPs are known exactly, the extrapolation's affinity check, and the CI regression count: one
 training step at the small shapes of ``benchmarks.traffic.SMALL_SHAPES`` must not move more bytes
-or do more FLOPs per token than the committed reference (``tests/traffic_reference.json``), shown
+or do more FLOPs per token than the committed reference (``tests/benchmarks/traffic_reference.json``), shown
 to fail on an injected extra copy.
 
 Regenerate the reference after a change that lowers the counts:
-``python -m moe_restore.benchmarks.traffic --quick --write-reference tests/traffic_reference.json``.
+``python -m moe_restore.benchmarks.traffic --quick --write-reference tests/benchmarks/traffic_reference.json``.
 """
 from __future__ import annotations
 
