@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from utils import assert_close, backends
 
 from moe_restore.data import degradations
+from moe_restore.kernels import naive
 from moe_restore.layers.adec import ADEC
 from moe_restore.layers.degradation_encoder import DegradationEncoder, image_statistics
 from moe_restore.layers.routers import balance_loss
@@ -103,12 +104,14 @@ def _adec_oracle(adec: ADEC, x: torch.Tensor, context: torch.Tensor) -> torch.Te
                 # router over the concatenation [u ; proj(c)]
                 logits = router.weight @ torch.cat([feature, proj[n]]) + router.bias
                 p = logits.softmax(0)
-                chosen = sorted(range(experts.num_experts), key=lambda e: (-float(p[e]), e))[:router.top_k]
+                chosen = naive.stable_top_k(p, router.top_k)[1].tolist()
                 total = sum(float(p[e]) for e in chosen)
                 for e in chosen:
-                    hidden = F.gelu(feature @ experts.w1[e] + experts.b1[e])
-                    out[n, :, i, j] += float(p[e]) / total * (hidden @ experts.w2[e] + experts.b2[e])
-                out[n, :, i, j] += F.gelu(feature @ shared.w1 + shared.b1) @ shared.w2 + shared.b2
+                    expert = naive.expert_mlp(feature, experts.w1[e], experts.b1[e], experts.w2[e], experts.b2[e],
+                                              "gelu")
+                    out[n, :, i, j] += float(p[e]) / total * expert.to(out.dtype)
+                dense = naive.expert_mlp(feature, shared.w1, shared.b1, shared.w2, shared.b2, "gelu")
+                out[n, :, i, j] += dense.to(out.dtype)
     return out
 
 
