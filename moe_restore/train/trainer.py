@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from moe_restore.data.datasets import check_tasks
 from moe_restore.data.sources import evaluation_set, training_set
 from moe_restore.errors import UserError
+from moe_restore.layers.experts import shared_banks_to_dense
 from moe_restore.train import distributed
 from moe_restore.train.checkpoint import load_checkpoint, save_checkpoint, set_generator_states, set_rng_state
 from moe_restore.train.evaluate import evaluate, markdown_table, tasks_not_beating_identity, write_results
@@ -122,6 +123,18 @@ def _resume_state(config: TrainConfig, path: Path) -> dict[str, Any]:
         raise UserError(f"cannot resume {path}: the run was started with other {changed} "
                          f"({ {k: saved.get(k) for k in changed} })")
     return state
+
+
+def _check_shared_expert_layout(model: nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint whose shared experts are stored as a bank of expert MLPs (the
+    layout before ``DenseMLP``): its weights convert (``shared_banks_to_dense``, as eval and
+    restore do), but its optimizer state holds moments of the old shapes, which do not."""
+    converted = shared_banks_to_dense(model, state)
+    old = sorted(key for key, value in converted.items() if value is not state[key])
+    if old:
+        raise UserError(f"cannot resume {path}: it stores its shared experts as a bank of expert MLPs ({old[0]}, "
+                        "the layout before they became one dense MLP), and its optimizer state has those shapes. "
+                        "Its weights still load for `moe-restore eval` and `restore`; start a new run to train")
 
 
 def _claim_run_folder(out: Path, *, resume: bool, overwrite: bool) -> bool:
@@ -231,6 +244,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         if start >= config.steps:
             raise UserError(f"--resume: the checkpoint {checkpoint_path} is at step {start}, already at or past "
                             f"--steps {config.steps}, so there is nothing to train; pass --steps greater than {start}")
+        _check_shared_expert_layout(model, state["model"], checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

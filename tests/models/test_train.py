@@ -194,6 +194,33 @@ def test_resume_refuses_a_different_run(tmp_path):
         _config(tmp_path, steps=0)
 
 
+class _Saved:
+    """A saved state as save_checkpoint takes it (an object with ``state_dict``)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+
+def test_resume_refuses_a_checkpoint_with_shared_expert_banks(tmp_path):
+    """M2IR's ADEC has a shared expert: written as a bank of one expert MLP (the layout before
+    DenseMLP), its weights convert for eval, but the run cannot resume (the optimizer's moments
+    have the old shapes): a clear refusal, not a size mismatch."""
+    train(_config(tmp_path, steps=2), progress=False)
+    path = tmp_path / "checkpoint.pt"
+    state = load_checkpoint(path)
+    banks = {k: v.unsqueeze(0) if ".shared_expert." in k else v for k, v in state["model"].items()}
+    assert sum(".shared_expert." in k for k in banks) >= 2
+    save_checkpoint(path, model=_Saved(banks), optimizer=_Saved(state["optimizer"]),
+                    scheduler=_Saved(state["scheduler"]), step=state["step"], config=state["config"])
+    with pytest.raises(UserError, match="bank of expert MLPs"):
+        train(_config(tmp_path, steps=3), resume=True, progress=False)
+    model = load_model(path)[0]
+    assert all(torch.equal(p, state["model"][n]) for n, p in model.state_dict().items())
+
+
 def test_tiled_restoration_blends_to_the_untiled_result():
     """A pointwise network gives the same output tiled or not: the blend weights sum to one."""
     torch.manual_seed(0)
