@@ -50,11 +50,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import sys
 import warnings
 
 import torch
 import torch.nn as nn
 
+import moe_restore.kernels as moe_restore_kernels
 from moe_restore.kernels import ActivationSpec, moe_mlp, naive, routing_from_topk
 from moe_restore.kernels.moe_mlp import resolve_backend as resolve_moe_mlp_backend
 
@@ -371,6 +374,14 @@ def _save_our_implementation() -> None:
     PreTrainedConfig.to_dict = to_dict
 
 
+def _checkout_root_on_path() -> bool:
+    """Whether a source checkout's root is on ``sys.path``, where its folder ``kernels/`` (which
+    is ``moe_restore.kernels``) shadows the top-level ``kernels`` package (see
+    ``moe_restore.kernels``)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(moe_restore_kernels.__file__)))
+    return any(os.path.abspath(entry or os.curdir) == root for entry in sys.path)
+
+
 def register() -> bool:
     """Register ``IMPLEMENTATIONS`` with transformers' experts interface, and make a config that
     selects one of them save it in config.json (``_save_our_implementation``, a wrap of
@@ -383,6 +394,13 @@ def register() -> bool:
     try:
         module = importlib.import_module(_HOOK_MODULE)
     except ModuleNotFoundError as error:
+        if error.name == "kernels" and _checkout_root_on_path():
+            warnings.warn("moe_restore: experts_implementation=\"moe_restore\" is not registered with transformers: "
+                          "this process has the repository root on sys.path, where the folder kernels/ stands in "
+                          "for Hugging Face's `kernels` package, and transformers' experts hook failed to import "
+                          "it. Run from outside the repository root (e.g. `pytest`, not `python -m pytest`)",
+                          stacklevel=2)
+            return False
         if error.name != _HOOK_MODULE:
             raise
         return False  # a transformers without the experts hook (< 5)
