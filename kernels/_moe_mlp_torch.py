@@ -6,14 +6,17 @@ With the N = T*k assignments sorted by expert (token t_a, weight w_a, expert e_a
 
     u = x[t],  z = u @ w1[e] + b1[e],  h = act(z),  o = h @ w2[e] + b2[e],  y[t_a] += w_a * o_a
 
-Kept for backward: the inputs (x, the routing weights and order, the parameters), the token of
-each sorted row and z, which costs k * H(or 2H) values per token against the eager loop's u, z,
-h and o; u and h are recomputed from x and z there (h together with act'(z) dh, one pass over z). With g = dy[t] and
-q = g @ w2[e]^T:
+Kept for backward: the inputs (x, the routing order, the parameters), the token and the weight
+w_a of each sorted row and z, which costs k * H(or 2H) values per token against the eager loop's
+u, z, h and o; u and h are recomputed from x and z there (h together with act'(z) dh, one pass
+over z). With g = dy[t] and q = g @ w2[e]^T:
 
     dw_a = q_a . h_a + g_a . b2[e_a]       (dy . o without recomputing o)
-    dW2[e] = h^T (w g),  db2[e] = sum_a w_a g_a,  dh = w q
+    dW2[e] = h^T (w g),  db2[e] = sum_a w_a g_a,  dh = w q  (= (w g) @ w2[e]^T)
     dz = act'(z) dh,  dW1[e] = u^T dz,  db1[e] = sum_a dz_a,  dx[t_a] += dz_a @ w1[e]^T
+
+Only the gradients asked for are computed; without dw (routing weights that need no gradient)
+dh is taken as (w g) @ w2[e]^T, with no q.
 
 The grouped GEMMs are two custom ops, ``grouped_linear`` ([N, in] rows by expert segment times
 w[e]) and ``grouped_weight_grad`` (per expert a[seg]^T g[seg]). Their outputs have static shapes,
@@ -33,6 +36,8 @@ from torch.autograd.function import once_differentiable
 
 from ._autocast import autocast_off
 from .activations import activate, activate_and_backward
+from ._device_checks import refuse_unless
+from ._routing_torch import dispatch
 from .routing import Routing
 
 
@@ -148,18 +153,20 @@ def _stored_transposed(w: torch.Tensor) -> bool:
 
 
 def _forward(x, weights, w1, w2, b1, b2, order, ends, activation
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y [T, D_out] in x's dtype, z [N, H or 2H], the token t_a of each sorted row) of the module
-    docstring's forward."""
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y [T, D_out] in x's dtype, z [N, H or 2H], the token t_a and the weight w_a of each sorted
+    row) of the module docstring's forward."""
     T, k = weights.shape
     with autocast_off(x.device.type):  # moe_mlp already cast to the autocast dtype
         tokens = order // k
+        scale = weights.reshape(-1).index_select(0, order)
         z = grouped_linear(x.index_select(0, tokens), w1, b1, ends)
         o = grouped_linear(activate(z, activation), w2, b2, ends)
-        # The combine accumulates in at least float32 (the routing weights' dtype).
+        # The combine accumulates in at least float32 (the routing weights' dtype), in place into
+        # fresh zeros (an out-of-place index_add would copy them first).
         y = torch.zeros(T, w2.shape[2], dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device)
-        y = y.index_add(0, tokens, o * weights.reshape(-1).index_select(0, order)[:, None])
-    return y.to(x.dtype), z, tokens
+        y.index_add_(0, tokens, o * scale[:, None])
+    return y.to(x.dtype), z, tokens, scale
 
 
 # Measured on torch 2.11.0 (the oldest supported): a compiled call of ``_ExpertLoop`` (Dynamo alone,
@@ -171,50 +178,56 @@ COMPILED_BACKWARD_IS_WRONG = torch.torch_version.TorchVersion(torch.__version__)
 class _ExpertLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, w1, w2, b1, b2, order, ends, activation):
-        y, z, tokens = _forward(x, weights, w1, w2, b1, b2, order, ends, activation)
-        ctx.save_for_backward(x, weights, w1, w2, b1, b2, order, tokens, ends, z)
-        ctx.activation = activation
+        y, z, tokens, scale = _forward(x, weights, w1, w2, b1, b2, order, ends, activation)
+        ctx.save_for_backward(x, w1, w2, b1, b2, order, tokens, ends, z, scale)
+        ctx.activation, ctx.weights_shape, ctx.weights_dtype = activation, weights.shape, weights.dtype
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weights, w1, w2, b1, b2, order, tokens, ends, z = ctx.saved_tensors
-        T, k = weights.shape
-        E = w1.shape[0]
+        x, w1, w2, b1, b2, order, tokens, ends, z, scale = ctx.saved_tensors
+        # Only the gradients asked for (e.g. no dweights for routing weights that need none).
+        need_x, need_weights, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:6]
+        dx = dweights = dw1 = dw2 = db1 = db2 = None
         with autocast_off(x.device.type):
-            scale = weights.reshape(-1).index_select(0, order)[:, None].to(x.dtype)
-            u, g = x.index_select(0, tokens), dy.to(x.dtype).index_select(0, tokens)
-            q = grouped_linear(g, w2.transpose(1, 2), None, ends)
-            h, dz = activate_and_backward(q * scale, z, ctx.activation)
-            dw = (q * h).sum(dim=-1, dtype=weights.dtype)
-            if b2 is not None:  # g_a . b2[e_a], as one grouped product with a single output column
-                dw = dw + grouped_linear(g, b2[:, :, None], None, ends)[:, 0]
-            dweights = torch.zeros_like(dw).index_copy(0, order, dw).view(T, k)
-            g = g * scale  # the gradient of o
-            dw1 = grouped_weight_grad(u, dz, ends, _stored_transposed(w1))
-            dw2 = grouped_weight_grad(h, g, ends, _stored_transposed(w2))
-            db1 = db2 = None
-            if b1 is not None or b2 is not None:
+            s = scale[:, None].to(x.dtype)
+            g = dy.to(x.dtype).index_select(0, tokens)
+            if need_weights:
+                q = grouped_linear(g, w2.transpose(1, 2), None, ends)
+                h, dz = activate_and_backward(q * s, z, ctx.activation)
+                dw = (q * h).sum(dim=-1, dtype=ctx.weights_dtype)
+                if b2 is not None:  # g_a . b2[e_a], as one grouped product with a single output column
+                    dw = dw + grouped_linear(g, b2[:, :, None], None, ends)[:, 0]
+                # order is a permutation: every entry is written, so no zeros first.
+                dweights = torch.empty_like(dw).index_copy_(0, order, dw).view(ctx.weights_shape)
+                g = g * s  # the gradient of o
+            else:  # no q needed: dh = (w g) @ w2^T, so the scale multiplies g alone (no [N, H] pass)
+                g = g * s
+                h, dz = activate_and_backward(grouped_linear(g, w2.transpose(1, 2), None, ends), z, ctx.activation)
+            if need_w1:
+                dw1 = grouped_weight_grad(x.index_select(0, tokens), dz, ends, _stored_transposed(w1))
+            if need_w2:
+                dw2 = grouped_weight_grad(h, g, ends, _stored_transposed(w2))
+            if need_b1 or need_b2:
                 # The expert of each sorted row p: the number of group ends <= p.
                 rows = torch.arange(order.shape[0], device=order.device, dtype=torch.int32)
                 row_experts = torch.searchsorted(ends, rows, right=True)
-                db1 = None if b1 is None else b1.new_zeros(E, b1.shape[1]).index_add(0, row_experts, dz)
-                db2 = None if b2 is None else b2.new_zeros(E, b2.shape[1]).index_add(0, row_experts, g)
-            du = grouped_linear(dz, w1.transpose(1, 2), None, ends)
-            dx = torch.zeros_like(x).index_add(0, tokens, du)
+                E = w1.shape[0]
+                db1 = b1.new_zeros(E, b1.shape[1]).index_add_(0, row_experts, dz) if need_b1 else None
+                db2 = b2.new_zeros(E, b2.shape[1]).index_add_(0, row_experts, g) if need_b2 else None
+            if need_x:
+                du = grouped_linear(dz, w1.transpose(1, 2), None, ends)
+                dx = torch.zeros_like(x).index_add_(0, tokens, du)
         return dx, dweights, dw1, dw2, db1, db2, None, None, None
 
 
-def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
-            b1: torch.Tensor | None, b2: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """``moe_mlp`` for a checked routing (see ``_device_checks.check_routing``); without autograd
-    (inference) the forward alone, which keeps nothing."""
-    order = routing.sorted_assignments
+def _run(x, weights, w1, w2, b1, b2, order, ends, activation) -> torch.Tensor:
+    """The op on assignments sorted by expert (``order`` [N], group ends ``ends`` [E] int32);
+    without autograd (inference) the forward alone, which keeps nothing."""
     if order.numel() > torch.iinfo(torch.int32).max:
         raise ValueError(f"moe_mlp's torch backend takes at most 2**31 - 1 assignments (T*k), got {order.numel()}")
-    ends = group_ends(routing.expert_offsets)
-    inputs = (x, routing.weights, w1, w2, b1, b2)
+    inputs = (x, weights, w1, w2, b1, b2)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
         return _forward(*inputs, order, ends, activation)[0]
     if COMPILED_BACKWARD_IS_WRONG and torch.compiler.is_compiling():
@@ -222,4 +235,26 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
             "moe_mlp's torch backend with autograd under torch.compile needs torch >= 2.13: on torch "
             f"{torch.__version__} Dynamo's trace of its backward returns zero gradients. Compile without "
             "fullgraph (this call then runs eagerly), run it eagerly, or use backend='triton' on a GPU")
-    return _ExpertLoop.apply(x, routing.weights, w1, w2, b1, b2, order, ends, activation)
+    return _ExpertLoop.apply(*inputs, order, ends, activation)
+
+
+def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
+            b1: torch.Tensor | None, b2: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """``moe_mlp`` for a checked routing (see ``_device_checks.check_routing``)."""
+    return _run(x, routing.weights, w1, w2, b1, b2, routing.sorted_assignments,
+                group_ends(routing.expert_offsets), activation)
+
+
+def topk_moe_mlp(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+                 w2: torch.Tensor, b1: torch.Tensor | None, b2: torch.Tensor | None, activation: str
+                 ) -> torch.Tensor:
+    """``moe_mlp`` of ``routing_from_topk(experts, weights, E, repeats=True)`` for checked
+    parameters, without building the Routing: the dispatch gives the int32 group ends directly,
+    and its one check is the ids' range (a row may repeat an expert: every slot is its own
+    assignment, summed)."""
+    E = w1.shape[0]
+    order, offsets = dispatch(experts, E, out_int32=True)
+    # offsets[0] counts the ids < 0 and offsets[E] those < E: all are in range exactly when
+    # offsets[E] - offsets[0] = T*k (an id outside would fall in a neighbouring group or none).
+    refuse_unless(offsets[E] - offsets[0] == order.shape[0], f"experts hold ids outside [0, {E})", "torch")
+    return _run(x, weights.float(), w1, w2, b1, b2, order, offsets[1:], activation)

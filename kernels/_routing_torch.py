@@ -43,10 +43,12 @@ def route(logits: torch.Tensor, k: int, scoring: str, renormalize: bool
     return weights, experts, bad_rows(logits, weights)
 
 
-def dispatch(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dispatch(experts: torch.Tensor, num_experts: int, out_int32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """sorted_assignments [T*k] (assignment ids a = t*k + j, stable-sorted by expert) and
-    expert_offsets [E+1] int64, from static-size ops only: offsets[e] = the number of sorted ids
-    < e, found by binary search in the sorted ids (no bincount, whose size depends on the data)."""
+    expert_offsets [E+1] (int64, or int32 with ``out_int32``: ``torch._grouped_mm``'s group ends
+    are offsets[1:] then, with no copy), from static-size ops only: offsets[e] = the number of
+    sorted ids < e, found by binary search in the sorted ids (no bincount, whose size depends on
+    the data)."""
     sorted_experts, sorted_assignments = torch.sort(experts.reshape(-1), stable=True)
     bounds = torch.arange(num_experts + 1, dtype=sorted_experts.dtype, device=experts.device)
-    return sorted_assignments, torch.searchsorted(sorted_experts, bounds)
+    return sorted_assignments, torch.searchsorted(sorted_experts, bounds, out_int32=out_int32)

@@ -166,6 +166,8 @@ _PLAIN_SPECS = {name: ActivationSpec(name) for name in ACTIVATIONS}
 
 def check_activation(activation: object) -> str:
     """The canonical string of ``activation`` (a plain name stays itself), else ValueError."""
+    if isinstance(activation, str) and activation in _PLAIN_SPECS:  # the ops' per-call case: no spec built
+        return activation
     return str(activation_spec(activation))
 
 

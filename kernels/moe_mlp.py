@@ -24,16 +24,28 @@ from ._interpreter import interpreter_dot_is_wrong
 from ._device_checks import check_routing
 from .validation import check_float, check_has_values, check_ndim, check_same_device, check_shape
 from .activations import ACTIVATIONS, Activation, ActivationSpec, check_activation, first_layer_width, is_gated
-from .routing import Routing
+from .routing import Routing, check_topk, routing_from_topk
 
 __all__ = ["ACTIVATIONS", "ActivationSpec", "moe_mlp"]
 
 
 def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
-    check_float("x", x)
-    check_ndim("x", x, 2, "[T, D]")
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a Routing (from topk_route or nested_route), got {type(routing).__name__}")
+    T, E = _validate_experts(x, w1, w2, b1, b2, activation)
+    if routing.num_tokens != T:
+        raise ValueError(f"routing is for {routing.num_tokens} tokens but x has T = {T}")
+    if routing.num_experts != E:
+        raise ValueError(f"routing is over {routing.num_experts} experts but w1/w2 hold E = {E}")
+    check_same_device(x=x, w1=w1, w2=w2, b1=b1, b2=b2, weights=routing.weights,
+                      sorted_assignments=routing.sorted_assignments)
+
+
+def _validate_experts(x, w1, w2, b1, b2, activation) -> tuple[int, int]:
+    """(T, E) of x and the expert parameters, which must agree in shape and dtype (the caller
+    checks their device together with the routing's)."""
+    check_float("x", x)
+    check_ndim("x", x, 2, "[T, D]")
     check_float("w1", w1)
     check_float("w2", w2)
     check_ndim("w1", w1, 3, "[E, D, H]")
@@ -42,10 +54,6 @@ def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
     E, H, D_out = w2.shape
     w1_cols, hidden = first_layer_width(activation, H), "2H" if is_gated(activation) else "H"
     check_shape("w1", w1, (E, D, w1_cols), f"[E, D, {hidden}]")
-    if routing.num_tokens != T:
-        raise ValueError(f"routing is for {routing.num_tokens} tokens but x has T = {T}")
-    if routing.num_experts != E:
-        raise ValueError(f"routing is over {routing.num_experts} experts but w1/w2 hold E = {E}")
     if not (x.dtype == w1.dtype == w2.dtype):
         raise TypeError(f"x, w1 and w2 must share one dtype, got {x.dtype}, {w1.dtype}, {w2.dtype}")
     b1_layout = f"[E, {hidden}]"
@@ -56,8 +64,7 @@ def _validate(x, routing, w1, w2, b1, b2, activation) -> None:
             check_shape(name, bias, shape, layout)
             if bias.dtype != x.dtype:
                 raise TypeError(f"{name} must have the dtype of x, w1 and w2 ({x.dtype}), got {bias.dtype}")
-    check_same_device(x=x, w1=w1, w2=w2, b1=b1, b2=b2, weights=routing.weights,
-                      sorted_assignments=routing.sorted_assignments)
+    return T, E
 
 
 def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
@@ -113,3 +120,34 @@ def _moe_mlp(x, routing, w1, w2, b1, b2, activation: Activation, backend: str | 
     # strides): a strided view of it, as a Routing built from slices holds, is copied first.
     return moe_mlp_forward(x, routing.weights, w1, w2, b1, b2, routing.sorted_assignments.contiguous(),
                            routing.expert_offsets.contiguous(), activation, fused)
+
+
+def moe_mlp_topk(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+                 w2: torch.Tensor, b1: torch.Tensor | None = None, b2: torch.Tensor | None = None, *,
+                 activation: Activation = "gelu", backend: str | None = None) -> torch.Tensor:
+    """``moe_mlp(x, routing_from_topk(experts, weights, E), w1, w2, b1, b2)`` in one call, for a
+    top-k choice made elsewhere (a model's own router, as transformers' experts hook passes it):
+    experts [T, k] integer ids in [0, E), weights [T, k] float (used as float32, differentiable).
+
+    On the torch backend no Routing is built: the arguments are checked once, the dispatch is
+    computed inside, and a row may name an expert more than once (every slot its own assignment,
+    summed, as ``routing_from_topk(repeats=True)``); an id outside [0, E) is refused (ValueError
+    in eager mode, an assert under torch.compile). On the Triton backend it is
+    ``routing_from_topk`` (ids distinct in each row) then ``moe_mlp``. Autocast and dtypes as for
+    ``moe_mlp``.
+    """
+    check_float("x", x)
+    check_has_values("x", x)
+    x, w1, w2, b1, b2 = autocast_inputs(x, w1, w2, b1, b2)
+    with autocast_off(x.device.type):
+        activation = check_activation(activation)
+        T, E = _validate_experts(x, w1, w2, b1, b2, activation)
+        check_topk(experts, weights)
+        if experts.shape[0] != T:
+            raise ValueError(f"experts hold a choice for {experts.shape[0]} tokens but x has T = {T}")
+        check_same_device(x=x, w1=w1, w2=w2, b1=b1, b2=b2, experts=experts)
+        backend = resolve_backend(backend, x)
+        if backend != "torch" or T == 0:
+            return _moe_mlp(x, routing_from_topk(experts, weights, E, backend=backend), w1, w2, b1, b2, activation,
+                            backend)
+        return _moe_mlp_torch.topk_moe_mlp(x, experts, weights, w1, w2, b1, b2, activation)

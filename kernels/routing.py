@@ -152,14 +152,7 @@ def routing_from_topk(experts: torch.Tensor, weights: torch.Tensor, num_experts:
     at most once per token. Only ids out of range are refused then, a check read off the
     dispatch itself (no id below 0 sorts before expert 0's segment, none >= E after the last).
     """
-    check_tensor("experts", experts)
-    check_has_values("experts", experts)
-    if experts.is_floating_point() or experts.is_complex() or experts.dtype == torch.bool:
-        raise TypeError(f"experts must be an integer tensor, got dtype {experts.dtype}")
-    check_ndim("experts", experts, 2, "[T, k]")
-    check_float("weights", weights)
-    check_shape("weights", weights, tuple(experts.shape), "[T, k] (the shape of experts)")
-    check_same_device(experts=experts, weights=weights)
+    check_topk(experts, weights)
     check_positive_int("num_experts", num_experts)
     check_bool("repeats", repeats)
     backend = resolve_backend(backend, experts.device)
@@ -188,6 +181,18 @@ def routing_from_topk(experts: torch.Tensor, weights: torch.Tensor, num_experts:
     experts = experts.clamp(0, num_experts - 1)
     return finish_routing(weights.float(), experts, bad_rows, num_experts, backend,
                           f"experts hold ids outside [0, {num_experts}) or an id twice in a row")
+
+
+def check_topk(experts: torch.Tensor, weights: torch.Tensor) -> None:
+    """Check a top-k choice made elsewhere: experts [T, k] integer ids, weights [T, k] float, on one device."""
+    check_tensor("experts", experts)
+    check_has_values("experts", experts)
+    if experts.is_floating_point() or experts.is_complex() or experts.dtype == torch.bool:
+        raise TypeError(f"experts must be an integer tensor, got dtype {experts.dtype}")
+    check_ndim("experts", experts, 2, "[T, k]")
+    check_float("weights", weights)
+    check_shape("weights", weights, tuple(experts.shape), "[T, k] (the shape of experts)")
+    check_same_device(experts=experts, weights=weights)
 
 
 def _empty_routing(logits: torch.Tensor, k: int, num_experts: int) -> Routing:

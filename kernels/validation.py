@@ -34,12 +34,12 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], layout: str)
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     """All given tensors (None entries skipped) share one device; return it."""
-    present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {v.device for v in present.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+    present = [t for t in tensors.values() if t is not None]
+    device = present[0].device
+    if any(t.device != device for t in present[1:]):  # the message only on failure: ops call this per call
+        where = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
         raise ValueError(f"all tensors must be on one device, got {where}")
-    return devices.pop()
+    return device
 
 
 def check_positive_int(name: str, value: object) -> int:

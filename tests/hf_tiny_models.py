@@ -179,19 +179,23 @@ FALLBACK: dict[str, str] = {}
 
 @pytest.fixture
 def count_moe_mlp(monkeypatch):
-    """The backends of the calls to moe_mlp made by the integration (the experts hook in
-    ``integration.experts`` and the rebuilt blocks of ``integration.hf_blocks``), in order: a list
-    that fills while the test runs."""
+    """The backends of the calls to moe_mlp (or its top-k entry ``moe_mlp_topk``) made by the
+    integration (the experts hook in ``integration.experts`` and the rebuilt blocks of
+    ``integration.hf_blocks``), in order: a list that fills while the test runs."""
     import moe_restore.integration.experts as experts_impl
     import moe_restore.integration.hf_blocks as hf_blocks
 
     calls = []
     for module in (experts_impl, hf_blocks):
-        def counted(*args, _real=module.moe_mlp, **kwargs):
-            calls.append(kwargs.get("backend"))
-            return _real(*args, **kwargs)
+        for name in ("moe_mlp", "moe_mlp_topk"):
+            if not hasattr(module, name):
+                continue
 
-        monkeypatch.setattr(module, "moe_mlp", counted)
+            def counted(*args, _real=getattr(module, name), **kwargs):
+                calls.append(kwargs.get("backend"))
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(module, name, counted)
     return calls
 
 

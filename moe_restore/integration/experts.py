@@ -7,10 +7,10 @@ top_k_weights [T, k])``, the family's own router having chosen the experts. Regi
 function (``"moe_restore"``; ``"moe_restore_torch"`` and ``"moe_restore_triton"`` pin the kernels'
 backend) runs
 
-    routing = routing_from_topk(top_k_index, top_k_weights, E)
-    y       = moe_mlp(hidden_states, routing, w1, w2, b1, b2, activation=...)
+    y = moe_mlp_topk(hidden_states, top_k_index, top_k_weights, w1, w2, b1, b2, activation=...)
 
-on the experts' own Parameters in their own dtype, through views (no copy):
+(``moe_mlp`` of ``routing_from_topk(top_k_index, top_k_weights, E)``; on the torch backend in one
+call, with no Routing built and the arguments checked once) on the experts' own Parameters in their own dtype, through views (no copy):
 
 * ``gate_up_proj`` [E, 2I, D] (gate rows first: ``is_concatenated``) is w1 = ``gate_up_proj.transpose(1, 2)``
   [E, D, 2I], ``down_proj`` [E, D, I] is w2 = ``down_proj.transpose(1, 2)``; with ``is_transposed`` they are
@@ -28,8 +28,7 @@ on the experts' own Parameters in their own dtype, through views (no copy):
   that matches it (float32, 1e-6 relative) is used;
 * biases (``has_bias``): b1 = ``gate_up_proj_bias`` (or ``up_proj_bias``), b2 = ``down_proj_bias``;
 * slots that repeat an expert of their row (LongCat-Flash's zero experts) are computed as they
-  are on the torch backend (``routing_from_topk(repeats=True)``: every slot its own assignment,
-  summed); where a slot may hold a sentinel id >= E (expert parallelism: the hook's
+  are on the torch backend (``moe_mlp_topk``: every slot its own assignment, summed); where a slot may hold a sentinel id >= E (expert parallelism: the hook's
   ``_is_expert_parallel`` is not False), on the Triton path, which ranks an expert once per
   token, and with a norm after each expert, they are folded into distinct ids first
   (``distinct_slots``), the sum over slots unchanged;
@@ -59,7 +58,7 @@ import torch.nn as nn
 
 import moe_restore.kernels as moe_restore_kernels
 from moe_restore.kernels import ActivationSpec, moe_mlp, naive, routing_from_topk
-from moe_restore.kernels.moe_mlp import resolve_backend as resolve_moe_mlp_backend
+from moe_restore.kernels.moe_mlp import moe_mlp_topk, resolve_backend as resolve_moe_mlp_backend
 
 IMPLEMENTATION = "moe_restore"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -299,17 +298,14 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
         ids, weights = distinct_slots(top_k_index, top_k_weights, w1.shape[0])
         return _with_post_expert_norm(experts, hidden_states, ids, weights, activation, (w1, w2, b1, b2), backend)
     backend = resolve_moe_mlp_backend(backend, hidden_states)
-    num_experts = w1.shape[0]
-    if backend == "torch" and getattr(experts, "_is_expert_parallel", True) is False:
-        # No sentinel ids (the hook's flag, False unless expert parallelism is set up; older
-        # transformers lack it, so their calls are folded). Repeated ids need no fold here: the
-        # torch backend computes every slot as its own assignment and sums them, as the contract
-        # does; an id out of range is still refused.
-        routing = routing_from_topk(top_k_index, top_k_weights, num_experts, backend=backend, repeats=True)
-    else:
-        ids, weights = distinct_slots(top_k_index, top_k_weights, num_experts)
-        routing = routing_from_topk(ids, weights, num_experts, backend=backend)
-    y = moe_mlp(hidden_states, routing, w1, w2, b1, b2, activation=activation, backend=backend)
+    if backend != "torch" or getattr(experts, "_is_expert_parallel", True) is not False:
+        # A sentinel id may come (the hook's flag is not False: expert parallelism, or an older
+        # transformers without it), or the Triton dispatch needs distinct ids: fold the slots.
+        # Otherwise repeated ids need no fold: the torch backend computes every slot as its own
+        # assignment and sums them, as the contract does; an id out of range is still refused.
+        top_k_index, top_k_weights = distinct_slots(top_k_index, top_k_weights, w1.shape[0])
+    y = moe_mlp_topk(hidden_states, top_k_index, top_k_weights, w1, w2, b1, b2, activation=activation,
+                     backend=backend)
     return y.to(hidden_states.dtype)
 
 

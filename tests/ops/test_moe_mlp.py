@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_restore.kernels import Routing, moe_mlp, naive, topk_route
+from moe_restore.kernels.moe_mlp import moe_mlp_topk
 from utils import DEVICE, assert_close, backends, poisoned_allocations
 
 
@@ -183,6 +184,64 @@ def test_forward_matches_oracle_for_any_shape(T, D, H, D_out, E, data):
         want = naive.moe_mlp(x.cpu(), r.weights.cpu(), r.experts.cpu(), w1.cpu(), w2.cpu(),
                              None if b1 is None else b1.cpu(), None if b2 is None else b2.cpu(), activation=activation)
         assert_close(y, want, torch.float32, backend=backend)
+
+
+TOPK_CASES = [  # T, D, H, E, k, D_out, activation, bias, dtype: aligned float32 (torch._grouped_mm), odd, float64
+    (9, 16, 24, 4, 3, 16, "swiglu", False, torch.float32),
+    (7, 5, 6, 4, 3, 7, "gelu", True, torch.float32),
+    (6, 8, 12, 3, 2, 8, "relu2", False, torch.float64),
+]
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("T,D,H,E,k,D_out,activation,bias,dtype", TOPK_CASES)
+@pytest.mark.parametrize("trained", ["all", "x only"])
+def test_topk_entry_matches_oracle(backend, T, D, H, E, k, D_out, activation, bias, dtype, trained):
+    """``moe_mlp_topk`` (the transformers hook's entry) on a choice made elsewhere, with the
+    weights stored transposed as transformers keeps them: output and the gradients asked for
+    against the float64 oracle. On the torch backend a row may repeat an expert (every slot
+    summed); with only x trained no other gradient is made."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take float32, float16 and bfloat16")
+    gen = torch.Generator().manual_seed(T)
+    x, _, w1, w2, b1, b2, upstream = make_problem(T, D, H, E, k, D_out, activation, bias, "softmax", dtype, seed=T)
+    w1, w2 = (w.transpose(1, 2).contiguous().transpose(1, 2) for w in (w1, w2))
+    if backend == "torch":
+        experts = torch.randint(0, E, (T, k), generator=gen)
+        experts[0] = 0  # a row that names one expert k times
+    else:
+        experts = torch.rand(T, E, generator=gen).argsort(-1)[:, :k]
+    weights = torch.rand(T, k, generator=gen)  # float32, as the op keeps routing weights
+    trainable = [x] if trained == "x only" else [t for t in (x, weights, w1, w2, b1, b2) if t is not None]
+    for t in trainable:
+        t.requires_grad_()
+    with poisoned_allocations():
+        y = moe_mlp_topk(x, experts.to(DEVICE), weights.to(DEVICE), w1, w2, b1, b2, activation=activation,
+                         backend=backend)
+        grads = torch.autograd.grad((y * upstream).sum(), trainable)
+    refs = {id(t): t.detach().cpu().double().requires_grad_() for t in (x, weights, w1, w2, b1, b2) if t is not None}
+    ref = lambda t: None if t is None else refs[id(t)]  # noqa: E731
+    want = naive.moe_mlp(ref(x), ref(weights), experts, ref(w1), ref(w2), ref(b1), ref(b2), activation=activation)
+    want_grads = torch.autograd.grad((want * upstream.cpu().double()).sum(), [refs[id(t)] for t in trainable])
+    assert_close(y, want, dtype, backend=backend, what="y")
+    for t, got, ref_grad in zip(trainable, grads, want_grads):
+        assert got.dtype == t.dtype  # float32 for the routing weights: their gradient at its tolerance
+        assert_close(got, ref_grad, t.dtype, backend=backend, what="gradient")
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda x, e, w: (x, e + 3, w), ValueError, r"ids outside \[0, 3\)"),
+    (lambda x, e, w: (x, e - 1, w), ValueError, r"ids outside \[0, 3\)"),
+    (lambda x, e, w: (x[:3], e, w), ValueError, "choice for 4 tokens but x has T = 3"),
+    (lambda x, e, w: (x, e.float(), w), TypeError, "experts must be an integer tensor"),
+    (lambda x, e, w: (x, e, w[:, :1]), ValueError, "weights must have shape"),
+    (lambda x, e, w: (x, e, w.to("meta")), ValueError, "one device"),
+])
+def test_topk_entry_names_bad_input(mutate, error, match):
+    x, r, w1, w2 = _inputs()
+    x, experts, weights, = mutate(x, r.experts, r.weights)
+    with pytest.raises(error, match=match):
+        moe_mlp_topk(x, experts, weights, w1, w2, backend="torch")
 
 
 def test_routing_is_a_frozen_record():
