@@ -46,13 +46,13 @@ def test_replaced_model_matches_the_original(family, backend):
 
 def test_replacement_shares_the_weights_and_keeps_the_state_dict(monkeypatch):
     seen = []
-    real = experts_impl.moe_mlp
+    real = experts_impl.moe_mlp_topk
 
-    def moe_mlp(x, routing, w1, w2, *rest, **kwargs):
+    def moe_mlp_topk(x, experts, weights, w1, w2, *rest, **kwargs):
         seen.append((w1, w2))
-        return real(x, routing, w1, w2, *rest, **kwargs)
+        return real(x, experts, weights, w1, w2, *rest, **kwargs)
 
-    monkeypatch.setattr(experts_impl, "moe_mlp", moe_mlp)
+    monkeypatch.setattr(experts_impl, "moe_mlp_topk", moe_mlp_topk)
     model = replace_model("qwen2_moe")
     before = {name: p.data_ptr() for name, p in model.named_parameters()}
     keys = list(model.state_dict())
