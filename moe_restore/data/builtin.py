@@ -5,7 +5,10 @@ grayscale ones (textures: brick, grass, gravel; the cameraman, coins, the moon),
 three channels by ``read_image``, for more varied content than seven photographs (the demo's
 haze result depends on it most: docs/m2ir.md). The split is fixed by name, so that the held-out
 test images are never seen in training (the two motorcycle views are near-duplicates and sit on
-the same side). Images larger than ``max_side`` on their longer side are downscaled by area
+the same side). Three held-out images: two colour photographs (chelsea, rocket) and a grey
+micrograph (cell), on which any colour cast of a restorer shows plainly (its channels must stay
+equal); astronaut, tried as the third, put the demo's blur under the identity (docs/m2ir.md).
+Images larger than ``max_side`` on their longer side are downscaled by area
 averaging (retina and the Hubble deep field are 1000-1400 px).
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ from moe_restore.data.image_io import read_image
 TRAIN_FILES = ("astronaut.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
                "motorcycle_left.png", "motorcycle_right.png", "retina.jpg",
                "brick.png", "camera.png", "coins.png", "grass.png", "gravel.png", "moon.png")
-TEST_FILES = ("chelsea.png", "rocket.jpg")
+TEST_FILES = ("chelsea.png", "rocket.jpg", "cell.png")
 
 
 def _data_dir() -> Path:

@@ -9,6 +9,7 @@ image no larger than one tile is restored in one pass.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -117,7 +118,7 @@ def restore_targets(sources: list[Path], out: str | Path, image_format: str | No
     return targets
 
 
-def _restorer(model: nn.Module):
+def restorer(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The network's restoration function: ``restore`` where it has one (MiM-DiT samples), else
     its forward (M2IR)."""
     return getattr(model, "restore", None) or model
@@ -134,14 +135,14 @@ def restore_image(model: nn.Module, image: torch.Tensor, *, tile: int | None = 2
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     h, w = image.shape[1:]
     if tile is None or (h <= tile and w <= tile):
-        return _restorer(model)(image[None].to(device)).float()[0].clamp(0, 1).cpu()
+        return restorer(model)(image[None].to(device)).float()[0].clamp(0, 1).cpu()
     output = torch.zeros(3, h, w)
     total = torch.zeros(1, h, w)
     rows, cols = _starts(h, tile, overlap), _starts(w, tile, overlap)
     for top in rows:
         for left in cols:
             piece = image[:, top:top + tile, left:left + tile]
-            restored = _restorer(model)(piece[None].to(device)).float()[0].cpu()
+            restored = restorer(model)(piece[None].to(device)).float()[0].cpu()
             ph, pw = piece.shape[1:]
             weight = (_ramp(ph, overlap, top == rows[0], top == rows[-1])[:, None]
                       * _ramp(pw, overlap, left == cols[0], left == cols[-1])[None, :])

@@ -213,7 +213,10 @@ def test_clean_folder_sources_hold_out_an_image(tmp_path):
 def test_builtin_sample_set_is_fixed_and_held_out():
     train_names, train = builtin_images("train")
     test_names, test = builtin_images("test")
-    assert set(train_names).isdisjoint(test_names) and len(test) >= 2 and len(train) >= 5
+    assert set(train_names).isdisjoint(test_names) and len(test) >= 3 and len(train) >= 5
+    # Held out by content too: no test image is a training image under another name.
+    for image in test:
+        assert not any(image.shape == other.shape and torch.equal(image, other) for other in train)
     for image in train + test:
         assert image.shape[0] == 3 and max(image.shape[1:]) <= 512 and min(image.shape[1:]) >= 256
         assert 0 <= float(image.min()) and float(image.max()) <= 1

@@ -11,17 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from moe_restore.data import FixedDegradedDataset, write_image
 from moe_restore.train import TrainConfig, restore_image, train
 from moe_restore.errors import UserError
 from moe_restore.train.checkpoint import load_checkpoint, save_checkpoint
+from moe_restore.models import build
 from moe_restore.train.demo import (
     DEMO_BATCH,
     DEMO_PATCH,
     DEMO_STEPS,
+    ChannelOrderAverage,
     before_after_grid,
     demo_config,
+    write_demo_outputs,
 )
 from moe_restore.train import demo
 from moe_restore.train.inference import load_model
@@ -246,6 +250,45 @@ def test_before_after_grid_layout():
     assert torch.allclose(clean, demo._fit(images[2]), atol=1 / 255)
     caption = grid[:, top + box_h:top + box_h + demo._TEXT, demo._LABEL_WIDTH:demo._LABEL_WIDTH + box_w]
     assert (caption < 0.5).any(), "no PSNR caption under the degraded image"
+
+
+def test_channel_order_average_favours_no_channel():
+    """The demo's restorer on a 1x1 colour map M (per pixel y = M x + b) is the map whose entry
+    (i, j) is the mean of M[i+k, j+k] over the cyclic shifts k (indices mod 3), and b becomes its
+    mean; on an M2IR whose output head and input filter are random (not the identity it starts
+    as) a grey image comes back with three equal channels, which the network alone does not give."""
+    torch.manual_seed(0)
+    linear = torch.nn.Conv2d(3, 3, 1)
+    m, b = linear.weight[:, :, 0, 0].detach(), linear.bias.detach()
+    expected = torch.tensor([[sum(float(m[(i + k) % 3, (j + k) % 3]) for k in range(3)) / 3 for j in range(3)]
+                             for i in range(3)])
+    x = torch.rand(2, 3, 5, 7)
+    with torch.no_grad():
+        got = ChannelOrderAverage(linear)(x)
+    want = torch.einsum("ij,bjhw->bihw", expected, x) + b.mean()
+    assert torch.allclose(got, want, atol=1e-6)
+
+    network = build("m2ir-tiny", backend="torch").eval()
+    for weight in (network.output.weight, network.input_filter.weight):
+        torch.nn.init.normal_(weight, std=0.05)
+    grey = torch.rand(1, 1, 32, 32).expand(1, 3, 32, 32).contiguous()
+    with torch.no_grad():
+        plain, averaged = network(grey), ChannelOrderAverage(network)(grey)
+    assert (plain - plain.mean(1, keepdim=True)).abs().max() > 1e-3
+    assert (averaged - averaged.mean(1, keepdim=True)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="shape"):
+        ChannelOrderAverage(linear)(x[0])
+
+
+def test_demo_outputs_cover_every_held_out_image(tmp_path):
+    """The demo's evaluation scores each task on all built-in held-out images (at least three) and
+    writes the results and a grid of one row per image; the identity restorer scores as its input."""
+    results = write_demo_outputs(torch.nn.Identity(), ("noise",), tmp_path)
+    row = results["tasks"]["noise"]
+    assert row["count"] >= 3 and row["model"]["psnr"] == pytest.approx(row["identity"]["psnr"])
+    assert json.loads((tmp_path / "results.json").read_text())["tasks"]["noise"]["count"] == row["count"]
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.height == demo._TEXT + row["count"] * (demo._BOX[0] + demo._TEXT)
 
 
 def test_each_model_gets_its_own_demo_run_and_the_mim_dit_sampling_reaches_restore(tmp_path):
