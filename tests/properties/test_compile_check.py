@@ -81,7 +81,9 @@ def test_representative_kernels_compile_and_report():
     # path gives it; on both, what spilled or went over the register margin at users' shapes before
     # its configurations changed: the grouped hidden gradient at D=100 (swiglu without bias, relu), the
     # top-k score backward at E=40, k=8, the scan's state and carry kernels at D=100, N=12, and the
-    # fused dW1 in float32 at m2ir-small's D=32 on sm_90a (255 registers on Triton 3.6 at 4 warps).
+    # fused dW1 in float32 at m2ir-small's D=32 on sm_90a (255 registers on Triton 3.6 at 4 warps), and
+    # the aligned hidden gradient on sm_80 with geglu_tanh (242 registers at 64 rows on 3.6) and at
+    # MiM-DiT-S in float32 (16 B spilled at 32 rows and the full K step on 3.9).
     rows = run_compile_check(targets=(90,), cases=["S1-swiglu"], dtypes=["bf16"], jobs=2)
     rows += run_compile_check(targets=(90,), cases=["m2ir-small-32"], dtypes=["fp32"], kernels=["_fused_bwd_w1_kernel"],
                               jobs=2)
@@ -90,6 +92,8 @@ def test_representative_kernels_compile_and_report():
                               kernels=["_grouped_matmul_kernel", "_topk_scores_bwd_kernel", "_dispatch_rank_kernel"],
                               jobs=2)
     rows += run_compile_check(targets=(80,), cases=["S1"], dtypes=["bf16"], kernels=_FUSED_BACKWARD, jobs=2)
+    rows += run_compile_check(targets=(80,), cases=["spec-geglu_tanh-S1", "nested-mim-dit-s"], dtypes=["bf16", "fp32"],
+                              kernels=["_grouped_hidden_grad_kernel"], jobs=2)
     rows += run_compile_check(cases=["U100-swiglu-nobias", "U100-relu", "route-E40-k8", "scan-D100-N12"],
                               dtypes=["bf16"], kernels=["_grouped_hidden_grad_kernel", "_topk_scores_bwd_kernel",
                                                         "_chunk_state_kernel", "_chunk_carry_kernel"], jobs=2)
