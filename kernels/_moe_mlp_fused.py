@@ -297,6 +297,12 @@ _fused_bwd_w1 = arch_autotune(
     _fused_bwd_w1_kernel, "moe_fused_bwd_w1", key=["D", "H", "DO", "E", "SPLITS", "ACT", "UP"],
     wide=({"BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 4, "num_stages": 1}, []),
     narrow=({"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2}, []))
+# Float32 on sm_90+: 8 warps, as the 4-warp tile's float32 operands fill the registers (255 on
+# Triton 3.6 at D=32; docs/kernels.md, compile figures); still on wgmma.
+_fused_bwd_w1_f32 = arch_autotune(
+    _fused_bwd_w1_kernel, "moe_fused_bwd_w1", key=["D", "H", "DO", "E", "SPLITS", "ACT", "UP"],
+    wide=({"BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 8, "num_stages": 1}, []),
+    narrow=({"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2}, []))
 
 
 def _forward_fused(d: _Dispatch, x: torch.Tensor, w: _Weights, act: dict) -> torch.Tensor:
@@ -334,9 +340,10 @@ def _backward_fused(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool, 
         common = (D, H, DO, E, d.top_k, splits, *x.stride(), *dy.stride(), *w.w1.stride(), *w.b1_args()[1:])
         _fused_bwd_w2.for_device(x.device)[grid](x, dy, w.w1, b1, *rows, dw2, db2, *common,
                                                  HAS_B1=w.b1 is not None, **act, **blocks)
+        w1_tuned = _fused_bwd_w1_f32 if x.dtype == torch.float32 else _fused_bwd_w1
         for up in ((False, True) if act["ACT"] >= GATED_BASE else (False,)):
-            _fused_bwd_w1.for_device(x.device)[grid](x, dy, w.w1, b1, w.w2, *rows, dw1, db1, *common, *w.w2.stride(),
-                                                     HAS_B1=w.b1 is not None, **act, UP=up, **blocks)
+            w1_tuned.for_device(x.device)[grid](x, dy, w.w1, b1, w.w2, *rows, dw1, db1, *common, *w.w2.stride(),
+                                                HAS_B1=w.b1 is not None, **act, UP=up, **blocks)
         grads = (sum_splits(dw1, w.w1.dtype), sum_splits(db1, w.b1.dtype) if w.b1 is not None else None,
                  sum_splits(dw2, w.w2.dtype), sum_splits(db2, w.b2.dtype) if w.b2 is not None else None)
     return (dx if need_dx else None), dweights, grads

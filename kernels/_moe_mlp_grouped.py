@@ -199,14 +199,15 @@ _grouped_matmul_unaligned = arch_autotune(
     narrow=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}, []))
 # Its column-block count sizes the partial dL/dw buffer, so BLOCK_N stays fixed across configs.
 _HIDDEN_GRAD_BLOCK_N = 64
-# 8 warps at the default: at 4 the S3 build (D=2048, swiglu) spills on sm_80
-# (docs/kernels.md, compile figures).
+# 8 warps at the default on sm_90+. Below sm_90 32-row tiles at 4 warps: 64 rows at 8 warps held
+# 229-242 registers (geglu_tanh, S3) or spilled (relu2 in fp32) on Triton 3.6, and 32 rows at 8
+# warps, which Triton 3.9 holds to 80-118 registers, spilled there (docs/kernels.md, compile figures).
 _grouped_hidden_grad = arch_autotune(
     _grouped_hidden_grad_kernel, "moe_grouped_hidden_grad", key=["D", "H", "DO", "E", "ACT"],
     wide=({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
           [{"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
            {"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}]),
-    narrow=({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []))
+    narrow=({"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}, []))
 # Unaligned launches (see ``_grouped_matmul_unaligned``), and gated activations in float32 or clamped,
 # where the aligned default spills: 16 warps on sm_90a, 16-row tiles below (docs/kernels.md, compile figures).
 _grouped_hidden_grad_unaligned = arch_autotune(

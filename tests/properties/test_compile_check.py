@@ -80,13 +80,20 @@ def test_representative_kernels_compile_and_report():
     # and the routing at E=20, k=4; sm_80: the fused backward at the widest width the automatic
     # path gives it; on both, what spilled or went over the register margin at users' shapes before
     # its configurations changed: the grouped hidden gradient at D=100 (swiglu without bias, relu), the
-    # top-k score backward at E=40, k=8 and the scan's state and carry kernels at D=100, N=12.
+    # top-k score backward at E=40, k=8, the scan's state and carry kernels at D=100, N=12, and the
+    # fused dW1 in float32 at m2ir-small's D=32 on sm_90a (255 registers on Triton 3.6 at 4 warps), and
+    # the aligned hidden gradient on sm_80 with geglu_tanh (242 registers at 64 rows on 3.6) and at
+    # MiM-DiT-S in float32 (16 B spilled at 32 rows and the full K step on 3.9).
     rows = run_compile_check(targets=(90,), cases=["S1-swiglu"], dtypes=["bf16"], jobs=2)
+    rows += run_compile_check(targets=(90,), cases=["m2ir-small-32"], dtypes=["fp32"], kernels=["_fused_bwd_w1_kernel"],
+                              jobs=2)
     rows += run_compile_check(targets=(90,), cases=["S1"], dtypes=["bf16"], kernels=["_fused_fwd_kernel"], jobs=2)
     rows += run_compile_check(targets=(90,), cases=["U100-gelu_tanh-nobias", "route-E20-k4"], dtypes=["bf16"],
                               kernels=["_grouped_matmul_kernel", "_topk_scores_bwd_kernel", "_dispatch_rank_kernel"],
                               jobs=2)
     rows += run_compile_check(targets=(80,), cases=["S1"], dtypes=["bf16"], kernels=_FUSED_BACKWARD, jobs=2)
+    rows += run_compile_check(targets=(80,), cases=["spec-geglu_tanh-S1", "nested-mim-dit-s"], dtypes=["bf16", "fp32"],
+                              kernels=["_grouped_hidden_grad_kernel"], jobs=2)
     rows += run_compile_check(cases=["U100-swiglu-nobias", "U100-relu", "route-E40-k8", "scan-D100-N12"],
                               dtypes=["bf16"], kernels=["_grouped_hidden_grad_kernel", "_topk_scores_bwd_kernel",
                                                         "_chunk_state_kernel", "_chunk_carry_kernel"], jobs=2)
@@ -103,6 +110,8 @@ def test_representative_kernels_compile_and_report():
             in r["cases"]} == {"_grouped_matmul_unaligned"}
     assert {r["tuner"] for r in rows if r["kernel"] == "_grouped_matmul_kernel" and r["cases"] == ["S1-swiglu/bf16"]} \
         == {"_grouped_matmul"}
+    assert {(r["tuner"], r["num_warps"]) for r in rows if r["kernel"] == "_fused_bwd_w1_kernel" and r["cases"]
+            == ["m2ir-small-32/fp32"]} == {("_fused_bwd_w1_f32", 8)}
     assert [r["error"] for r in rows if r["error"]] == []
     for r in rows:  # every dot is on tensor cores, and the SASS has their instructions
         assert all(d["kind"] != "fma" for d in r["dots"]), r
@@ -161,10 +170,10 @@ def test_backward_candidates_are_pruned_where_the_compile_check_saw_them_spill()
 
 def test_fused_backward_tiles_follow_the_tensor_core_generation():
     from moe_restore.kernels._tuning import wide_tiles
-    from moe_restore.kernels._moe_mlp_fused import _fused_bwd_rows, _fused_bwd_w1, _fused_bwd_w2
+    from moe_restore.kernels._moe_mlp_fused import _fused_bwd_rows, _fused_bwd_w1, _fused_bwd_w1_f32, _fused_bwd_w2
 
     assert [wide_tiles(m) for m in (7, 8, 9, 10, 11, 12)] == [False, False, True, True, True, False]
-    for tuned, wide_h in [(_fused_bwd_rows, 32), (_fused_bwd_w1, 64), (_fused_bwd_w2, 64)]:
+    for tuned, wide_h in [(_fused_bwd_rows, 32), (_fused_bwd_w1, 64), (_fused_bwd_w1_f32, 64), (_fused_bwd_w2, 64)]:
         wide, narrow = tuned.for_capability(9).configs[0], tuned.for_capability(8).configs[0]
         # wgmma: 64 rows per warp group in every dot, incl. the weight kernels' BLOCK_H-row accumulators
         assert (wide.kwargs["BLOCK_M"], wide.kwargs["BLOCK_H"]) == (64, wide_h)
