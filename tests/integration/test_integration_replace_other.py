@@ -57,21 +57,37 @@ SKIPPED = {"jetmoe": [("model.layers.0.self_attention", "JetMoeAttention"),
                       ("model.layers.1.self_attention", "JetMoeAttention")]}
 
 
-def _model(family: str):
-    torch.manual_seed(0)
-    model = REBUILT[family][0]().float().eval()
-    with torch.no_grad():  # weights large enough that the routers are far from uniform
+def _randomized(model):
+    """``model`` in float32 eval mode with N(0, 0.3^2) weights: large enough that the routers are far
+    from uniform."""
+    model = model.float().eval()
+    with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
     return model
 
 
-def _logits_and_grads(model):
+def _model(family: str):
+    torch.manual_seed(0)
+    return _randomized(REBUILT[family][0]())
+
+
+def _forward_backward(model, seq2seq: bool = False):
+    """(outputs, every parameter's gradient) of one forward on random tokens (and decoder tokens,
+    with the router outputs recorded, for a seq2seq model) and a backward of randomly weighted logits."""
     model.zero_grad(set_to_none=True)
     gen = torch.Generator().manual_seed(1)
-    y = model(input_ids=torch.randint(0, VOCAB, (2, 7), generator=gen), use_cache=False).logits
-    (y * torch.randn(y.shape, generator=gen)).sum().backward()
-    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    inputs = {"input_ids": torch.randint(0, VOCAB, (2, 7), generator=gen)}
+    if seq2seq:
+        inputs.update(decoder_input_ids=torch.randint(0, VOCAB, (2, 5), generator=gen), output_router_logits=True)
+    out = model(**inputs, use_cache=False)
+    (out.logits * torch.randn(out.logits.shape, generator=gen)).sum().backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _logits_and_grads(model):
+    out, grads = _forward_backward(model)
+    return out.logits.detach(), grads
 
 
 def _assert_equal_to(got, want, what):
@@ -114,25 +130,11 @@ def _switch(expert_capacity: int, activation: str):
     if not hasattr(tf, "SwitchTransformersConfig"):
         pytest.skip(f"transformers {tf.__version__} has no Switch Transformers")
     torch.manual_seed(0)
-    model = tf.SwitchTransformersForConditionalGeneration(tf.SwitchTransformersConfig(
+    return _randomized(tf.SwitchTransformersForConditionalGeneration(tf.SwitchTransformersConfig(
         vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=12, num_layers=2, num_decoder_layers=2, num_heads=2,
         num_experts=4, expert_capacity=expert_capacity, encoder_sparse_step=1, decoder_sparse_step=1,
         dense_act_fn=activation, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
-        eos_token_id=1)).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model
-
-
-def _seq2seq_logits_and_grads(model):
-    model.zero_grad(set_to_none=True)
-    gen = torch.Generator().manual_seed(1)
-    ids, decoder_ids = torch.randint(0, VOCAB, (2, 7), generator=gen), torch.randint(0, VOCAB, (2, 5), generator=gen)
-    out = model(input_ids=ids, decoder_input_ids=decoder_ids, use_cache=False, output_router_logits=True)
-    (out.logits * torch.randn(out.logits.shape, generator=gen)).sum().backward()
-    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, \
-        _router_outputs(out)
+        eos_token_id=1)))
 
 
 def _router_outputs(out) -> list[torch.Tensor]:
@@ -163,13 +165,15 @@ def test_switch_transformers_blocks_match_the_stock_model(expert_capacity, activ
     stacked for moe_mlp)."""
     model = _switch(expert_capacity, activation)
     keys = list(model.state_dict())
-    want_y, want_g, want_routers = _seq2seq_logits_and_grads(model)
+    out, want_g = _forward_backward(model, seq2seq=True)
+    want_y, want_routers = out.logits.detach(), _router_outputs(out)
     report = replace_moe(model, backend=backend)
     assert [(c.before, c.after) for c in report.replaced] == \
         [("SwitchTransformersSparseMLP", "KernelSwitchTransformersSparseMLP")] * 4
     assert not report.skipped and "capacity" in report.replaced[0].detail
     assert list(model.state_dict()) == keys
-    got_y, got_g, got_routers = _seq2seq_logits_and_grads(model)
+    out, got_g = _forward_backward(model, seq2seq=True)
+    got_y, got_routers = out.logits.detach(), _router_outputs(out)
     assert count_moe_mlp and set(count_moe_mlp) == {backend}
     assert want_routers and len(got_routers) == len(want_routers)
     assert all(got.shape == want.shape and relative_error(got, want) <= TOL
@@ -212,16 +216,12 @@ def test_nllb_moe_is_left_alone_with_the_reason_its_dispatch_gives():
     if not hasattr(tf, "NllbMoeConfig"):
         pytest.skip(f"transformers {tf.__version__} has no NLLB-MoE")
     torch.manual_seed(0)
-    model = tf.NllbMoeForConditionalGeneration(tf.NllbMoeConfig(
+    model = _randomized(tf.NllbMoeForConditionalGeneration(tf.NllbMoeConfig(
         vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
         decoder_attention_heads=2, encoder_ffn_dim=12, decoder_ffn_dim=12, num_experts=4, encoder_sparse_step=1,
         decoder_sparse_step=1, expert_capacity=64, max_position_embeddings=32, decoder_start_token_id=0,
-        pad_token_id=1)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
-    model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits.sum().backward()
+        pad_token_id=1)))
+    _forward_backward(model, seq2seq=True)
     trained = {n.split("experts.")[1].split(".")[0] for n, p in model.named_parameters()
                if "experts." in n and p.grad is not None and torch.count_nonzero(p.grad)}
     assert trained == {"expert_0", "expert_1"}
