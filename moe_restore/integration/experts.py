@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 
 import moe_restore.kernels as moe_restore_kernels
-from moe_restore.kernels import ActivationSpec, moe_mlp, naive, routing_from_topk
+from moe_restore.kernels import ActivationSpec, naive
 from moe_restore.kernels.moe_mlp import moe_mlp_topk, resolve_backend as resolve_moe_mlp_backend
 
 IMPLEMENTATION = "moe_restore"
@@ -317,9 +317,9 @@ def _with_post_expert_norm(experts: nn.Module, hidden_states: torch.Tensor, ids:
     k slots run in torch on the [T*k, D_out] result."""
     T, k = ids.shape
     rows = hidden_states[:, None, :].expand(T, k, hidden_states.shape[1]).reshape(T * k, -1)
-    routing = routing_from_topk(ids.reshape(-1, 1), weights.new_ones(T * k, 1, dtype=torch.float32),
-                                params[0].shape[0], backend=backend)
-    out = experts.post_expert_norm(moe_mlp(rows, routing, *params, activation=activation, backend=backend))
+    ones = weights.new_ones(T * k, 1, dtype=torch.float32)
+    out = experts.post_expert_norm(moe_mlp_topk(rows, ids.reshape(-1, 1), ones, *params, activation=activation,
+                                                backend=backend))
     return (out.view(T, k, -1) * weights[..., None].to(out.dtype)).sum(1).to(hidden_states.dtype)
 
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from moe_restore.kernels import moe_mlp, routing_from_topk, topk_route
+from moe_restore.kernels import topk_route
+from moe_restore.kernels.moe_mlp import moe_mlp_topk
 
 from .experts import _FLOAT_DTYPES, _GATED_KIND, IMPLEMENTATION, _activation_name, eager_forward
 from .report import NotConvertible
@@ -230,11 +231,9 @@ class KernelLlama4TextMoe(nn.Module):
         experts = torch.topk(logits, self.top_k, dim=1).indices  # the router's own choice
         T, k = experts.shape
         rows = (x[:, None, :] * scores.gather(1, experts)[..., None]).reshape(T * k, -1)
-        num_experts = self.experts.gate_up_proj.shape[0]
-        routing = routing_from_topk(experts.reshape(-1, 1), rows.new_ones(T * k, 1, dtype=torch.float32),
-                                    num_experts, backend=self.backend)
-        routed = moe_mlp(rows, routing, self.experts.gate_up_proj, self.experts.down_proj,
-                         activation=self.activation, backend=self.backend)
+        routed = moe_mlp_topk(rows, experts.reshape(-1, 1), rows.new_ones(T * k, 1, dtype=torch.float32),
+                              self.experts.gate_up_proj, self.experts.down_proj, activation=self.activation,
+                              backend=self.backend)
         return self.shared_expert(x) + routed.reshape(T, k, -1).sum(1).to(x.dtype), logits
 
     def extra_repr(self) -> str:
@@ -278,8 +277,8 @@ class KernelDbrxFFN(nn.Module):
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         mlp, E = self.experts.mlp, self.num_experts
         w1 = torch.cat([mlp.w1.view(E, -1, x.shape[1]), mlp.v1.view(E, -1, x.shape[1])], dim=1).transpose(1, 2)
-        routing = routing_from_topk(experts, weights, E, backend=self.backend)
-        y = moe_mlp(x, routing, w1, mlp.w2.view(E, -1, x.shape[1]), activation=self.activation, backend=self.backend)
+        y = moe_mlp_topk(x, experts, weights, w1, mlp.w2.view(E, -1, x.shape[1]), activation=self.activation,
+                         backend=self.backend)
         return y.to(x.dtype).view(hidden_states.shape[0], -1, x.shape[1])
 
     def extra_repr(self) -> str:
@@ -317,8 +316,8 @@ class KernelJetMoeMoE(nn.Module):
         logits = self.router(x)[4]
         top_logits, experts = logits.topk(self.top_k, dim=1)
         weights = torch.softmax(top_logits, dim=1).type_as(x)
-        routing = routing_from_topk(experts, weights, self.input_linear.weight.shape[0], backend=self.backend)
-        y = moe_mlp(x, routing, self.input_linear.weight.transpose(1, 2), self.output_linear.weight.transpose(1, 2),
+        y = moe_mlp_topk(x, experts, weights, self.input_linear.weight.transpose(1, 2),
+                         self.output_linear.weight.transpose(1, 2),
                     activation=self.expert_activation, backend=self.backend)
         return y.to(x.dtype).view(layer_input.shape) + self.bias
 
@@ -385,8 +384,7 @@ class KernelSwitchTransformersSparseMLP(nn.Module):
         w1 = torch.stack([expert.wi.weight for expert in experts]).transpose(1, 2)
         w2 = torch.stack([expert.wo.weight for expert in experts]).transpose(1, 2)
         weights = probs.float() * selected.sum(-1)
-        routing = routing_from_topk(selected.argmax(-1), weights, len(experts), backend=self.backend)
-        y = moe_mlp(x, routing, w1, w2, activation=self.activation, backend=self.backend)
+        y = moe_mlp_topk(x, selected.argmax(-1), weights, w1, w2, activation=self.activation, backend=self.backend)
         return y.to(x.dtype).reshape(hidden_states.shape)
 
     def extra_repr(self) -> str:

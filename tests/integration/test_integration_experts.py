@@ -19,6 +19,7 @@ moe_hook = pytest.importorskip("transformers.integrations.moe")
 
 import moe_restore  # noqa: E402,F401 - registers the implementations
 import moe_restore.integration.experts as experts_impl  # noqa: E402
+from moe_restore.kernels import moe_mlp, routing_from_topk  # noqa: E402
 from hf_tiny_models import (FALLBACK, FALLBACK_RELEASE, NoTinyModel, count_moe_mlp, hook_families, is_hooked,  # noqa: E402,F401 - a fixture
                             logits_and_grads, relative_error, tiny_model)
 from utils import backends  # noqa: E402
@@ -314,14 +315,14 @@ def test_repeated_and_sentinel_slots_match_the_slot_sum(backend, path):
     def ours():
         dtype = torch.float32 if backend == "triton" else torch.float64
         if path == "repeats":
-            routing = experts_impl.routing_from_topk(ids, w, E, backend=backend, repeats=True)
+            routing = routing_from_topk(ids, w, E, backend=backend, repeats=True)
         else:
             distinct, weights = experts_impl.distinct_slots(ids, w, E)
             assert ((distinct >= 0) & (distinct < E)).all()
             assert (distinct.sort(-1).values.diff(dim=-1) > 0).all()
-            routing = experts_impl.routing_from_topk(distinct, weights, E, backend=backend)
-        return experts_impl.moe_mlp(x.to(dtype), routing, w1.to(dtype), w2.to(dtype), activation="gelu",
-                                    backend=backend).double()
+            routing = routing_from_topk(distinct, weights, E, backend=backend)
+        return moe_mlp(x.to(dtype), routing, w1.to(dtype), w2.to(dtype), activation="gelu",
+                       backend=backend).double()
 
     grads = []
     for run in (slot_sum, ours):
