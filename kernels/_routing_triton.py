@@ -54,10 +54,13 @@ def _score_warps(block_t: int, block_e: int) -> int:
     return max(4, min(8, block_t * block_e // 512))
 
 
-def _score_bwd_warps(block_t: int, block_e: int) -> int:
+def _score_bwd_warps(block_t: int, block_e: int, float32: bool) -> int:
     """Warps for the top-k score backward: as ``_score_warps``, but 16 for 4K-element tiles of at most
-    32 or at least 256 columns, which spill at 8 (the other shapes spill at 16: docs/kernels.md,
-    compile figures)."""
+    32 or at least 256 columns, which spill at 8 (the other shapes spill at 16). float32 logits
+    (``float32``) move the spills: 32-column tiles take 4 warps (8 and 16 each spill somewhere) and
+    32 x 64 tiles 8 (4 and 16 spill). docs/kernels.md, compile figures."""
+    if float32 and block_e in (32, 64):
+        return 4 if block_e == 32 else 8
     if block_t * block_e >= 4096 and (block_e <= 32 or block_e >= 256):
         return 16
     return _score_warps(block_t, block_e)
@@ -244,7 +247,7 @@ def topk_scores_backward(dweights: torch.Tensor, logits: torch.Tensor, experts: 
     _topk_scores_bwd_kernel[(triton.cdiv(T, block_t),)](
         logits, experts, dweights.contiguous(), dlogits, T, E, k, logits.stride(0), logits.stride(1),
         SIGMOID=sigmoid, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
-        num_warps=_score_bwd_warps(block_t, block_e))
+        num_warps=_score_bwd_warps(block_t, block_e, logits.dtype == torch.float32))
     return dlogits
 
 
