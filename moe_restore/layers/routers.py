@@ -176,9 +176,10 @@ class TopKRouter(ContextLinear):
         logits = self.logits(tokens, context)
         routing = topk_route(logits, self.top_k, scoring=self.scoring, backend=self.backend)
         num_tokens = max(tokens.shape[0], 1)  # empty input: losses 0, not NaN
+        logits = logits.float()  # one float32 copy for both losses
         mean_probs = self.probabilities(logits).sum(dim=0) / num_tokens
         aux_loss = balance_loss(mean_probs, routing.expert_counts(), num_tokens * self.top_k)
-        z_loss = logits.float().logsumexp(dim=-1).square().sum() / num_tokens
+        z_loss = logits.logsumexp(dim=-1).square().sum() / num_tokens
         return routing, RouterLosses(aux_loss, router_z_loss=z_loss)
 
 
