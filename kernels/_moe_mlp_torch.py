@@ -29,6 +29,7 @@ other devices), as transformers' ``grouped_mm`` fallback does.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -71,10 +72,11 @@ def native_call(w1: torch.Tensor, w2: torch.Tensor) -> bool:
     bytes. One flat test per call (``_native`` per product costs about 4 us each on the CPU)."""
     if not (_HAS_GROUPED_MM and w1.is_cpu and w2.is_cpu and w1.dtype in _NATIVE_DTYPES and w2.dtype == w1.dtype):
         return False
-    size = w1.element_size()
-    return not (w1.data_ptr() % 16 or w2.data_ptr() % 16
-                or any(n * size % 16 for n in (*w1.shape[1:], *w2.shape[1:]))
-                or any(n != 1 and n * size % 16 for n in (*w1.stride(), *w2.stride())))
+    # A multiple of 16 bytes is a multiple of m = 16 / element size values (2 or 4 bytes here):
+    # every width and stride is exactly when their greatest common divisor is.
+    strides = [n for n in (*w1.stride(), *w2.stride()) if n != 1]
+    return (not (w1.data_ptr() % 16 or w2.data_ptr() % 16)
+            and math.gcd(*w1.shape[1:], *w2.shape[1:], *strides) % (16 // w1.element_size()) == 0)
 
 
 def group_ends(offsets: torch.Tensor) -> torch.Tensor:
@@ -162,20 +164,26 @@ def _(a, g, ends, transposed):
     return _weight_grad_like(a, g, ends.shape[0], transposed)
 
 
-def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, ends: torch.Tensor, native: bool
-                   ) -> torch.Tensor:
-    """``_grouped_linear``: through its custom op where torch.compile traces (which decides inside
-    whether ``torch._grouped_mm`` takes the operands), directly in eager mode with the call's
-    decision ``native`` (``native_call``), without the op's dispatch cost."""
-    if torch.compiler.is_compiling():
+def call_plan(w1: torch.Tensor, w2: torch.Tensor) -> bool | None:
+    """How one call runs its grouped products: None where torch.compile traces (each through its
+    custom op, which decides inside whether ``torch._grouped_mm`` takes the operands), else the
+    eager call's decision ``native_call`` (the functions themselves, without the op's dispatch
+    cost). Asked once per forward; the backward reuses the answer."""
+    return None if torch.compiler.is_compiling() else native_call(w1, w2)
+
+
+def grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, ends: torch.Tensor,
+                   native: bool | None) -> torch.Tensor:
+    """``_grouped_linear`` as ``native`` (``call_plan``) says."""
+    if native is None:
         return _grouped_linear_op(a, w, b, ends)
     return _grouped_linear_on(a, w, b, ends, native and b is None)
 
 
-def grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, ends: torch.Tensor, transposed: bool, native: bool
-                        ) -> torch.Tensor:
-    """``_grouped_weight_grad``, dispatched as ``grouped_linear`` is."""
-    if torch.compiler.is_compiling():
+def grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, ends: torch.Tensor, transposed: bool,
+                        native: bool | None) -> torch.Tensor:
+    """``_grouped_weight_grad`` as ``native`` (``call_plan``) says."""
+    if native is None:
         return _grouped_weight_grad_op(a, g, ends, transposed)
     return _grouped_weight_grad_on(a, g, ends, transposed, native)
 
@@ -183,25 +191,25 @@ def grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, ends: torch.Tensor, tr
 def _stored_transposed(w: torch.Tensor) -> bool:
     """Whether the [E, in, out] weight ``w`` is a transposed view of contiguous [E, out, in]
     storage (read off its strides: no transposed view is made to ask)."""
-    E, n_in, n_out = w.shape
-    return not w.is_contiguous() and all(
-        size == 1 or stride == want for size, stride, want in zip(w.shape, w.stride(), (n_in * n_out, 1, n_in)))
+    (E, n_in, n_out), (s_e, s_in, s_out) = w.shape, w.stride()
+    return not w.is_contiguous() and ((E == 1 or s_e == n_in * n_out) and (n_in == 1 or s_in == 1)
+                                      and (n_out == 1 or s_out == n_in))
 
 
 def _forward(x, weights, w1, w2, b1, b2, order, ends, activation, native
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y [T, D_out] in x's dtype, z [N, H or 2H], the token t_a and the weight w_a (a column
-    [N, 1]) of each sorted row) of the module docstring's forward."""
+    [N, 1]) of each sorted row) of the module docstring's forward. Runs with autocast off: both
+    entries of ``moe_mlp`` call it inside ``autocast_off``, on inputs cast to the autocast dtype."""
     T, k = weights.shape
-    with autocast_off(x.device.type):  # moe_mlp already cast to the autocast dtype
-        tokens = order // k
-        scale = weights.take(order[:, None])  # w_a = weights.flat[a], as the column that scales o
-        z = grouped_linear(x.index_select(0, tokens), w1, b1, ends, native)
-        o = grouped_linear(activate(z, activation), w2, b2, ends, native)
-        # The combine accumulates in at least float32 (the routing weights' dtype), in place into
-        # fresh zeros (an out-of-place index_add would copy them first).
-        y = torch.zeros(T, w2.shape[2], dtype=_combine_dtype(x.dtype, weights.dtype), device=x.device)
-        y.index_add_(0, tokens, o * scale)
+    tokens = torch.div(order, k, rounding_mode="floor")
+    scale = weights.take(order[:, None])  # w_a = weights.flat[a], as the column that scales o
+    z = grouped_linear(x.index_select(0, tokens), w1, b1, ends, native)
+    o = grouped_linear(activate(z, activation), w2, b2, ends, native)
+    # The combine accumulates in at least float32 (the routing weights' dtype), in place into
+    # fresh zeros (an out-of-place index_add would copy them first).
+    y = torch.zeros(T, w2.shape[2], dtype=_combine_dtype(x.dtype, weights.dtype), device=x.device)
+    y.index_add_(0, tokens, o * scale)
     return y.to(x.dtype), z, tokens, scale
 
 
@@ -221,7 +229,7 @@ COMPILED_BACKWARD_IS_WRONG = torch.torch_version.TorchVersion(torch.__version__)
 
 class _ExpertLoop(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, w1, w2, b1, b2, order, ends, activation, native):
+    def forward(ctx, x, weights, w1, w2, b1, b2, order, ends, activation, native):  # native: call_plan
         y, z, tokens, scale = _forward(x, weights, w1, w2, b1, b2, order, ends, activation, native)
         ctx.save_for_backward(x, w1, w2, b1, b2, order, tokens, ends, z, scale)
         ctx.activation, ctx.weights_shape, ctx.weights_dtype = activation, weights.shape, weights.dtype
@@ -232,7 +240,7 @@ class _ExpertLoop(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, w1, w2, b1, b2, order, tokens, ends, z, scale = ctx.saved_tensors
-        native = ctx.native
+        native = None if torch.compiler.is_compiling() else ctx.native  # the forward's call_plan
         # Only the gradients asked for (e.g. no dweights for routing weights that need none).
         need_x, need_weights, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:6]
         dx = dweights = dw1 = dw2 = db1 = db2 = None
@@ -276,7 +284,7 @@ def _run(x, weights, w1, w2, b1, b2, order, ends, activation) -> torch.Tensor:
     if order.numel() > torch.iinfo(torch.int32).max:
         raise ValueError(f"moe_mlp's torch backend takes at most 2**31 - 1 assignments (T*k), got {order.numel()}")
     inputs = (x, weights, w1, w2, b1, b2)
-    native = not torch.compiler.is_compiling() and native_call(w1, w2)  # compiled: each op decides
+    native = call_plan(w1, w2)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
         return _forward(*inputs, order, ends, activation, native)[0]
     if COMPILED_BACKWARD_IS_WRONG and torch.compiler.is_compiling():
