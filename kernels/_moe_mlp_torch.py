@@ -252,8 +252,8 @@ class _ExpertLoop(torch.autograd.Function):
                 h, dz = activate_and_backward(q * s, z, ctx.activation)
                 dw = (q * h).sum(dim=-1, dtype=ctx.weights_dtype)
                 if b2 is not None:  # g_a . b2[e_a], as one grouped product with a single output column
-                    # (one output column: never torch._grouped_mm's 16-byte rows)
-                    dw = dw + grouped_linear(g, b2[:, :, None], None, ends, False)[:, 0]
+                    # (one output column: never torch._grouped_mm's 16-byte rows; compiled, the op)
+                    dw = dw + grouped_linear(g, b2[:, :, None], None, ends, None if native is None else False)[:, 0]
                 # order is a permutation: every entry is written, so no zeros first.
                 dweights = torch.empty_like(dw).index_copy_(0, order, dw).view(ctx.weights_shape)
                 g = g * s  # the gradient of o
