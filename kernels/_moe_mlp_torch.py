@@ -25,7 +25,9 @@ data-dependent size reaches the graph. Inside, each runs ``torch._grouped_mm`` w
 the operands (``_native``: on the CPU, float32/bfloat16/float16, 16-byte aligned strides, no
 bias; measured 25-35% faster than a slice loop at the benchmark shapes) and otherwise reads the
 E group ends and multiplies slice by slice (float64, odd widths, biases fused into addmm,
-other devices), as transformers' ``grouped_mm`` fallback does.
+other devices), as transformers' ``grouped_mm`` fallback does. In eager mode the ops' functions
+run directly (no custom-op dispatch) and that choice is made once per call from the two weights
+(``call_plan``, ``native_call``), not before each of the six products.
 """
 from __future__ import annotations
 
