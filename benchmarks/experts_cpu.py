@@ -2,23 +2,33 @@
 ("moe_restore_torch", the torch backend) against transformers' "grouped_mm" (its default),
 "batched_mm" and "eager" (the plain per-expert loop), on the same module, weights and routing.
 
-    python -m moe_restore.benchmarks.experts_cpu [--rounds 15] [--threads 1] [--json PATH]
+    python -m moe_restore.benchmarks.experts_cpu [--rounds 15] [--threads 1] [--flush-mib 64] [--json PATH]
 
 The module is Mixtral's experts class (SiLU-gated, [gate | up] rows, the hook's default layout),
-float32. For each shape every implementation runs once per round, in turn (after one warm-up
-round; each round starts one run later than the last, so that no run always comes first), so
-that all rows of a shape see the same moments of a shared machine; each call is timed
-as this process's CPU time. ``fwd``: inference (no autograd); ``fwd+bwd``: a training forward and
-its backward to the hidden states and the expert weights. Reported: median and interquartile
-range (p25-p75) in ms, and each implementation's median over ours. CPU figures: they compare
-implementations on this machine, they are not kernel speeds. ``--json PATH`` also writes every
-row, every sample and the versions of torch and transformers.
+float32. For each shape every implementation runs once per round (after one warm-up round), so
+that all rows of a shape see the same moments of a shared machine; each call is timed as this
+process's CPU time. Every timed call starts from the same state, whichever run came before it:
+the order of the runs is shuffled afresh each round (seeded), and before each call a buffer of
+``--flush-mib`` MiB (more than the last-level cache) is rewritten, so the weights and the
+previous run's tensors are out of the caches for every implementation alike. A fixed order
+gave the run after the plain loop's forward + backward a penalty of its own: with the earlier
+rotation (each round starting one run later, the implementations in the order listed) the
+inference ratio of grouped_mm to ours was 0.85-0.87 at three of the four shapes with ours
+listed first and 1.09-1.21 with grouped_mm listed first, the same code.
+
+``fwd``: inference (no autograd); ``fwd+bwd``: a training forward and its backward to the hidden
+states and the expert weights. Reported: median and interquartile range (p25-p75) in ms, and
+each implementation's median over ours. CPU figures: they compare implementations on this
+machine, they are not kernel speeds. ``--json PATH`` also writes every row, every sample, the
+load average at the start and end and the versions of torch and transformers.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import random
 import statistics
 import time
 from typing import Callable
@@ -59,7 +69,7 @@ def _quartiles(samples: list[float]) -> tuple[float, float, float]:
     return p25, p50, p75
 
 
-def bench_shape(T: int, D: int, I: int, E: int, k: int, rounds: int) -> list[dict]:
+def bench_shape(T: int, D: int, I: int, E: int, k: int, rounds: int, flush_mib: int = 64) -> list[dict]:
     """One row per (implementation, pass) of one shape; see the module docstring."""
     experts = _experts(D, I, E)
     gen = torch.Generator().manual_seed(1)
@@ -78,8 +88,12 @@ def bench_shape(T: int, D: int, I: int, E: int, k: int, rounds: int) -> list[dic
         runs[name, "fwd+bwd"] = lambda name=name: _call(experts, name, x, index, weights, dy)
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
     keys = list(runs)
+    order = random.Random(T * 1000 + D)  # the same shuffles every run of this shape
+    flush = torch.zeros(flush_mib << 18)  # flush_mib MiB of float32
     for r in range(rounds + 1):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:  # each round starts one run later
+        order.shuffle(keys)
+        for key in keys:
+            flush.add_(1.0)  # every cache line of the buffer written: the previous run's data evicted
             start = time.process_time()
             runs[key]()
             if r:
@@ -99,16 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--flush-mib", type=int, default=64,
+                        help="MiB rewritten before every timed call (more than the last-level cache)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and samples to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"CPU figures (process CPU time, {args.rounds} interleaved rounds, {args.threads} thread(s), float32; "
-          "not kernel speeds)")
+    load = os.getloadavg()
+    print(f"CPU figures (process CPU time, {args.rounds} shuffled rounds, {args.threads} thread(s), float32, "
+          f"caches flushed before each call; load average {load[0]:.2f}; not kernel speeds)")
     print("| shape | pass | " + " | ".join(IMPLEMENTATIONS) + " |")
     print("|---|---|" + "---|" * len(IMPLEMENTATIONS))
     every_row = []
     for shape in SHAPES:
-        rows = bench_shape(*shape, rounds=args.rounds)
+        rows = bench_shape(*shape, rounds=args.rounds, flush_mib=args.flush_mib)
         every_row += rows
         for what in ("fwd", "fwd+bwd"):
             cells = [f"{r['median_ms']:.2f} [{r['p25_ms']:.2f}-{r['p75_ms']:.2f}] ({r['vs_ours']:.2f}x)"
@@ -120,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         meta = dict(rounds=args.rounds, threads=args.threads, dtype="float32", timer="process CPU time",
+                    flush_mib=args.flush_mib, order="shuffled each round (seeded per shape)",
+                    loadavg_start=load, loadavg_end=os.getloadavg(), cpu_count=os.cpu_count(),
                     torch=torch.__version__, transformers=transformers.__version__,
                     python=platform.python_version(), machine=platform.machine())
         with open(args.json, "w", encoding="utf-8") as f:
