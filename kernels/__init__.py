@@ -46,7 +46,8 @@ else:
     from .gated_scan import ORDERS, gated_scan, gated_scan_2d
     from .moe_mlp import ACTIVATIONS, ActivationSpec, moe_mlp
     from .nested_routing import nested_route
+    from .router_losses import router_loss_stats
     from .routing import SCORINGS, Routing, routing_from_topk, topk_route
 
     __all__ = ["ACTIVATIONS", "ActivationSpec", "BACKENDS", "ORDERS", "SCORINGS", "Routing", "gated_scan",
-               "gated_scan_2d", "moe_mlp", "nested_route", "routing_from_topk", "topk_route"]
+               "gated_scan_2d", "moe_mlp", "nested_route", "router_loss_stats", "routing_from_topk", "topk_route"]

@@ -117,10 +117,11 @@ def _nested_case(D, H, G, E, kg, ke):
 
 def _route_case(E, k, scoring, renormalize):
     def run(dtype):
-        from moe_restore.kernels import topk_route
-        routing = topk_route(_param(_TOKENS, E, dtype=dtype), k, scoring=scoring, renormalize=renormalize,
-                             backend="triton")
-        routing.weights.sum().backward()
+        from moe_restore.kernels import router_loss_stats, topk_route
+        logits = _param(_TOKENS, E, dtype=dtype)
+        routing = topk_route(logits, k, scoring=scoring, renormalize=renormalize, backend="triton")
+        prob_sums, lse_sq_sum = router_loss_stats(logits, scoring, backend="triton")
+        (routing.weights.sum() + prob_sums.sum() + lse_sq_sum).backward()
     return run
 
 

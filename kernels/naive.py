@@ -7,6 +7,7 @@ it imports no backend (Triton or torch), and no backend imports it.
 
     stable_top_k   the k largest entries of each row, ties to the lower index
     topk_route     router scores and top-k choice                  (``topk_route``'s math)
+    router_loss_stats  the token sums of a router's balance and z losses (``router_loss_stats``'s math)
     nested_route   groups, then sub-experts inside each group      (``nested_route``'s math)
     dispatch       the dispatch layout of a choice: assignments grouped by expert, and offsets
     activate       act(z) of any activation spec, from its definition
@@ -64,6 +65,21 @@ def topk_route(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax",
     log_p = logits.log_softmax(-1) if scoring == "softmax" else F.logsigmoid(logits)
     chosen = log_p.gather(-1, experts)
     return (chosen.softmax(-1) if renormalize else chosen.exp()), experts
+
+
+def router_loss_stats(logits: torch.Tensor, scoring: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_t P_t [E], sum_t logsumexp(l_t)^2) in float64, token by token: P_t = softmax(l_t), or
+    sigmoid(l_t) / sum_e sigmoid(l_te) (no clamp: float64 does not reach float32's tiny at the
+    logits the tests use)."""
+    logits = _f64(logits)
+    prob_sums = logits.new_zeros(logits.shape[1])
+    lse_sq_sum = logits.new_zeros(())
+    for row in logits:
+        lse = row.max() + (row - row.max()).exp().sum().log()
+        scores = (row - lse).exp() if scoring == "softmax" else torch.sigmoid(row)
+        prob_sums = prob_sums + scores / scores.sum()
+        lse_sq_sum = lse_sq_sum + lse * lse
+    return prob_sums, lse_sq_sum
 
 
 def nested_route(group_logits: torch.Tensor, expert_logits: torch.Tensor, top_k_groups: int,

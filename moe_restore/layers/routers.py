@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_restore.kernels import SCORINGS, Routing, nested_route, topk_route
+from moe_restore.kernels import SCORINGS, Routing, nested_route, router_loss_stats, topk_route
 from moe_restore.kernels.validation import check_backend, check_float, check_positive_int, check_same_device
 
 
@@ -164,22 +164,14 @@ class TopKRouter(ContextLinear):
         self.num_experts, self.top_k, self.scoring = num_experts, top_k, scoring
         self.backend = check_backend(backend)
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """The probabilities P of the balance loss, float32 [T, E]: softmax, or normalised sigmoid."""
-        logits = logits.float()
-        if self.scoring == "softmax":
-            return logits.softmax(dim=-1)
-        scores = logits.sigmoid()
-        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-
     def forward(self, tokens: torch.Tensor, context: torch.Tensor | None = None) -> tuple[Routing, RouterLosses]:
         logits = self.logits(tokens, context)
         routing = topk_route(logits, self.top_k, scoring=self.scoring, backend=self.backend)
         num_tokens = max(tokens.shape[0], 1)  # empty input: losses 0, not NaN
-        logits = logits.float()  # one float32 copy for both losses
-        mean_probs = self.probabilities(logits).sum(dim=0) / num_tokens
-        aux_loss = balance_loss(mean_probs, routing.expert_counts(), num_tokens * self.top_k)
-        z_loss = logits.logsumexp(dim=-1).square().sum() / num_tokens
+        # Both losses' token sums in one pass over the logits (one read forward, one backward on Triton).
+        prob_sums, lse_sq_sum = router_loss_stats(logits, self.scoring, backend=self.backend)
+        aux_loss = balance_loss(prob_sums / num_tokens, routing.expert_counts(), num_tokens * self.top_k)
+        z_loss = lse_sq_sum / num_tokens
         return routing, RouterLosses(aux_loss, router_z_loss=z_loss)
 
 
