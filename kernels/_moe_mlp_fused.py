@@ -282,13 +282,20 @@ _fused_fwd = triton.autotune(
 # The backward's tiles per tensor-core generation: on sm_90+ 64-row tiles (wgmma needs 64 rows per warp
 # group, and the weight kernels' accumulating dots need BLOCK_H >= 64 rows); below, mma.sync takes its
 # operands through registers and those tiles spill, so 32-row tiles (docs/kernels.md, compile figures).
-_fused_bwd_rows = arch_autotune(
-    _fused_bwd_rows_kernel, "moe_fused_bwd_rows", key=["D", "H", "DO", "E", "ACT"],
-    wide=({"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2},
-          [{"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 1}]),
-    narrow=({"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2},
-            [{"BLOCK_M": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2}]),
-    narrow_prune=_fitting_candidates)
+def _rows_tuner(narrow_stages: int):
+    return arch_autotune(
+        _fused_bwd_rows_kernel, "moe_fused_bwd_rows", key=["D", "H", "DO", "E", "ACT"],
+        wide=({"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2},
+              [{"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 1}]),
+        narrow=({"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 4, "num_stages": narrow_stages},
+                [{"BLOCK_M": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2}]),
+        narrow_prune=_fitting_candidates)
+
+
+_fused_bwd_rows = _rows_tuner(narrow_stages=2)
+# Float32 below sm_90: one stage at the default, as two spill 8-16 B on sm_80 (m2ir-small: D=32,
+# H=85, gelu; Triton 3.6 and 3.9; docs/kernels.md, compile figures).
+_fused_bwd_rows_f32 = _rows_tuner(narrow_stages=1)
 _fused_bwd_w2 = arch_autotune(
     _fused_bwd_w2_kernel, "moe_fused_bwd_w2", key=["D", "H", "DO", "E", "SPLITS", "ACT"],
     wide=({"BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 8, "num_stages": 1}, []),
@@ -323,7 +330,8 @@ def _backward_fused(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool, 
     blocks = _width_blocks(x, w)
     dx = torch.empty(d.num_assignments, D, dtype=x.dtype, device=x.device)
     dweights = torch.empty(d.num_assignments, dtype=torch.float32, device=x.device)
-    _fused_bwd_rows.for_device(x.device)[d.row_grid()](
+    rows_tuned = _fused_bwd_rows_f32 if x.dtype == torch.float32 else _fused_bwd_rows
+    rows_tuned.for_device(x.device)[d.row_grid()](
         x, dy, w.w1, b1, w.w2, b2, d.weights, d.order, d.offsets, dx, dweights,
         D, H, DO, E, d.top_k, *x.stride(), *dy.stride(), *w.fused_strides(), *w.b2_args()[1:], *dx.stride(),
         HAS_B1=w.b1 is not None, HAS_B2=w.b2 is not None, **act, BLOCK_E=d.block_e, **blocks)

@@ -193,10 +193,18 @@ _grouped_matmul = arch_autotune(
     wide_prune=_swiglu_default_only)
 # Widths or row strides off a multiple of 16 (``_tuning.aligned``) load element by element: 8 warps
 # (and half the K step below sm_90), as 4 warps spill (docs/kernels.md, compile figures).
-_grouped_matmul_unaligned = arch_autotune(
-    _grouped_matmul_kernel, "moe_grouped_matmul", key=["N", "K", "E", "ACT"],
-    wide=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []),
-    narrow=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}, []))
+def _unaligned_matmul_tuner(narrow_block_n: int):
+    return arch_autotune(
+        _grouped_matmul_kernel, "moe_grouped_matmul", key=["N", "K", "E", "ACT"],
+        wide=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []),
+        narrow=({"BLOCK_M": 64, "BLOCK_N": narrow_block_n, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}, []))
+
+
+_grouped_matmul_unaligned = _unaligned_matmul_tuner(narrow_block_n=64)
+# A gated activation in float32 on those tiles below sm_90: 32 columns (its gate and up tiles are
+# two [BLOCK_M, BLOCK_N] float32 accumulators), as 64 hold 255 registers on sm_80 at D=100/300
+# (Triton 3.6 and 3.9; docs/kernels.md, compile figures).
+_grouped_matmul_unaligned_gated_f32 = _unaligned_matmul_tuner(narrow_block_n=32)
 # Its column-block count sizes the partial dL/dw buffer, so BLOCK_N stays fixed across configs.
 _HIDDEN_GRAD_BLOCK_N = 64
 # 8 warps at the default on sm_90+. Below sm_90 32-row tiles at 4 warps: 64 rows at 8 warps held
@@ -214,11 +222,23 @@ _grouped_hidden_grad_unaligned = arch_autotune(
     _grouped_hidden_grad_kernel, "moe_grouped_hidden_grad", key=["D", "H", "DO", "E", "ACT"],
     wide=({"BLOCK_M": 64, "BLOCK_K": 16, "num_warps": 16, "num_stages": 3}, []),
     narrow=({"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 3}, []))
-def _aligned_xty_candidates(configs: list, named_args: dict, **kwargs) -> list:
+def _xty_candidates(configs: list, named_args: dict, **kwargs) -> list:
     """Grouped xty: the default only where a width or row stride is off a multiple of 16
-    (``_tuning.aligned``), where both candidates spill (docs/kernels.md, compile figures)."""
+    (``_tuning.aligned``), where both candidates spill; in float32 no configuration holding more
+    than 32 operand elements a thread (BLOCK_P (BLOCK_I + BLOCK_J) / threads): the 4-warp
+    64 x 128 x 64 candidate (96) spills 12-52 B on sm_80 and sm_90a under Triton 3.6
+    (docs/kernels.md, compile figures). The default (first) is always kept."""
     widths = (named_args[name] for name in ("KX", "NY", "stride_xm", "stride_xk", "stride_ym", "stride_yn"))
-    return configs if aligned(*widths) else configs[:1]
+    if not aligned(*widths):
+        return configs[:1]
+    if named_args["x_ptr"].dtype == torch.float32:
+        return configs[:1] + [c for c in configs[1:] if _operand_elements_per_thread(c) <= 32]
+    return configs
+
+
+def _operand_elements_per_thread(config) -> int:
+    meta = config.kwargs
+    return meta["BLOCK_P"] * (meta["BLOCK_I"] + meta["BLOCK_J"]) // (32 * config.num_warps)
 
 
 _XTY_CANDIDATES = [{"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3},
@@ -228,7 +248,7 @@ _grouped_xty = arch_autotune(
     _grouped_xty_kernel, "moe_grouped_xty", key=["KX", "NY", "E", "SPLITS"],
     wide=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 3}, _XTY_CANDIDATES),
     narrow=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3}, _XTY_CANDIDATES),
-    wide_prune=_aligned_xty_candidates, narrow_prune=_aligned_xty_candidates)
+    wide_prune=_xty_candidates, narrow_prune=_xty_candidates)
 
 
 # Float32 at a width or stride off a multiple of 16: half the row step, as the default's element-wise
@@ -253,7 +273,9 @@ def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | N
     # compile figures).
     clamped_fp32 = act["ACT"] >= GATED_BASE and _bounded(act) and a.dtype == torch.float32
     aligned_launch = aligned(n, k_dim, a.stride(0), *b_strides, out.stride(0)) and not clamped_fp32
-    tuned = _grouped_matmul if aligned_launch else _grouped_matmul_unaligned
+    gated_f32 = act["ACT"] >= GATED_BASE and a.dtype == torch.float32
+    tuned = _grouped_matmul if aligned_launch else (
+        _grouped_matmul_unaligned_gated_f32 if gated_f32 else _grouped_matmul_unaligned)
     tuned.for_device(a.device)[d.row_grid(lambda meta: triton.cdiv(n, meta["BLOCK_N"]))](
         a, b, bias_ptr, d.weights, d.order, d.offsets, out, n, k_dim, d.num_experts, d.top_k,
         a.stride(0), a.stride(1), *b_strides, stride_be, stride_bn, out.stride(0), out.stride(1),

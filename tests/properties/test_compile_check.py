@@ -83,11 +83,15 @@ def test_representative_kernels_compile_and_report():
     # top-k score backward at E=40, k=8, the scan's state and carry kernels at D=100, N=12, and the
     # fused dW1 in float32 at m2ir-small's D=32 on sm_90a (255 registers on Triton 3.6 at 4 warps), and
     # the aligned hidden gradient on sm_80 with geglu_tanh (242 registers at 64 rows on 3.6) and at
-    # MiM-DiT-S in float32 (16 B spilled at 32 rows and the full K step on 3.9).
+    # MiM-DiT-S in float32 (16 B spilled at 32 rows and the full K step on 3.9); on sm_80 in float32 the
+    # fused backward rows at m2ir-small (8-16 B spilled at two stages) and the unaligned up-projection
+    # with swiglu at D=100 (255 registers at 64 columns).
     rows = run_compile_check(targets=(90,), cases=["S1-swiglu"], dtypes=["bf16"], jobs=2)
     rows += run_compile_check(targets=(90,), cases=["m2ir-small-32"], dtypes=["fp32"], kernels=["_fused_bwd_w1_kernel"],
                               jobs=2)
     rows += run_compile_check(targets=(90,), cases=["S1"], dtypes=["bf16"], kernels=["_fused_fwd_kernel"], jobs=2)
+    rows += run_compile_check(targets=(80,), cases=["m2ir-small-32", "U100-swiglu"], dtypes=["fp32"],
+                              kernels=["_fused_bwd_rows_kernel", "_grouped_matmul_kernel"], jobs=2)
     rows += run_compile_check(targets=(90,), cases=["U100-gelu_tanh-nobias", "route-E20-k4"], dtypes=["bf16"],
                               kernels=["_grouped_matmul_kernel", "_topk_scores_bwd_kernel", "_dispatch_rank_kernel"],
                               jobs=2)
@@ -112,6 +116,10 @@ def test_representative_kernels_compile_and_report():
         == {"_grouped_matmul"}
     assert {(r["tuner"], r["num_warps"]) for r in rows if r["kernel"] == "_fused_bwd_w1_kernel" and r["cases"]
             == ["m2ir-small-32/fp32"]} == {("_fused_bwd_w1_f32", 8)}
+    assert {r["tuner"] for r in rows if r["kernel"] == "_fused_bwd_rows_kernel"
+            and "m2ir-small-32/fp32" in r["cases"]} == {"_fused_bwd_rows_f32"}
+    assert {r["tuner"] for r in rows if r["kernel"] == "_grouped_matmul_kernel" and "U100-swiglu/fp32" in r["cases"]
+            and r["constexprs"]["ACT"] == swiglu} == {"_grouped_matmul_unaligned_gated_f32"}
     assert [r["error"] for r in rows if r["error"]] == []
     for r in rows:  # every dot is on tensor cores, and the SASS has their instructions
         assert all(d["kind"] != "fma" for d in r["dots"]), r
@@ -170,10 +178,12 @@ def test_backward_candidates_are_pruned_where_the_compile_check_saw_them_spill()
 
 def test_fused_backward_tiles_follow_the_tensor_core_generation():
     from moe_restore.kernels._tuning import wide_tiles
-    from moe_restore.kernels._moe_mlp_fused import _fused_bwd_rows, _fused_bwd_w1, _fused_bwd_w1_f32, _fused_bwd_w2
+    from moe_restore.kernels._moe_mlp_fused import (_fused_bwd_rows, _fused_bwd_rows_f32, _fused_bwd_w1,
+                                                    _fused_bwd_w1_f32, _fused_bwd_w2)
 
     assert [wide_tiles(m) for m in (7, 8, 9, 10, 11, 12)] == [False, False, True, True, True, False]
-    for tuned, wide_h in [(_fused_bwd_rows, 32), (_fused_bwd_w1, 64), (_fused_bwd_w1_f32, 64), (_fused_bwd_w2, 64)]:
+    for tuned, wide_h in [(_fused_bwd_rows, 32), (_fused_bwd_rows_f32, 32), (_fused_bwd_w1, 64),
+                          (_fused_bwd_w1_f32, 64), (_fused_bwd_w2, 64)]:
         wide, narrow = tuned.for_capability(9).configs[0], tuned.for_capability(8).configs[0]
         # wgmma: 64 rows per warp group in every dot, incl. the weight kernels' BLOCK_H-row accumulators
         assert (wide.kwargs["BLOCK_M"], wide.kwargs["BLOCK_H"]) == (64, wide_h)
@@ -182,16 +192,26 @@ def test_fused_backward_tiles_follow_the_tensor_core_generation():
 
 
 def test_xty_candidates_are_pruned_at_unaligned_widths():
-    from moe_restore.kernels._moe_mlp_grouped import _aligned_xty_candidates
+    import triton
+    from moe_restore.kernels._moe_mlp_grouped import _XTY_CANDIDATES, _xty_candidates
 
-    configs = ["default", "candidate 1", "candidate 2"]
+    def config(c):
+        return triton.Config({k: v for k, v in c.items() if k.startswith("BLOCK")}, num_warps=c["num_warps"])
 
-    def kept(kx, ny, stride_xm=None, stride_ym=None):
-        return _aligned_xty_candidates(configs, {"KX": kx, "NY": ny, "stride_xm": stride_xm or kx, "stride_xk": 1,
-                                                 "stride_ym": stride_ym or ny, "stride_yn": 1})
+    default = config({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 4})
+    configs = [default] + [config(c) for c in _XTY_CANDIDATES]
+
+    def kept(kx, ny, stride_xm=None, stride_ym=None, dtype=torch.bfloat16):
+        return _xty_candidates(configs, {"KX": kx, "NY": ny, "stride_xm": stride_xm or kx, "stride_xk": 1,
+                                         "stride_ym": stride_ym or ny, "stride_yn": 1,
+                                         "x_ptr": torch.empty(0, dtype=dtype)})
 
     assert kept(768, 2048) == configs
     assert kept(64, 32, stride_ym=0) == configs  # a broadcast dy (row stride 0)
     for kx, ny in [(100, 266), (266, 100), (300, 1596), (255, 48)]:  # the users' widths where they spilled
-        assert kept(kx, ny) == ["default"]
-    assert kept(256, 128, stride_xm=100) == ["default"]  # an aligned width with an unaligned row stride
+        assert kept(kx, ny) == [default]
+        assert kept(kx, ny, dtype=torch.float32) == [default]
+    assert kept(256, 128, stride_xm=100) == [default]  # an aligned width with an unaligned row stride
+    # float32: the 4-warp 64 x 128 x 64 candidate (96 operand elements a thread) spilled on Triton 3.6
+    fp32 = kept(768, 2048, dtype=torch.float32)
+    assert fp32 == [configs[0], configs[1]] and configs[2].kwargs["BLOCK_P"] == 64 and configs[2].num_warps == 4
