@@ -122,7 +122,7 @@ def dispatch(experts: torch.Tensor, num_experts: int) -> tuple[list[int], list[i
 
 def _plain_activation(z: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
     if kind == "gelu":
-        return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+        return 0.5 * z * torch.special.erfc(-z / math.sqrt(2))  # erfc: no cancellation for z < 0
     if kind == "gelu_tanh":
         return 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
     if kind == "silu":
