@@ -33,6 +33,21 @@ def test_topk_moe_compiles_without_graph_breaks(backend):
                                                                         backend=backend), *inputs)
 
 
+@pytest.mark.skipif("triton" not in backends(), reason="needs the Triton backend")
+def test_kept_hidden_compiles_without_graph_breaks(monkeypatch):
+    """The grouped path with the pre-activation kept (the custom op's second output, saved for
+    backward): traced through its fake implementation, the same values as eager."""
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", "grouped")
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(2)
+    x, logits = torch.randn(40, 16, generator=gen), torch.randn(40, 4, generator=gen)
+    w1, w2, b1 = torch.randn(4, 16, 64, generator=gen), torch.randn(4, 32, 16, generator=gen), torch.randn(4, 64, generator=gen)
+    inputs = [t.to(DEVICE).requires_grad_() for t in (x, logits, w1, w2, b1)]
+    _compiled_matches_eager(lambda x, l, w1, w2, b1: moe_mlp(x, topk_route(l, 2, backend="triton"), w1, w2, b1,
+                                                             activation="swiglu", backend="triton",
+                                                             recompute_hidden=False), *inputs)
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_nested_moe_compiles_without_graph_breaks(backend):
     skip_if_compiled_torch_backward_is_wrong(backend)
