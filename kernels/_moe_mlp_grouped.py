@@ -53,6 +53,29 @@ def _load_halves(ptr, rows, row_mask, n, H, INTERLEAVED: tl.constexpr, ACT: tl.c
 
 
 @triton.jit
+def _gate_up_product(a_ptr, rows, row_mask, K, stride_am, stride_ak, b_e, n, N, stride_bk, stride_bn,
+                     bias_e, stride_biasn, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(A[rows] B_e + bias_e over the gate columns of n, the same over the up columns for a gated
+    ACT, else zeros), float32 [BLOCK_M, BLOCK_N] each: the up-projection's tiles z, z_up."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    gate_cols, gate_limit = _w1_columns(n, N, False, INTERLEAVED)
+    up_cols, up_limit = _w1_columns(n, N, True, INTERLEAVED)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = _load_rows(a_ptr, rows, row_mask, kk, K, stride_am, stride_ak)
+        acc = tl.dot(a, _load_matrix(b_e, kk, K, gate_cols, gate_limit, stride_bk, stride_bn), acc)
+        if ACT >= GATED:
+            acc_up = tl.dot(a, _load_matrix(b_e, kk, K, up_cols, up_limit, stride_bk, stride_bn), acc_up)
+    if HAS_BIAS:
+        acc += tl.load(bias_e + gate_cols * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        if ACT >= GATED:
+            acc_up += tl.load(bias_e + up_cols * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    return acc, acc_up
+
+
+@triton.jit
 def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offsets_ptr, out_ptr, z_ptr,
                            N, K, E, TOPK,
                            stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_biase, stride_biasn,
@@ -78,22 +101,10 @@ def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offse
     rows_in = a // TOPK if GATHER_A else p.to(tl.int64)
     rows_out = a if SCATTER_OUT else p.to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    b_e = b_ptr + expert.to(tl.int64) * stride_be
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    gate_cols, gate_limit = _w1_columns(n, N, False, INTERLEAVED)
-    up_cols, up_limit = _w1_columns(n, N, True, INTERLEAVED)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        x = _load_rows(a_ptr, rows_in, row_mask, kk, K, stride_am, stride_ak)
-        acc = tl.dot(x, _load_matrix(b_e, kk, K, gate_cols, gate_limit, stride_bk, stride_bn), acc)
-        if ACT >= GATED:
-            acc_up = tl.dot(x, _load_matrix(b_e, kk, K, up_cols, up_limit, stride_bk, stride_bn), acc_up)
-    if HAS_BIAS:
-        bias_e = bias_ptr + expert.to(tl.int64) * stride_biase
-        acc += tl.load(bias_e + gate_cols * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        if ACT >= GATED:
-            acc_up += tl.load(bias_e + up_cols * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    e64 = expert.to(tl.int64)
+    acc, acc_up = _gate_up_product(a_ptr, rows_in, row_mask, K, stride_am, stride_ak, b_ptr + e64 * stride_be, n, N,
+                                   stride_bk, stride_bn, bias_ptr + e64 * stride_biase, stride_biasn, HAS_BIAS, ACT,
+                                   INTERLEAVED, BLOCK_M, BLOCK_N, BLOCK_K)
     if STORE_Z:
         _store_halves(z_ptr, p.to(tl.int64), row_mask, n, N, acc, acc_up, INTERLEAVED, ACT)
     out = _hidden(acc, acc_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP)
@@ -130,35 +141,22 @@ def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w
     tokens = a // TOPK
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     e64 = expert.to(tl.int64)
-    w1_e, w2_e = w1_ptr + e64 * stride_w1e, w2_ptr + e64 * stride_w2e
-    gate_cols, gate_limit = _w1_columns(n, H, False, INTERLEAVED)
-    up_cols, up_limit = _w1_columns(n, H, True, INTERLEAVED)
     rows = p.to(tl.int64)
     if LOAD_Z:
         z, z_up = _load_halves(z_ptr, rows, row_mask, n, H, INTERLEAVED, ACT)
     else:
-        z = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        z_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            x = _load_rows(x_ptr, tokens, row_mask, kk, D, stride_xt, stride_xd)
-            z = tl.dot(x, _load_matrix(w1_e, kk, D, gate_cols, gate_limit, stride_w1d, stride_w1h), z)
-            if ACT >= GATED:
-                z_up = tl.dot(x, _load_matrix(w1_e, kk, D, up_cols, up_limit, stride_w1d, stride_w1h), z_up)
+        z, z_up = _gate_up_product(x_ptr, tokens, row_mask, D, stride_xt, stride_xd, w1_ptr + e64 * stride_w1e, n, H,
+                                   stride_w1d, stride_w1h, b1_ptr + e64 * stride_b1e, stride_b1h, HAS_B1, ACT,
+                                   INTERLEAVED, BLOCK_M, BLOCK_N, BLOCK_K)
     g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     dy_b2 = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, DO, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         dy = _load_rows(dy_ptr, tokens, row_mask, kk, DO, stride_gt, stride_gd)
-        g = tl.dot(dy, _load_matrix(w2_e, kk, DO, n, H, stride_w2d, stride_w2h), g)
+        g = tl.dot(dy, _load_matrix(w2_ptr + e64 * stride_w2e, kk, DO, n, H, stride_w2d, stride_w2h), g)
         if HAS_B2:
             b2 = tl.load(b2_ptr + e64 * stride_b2e + kk * stride_b2d, mask=kk < DO, other=0.0).to(tl.float32)
             dy_b2 += tl.sum(dy.to(tl.float32) * b2[None, :], axis=1)
-    if HAS_B1 and not LOAD_Z:  # a stored z holds b1 already
-        b1_e = b1_ptr + e64 * stride_b1e
-        z += tl.load(b1_e + gate_cols * stride_b1h, mask=n < H, other=0.0).to(tl.float32)[None, :]
-        if ACT >= GATED:
-            z_up += tl.load(b1_e + up_cols * stride_b1h, mask=n < H, other=0.0).to(tl.float32)[None, :]
     h = _hidden(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP)
     w = tl.load(weights_ptr + a, mask=row_mask, other=0.0)
     dw = tl.sum(h * g, axis=1)

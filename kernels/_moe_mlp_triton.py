@@ -18,7 +18,7 @@ By default only the inputs are saved and z and h are recomputed in backward (on 
 the hidden-gradient kernel repeats the up-projection's GEMM x W1). With ``keep_z`` (``moe_mlp``'s
 ``recompute_hidden=False``) the grouped path's up-projection also writes z [T*k, W1's width] in the
 input dtype, in expert order, which autograd keeps and the backward reads instead: one GEMM fewer
-(S2: 17% of the step's FLOPs) for k * W1's width values per token kept, the trade SonicMoE makes.
+(S2: 14% of the step's FLOPs) for k * W1's width values per token kept, the trade SonicMoE makes.
 The fused path ignores ``keep_z``: its hidden layer never reaches global memory, and storing z there
 would add the [T*k, H] write that path exists to avoid.
 
