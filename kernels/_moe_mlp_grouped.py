@@ -282,18 +282,45 @@ def _bounded(act: dict) -> bool:
     return act["LIMIT"] is not None or act["GATE_SOFTCAP"] is not None or act["UP_SOFTCAP"] is not None
 
 
+def _matmul_aligned(a: torch.Tensor, b_strides, out_row_stride: int, n: int, k_dim: int, act: dict) -> bool:
+    """Whether a grouped matmul launch takes the aligned tiles (``_grouped_matmul``)."""
+    # A clamped gated activation in float32 fills the registers at the aligned default on sm_80: it
+    # takes the 8-warp tiles too, and so does a softcapped one (assumed alike; docs/kernels.md,
+    # compile figures).
+    clamped_fp32 = act["ACT"] >= GATED_BASE and _bounded(act) and a.dtype == torch.float32
+    return aligned(n, k_dim, a.stride(0), *b_strides, out_row_stride) and not clamped_fp32
+
+
+def _hidden_grad_aligned(x: torch.Tensor, dy_strides, w: _Weights, act: dict) -> bool:
+    """Whether the hidden-gradient launch takes the aligned tiles (``_grouped_hidden_grad``)."""
+    # Gated in float32, or clamped (softcapped assumed alike): the aligned default spills
+    # (docs/kernels.md, compile figures).
+    heavy = act["ACT"] >= GATED_BASE and (x.dtype == torch.float32 or _bounded(act))
+    return aligned(x.shape[1], w.hidden, w.w2.shape[2], *x.stride(), *dy_strides, *w.w1.stride(),
+                   *w.w2.stride()) and not heavy
+
+
+def keeps_z(x: torch.Tensor, w: _Weights, act: dict) -> bool:
+    """Whether the grouped path stores z for backward when asked (``recompute_hidden=False``): for a
+    gated activation only where the up-projection and the hidden gradient (dy assumed contiguous)
+    take the aligned tiles. The unaligned ones, already near the register limit with a gate and an
+    up tile, went over it with the element-wise z stores and loads (U100/U300 swiglu bf16: 255
+    registers on Triton 3.9 and 254 on 3.6 in the up-projection on sm_80; 56 B spilled by the hidden
+    gradient on sm_90a at U100, 3.9; docs/kernels.md, compile figures); there z is recomputed."""
+    if act["ACT"] < GATED_BASE:
+        return True
+    H = w.hidden
+    return (_matmul_aligned(x, w.w1.stride(), H, H, x.shape[1], act)
+            and _hidden_grad_aligned(x, (w.w2.shape[2], 1), w, act))
+
+
 def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | None, out, n: int, k_dim: int, *,
                            gather: bool, scatter: bool, act: dict, scale: bool,
                            z_out: torch.Tensor | None = None) -> None:
     """``act``: the activation's constexprs (``ActivationSpec.triton_constexprs`` or ``_NO_ACTIVATION``);
     ``z_out``: a contiguous [A, B's width] buffer for the pre-activation (``STORE_Z``), or None."""
     bias_ptr, stride_be, stride_bn = (b, 0, 0) if bias is None else (bias, bias.stride(0), bias.stride(1))
-    # A clamped gated activation in float32 fills the registers at the aligned default on sm_80: it
-    # takes the 8-warp tiles too, and so does a softcapped one (assumed alike; docs/kernels.md,
-    # compile figures).
-    clamped_fp32 = act["ACT"] >= GATED_BASE and _bounded(act) and a.dtype == torch.float32
-    aligned_launch = aligned(n, k_dim, a.stride(0), *b_strides, out.stride(0)) and not clamped_fp32
-    tuned = _grouped_matmul if aligned_launch else _grouped_matmul_unaligned
+    tuned = _grouped_matmul if _matmul_aligned(a, b_strides, out.stride(0), n, k_dim, act) else _grouped_matmul_unaligned
     tuned.for_device(a.device)[d.row_grid(lambda meta: triton.cdiv(n, meta["BLOCK_N"]))](
         a, b, bias_ptr, d.weights, d.order, d.offsets, out, out if z_out is None else z_out, n, k_dim,
         d.num_experts, d.top_k,
@@ -322,7 +349,8 @@ def _grouped_xty_launch(d: _Dispatch, x, y, kx: int, ny: int, *, gather_x: bool,
 def _forward_grouped(d: _Dispatch, x: torch.Tensor, w: _Weights, act: dict, keep_z: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the k weighted expert outputs of each assignment [A, D_out] by assignment id, the
-    pre-activation z [A, W1's width] in expert order when ``keep_z``, else None)."""
+    pre-activation z [A, W1's width] in expert order when ``keep_z`` (which the caller decides by
+    ``keeps_z``), else None)."""
     H, DO = w.hidden, w.w2.shape[2]
     hidden = torch.empty(d.num_assignments, H, dtype=x.dtype, device=x.device)
     z = torch.empty(d.num_assignments, w.w1.shape[2], dtype=x.dtype, device=x.device) if keep_z else None
@@ -337,7 +365,8 @@ def _forward_grouped(d: _Dispatch, x: torch.Tensor, w: _Weights, act: dict, keep
 def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool, need_weights: bool,
                       z: torch.Tensor | None = None):
     """(dx by assignment or None, dL/dw by assignment, (dw1, db1, dw2, db2) or Nones); ``z``: the
-    forward's pre-activation (``_forward_grouped(keep_z=True)``), read instead of recomputed."""
+    forward's pre-activation (``_forward_grouped(keep_z=True)``), read instead of recomputed, but for
+    a gated activation whose launch takes the unaligned tiles (a strided dy; see ``keeps_z``)."""
     D, H, DO, E, A = x.shape[1], w.hidden, w.w2.shape[2], d.num_experts, d.num_assignments
     b1, stride_b1e, stride_b1h = w.b1_args()
     b2, stride_b2e, stride_b2d = w.b2_args()
@@ -345,11 +374,10 @@ def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool
     hidden = torch.empty(A, H, dtype=x.dtype, device=x.device)
     dz = torch.empty(A, w.w1.shape[2], dtype=x.dtype, device=x.device)
     dweights = torch.empty(column_blocks, A, dtype=torch.float32, device=x.device)
-    # Gated in float32, or clamped (softcapped assumed alike): the aligned default spills
-    # (docs/kernels.md, compile figures).
-    heavy = act["ACT"] >= GATED_BASE and (x.dtype == torch.float32 or _bounded(act))
-    tuned = _grouped_hidden_grad if aligned(D, H, DO, *x.stride(), *dy.stride(), *w.w1.stride(), *w.w2.stride()) \
-        and not heavy else _grouped_hidden_grad_unaligned
+    aligned_launch = _hidden_grad_aligned(x, dy.stride(), w, act)
+    tuned = _grouped_hidden_grad if aligned_launch else _grouped_hidden_grad_unaligned
+    if not aligned_launch and act["ACT"] >= GATED_BASE:
+        z = None
     tuned.for_device(x.device)[d.row_grid(lambda meta: column_blocks)](
         x, dy, w.w1, b1, w.w2, b2, d.weights, d.order, d.offsets, dz if z is None else z, hidden, dz, dweights,
         D, H, DO, E, d.top_k, A, *x.stride(), *dy.stride(), *w.w1.stride(), stride_b1e, stride_b1h,

@@ -20,7 +20,8 @@ the hidden-gradient kernel repeats the up-projection's GEMM x W1). With ``keep_z
 input dtype, in expert order, which autograd keeps and the backward reads instead: one GEMM fewer
 (S2: 14% of the step's FLOPs) for k * W1's width values per token kept, the trade SonicMoE makes.
 The fused path ignores ``keep_z``: its hidden layer never reaches global memory, and storing z there
-would add the [T*k, H] write that path exists to avoid.
+would add the [T*k, H] write that path exists to avoid; so does the grouped path for a gated
+activation on its unaligned tiles (``_moe_mlp_grouped.keeps_z``).
 
 Two paths share the tile schedule and the activation code (``_moe_mlp_tiles``): fused
 (``_moe_mlp_fused``, D, D_out <= FUSED_MAX_WIDTH = 128, the hidden layer never reaches global
@@ -43,7 +44,7 @@ from . import settings
 from ._backend import refuse_double_backward
 from ._reductions import combine
 from ._moe_mlp_fused import FUSED_MAX_WIDTH, _backward_fused, _forward_fused
-from ._moe_mlp_grouped import _backward_grouped, _forward_grouped
+from ._moe_mlp_grouped import _backward_grouped, _forward_grouped, keeps_z
 from ._moe_mlp_tiles import _Dispatch, _Weights
 from .activations import Activation, activation_spec, triton_constexprs
 
@@ -72,9 +73,10 @@ def use_fused_path(d_in: int, d_out: int, activation: Activation = "gelu", dtype
     return choice == "fused"
 
 
-def keeps_z(fused: bool, keep_z: bool) -> bool:
-    """Whether the forward stores the pre-activation for backward: asked for, on the grouped path."""
-    return keep_z and not fused
+def _keeps_z(x: torch.Tensor, w: _Weights, activation: str, fused: bool, keep_z: bool) -> bool:
+    """Whether the forward stores the pre-activation for backward: asked for, on the grouped path,
+    where its launches allow (``_moe_mlp_grouped.keeps_z``)."""
+    return keep_z and not fused and keeps_z(x, w, triton_constexprs(activation))
 
 
 @torch.library.custom_op("moe_restore::moe_mlp", mutates_args=())
@@ -83,18 +85,20 @@ def moe_mlp_forward(x: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w2
                     offsets: torch.Tensor, activation: str, fused: bool, keep_z: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path of ``moe_mlp`` (weights [T, k] float32): (y, z), z the pre-activation [T*k,
-    W1's width] in expert order where ``keeps_z``, else an empty tensor. Autograd saves the inputs
+    W1's width] in expert order where ``_keeps_z``, else an empty tensor. Autograd saves the inputs
     and that z (see the module docstring)."""
     T, k = weights.shape
     d = _Dispatch(weights.reshape(-1).contiguous(), order, offsets, k, w1.shape[0])
     w, act = _Weights(w1, w2, b1, b2), triton_constexprs(activation)
-    out, z = (_forward_fused(d, x, w, act), None) if fused else _forward_grouped(d, x, w, act, keeps_z(fused, keep_z))
+    kept = _keeps_z(x, w, activation, fused, keep_z)
+    out, z = (_forward_fused(d, x, w, act), None) if fused else _forward_grouped(d, x, w, act, kept)
     return combine(out, T, k, x.dtype), x.new_empty(0) if z is None else z
 
 
 @moe_mlp_forward.register_fake
 def _(x, weights, w1, w2, b1, b2, order, offsets, activation, fused, keep_z):
-    z = x.new_empty(weights.numel(), w1.shape[2]) if keeps_z(fused, keep_z) else x.new_empty(0)
+    kept = _keeps_z(x, _Weights(w1, w2, b1, b2), activation, fused, keep_z)
+    z = x.new_empty(weights.numel(), w1.shape[2]) if kept else x.new_empty(0)
     return x.new_empty(x.shape[0], w2.shape[2]), z
 
 
@@ -135,7 +139,8 @@ def _moe_mlp_setup(ctx, inputs, output):
     z = output[1]
     ctx.mark_non_differentiable(z)
     ctx.set_materialize_grads(False)  # else autograd writes a zero [T*k, W1's width] "gradient" of z
-    ctx.save_for_backward(x, weights, w1, w2, b1, b2, order, offsets, z if keeps_z(fused, keep_z) else None)
+    # The op and its fake return an empty z where they keep none (``_keeps_z``), as None to the backward.
+    ctx.save_for_backward(x, weights, w1, w2, b1, b2, order, offsets, z if z.numel() else None)
     ctx.config = (activation, fused, b1 is not None, b2 is not None)
 
 

@@ -105,8 +105,10 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
     reads instead: k * W1's width * itemsize bytes more per token kept (S2, bf16: 12,288), the
     step's FLOPs at the floor's 3x the forward's. The result is the same either way but for the
     rounding of z to x's dtype. Ignored on the fused path (small widths, where the hidden layer never
-    reaches global memory and storing z would add the [T*k, H] traffic that path avoids) and on the
-    torch backend (which always keeps z); bool, else TypeError.
+    reaches global memory and storing z would add the [T*k, H] traffic that path avoids), on the
+    torch backend (which always keeps z), and for a gated activation (swiglu, geglu, ...) where the
+    grouped kernels take their unaligned tiles (a width or stride off a multiple of 16, float32, a
+    clamp or softcap), which measured over the register limit with z kept; bool, else TypeError.
     """
     check_float("x", x)
     check_has_values("x", x)

@@ -10,14 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_restore.kernels import Routing, moe_mlp, naive, topk_route
+from moe_restore.kernels import ActivationSpec, Routing, moe_mlp, naive, topk_route
+from moe_restore.kernels.activations import first_layer_width
 from moe_restore.kernels.moe_mlp import moe_mlp_topk
 from utils import DEVICE, assert_close, backends, poisoned_allocations
 
 
 def make_problem(T, D, H, E, k, D_out, activation, bias, scoring, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    w1_cols = 2 * H if activation == "swiglu" else H
+    w1_cols = first_layer_width(activation, H)
 
     def rand(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
@@ -141,16 +142,22 @@ def _saved_storages(forward):
 
 
 @pytest.mark.skipif("triton" not in backends(), reason="needs the Triton backend")
-@pytest.mark.parametrize("path", ["fused", "grouped"])
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_kept_hidden_is_one_more_saved_tensor_of_z(monkeypatch, path, activation):
+@pytest.mark.parametrize("path,activation,D,dy_stride,kept,read", [
+    ("fused", "gelu", 32, 32, False, False), ("grouped", "gelu", 32, 32, True, True),
+    ("grouped", "gelu", 40, 32, True, True), ("grouped", "swiglu", 32, 32, True, True),
+    ("grouped", "swiglu", 40, 32, False, False), ("grouped", "swiglu", 32, 40, True, False)])
+def test_kept_hidden_is_one_more_saved_tensor_of_z(monkeypatch, path, activation, D, dy_stride, kept, read):
     """recompute_hidden=False on the grouped path keeps exactly one more storage, z [T*k, W1's
-    width] in x's dtype; on the fused path it changes nothing (the flag is ignored there): the same
-    storages, and bitwise the same output and gradients."""
+    width] in x's dtype, but for a gated activation at a width off a multiple of 16 (D=40), whose
+    unaligned tiles recompute z; on the fused path and there it changes nothing: the same storages,
+    and bitwise the same output and gradients. A gated activation's z, kept for the contiguous dy
+    the forward assumes, is not read by the hidden gradient's unaligned tiles, which a dy of row
+    stride 40 takes: bitwise the recomputed gradients (z read in float16 would round them)."""
     monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path)
     T, k = 37, 2
-    x, logits, w1, w2, b1, b2, upstream = make_problem(T, 32, 48, 4, k, 32, activation, True, "softmax",
+    x, logits, w1, w2, b1, b2, upstream = make_problem(T, D, 48, 4, k, 32, activation, True, "softmax",
                                                        torch.float16, seed=2)
+    dy = torch.zeros(T, dy_stride, dtype=upstream.dtype, device=DEVICE)[:, :32].copy_(upstream)
     params = [p.requires_grad_() for p in (x, w1, w2, b1, b2)]
     r = topk_route(logits, k, backend="triton")
     runs, saved = {}, {}
@@ -160,15 +167,37 @@ def test_kept_hidden_is_one_more_saved_tensor_of_z(monkeypatch, path, activation
                                       recompute_hidden=recompute)
         saved[recompute] = _saved_storages(forward)
         y = runs[recompute]
-        runs[recompute] = [y, *torch.autograd.grad((y * upstream).sum(), params)]
+        runs[recompute] = [y, *torch.autograd.grad(y, params, dy)]
     extra = set(saved[False]) - set(saved[True])
-    if path == "fused":
+    if not kept:
         assert not extra and len(saved[False]) == len(saved[True])
-        for a, b in zip(runs[True], runs[False]):
-            assert torch.equal(a, b)
     else:
         assert len(saved[False]) == len(saved[True]) + 1 and len(extra) == 1
         assert saved[False][extra.pop()] == (T * k * w1.shape[2] * 2, torch.float16)
+    if not read:
+        for a, b in zip(runs[True], runs[False]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("triton" not in backends(), reason="needs the Triton backend")
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "geglu_tanh",
+                                        ActivationSpec("swiglu", alpha=1.702, up_offset=1.0, interleaved=True)])
+def test_kept_gated_hidden_matches_oracle(monkeypatch, activation):
+    """The gated activations whose z the grouped path keeps (widths multiples of 16, float16, no
+    clamp or softcap; float32 and the clamped specs recompute z), against the oracle, with an
+    expert that gets no token; that z is kept is checked by the saved storages."""
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", "grouped")
+    problem = make_problem(45, 32, 48, 6, 2, 32, activation, True, "softmax", torch.float16, seed=9)
+    problem[1][:, 5] = -50.0  # expert 5 gets no token
+    x, w1, w2, b1, b2 = (p.requires_grad_() for p in (problem[0], *problem[2:6]))
+    kept_bytes = 45 * 2 * w1.shape[2] * 2
+    for recompute in (True, False):
+        r = topk_route(problem[1], 2, backend="triton")
+        sizes = [size for size, _ in _saved_storages(lambda: moe_mlp(
+            x, r, w1, w2, b1, b2, activation=activation, backend="triton",
+            recompute_hidden=recompute)).values()]
+        assert (kept_bytes in sizes) == (not recompute)
+    check_against_oracle(problem, 2, activation, "softmax", "triton", torch.float16, recompute_hidden=False)
 
 
 def test_recompute_hidden_must_be_a_bool():
