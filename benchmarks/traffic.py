@@ -1,6 +1,6 @@
 """Bytes and FLOPs of one bf16 training step, per token, counted without a GPU, against the floor.
 
-    python -m benchmarks.traffic [--quick] [--shapes S1,S2,S3,scan]     (also: moe-restore bench traffic)
+    python -m benchmarks.traffic [--quick] [--shapes S1,S2,S3,scan] [--keep-hidden]   (also: moe-restore bench traffic)
 
 A step of the top-K MoE layer (``TopKMoE``: router Linear, ``topk_route``, ``moe_mlp``, the
 routing checks and the layer's own loss bookkeeping) is its forward and the backward of its
@@ -36,6 +36,10 @@ written once (bf16). Its FLOPs: the forward's matrix products once and twice mor
 scan needs none). Roofline times are lower bounds from published peak rates (``DEVICES``): per
 launch the larger of distinct bytes over bandwidth and FLOPs over the dense bf16 rate, summed over
 launches (launch overheads not included), against the same bound for the floor.
+
+``--keep-hidden`` counts the MoE steps with ``recompute_hidden=False`` (``moe_mlp``: the grouped
+path's forward stores the pre-activation z, which the backward reads instead of recomputing it;
+the fused path and the scan are unchanged); their shape labels end in "keep-z".
 """
 from __future__ import annotations
 
@@ -115,8 +119,9 @@ CARRY_BLOCK = 32  # the scan's default carry block (chunks combined per step)
 # The steps
 
 
-def _moe_step(shape: MoEShape, tokens: int) -> Callable[[Counter], None]:
-    """The layer in bf16 on ``tokens`` tokens with balanced routing (see the module docstring)."""
+def _moe_step(shape: MoEShape, tokens: int, recompute_hidden: bool = True) -> Callable[[Counter], None]:
+    """The layer in bf16 on ``tokens`` tokens with balanced routing (see the module docstring), its
+    experts with ``recompute_hidden``."""
     from moe_restore.layers import TopKMoE
 
     E, k = shape.experts, shape.top_k
@@ -124,6 +129,7 @@ def _moe_step(shape: MoEShape, tokens: int) -> Callable[[Counter], None]:
         raise ValueError(f"balanced routing needs dim >= experts, got {shape.dim} < {E}")
     torch.manual_seed(0)
     layer = TopKMoE(shape.dim, shape.hidden, E, k, activation=shape.activation).to(torch.bfloat16)
+    layer.experts.recompute_hidden = recompute_hidden
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[:, :E] = torch.eye(E)  # logits = x[:, :E]
@@ -345,8 +351,9 @@ def _moe_plan(shape: MoEShape) -> tuple[bool, list[tuple[int, int]], list[tuple[
             (shape.tokens, shape.dim, shape.hidden))
 
 
-def count_moe(shape: MoEShape, device: Device) -> tuple[list[dict], dict[str, Any]]:
-    """Per-launch counts (totals at the full shape) and how they were obtained."""
+def count_moe(shape: MoEShape, device: Device, recompute_hidden: bool = True) -> tuple[list[dict], dict[str, Any]]:
+    """Per-launch counts (totals at the full shape) and how they were obtained; the experts run with
+    ``recompute_hidden`` (``moe_mlp``)."""
     fused, corners, checks, target = _moe_plan(shape)
     env = {"MOE_RESTORE_ROW_SPLITS": "1", "MOE_RESTORE_MLP_PATH": "fused" if fused else "grouped"}
     points = [tuple(c[b] for c, b in zip(corners, bits)) for bits in itertools.product((0, 1), repeat=len(corners))]
@@ -354,7 +361,7 @@ def count_moe(shape: MoEShape, device: Device) -> tuple[list[dict], dict[str, An
     for point in [*points, *checks]:
         sample = replace(shape, tokens=point[0], **({} if fused else {"dim": point[1], "hidden": point[2]}))
         blocks = 1 if fused else (shape.dim // sample.dim) * (shape.hidden // sample.hidden)
-        runs[point], splits = _count(_moe_step(sample, sample.tokens), device, env,
+        runs[point], splits = _count(_moe_step(sample, sample.tokens, recompute_hidden), device, env,
                                      _FullScale(shape.tokens // sample.tokens, blocks))
         full_splits.update(splits)
     rows = extrapolate(corners, runs, target)
@@ -364,11 +371,12 @@ def count_moe(shape: MoEShape, device: Device) -> tuple[list[dict], dict[str, An
     if splits > 1:
         if not fused:
             raise NotImplementedError(f"{shape.label}: {splits} row splits on the grouped path (widths are scaled)")
-        two, three = (_count(_moe_step(shape, points[0][0]), device, {**env, "MOE_RESTORE_ROW_SPLITS": str(n)})[0]
+        two, three = (_count(_moe_step(shape, points[0][0], recompute_hidden), device,
+                             {**env, "MOE_RESTORE_ROW_SPLITS": str(n)})[0]
                       for n in (2, 3))
         rows = with_row_splits(rows, runs[points[0]], two, three, splits)
     return rows, {"path": "fused" if fused else "grouped", "variables": ["T"] if fused else ["T", "D", "H"],
-                  "corners": corners, "checks": checks, "row_splits": splits}
+                  "corners": corners, "checks": checks, "row_splits": splits, "recompute_hidden": recompute_hidden}
 
 
 def count_scan(shape: ScanShape, device: Device) -> tuple[list[dict], dict[str, Any]]:
@@ -395,14 +403,16 @@ def count_scan(shape: ScanShape, device: Device) -> tuple[list[dict], dict[str, 
             {"variables": ["B", "L", "D"], "corners": corners, "checks": checks, "chunk": chunk})
 
 
-def count_small(shape: MoEShape | ScanShape, device: Device = DEVICES["H100"]) -> list[Launch]:
+def count_small(shape: MoEShape | ScanShape, device: Device = DEVICES["H100"],
+                recompute_hidden: bool = True) -> list[Launch]:
     """The launches of one step at ``shape`` as it is (no extrapolation), with one row split and the
-    scan's default chunk and carry block: the CI regression count."""
+    scan's default chunk and carry block: the CI regression count (MoE experts with ``recompute_hidden``)."""
     if isinstance(shape, ScanShape):
         step = _scan_step(shape, shape.length)
         env = {"MOE_RESTORE_SCAN_CHUNK": "64", "MOE_RESTORE_SCAN_CARRY_BLOCK": str(CARRY_BLOCK)}
     else:
-        step, env = _moe_step(shape, shape.tokens), {"MOE_RESTORE_ROW_SPLITS": "1", "MOE_RESTORE_MLP_PATH": "auto"}
+        step = _moe_step(shape, shape.tokens, recompute_hidden)
+        env = {"MOE_RESTORE_ROW_SPLITS": "1", "MOE_RESTORE_MLP_PATH": "auto"}
     return _count(step, device, env)[0]
 
 
@@ -491,10 +501,20 @@ TOTAL_COLUMNS = ("shape", "device", "launches", "distinct_B_per_token", "request
                  "floor_roofline_ms", "roofline_vs_floor")
 
 
-def count_shape(shape: MoEShape | ScanShape, device: Device) -> dict[str, Any]:
-    """The summary (``summarize``) of one full shape on one target GPU, with how it was counted."""
-    rows, method = (count_scan if isinstance(shape, ScanShape) else count_moe)(shape, device)
-    summary = summarize(shape.label, rows, floor(shape), device)
+def label(shape: MoEShape | ScanShape, recompute_hidden: bool = True) -> str:
+    """The shape's label in the tables: "keep-z" appended for a MoE step counted with
+    ``recompute_hidden=False``."""
+    return shape.label if recompute_hidden or isinstance(shape, ScanShape) else f"{shape.label} keep-z"
+
+
+def count_shape(shape: MoEShape | ScanShape, device: Device, recompute_hidden: bool = True) -> dict[str, Any]:
+    """The summary (``summarize``) of one full shape on one target GPU, with how it was counted (a
+    MoE step's experts with ``recompute_hidden``)."""
+    if isinstance(shape, ScanShape):
+        rows, method = count_scan(shape, device)
+    else:
+        rows, method = count_moe(shape, device, recompute_hidden)
+    summary = summarize(label(shape, recompute_hidden), rows, floor(shape), device)
     summary["method"] = method
     return summary
 
@@ -529,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=None,
                         help="comma-separated names of the shapes to count (default: S1,S2,S3,scan)")
     parser.add_argument("--devices", default="H100,A100", help=f"target GPUs, of {', '.join(DEVICES)}")
+    parser.add_argument("--keep-hidden", action="store_true",
+                        help="count the MoE steps with moe_mlp's recompute_hidden=False (the grouped path keeps "
+                             "the pre-activation for backward)")
     parser.add_argument("--write-reference", metavar="JSON", default=None,
                         help="write the small shapes' totals per token (the CI reference) to JSON and stop")
     parser.add_argument("--from-json", nargs="+", metavar="RESULTS.json", default=None,
@@ -555,11 +578,12 @@ def main(argv: list[str] | None = None) -> int:
     summaries = []
     for device in devices:
         for shape in shapes:
+            recompute = not args.keep_hidden
             if args.quick:
-                launches = [l.as_dict() for l in count_small(shape, device)]
-                summary = summarize(shape.label, launches, floor(shape), device)
+                launches = [l.as_dict() for l in count_small(shape, device, recompute)]
+                summary = summarize(label(shape, recompute), launches, floor(shape), device)
             else:
-                summary = count_shape(shape, device)
+                summary = count_shape(shape, device, recompute)
             summaries.append(summary)
     _report(summaries)
     return 0

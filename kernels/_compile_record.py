@@ -98,9 +98,12 @@ def _moe_case(D, H, E, k, activation, bias=True):
         h1 = first_layer_width(activation, H)
         w1, w2 = _param(E, D, h1, dtype=dtype), _param(E, H, D, dtype=dtype)
         b1, b2 = (_param(E, h1, dtype=dtype), _param(E, D, dtype=dtype)) if bias else (None, None)
-        out = moe_mlp(x, topk_route(logits, k, backend="triton"), w1, w2, b1, b2, activation=activation,
-                      backend="triton")
-        out.float().sum().backward()
+        # Both variants of the grouped path's kernels: z recomputed in backward, and z stored by the
+        # up-projection and read by the hidden gradient (the fused path ignores the flag).
+        for recompute_hidden in (True, False):
+            out = moe_mlp(x, topk_route(logits, k, backend="triton"), w1, w2, b1, b2, activation=activation,
+                          backend="triton", recompute_hidden=recompute_hidden)
+            out.float().sum().backward()
     return run
 
 

@@ -19,7 +19,64 @@ _NO_ACTIVATION = dict(ACT=0, LIMIT=None, ALPHA=1.0, UP_OFFSET=0.0, CLAMP_AFTER=F
                       GATE_SOFTCAP=None, UP_SOFTCAP=None)
 
 @triton.jit
-def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offsets_ptr, out_ptr,
+def _halves_at(ptr, rows, n, H, INTERLEAVED: tl.constexpr, ACT: tl.constexpr):
+    """Addresses of the gate and up halves of hidden units n in rows of a contiguous [., W1's width]
+    buffer (z, dz), width 2H for a gated ACT (the up addresses then unused otherwise), and the mask
+    of the valid ones."""
+    gate_cols, _ = _w1_columns(n, H, False, INTERLEAVED)
+    up_cols, _ = _w1_columns(n, H, True, INTERLEAVED)
+    row_start = ptr + rows[:, None] * (2 * H if ACT >= GATED else H)
+    return row_start + gate_cols[None, :], row_start + up_cols[None, :]
+
+
+@triton.jit
+def _store_halves(ptr, rows, row_mask, n, H, gate, up, INTERLEAVED: tl.constexpr, ACT: tl.constexpr):
+    """Store [rows, n] tiles of a W1-width buffer in its dtype: ``gate`` at the gate half of hidden
+    units n (all of it for an ungated ACT), ``up`` at the up half (gated ACT only)."""
+    gate_at, up_at = _halves_at(ptr, rows, n, H, INTERLEAVED, ACT)
+    mask = row_mask[:, None] & (n[None, :] < H)
+    tl.store(gate_at, gate.to(ptr.dtype.element_ty), mask=mask)
+    if ACT >= GATED:
+        tl.store(up_at, up.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_halves(ptr, rows, row_mask, n, H, INTERLEAVED: tl.constexpr, ACT: tl.constexpr):
+    """The float32 [rows, n] tiles of a W1-width buffer that ``_store_halves`` wrote: (gate half,
+    up half; zeros for an ungated ACT)."""
+    gate_at, up_at = _halves_at(ptr, rows, n, H, INTERLEAVED, ACT)
+    mask = row_mask[:, None] & (n[None, :] < H)
+    gate = tl.load(gate_at, mask=mask, other=0.0).to(tl.float32)
+    if ACT >= GATED:
+        return gate, tl.load(up_at, mask=mask, other=0.0).to(tl.float32)
+    return gate, tl.zeros(gate.shape, tl.float32)
+
+
+@triton.jit
+def _gate_up_product(a_ptr, rows, row_mask, K, stride_am, stride_ak, b_e, n, N, stride_bk, stride_bn,
+                     bias_e, stride_biasn, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(A[rows] B_e + bias_e over the gate columns of n, the same over the up columns for a gated
+    ACT, else zeros), float32 [BLOCK_M, BLOCK_N] each: the up-projection's tiles z, z_up."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    gate_cols, gate_limit = _w1_columns(n, N, False, INTERLEAVED)
+    up_cols, up_limit = _w1_columns(n, N, True, INTERLEAVED)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = _load_rows(a_ptr, rows, row_mask, kk, K, stride_am, stride_ak)
+        acc = tl.dot(a, _load_matrix(b_e, kk, K, gate_cols, gate_limit, stride_bk, stride_bn), acc)
+        if ACT >= GATED:
+            acc_up = tl.dot(a, _load_matrix(b_e, kk, K, up_cols, up_limit, stride_bk, stride_bn), acc_up)
+    if HAS_BIAS:
+        acc += tl.load(bias_e + gate_cols * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        if ACT >= GATED:
+            acc_up += tl.load(bias_e + up_cols * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    return acc, acc_up
+
+
+@triton.jit
+def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offsets_ptr, out_ptr, z_ptr,
                            N, K, E, TOPK,
                            stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_biase, stride_biasn,
                            stride_om, stride_on,
@@ -27,13 +84,16 @@ def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offse
                            ACT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
                            CLAMP_AFTER: tl.constexpr,
                            GATE_SOFTCAP: tl.constexpr, UP_SOFTCAP: tl.constexpr, INTERLEAVED: tl.constexpr,
-                           SCALE_ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
+                           SCALE_ROWS: tl.constexpr, STORE_Z: tl.constexpr, BLOCK_E: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[row_out(p)] = scale_p * act(A[row_in(p)] B_e + bias_e) over each expert's rows p.
 
     row_in(p) = sorted_assignments[p] // k (GATHER_A) or p; row_out(p) = sorted_assignments[p]
     (SCATTER_OUT) or p; scale_p = w_a (SCALE_ROWS) or 1. For a gated activation (ACT >= GATED) B holds
     2N columns, gate and up (concatenated or INTERLEAVED), and out = f(gate) * up with its parameters.
+    STORE_Z also stores the pre-activation z = A B_e + bias_e (both halves for a gated ACT, in B's
+    column layout) at z[p], contiguous rows of B's width, in z's dtype: what the hidden-gradient
+    kernel then reads (LOAD_Z) instead of recomputing it.
     """
     expert, p, row_mask, a = _expert_rows(tl.program_id(0), order_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if expert >= E:
@@ -41,22 +101,12 @@ def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offse
     rows_in = a // TOPK if GATHER_A else p.to(tl.int64)
     rows_out = a if SCATTER_OUT else p.to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    b_e = b_ptr + expert.to(tl.int64) * stride_be
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    gate_cols, gate_limit = _w1_columns(n, N, False, INTERLEAVED)
-    up_cols, up_limit = _w1_columns(n, N, True, INTERLEAVED)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        x = _load_rows(a_ptr, rows_in, row_mask, kk, K, stride_am, stride_ak)
-        acc = tl.dot(x, _load_matrix(b_e, kk, K, gate_cols, gate_limit, stride_bk, stride_bn), acc)
-        if ACT >= GATED:
-            acc_up = tl.dot(x, _load_matrix(b_e, kk, K, up_cols, up_limit, stride_bk, stride_bn), acc_up)
-    if HAS_BIAS:
-        bias_e = bias_ptr + expert.to(tl.int64) * stride_biase
-        acc += tl.load(bias_e + gate_cols * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        if ACT >= GATED:
-            acc_up += tl.load(bias_e + up_cols * stride_biasn, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    e64 = expert.to(tl.int64)
+    acc, acc_up = _gate_up_product(a_ptr, rows_in, row_mask, K, stride_am, stride_ak, b_ptr + e64 * stride_be, n, N,
+                                   stride_bk, stride_bn, bias_ptr + e64 * stride_biase, stride_biasn, HAS_BIAS, ACT,
+                                   INTERLEAVED, BLOCK_M, BLOCK_N, BLOCK_K)
+    if STORE_Z:
+        _store_halves(z_ptr, p.to(tl.int64), row_mask, n, N, acc, acc_up, INTERLEAVED, ACT)
     out = _hidden(acc, acc_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP)
     if SCALE_ROWS:
         out *= tl.load(weights_ptr + a, mask=row_mask, other=0.0)[:, None]
@@ -66,7 +116,7 @@ def _grouped_matmul_kernel(a_ptr, b_ptr, bias_ptr, weights_ptr, order_ptr, offse
 
 @triton.jit
 def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, weights_ptr, order_ptr,
-                                offsets_ptr, h_ptr, dz_ptr, dweights_ptr,
+                                offsets_ptr, z_ptr, h_ptr, dz_ptr, dweights_ptr,
                                 D, H, DO, E, TOPK, A,
                                 stride_xt, stride_xd, stride_gt, stride_gd,
                                 stride_w1e, stride_w1d, stride_w1h, stride_b1e, stride_b1h,
@@ -75,10 +125,11 @@ def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w
                                 LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
                                 CLAMP_AFTER: tl.constexpr,
                                 GATE_SOFTCAP: tl.constexpr, UP_SOFTCAP: tl.constexpr, INTERLEAVED: tl.constexpr,
-                                BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr):
-    """For rows p of one expert and hidden columns n: recompute z = x W1 + b1 and G = g W2^T,
-    store h [p, n], dz [p, W1's columns of n (gate and up for a gated activation)] in expert order and the partial
+                                LOAD_Z: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """For rows p of one expert and hidden columns n: recompute z = x W1 + b1 (LOAD_Z: read it from
+    z [A, W1's width] in expert order, as the forward stored it) and G = g W2^T, store h [p, n],
+    dz [p, W1's columns of n (gate and up for a gated activation)] in expert order and the partial
     dL/dw_a = sum_n h G (+ g . b2 in column block 0) at dweights[pid_n, a]."""
     expert, start, end = _expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, BLOCK_E)
     if expert >= E:
@@ -90,31 +141,22 @@ def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w
     tokens = a // TOPK
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     e64 = expert.to(tl.int64)
-    w1_e, w2_e = w1_ptr + e64 * stride_w1e, w2_ptr + e64 * stride_w2e
-    z = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    z_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    gate_cols, gate_limit = _w1_columns(n, H, False, INTERLEAVED)
-    up_cols, up_limit = _w1_columns(n, H, True, INTERLEAVED)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        x = _load_rows(x_ptr, tokens, row_mask, kk, D, stride_xt, stride_xd)
-        z = tl.dot(x, _load_matrix(w1_e, kk, D, gate_cols, gate_limit, stride_w1d, stride_w1h), z)
-        if ACT >= GATED:
-            z_up = tl.dot(x, _load_matrix(w1_e, kk, D, up_cols, up_limit, stride_w1d, stride_w1h), z_up)
+    rows = p.to(tl.int64)
+    if LOAD_Z:
+        z, z_up = _load_halves(z_ptr, rows, row_mask, n, H, INTERLEAVED, ACT)
+    else:
+        z, z_up = _gate_up_product(x_ptr, tokens, row_mask, D, stride_xt, stride_xd, w1_ptr + e64 * stride_w1e, n, H,
+                                   stride_w1d, stride_w1h, b1_ptr + e64 * stride_b1e, stride_b1h, HAS_B1, ACT,
+                                   INTERLEAVED, BLOCK_M, BLOCK_N, BLOCK_K)
     g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     dy_b2 = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, DO, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         dy = _load_rows(dy_ptr, tokens, row_mask, kk, DO, stride_gt, stride_gd)
-        g = tl.dot(dy, _load_matrix(w2_e, kk, DO, n, H, stride_w2d, stride_w2h), g)
+        g = tl.dot(dy, _load_matrix(w2_ptr + e64 * stride_w2e, kk, DO, n, H, stride_w2d, stride_w2h), g)
         if HAS_B2:
             b2 = tl.load(b2_ptr + e64 * stride_b2e + kk * stride_b2d, mask=kk < DO, other=0.0).to(tl.float32)
             dy_b2 += tl.sum(dy.to(tl.float32) * b2[None, :], axis=1)
-    if HAS_B1:
-        b1_e = b1_ptr + e64 * stride_b1e
-        z += tl.load(b1_e + gate_cols * stride_b1h, mask=n < H, other=0.0).to(tl.float32)[None, :]
-        if ACT >= GATED:
-            z_up += tl.load(b1_e + up_cols * stride_b1h, mask=n < H, other=0.0).to(tl.float32)[None, :]
     h = _hidden(z, z_up, ACT, LIMIT, ALPHA, UP_OFFSET, CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP)
     w = tl.load(weights_ptr + a, mask=row_mask, other=0.0)
     dw = tl.sum(h * g, axis=1)
@@ -123,13 +165,9 @@ def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w
     tl.store(dweights_ptr + pid_n.to(tl.int64) * A + a, dw, mask=row_mask)
     dz, dz_up = _hidden_grads(z, z_up, w[:, None] * g, ACT, LIMIT, ALPHA, UP_OFFSET,
                               CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP)
-    cols = 2 * H if ACT >= GATED else H
-    mask = row_mask[:, None] & (n[None, :] < H)
-    rows = p.to(tl.int64)[:, None]
-    tl.store(h_ptr + rows * H + n[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
-    tl.store(dz_ptr + rows * cols + gate_cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
-    if ACT >= GATED:
-        tl.store(dz_ptr + rows * cols + up_cols[None, :], dz_up.to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + rows[:, None] * H + n[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (n[None, :] < H))
+    _store_halves(dz_ptr, rows, row_mask, n, H, dz, dz_up, INTERLEAVED, ACT)
 
 
 @triton.jit
@@ -184,7 +222,7 @@ def _swiglu_default_only(configs: list, named_args: dict, **kwargs) -> list:
 # Below sm_90 (mma.sync) only the defaults: the larger candidates spill there
 # (docs/kernels.md, compile figures).
 _grouped_matmul = arch_autotune(
-    _grouped_matmul_kernel, "moe_grouped_matmul", key=["N", "K", "E", "ACT"],
+    _grouped_matmul_kernel, "moe_grouped_matmul", key=["N", "K", "E", "ACT", "STORE_Z"],
     wide=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
           [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
            {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
@@ -195,7 +233,7 @@ _grouped_matmul = arch_autotune(
 # (and half the K step below sm_90), as 4 warps spill (docs/kernels.md, compile figures).
 def _unaligned_matmul_tuner(narrow_block_n: int):
     return arch_autotune(
-        _grouped_matmul_kernel, "moe_grouped_matmul", key=["N", "K", "E", "ACT"],
+        _grouped_matmul_kernel, "moe_grouped_matmul", key=["N", "K", "E", "ACT", "STORE_Z"],
         wide=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []),
         narrow=({"BLOCK_M": 64, "BLOCK_N": narrow_block_n, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}, []))
 
@@ -211,7 +249,7 @@ _HIDDEN_GRAD_BLOCK_N = 64
 # 229-242 registers (geglu_tanh, S3) or spilled (relu2 in fp32) on Triton 3.6, and 32 rows at 8
 # warps, which Triton 3.9 holds to 80-118 registers, spilled there (docs/kernels.md, compile figures).
 _grouped_hidden_grad = arch_autotune(
-    _grouped_hidden_grad_kernel, "moe_grouped_hidden_grad", key=["D", "H", "DO", "E", "ACT"],
+    _grouped_hidden_grad_kernel, "moe_grouped_hidden_grad", key=["D", "H", "DO", "E", "ACT", "LOAD_Z"],
     wide=({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
           [{"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
            {"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}]),
@@ -219,7 +257,7 @@ _grouped_hidden_grad = arch_autotune(
 # Unaligned launches (see ``_grouped_matmul_unaligned``), and gated activations in float32 or clamped,
 # where the aligned default spills: 16 warps on sm_90a, 16-row tiles below (docs/kernels.md, compile figures).
 _grouped_hidden_grad_unaligned = arch_autotune(
-    _grouped_hidden_grad_kernel, "moe_grouped_hidden_grad", key=["D", "H", "DO", "E", "ACT"],
+    _grouped_hidden_grad_kernel, "moe_grouped_hidden_grad", key=["D", "H", "DO", "E", "ACT", "LOAD_Z"],
     wide=({"BLOCK_M": 64, "BLOCK_K": 16, "num_warps": 16, "num_stages": 3}, []),
     narrow=({"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 3}, []))
 def _xty_candidates(configs: list, named_args: dict, **kwargs) -> list:
@@ -264,23 +302,53 @@ def _bounded(act: dict) -> bool:
     return act["LIMIT"] is not None or act["GATE_SOFTCAP"] is not None or act["UP_SOFTCAP"] is not None
 
 
-def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | None, out, n: int, k_dim: int, *,
-                           gather: bool, scatter: bool, act: dict, scale: bool) -> None:
-    """``act``: the activation's constexprs (``ActivationSpec.triton_constexprs`` or ``_NO_ACTIVATION``)."""
-    bias_ptr, stride_be, stride_bn = (b, 0, 0) if bias is None else (bias, bias.stride(0), bias.stride(1))
+def _matmul_aligned(a: torch.Tensor, b_strides, out_row_stride: int, n: int, k_dim: int, act: dict) -> bool:
+    """Whether a grouped matmul launch takes the aligned tiles (``_grouped_matmul``)."""
     # A clamped gated activation in float32 fills the registers at the aligned default on sm_80: it
     # takes the 8-warp tiles too, and so does a softcapped one (assumed alike; docs/kernels.md,
     # compile figures).
     clamped_fp32 = act["ACT"] >= GATED_BASE and _bounded(act) and a.dtype == torch.float32
-    aligned_launch = aligned(n, k_dim, a.stride(0), *b_strides, out.stride(0)) and not clamped_fp32
+    return aligned(n, k_dim, a.stride(0), *b_strides, out_row_stride) and not clamped_fp32
+
+
+def _hidden_grad_aligned(x: torch.Tensor, dy_strides, w: _Weights, act: dict) -> bool:
+    """Whether the hidden-gradient launch takes the aligned tiles (``_grouped_hidden_grad``)."""
+    # Gated in float32, or clamped (softcapped assumed alike): the aligned default spills
+    # (docs/kernels.md, compile figures).
+    heavy = act["ACT"] >= GATED_BASE and (x.dtype == torch.float32 or _bounded(act))
+    return aligned(x.shape[1], w.hidden, w.w2.shape[2], *x.stride(), *dy_strides, *w.w1.stride(),
+                   *w.w2.stride()) and not heavy
+
+
+def keeps_z(x: torch.Tensor, w: _Weights, act: dict) -> bool:
+    """Whether the grouped path stores z for backward when asked (``recompute_hidden=False``): for a
+    gated activation only where the up-projection and the hidden gradient (dy assumed contiguous)
+    take the aligned tiles. The unaligned ones, already near the register limit with a gate and an
+    up tile, went over it with the element-wise z stores and loads (U100/U300 swiglu bf16: 255
+    registers on Triton 3.9 and 254 on 3.6 in the up-projection on sm_80; 56 B spilled by the hidden
+    gradient on sm_90a at U100, 3.9; docs/kernels.md, compile figures); there z is recomputed."""
+    if act["ACT"] < GATED_BASE:
+        return True
+    H = w.hidden
+    return (_matmul_aligned(x, w.w1.stride(), H, H, x.shape[1], act)
+            and _hidden_grad_aligned(x, (w.w2.shape[2], 1), w, act))
+
+
+def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | None, out, n: int, k_dim: int, *,
+                           gather: bool, scatter: bool, act: dict, scale: bool,
+                           z_out: torch.Tensor | None = None) -> None:
+    """``act``: the activation's constexprs (``ActivationSpec.triton_constexprs`` or ``_NO_ACTIVATION``);
+    ``z_out``: a contiguous [A, B's width] buffer for the pre-activation (``STORE_Z``), or None."""
+    bias_ptr, stride_be, stride_bn = (b, 0, 0) if bias is None else (bias, bias.stride(0), bias.stride(1))
     gated_f32 = act["ACT"] >= GATED_BASE and a.dtype == torch.float32
-    tuned = _grouped_matmul if aligned_launch else (
+    tuned = _grouped_matmul if _matmul_aligned(a, b_strides, out.stride(0), n, k_dim, act) else (
         _grouped_matmul_unaligned_gated_f32 if gated_f32 else _grouped_matmul_unaligned)
     tuned.for_device(a.device)[d.row_grid(lambda meta: triton.cdiv(n, meta["BLOCK_N"]))](
-        a, b, bias_ptr, d.weights, d.order, d.offsets, out, n, k_dim, d.num_experts, d.top_k,
+        a, b, bias_ptr, d.weights, d.order, d.offsets, out, out if z_out is None else z_out, n, k_dim,
+        d.num_experts, d.top_k,
         a.stride(0), a.stride(1), *b_strides, stride_be, stride_bn, out.stride(0), out.stride(1),
         GATHER_A=gather, SCATTER_OUT=scatter, HAS_BIAS=bias is not None, **act, SCALE_ROWS=scale,
-        BLOCK_E=d.block_e)
+        STORE_Z=z_out is not None, BLOCK_E=d.block_e)
 
 
 def _grouped_xty_launch(d: _Dispatch, x, y, kx: int, ny: int, *, gather_x: bool, gather_y: bool,
@@ -300,18 +368,27 @@ def _grouped_xty_launch(d: _Dispatch, x, y, kx: int, ny: int, *, gather_x: bool,
     return sum_splits(out, dtype), (sum_splits(dbias, bias_dtype) if want_dbias else None)
 
 
-def _forward_grouped(d: _Dispatch, x: torch.Tensor, w: _Weights, act: dict) -> torch.Tensor:
+def _forward_grouped(d: _Dispatch, x: torch.Tensor, w: _Weights, act: dict, keep_z: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the k weighted expert outputs of each assignment [A, D_out] by assignment id, the
+    pre-activation z [A, W1's width] in expert order when ``keep_z`` (which the caller decides by
+    ``keeps_z``), else None)."""
     H, DO = w.hidden, w.w2.shape[2]
     hidden = torch.empty(d.num_assignments, H, dtype=x.dtype, device=x.device)
+    z = torch.empty(d.num_assignments, w.w1.shape[2], dtype=x.dtype, device=x.device) if keep_z else None
     _grouped_matmul_launch(d, x, w.w1, w.w1.stride(), w.b1, hidden, H, x.shape[1],
-                           gather=True, scatter=False, act=act, scale=False)
+                           gather=True, scatter=False, act=act, scale=False, z_out=z)
     out = torch.empty(d.num_assignments, DO, dtype=x.dtype, device=x.device)
     _grouped_matmul_launch(d, hidden, w.w2, w.w2.stride(), w.b2, out, DO, H,
                            gather=False, scatter=True, act=_NO_ACTIVATION, scale=True)
-    return out
+    return out, z
 
 
-def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool, need_weights: bool):
+def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool, need_weights: bool,
+                      z: torch.Tensor | None = None):
+    """(dx by assignment or None, dL/dw by assignment, (dw1, db1, dw2, db2) or Nones); ``z``: the
+    forward's pre-activation (``_forward_grouped(keep_z=True)``), read instead of recomputed, but for
+    a gated activation whose launch takes the unaligned tiles (a strided dy; see ``keeps_z``)."""
     D, H, DO, E, A = x.shape[1], w.hidden, w.w2.shape[2], d.num_experts, d.num_assignments
     b1, stride_b1e, stride_b1h = w.b1_args()
     b2, stride_b2e, stride_b2d = w.b2_args()
@@ -319,16 +396,15 @@ def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool
     hidden = torch.empty(A, H, dtype=x.dtype, device=x.device)
     dz = torch.empty(A, w.w1.shape[2], dtype=x.dtype, device=x.device)
     dweights = torch.empty(column_blocks, A, dtype=torch.float32, device=x.device)
-    # Gated in float32, or clamped (softcapped assumed alike): the aligned default spills
-    # (docs/kernels.md, compile figures).
-    heavy = act["ACT"] >= GATED_BASE and (x.dtype == torch.float32 or _bounded(act))
-    tuned = _grouped_hidden_grad if aligned(D, H, DO, *x.stride(), *dy.stride(), *w.w1.stride(), *w.w2.stride()) \
-        and not heavy else _grouped_hidden_grad_unaligned
+    aligned_launch = _hidden_grad_aligned(x, dy.stride(), w, act)
+    tuned = _grouped_hidden_grad if aligned_launch else _grouped_hidden_grad_unaligned
+    if not aligned_launch and act["ACT"] >= GATED_BASE:
+        z = None
     tuned.for_device(x.device)[d.row_grid(lambda meta: column_blocks)](
-        x, dy, w.w1, b1, w.w2, b2, d.weights, d.order, d.offsets, hidden, dz, dweights,
+        x, dy, w.w1, b1, w.w2, b2, d.weights, d.order, d.offsets, dz if z is None else z, hidden, dz, dweights,
         D, H, DO, E, d.top_k, A, *x.stride(), *dy.stride(), *w.w1.stride(), stride_b1e, stride_b1h,
         *w.w2.stride(), stride_b2e, stride_b2d,
-        HAS_B1=w.b1 is not None, HAS_B2=w.b2 is not None, **act, BLOCK_E=d.block_e,
+        HAS_B1=w.b1 is not None, HAS_B2=w.b2 is not None, **act, LOAD_Z=z is not None, BLOCK_E=d.block_e,
         BLOCK_N=_HIDDEN_GRAD_BLOCK_N)
     dx = None
     if need_dx:

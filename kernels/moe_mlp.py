@@ -83,7 +83,8 @@ def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
 
 def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
             b1: torch.Tensor | None = None, b2: torch.Tensor | None = None, *,
-            activation: Activation = "gelu", backend: str | None = None) -> torch.Tensor:
+            activation: Activation = "gelu", backend: str | None = None,
+            recompute_hidden: bool = True) -> torch.Tensor:
     """Apply each token's routed experts and combine their outputs; see the module docstring.
 
     x, w1, w2, b1 and b2 share one float dtype (float16, bfloat16, float32: both backends; float64,
@@ -95,15 +96,31 @@ def moe_mlp(x: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tenso
     assignments) is refused before any kernel reads it: ValueError on the torch backend, a
     device-side assert on the Triton path (ValueError under the interpreter), and a device-side
     assert under torch.compile; see ``_device_checks``.
+
+    ``recompute_hidden`` trades memory for FLOPs on the Triton grouped path (the one every width
+    above the fused path's takes, e.g. D=768, H=3072). True (the default, memory-lean): autograd
+    keeps only the inputs and the routing, and the backward recomputes the pre-activation
+    z = x W1 + b1, one GEMM more than the forward's. False: the forward also stores z, T*k rows of
+    W1's width (H, or 2H gated) in x's dtype, which autograd keeps until backward and the backward
+    reads instead: k * W1's width * itemsize bytes more per token kept (S2, bf16: 12,288), the
+    step's FLOPs at the floor's 3x the forward's. The result is the same either way but for the
+    rounding of z to x's dtype. Ignored on the fused path (small widths, where the hidden layer never
+    reaches global memory and storing z would add the [T*k, H] traffic that path avoids), on the
+    torch backend (which always keeps z), and for a gated activation (swiglu, geglu, ...) where the
+    grouped kernels take their unaligned tiles (a width or stride off a multiple of 16, float32, a
+    clamp or softcap), which measured over the register limit with z kept; bool, else TypeError.
     """
     check_float("x", x)
     check_has_values("x", x)
+    if not isinstance(recompute_hidden, bool):
+        raise TypeError(f"recompute_hidden must be a bool, got {type(recompute_hidden).__name__}")
     x, w1, w2, b1, b2 = autocast_inputs(x, w1, w2, b1, b2)
     with autocast_off(x.device.type):
-        return _moe_mlp(x, routing, w1, w2, b1, b2, activation, backend)
+        return _moe_mlp(x, routing, w1, w2, b1, b2, activation, backend, recompute_hidden=recompute_hidden)
 
 
-def _moe_mlp(x, routing, w1, w2, b1, b2, activation: Activation, backend: str | None) -> torch.Tensor:
+def _moe_mlp(x, routing, w1, w2, b1, b2, activation: Activation, backend: str | None, *,
+             recompute_hidden: bool = True) -> torch.Tensor:
     activation = check_activation(activation)  # the canonical string, which the custom op carries
     _validate(x, routing, w1, w2, b1, b2, activation)
     backend = resolve_backend(backend, x)
@@ -118,8 +135,9 @@ def _moe_mlp(x, routing, w1, w2, b1, b2, activation: Activation, backend: str | 
     fused = use_fused_path(x.shape[1], w2.shape[2], activation, x.dtype)
     # The kernels read the dispatch layout with unit stride (x and the parameters through their
     # strides): a strided view of it, as a Routing built from slices holds, is copied first.
-    return moe_mlp_forward(x, routing.weights, w1, w2, b1, b2, routing.sorted_assignments.contiguous(),
-                           routing.expert_offsets.contiguous(), activation, fused)
+    y, _ = moe_mlp_forward(x, routing.weights, w1, w2, b1, b2, routing.sorted_assignments.contiguous(),
+                           routing.expert_offsets.contiguous(), activation, fused, not recompute_hidden)
+    return y  # z, where kept, lives on in autograd's saved tensors
 
 
 def moe_mlp_topk(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,

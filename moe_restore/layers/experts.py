@@ -89,10 +89,13 @@ class ExpertMLPs(nn.Module):
         activation: "gelu" (exact), "gelu_tanh", "silu", "swiglu" (w1 holds [gate | up], 2H columns) or "relu".
         bias: biases b1, b2.
         backend: kernel backend ("triton", "torch" or None for the backend rule).
+        recompute_hidden: ``moe_mlp``'s trade on the Triton grouped path: True (memory-lean) recomputes
+            the pre-activation in backward, False keeps it (k * H (2H gated) values per token more
+            kept, one GEMM fewer). An attribute, which may be changed between calls.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, out_dim: int, *, activation: str = "gelu",
-                 bias: bool = True, backend: str | None = None):
+                 bias: bool = True, backend: str | None = None, recompute_hidden: bool = True):
         super().__init__()
         for name, value in (("num_experts", num_experts), ("dim", dim), ("hidden_dim", hidden_dim),
                             ("out_dim", out_dim)):
@@ -100,6 +103,7 @@ class ExpertMLPs(nn.Module):
         check_activation(activation)
         self.num_experts, self.dim, self.hidden_dim, self.out_dim = num_experts, dim, hidden_dim, out_dim
         self.activation, self.backend = activation, check_backend(backend)
+        self.recompute_hidden = recompute_hidden
         first = first_layer_width(activation, hidden_dim)
         self.w1 = nn.Parameter(_uniform_(torch.empty(num_experts, dim, first), dim))
         self.w2 = nn.Parameter(_uniform_(torch.empty(num_experts, hidden_dim, out_dim), hidden_dim))
@@ -112,7 +116,8 @@ class ExpertMLPs(nn.Module):
         Weights sharded over ranks (DTensors: ``moe_restore.parallel.ExpertParallel``) are used
         through their local shard, the experts this rank holds, which the routing then addresses."""
         w1, w2, b1, b2 = (_local_shard(p) for p in (self.w1, self.w2, self.b1, self.b2))
-        return moe_mlp(tokens, routing, w1, w2, b1, b2, activation=self.activation, backend=self.backend)
+        return moe_mlp(tokens, routing, w1, w2, b1, b2, activation=self.activation, backend=self.backend,
+                       recompute_hidden=self.recompute_hidden)
 
     @torch.no_grad()
     def copy_dense_(self, linear1: nn.Linear, linear2: nn.Linear, noise_std: float = 0.0) -> None:

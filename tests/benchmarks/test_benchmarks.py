@@ -20,7 +20,7 @@ from moe_restore.cli import main as cli_main
 from moe_restore.kernels import moe_mlp, nested_route, topk_route
 from moe_restore.layers import TopKMoE
 from moe_restore.layers.nested_moe import NestedMoE
-from utils import DEVICE, assert_close
+from utils import DEVICE, assert_close, backends
 
 T, D, H = 96, 24, 40
 
@@ -159,6 +159,24 @@ def test_triton_keeps_a_tenth_of_the_eager_loops_bytes():
     assert eager >= shape.top_k * shape.hidden * 4
     triton = triton_saved_bytes_per_token(shape, torch.float32, torch.device("cpu"), 0.0)
     assert 0 < triton <= 0.1 * eager
+
+
+@pytest.mark.skipif("triton" not in backends(), reason="needs the Triton backend")
+def test_kept_hidden_keeps_exactly_z_more(monkeypatch):
+    """``recompute_hidden=False`` on the grouped path keeps k * H * 4 bytes per token more (z of
+    the two assignments of each token, float32 here), 512 at this shape, and nothing else; the
+    default keeps at most the issue's 0.05x of the eager loop's bytes."""
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", "grouped")  # these widths would take the fused path
+    shape = MoEShape("t", 64, 32, 64, 4, 2)
+    torch.manual_seed(0)
+    layer = TopKMoE(shape.dim, shape.hidden, shape.experts, shape.top_k, backend="triton")
+    x = torch.randn(shape.tokens, shape.dim, requires_grad=True)
+    eager = saved_bytes(lambda x: eager_topk_moe(layer, x), x, layer.parameters()) / shape.tokens
+    lean = saved_bytes(layer, x, layer.parameters()) / shape.tokens
+    layer.experts.recompute_hidden = False
+    kept = saved_bytes(layer, x, layer.parameters()) / shape.tokens
+    assert kept - lean == shape.top_k * shape.hidden * 4 == 512
+    assert 0 < lean <= 0.05 * eager
 
 
 def test_plot_command_writes_pngs(tmp_path, capsys):

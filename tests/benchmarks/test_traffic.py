@@ -164,3 +164,27 @@ def test_row_split_line_predicts_a_direct_count():
     for row, launch in zip(rows, four):
         for q in ("read_distinct", "write_distinct", "read_requested", "write_requested"):
             assert row[q] == getattr(launch, q), (launch.name, q)
+
+
+def test_kept_hidden_trades_the_recomputed_gemm_for_z():
+    """``--keep-hidden`` (``recompute_hidden=False``) at the small grouped shape (swiglu, bias): the
+    up-projection also writes z [A, 2H] in bf16, and the hidden-gradient kernel reads it instead of
+    the x rows, W1 and b1, and drops the x W1 product's 2 A D 2H FLOPs; every other launch is the same."""
+    shape = traffic.SMALL_SHAPES[1]
+    assert shape.activation == "swiglu"
+    lean, kept = (traffic.count_small(shape, recompute_hidden=r) for r in (True, False))
+    T, D, E, W = shape.tokens, shape.dim, shape.experts, 2 * shape.hidden
+    A = T * shape.top_k
+    assert [(l.name, l.phase) for l in lean] == [(l.name, l.phase) for l in kept]
+    up_projection = False
+    for a, b in zip(lean, kept):
+        change = {q: getattr(b, q) - getattr(a, q) for q in ("read_distinct", "write_distinct", "flops")}
+        if a.name == "_grouped_matmul_kernel" and a.phase == "forward" and change["write_distinct"]:
+            assert change == {"read_distinct": 0, "write_distinct": 2 * A * W, "flops": 0}
+            up_projection = True
+        elif a.name == "_grouped_hidden_grad_kernel":
+            assert change == {"read_distinct": 2 * (A * W - T * D - E * D * W - E * W), "write_distinct": 0,
+                              "flops": -2 * A * D * W}
+        else:
+            assert change == {"read_distinct": 0, "write_distinct": 0, "flops": 0}, a.name
+    assert up_projection

@@ -1,7 +1,8 @@
 """Activation specs (``moe_restore.kernels.activations``): moe_mlp with each new kind and each
 gated parameter (clamp limit before or after the gate function, sigmoid slope, up offset,
 interleaved gate/up columns) against the float64 oracle ``naive.moe_mlp``, forward and every
-gradient, on every backend and both Triton paths, at odd shapes (D, H, D_out not powers of two,
+gradient, on every backend and both Triton paths (the grouped one also with the pre-activation
+kept for backward, ``recompute_hidden=False``: path "grouped-keep"), at odd shapes (D, H, D_out not powers of two,
 an expert with no tokens, one token); and the spec's parsing and validation."""
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ SHAPES = {"odd": (13, 7, 5, 9, 4, 2, True), "one_token": (1, 6, 3, 5, 3, 2, Fals
 
 
 def _paths(backend):
-    return ["fused", "grouped"] if backend == "triton" else ["auto"]
+    return ["fused", "grouped", "grouped-keep"] if backend == "triton" else ["auto"]
 
 
 def _problem(T, D, H, D_out, E, k, bias, spec, dtype, seed=0):
@@ -56,7 +57,7 @@ def _problem(T, D, H, D_out, E, k, bias, spec, dtype, seed=0):
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("backend,path", [(b, p) for b in backends() for p in _paths(b)])
 def test_matches_the_float64_oracle(monkeypatch, backend, path, name, shape):
-    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path)
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path.removesuffix("-keep"))
     spec = SPECS[name]
     T, D, H, D_out, E, k, bias = SHAPES[shape]
     dtype = torch.float32 if backend == "triton" else torch.float64
@@ -66,7 +67,8 @@ def test_matches_the_float64_oracle(monkeypatch, backend, path, name, shape):
     x, w1, w2, *biases = params
     with poisoned_allocations():
         routing = routing_from_topk(experts, weights, E, backend=backend)
-        y = moe_mlp(x, routing, w1, w2, *biases, activation=spec, backend=backend)
+        y = moe_mlp(x, routing, w1, w2, *biases, activation=spec, backend=backend,
+                    recompute_hidden=path != "grouped-keep")
         grads = torch.autograd.grad((y * upstream).sum(), params + [weights])
 
     ref = [p.detach().cpu().double().requires_grad_() for p in params + [weights]]

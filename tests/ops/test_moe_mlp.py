@@ -1,5 +1,6 @@
 """moe_mlp against the float64 oracle ``naive.moe_mlp``, forward and every gradient, on every backend
-and (for Triton) both the fused small-width path and the grouped path."""
+and (for Triton) both the fused small-width path and the grouped path, the latter also with the
+pre-activation kept for backward (``recompute_hidden=False``: path "grouped-keep")."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,14 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_restore.kernels import Routing, moe_mlp, naive, routing_from_topk, topk_route
+from moe_restore.kernels import ActivationSpec, Routing, moe_mlp, naive, routing_from_topk, topk_route
+from moe_restore.kernels.activations import first_layer_width
 from moe_restore.kernels.moe_mlp import moe_mlp_topk
 from utils import DEVICE, assert_close, backends, poisoned_allocations
 
 
 def make_problem(T, D, H, E, k, D_out, activation, bias, scoring, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    w1_cols = 2 * H if activation == "swiglu" else H
+    w1_cols = first_layer_width(activation, H)
 
     def rand(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
@@ -29,14 +31,15 @@ def make_problem(T, D, H, E, k, D_out, activation, bias, scoring, dtype, seed):
     return x, logits, w1, w2, b1, b2, rand(T, D_out)
 
 
-def check_against_oracle(problem, k, activation, scoring, backend, dtype):
+def check_against_oracle(problem, k, activation, scoring, backend, dtype, recompute_hidden=True):
     x, logits, w1, w2, b1, b2, upstream = problem
     routing = topk_route(logits, k, scoring=scoring, backend=backend)
     weights = routing.weights.detach().clone().requires_grad_()
     routing = dataclasses.replace(routing, weights=weights)
     params = [p.requires_grad_() for p in (x, w1, w2, b1, b2) if p is not None]
     with poisoned_allocations():
-        y = moe_mlp(x, routing, w1, w2, b1, b2, activation=activation, backend=backend)
+        y = moe_mlp(x, routing, w1, w2, b1, b2, activation=activation, backend=backend,
+                    recompute_hidden=recompute_hidden)
         grads = torch.autograd.grad((y.float() * upstream.float()).sum(), params + [weights])
     assert y.dtype == dtype and y.shape == (x.shape[0], w2.shape[2])
 
@@ -55,11 +58,18 @@ def check_against_oracle(problem, k, activation, scoring, backend, dtype):
 
 
 def paths(backend):
-    return ["fused", "grouped"] if backend == "triton" else ["-"]
+    return ["fused", "grouped", "grouped-keep"] if backend == "triton" else ["-"]
 
 
 def backend_paths():
     return [(b, p) for b in backends() for p in paths(b)]
+
+
+def use_path(monkeypatch, backend, path) -> bool:
+    """Pin the Triton path ``path`` names (the automatic choice on the torch backend); return the
+    ``recompute_hidden`` it runs with: False for "grouped-keep"."""
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path.removesuffix("-keep") if backend == "triton" else "auto")
+    return path != "grouped-keep"
 
 
 CASES = [  # T, D, H, E, k, D_out, activation, bias, scoring
@@ -75,46 +85,125 @@ CASES = [  # T, D, H, E, k, D_out, activation, bias, scoring
 @pytest.mark.parametrize("backend,path", backend_paths())
 @pytest.mark.parametrize("T,D,H,E,k,D_out,activation,bias,scoring", CASES)
 def test_matches_oracle_float32(monkeypatch, backend, path, T, D, H, E, k, D_out, activation, bias, scoring):
-    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path if backend == "triton" else "auto")
+    recompute = use_path(monkeypatch, backend, path)
     problem = make_problem(T, D, H, E, k, D_out, activation, bias, scoring, torch.float32, seed=T + D + H + E + k)
-    check_against_oracle(problem, k, activation, scoring, backend, torch.float32)
+    check_against_oracle(problem, k, activation, scoring, backend, torch.float32, recompute)
 
 
 @pytest.mark.skipif("triton" not in backends(), reason="needs the Triton backend")
-@pytest.mark.parametrize("path", ["fused", "grouped"])
+@pytest.mark.parametrize("path", ["fused", "grouped", "grouped-keep"])
 @pytest.mark.parametrize("T,D,H,E,k,D_out,activation,bias,scoring", [CASES[2], CASES[3]])
 def test_the_other_generations_tiles(monkeypatch, path, T, D, H, E, k, D_out, activation, bias, scoring):
     # The tiles differ by tensor-core generation (the fused backward: 64-row on sm_90+, 32-row below;
     # the grouped hidden gradient at these cases, D=97 or float32 swiglu: 64-row and 16-row); a run
     # uses one of them, so the other is checked here by choosing it explicitly.
     from moe_restore.kernels._tuning import ArchTuned
-    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path)
+    recompute = use_path(monkeypatch, "triton", path)
     on_cuda = ArchTuned.for_device
     monkeypatch.setattr(ArchTuned, "for_device", lambda self, device: (
         self.narrow if on_cuda(self, device) is self.wide else self.wide))
     problem = make_problem(T, D, H, E, k, D_out, activation, bias, scoring, torch.float32, seed=T + D + H + E + k)
-    check_against_oracle(problem, k, activation, scoring, "triton", torch.float32)
+    check_against_oracle(problem, k, activation, scoring, "triton", torch.float32, recompute)
 
 
 @pytest.mark.parametrize("backend,path", backend_paths())
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_matches_oracle_float16(monkeypatch, backend, path, activation):
-    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path if backend == "triton" else "auto")
+    recompute = use_path(monkeypatch, backend, path)
     problem = make_problem(45, 40, 72, 6, 2, 40, activation, True, "softmax", torch.float16, seed=5)
-    check_against_oracle(problem, 2, activation, "softmax", backend, torch.float16)
+    check_against_oracle(problem, 2, activation, "softmax", backend, torch.float16, recompute)
 
 
 @pytest.mark.parametrize("backend,path", backend_paths())
 @pytest.mark.parametrize("skew", ["expert without tokens", "all tokens to one expert"])
 def test_skewed_routing(monkeypatch, backend, path, skew):
-    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path if backend == "triton" else "auto")
+    recompute = use_path(monkeypatch, backend, path)
     x, logits, w1, w2, b1, b2, upstream = make_problem(70, 32, 48, 4, 1, 32, "gelu", True, "softmax",
                                                        torch.float32, seed=11)
     if skew == "expert without tokens":
         logits[:, 2] = -50.0
     else:
         logits[:, 1] = 50.0
-    check_against_oracle((x, logits, w1, w2, b1, b2, upstream), 1, "gelu", "softmax", backend, torch.float32)
+    check_against_oracle((x, logits, w1, w2, b1, b2, upstream), 1, "gelu", "softmax", backend, torch.float32,
+                         recompute)
+
+
+def _saved_storages(forward):
+    """Each distinct storage autograd packs during ``forward()``, by its pointer: (bytes, dtype)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return saved
+
+
+@pytest.mark.skipif("triton" not in backends(), reason="needs the Triton backend")
+@pytest.mark.parametrize("path,activation,D,dy_stride,kept,read", [
+    ("fused", "gelu", 32, 32, False, False), ("grouped", "gelu", 32, 32, True, True),
+    ("grouped", "gelu", 40, 32, True, True), ("grouped", "swiglu", 32, 32, True, True),
+    ("grouped", "swiglu", 40, 32, False, False), ("grouped", "swiglu", 32, 40, True, False)])
+def test_kept_hidden_is_one_more_saved_tensor_of_z(monkeypatch, path, activation, D, dy_stride, kept, read):
+    """recompute_hidden=False on the grouped path keeps exactly one more storage, z [T*k, W1's
+    width] in x's dtype, but for a gated activation at a width off a multiple of 16 (D=40), whose
+    unaligned tiles recompute z; on the fused path and there it changes nothing: the same storages,
+    and bitwise the same output and gradients. A gated activation's z, kept for the contiguous dy
+    the forward assumes, is not read by the hidden gradient's unaligned tiles, which a dy of row
+    stride 40 takes: bitwise the recomputed gradients (z read in float16 would round them)."""
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", path)
+    T, k = 37, 2
+    x, logits, w1, w2, b1, b2, upstream = make_problem(T, D, 48, 4, k, 32, activation, True, "softmax",
+                                                       torch.float16, seed=2)
+    dy = torch.zeros(T, dy_stride, dtype=upstream.dtype, device=DEVICE)[:, :32].copy_(upstream)
+    params = [p.requires_grad_() for p in (x, w1, w2, b1, b2)]
+    r = topk_route(logits, k, backend="triton")
+    runs, saved = {}, {}
+    for recompute in (True, False):
+        def forward():
+            runs[recompute] = moe_mlp(x, r, w1, w2, b1, b2, activation=activation, backend="triton",
+                                      recompute_hidden=recompute)
+        saved[recompute] = _saved_storages(forward)
+        y = runs[recompute]
+        runs[recompute] = [y, *torch.autograd.grad(y, params, dy)]
+    extra = set(saved[False]) - set(saved[True])
+    if not kept:
+        assert not extra and len(saved[False]) == len(saved[True])
+    else:
+        assert len(saved[False]) == len(saved[True]) + 1 and len(extra) == 1
+        assert saved[False][extra.pop()] == (T * k * w1.shape[2] * 2, torch.float16)
+    if not read:
+        for a, b in zip(runs[True], runs[False]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("triton" not in backends(), reason="needs the Triton backend")
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "geglu_tanh",
+                                        ActivationSpec("swiglu", alpha=1.702, up_offset=1.0, interleaved=True)])
+def test_kept_gated_hidden_matches_oracle(monkeypatch, activation):
+    """The gated activations whose z the grouped path keeps (widths multiples of 16, float16, no
+    clamp or softcap; float32 and the clamped specs recompute z), against the oracle, with an
+    expert that gets no token; that z is kept is checked by the saved storages."""
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", "grouped")
+    problem = make_problem(45, 32, 48, 6, 2, 32, activation, True, "softmax", torch.float16, seed=9)
+    problem[1][:, 5] = -50.0  # expert 5 gets no token
+    x, w1, w2, b1, b2 = (p.requires_grad_() for p in (problem[0], *problem[2:6]))
+    kept_bytes = 45 * 2 * w1.shape[2] * 2
+    for recompute in (True, False):
+        r = topk_route(problem[1], 2, backend="triton")
+        sizes = [size for size, _ in _saved_storages(lambda: moe_mlp(
+            x, r, w1, w2, b1, b2, activation=activation, backend="triton",
+            recompute_hidden=recompute)).values()]
+        assert (kept_bytes in sizes) == (not recompute)
+    check_against_oracle(problem, 2, activation, "softmax", "triton", torch.float16, recompute_hidden=False)
+
+
+def test_recompute_hidden_must_be_a_bool():
+    x, r, w1, w2 = _inputs()
+    with pytest.raises(TypeError, match="recompute_hidden must be a bool"):
+        moe_mlp(x, r, w1, w2, recompute_hidden=0)
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moe_restore.kernels import moe_mlp, nested_route, topk_route
+from moe_restore.kernels.activations import first_layer_width
 from utils import DEVICE, backends, skip_if_compiled_torch_backward_is_wrong
 
 
@@ -31,6 +32,45 @@ def test_topk_moe_compiles_without_graph_breaks(backend):
     inputs = [t.to(DEVICE).requires_grad_() for t in (x, logits, w1, w2, b1)]
     _compiled_matches_eager(lambda x, l, w1, w2, b1: moe_mlp(x, topk_route(l, 2, backend=backend), w1, w2, b1,
                                                                         backend=backend), *inputs)
+
+
+@pytest.mark.skipif("triton" not in backends(), reason="needs the Triton backend")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_kept_hidden_compiles_without_graph_breaks(monkeypatch, dtype):
+    """The grouped path with the pre-activation kept (the custom op's second output, saved for
+    backward; swiglu keeps it in float16, recomputes it in float32): traced through its fake
+    implementation, the same values as eager."""
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", "grouped")
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(2)
+    x, logits = torch.randn(40, 16, generator=gen), torch.randn(40, 4, generator=gen)
+    w1, w2, b1 = torch.randn(4, 16, 64, generator=gen), torch.randn(4, 32, 16, generator=gen), torch.randn(4, 64, generator=gen)
+    inputs = [t.to(DEVICE, dtype).requires_grad_() for t in (x, logits, w1, w2, b1)]
+    _compiled_matches_eager(lambda x, l, w1, w2, b1: moe_mlp(x, topk_route(l, 2, backend="triton"), w1, w2, b1,
+                                                             activation="swiglu", backend="triton",
+                                                             recompute_hidden=False), *inputs)
+
+
+@pytest.mark.skipif("triton" not in backends(), reason="needs the Triton backend")
+@pytest.mark.parametrize("D,activation,dtype,kept", [
+    (32, "swiglu", torch.float16, True), (40, "swiglu", torch.float16, False),
+    (32, "swiglu", torch.float32, False), (40, "gelu", torch.float16, True)])
+def test_fake_returns_z_where_the_op_keeps_it(monkeypatch, D, activation, dtype, kept):
+    """The forward op's fake implementation (what torch.compile traces) returns z [T*k, W1's width]
+    exactly where the kernels keep it (``_moe_mlp_grouped.keeps_z``: a gated activation only on
+    aligned tiles) and an empty tensor elsewhere, with the real op's shapes, strides and dtypes."""
+    from moe_restore.kernels._moe_mlp_triton import moe_mlp_forward
+
+    monkeypatch.setenv("MOE_RESTORE_MLP_PATH", "grouped")
+    gen = torch.Generator().manual_seed(3)
+    T, E, k, H = 13, 4, 2, 48
+    x = torch.randn(T, D, generator=gen).to(DEVICE, dtype)
+    w1 = torch.randn(E, D, first_layer_width(activation, H), generator=gen).to(DEVICE, dtype)
+    w2 = torch.randn(E, H, 32, generator=gen).to(DEVICE, dtype)
+    r = topk_route(torch.randn(T, E, generator=gen).to(DEVICE), k, backend="triton")
+    args = (x, r.weights, w1, w2, None, None, r.sorted_assignments, r.expert_offsets, activation, False, True)
+    assert torch.library.opcheck(moe_mlp_forward, args, test_utils="test_faketensor") == {"test_faketensor": "SUCCESS"}
+    assert moe_mlp_forward(*args)[1].shape == ((T * k, w1.shape[2]) if kept else (0,))
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -57,9 +57,12 @@ def _layers():
             "nested": NestedMoE(16, 24, 3, 2, 2, 1, group_context_dim=4, backend="triton")}
 
 
-@pytest.mark.parametrize("name", ["topk", "nested"])
+@pytest.mark.parametrize("name", ["topk", "nested", "topk-keep"])
 def test_layer_forward_backward_makes_no_host_read(name, monkeypatch):
-    layer = _layers()[name].to(DEVICE)
+    layer = _layers()[name.removesuffix("-keep")].to(DEVICE)
+    if name == "topk-keep":  # the grouped path with the pre-activation kept for backward
+        monkeypatch.setenv("MOE_RESTORE_MLP_PATH", "grouped")
+        layer.experts.recompute_hidden = False
     x = torch.randn(2, 10, 16, device=DEVICE, requires_grad=True)
     args = (torch.randn(2, 4, device=DEVICE),) if name == "nested" else ()
 
