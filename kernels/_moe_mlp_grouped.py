@@ -231,18 +231,19 @@ _grouped_matmul = arch_autotune(
     wide_prune=_swiglu_default_only)
 # Widths or row strides off a multiple of 16 (``_tuning.aligned``) load element by element: 8 warps
 # (and half the K step below sm_90), as 4 warps spill (docs/kernels.md, compile figures).
-def _unaligned_matmul_tuner(narrow_block_n: int):
+def _unaligned_matmul_tuner(narrow_block_m: int):
     return arch_autotune(
         _grouped_matmul_kernel, "moe_grouped_matmul", key=["N", "K", "E", "ACT", "STORE_Z"],
         wide=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}, []),
-        narrow=({"BLOCK_M": 64, "BLOCK_N": narrow_block_n, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}, []))
+        narrow=({"BLOCK_M": narrow_block_m, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}, []))
 
 
-_grouped_matmul_unaligned = _unaligned_matmul_tuner(narrow_block_n=64)
-# A gated activation in float32 on those tiles below sm_90: 32 columns (its gate and up tiles are
-# two [BLOCK_M, BLOCK_N] float32 accumulators), as 64 hold 255 registers on sm_80 at D=100/300
-# (Triton 3.6 and 3.9; docs/kernels.md, compile figures).
-_grouped_matmul_unaligned_gated_f32 = _unaligned_matmul_tuner(narrow_block_n=32)
+_grouped_matmul_unaligned = _unaligned_matmul_tuner(narrow_block_m=64)
+# A gated activation in float32 on those tiles below sm_90 (and a clamped or softcapped one, which
+# takes them in float32): 32 rows, as its gate and up tiles are two [BLOCK_M, BLOCK_N] float32
+# accumulators: 64 x 64 held 255 registers on sm_80 at D=100/300 and 64 x 32 spilled 16 B on 3.9
+# (32 x 64: at most 80 on 3.9 and 95 on 3.6; docs/kernels.md, compile figures).
+_grouped_matmul_unaligned_gated_f32 = _unaligned_matmul_tuner(narrow_block_m=32)
 # Its column-block count sizes the partial dL/dw buffer, so BLOCK_N stays fixed across configs.
 _HIDDEN_GRAD_BLOCK_N = 64
 # 8 warps at the default on sm_90+. Below sm_90 32-row tiles at 4 warps: 64 rows at 8 warps held
