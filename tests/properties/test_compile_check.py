@@ -215,3 +215,13 @@ def test_xty_candidates_are_pruned_at_unaligned_widths():
     # float32: the 4-warp 64 x 128 x 64 candidate (96 operand elements a thread) spilled on Triton 3.6
     fp32 = kept(768, 2048, dtype=torch.float32)
     assert fp32 == [configs[0], configs[1]] and configs[2].kwargs["BLOCK_P"] == 64 and configs[2].num_warps == 4
+
+
+def test_hidden_grad_takes_its_default_only_for_a_kept_gated_z():
+    from moe_restore.kernels._moe_mlp_grouped import _kept_gated_default_only
+
+    configs = ["default", "candidate 1", "candidate 2"]
+    swiglu, gelu = TRITON_CODES["swiglu"], TRITON_CODES["gelu"]
+    assert _kept_gated_default_only(configs, {}, LOAD_Z=True, ACT=swiglu) == ["default"]
+    assert _kept_gated_default_only(configs, {}, LOAD_Z=False, ACT=swiglu) == configs
+    assert _kept_gated_default_only(configs, {}, LOAD_Z=True, ACT=gelu) == configs
