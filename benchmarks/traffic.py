@@ -388,7 +388,7 @@ def count_scan(shape: ScanShape, device: Device) -> tuple[list[dict], dict[str, 
 
     with _pinned_env({"MOE_RESTORE_SCAN_CHUNK": None}):
         chunk = chunk_length(shape.length)
-    block_d = 32  # the chunk kernels' BLOCK_D and the backward's channel block at N <= 16
+    block_d = 64  # a multiple of the chunk kernels' BLOCK_D (32) and the backward's channel block (64)
     if shape.length % chunk or shape.dim % block_d or shape.dim < 2 * block_d or shape.state > 16:
         raise ValueError(f"{shape.label}: L must be a multiple of {chunk}, D of {block_d} and >= {2 * block_d}, "
                          f"N <= 16")

@@ -63,20 +63,29 @@ def _chunk_program(L, D, N, sx_b, sn_b, CHUNK: tl.constexpr, BLOCK_D: tl.constex
 
 @triton.jit
 def _load_token(k, U, F, BM, CM, L, INNER, base_x, base_n, sx_o, sx_i, sn_o, sn_i,
-                offs_d, offs_n, mask_d, mask_n, REVERSE: tl.constexpr):
+                offs_d, offs_n, mask_d, mask_n, REVERSE: tl.constexpr,
+                READ_U_BM: tl.constexpr = True, READ_CM: tl.constexpr = True):
     """The k-th visited token of a [H, W] grid read through strides: its int64 offsets into
-    the [.., D] and [.., N] tensors, and float32 u, log a, a, 1 - a, Bm, Cm. (A kernel that
-    ignores a value loses its load: the compiler drops unused loads.)"""
+    the [.., D] and [.., N] tensors, and float32 u, log a, a, 1 - a, Bm, Cm. A kernel that has
+    no use for u and Bm (or Cm) leaves them unread (zeros): the compiler would drop the loads,
+    but the interpreter, which counts the traffic, runs them."""
     if REVERSE:
         k = L - 1 - k
     k = tl.cast(k, tl.int64)
     row, col = k // INNER, k % INNER
     ox = base_x + row * sx_o + col * sx_i
     on = base_n + row * sn_o + col * sn_i
-    u = tl.load(U + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     f = tl.load(F + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    bm = tl.load(BM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    cm = tl.load(CM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if READ_U_BM:
+        u = tl.load(U + ox + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        bm = tl.load(BM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    else:
+        u = tl.zeros(f.shape, tl.float32)
+        bm = tl.zeros(offs_n.shape, tl.float32)
+    if READ_CM:
+        cm = tl.load(CM + on + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    else:
+        cm = tl.zeros(offs_n.shape, tl.float32)
     # log a = log sigmoid(f) = min(f, 0) - log(1 + exp(-|f|)); log(1 - a) = log sigmoid(-f), written
     # the same way (not as log a - f, which is inf - inf at f = +-inf: decay exactly 0 or 1)
     soft = tl.log(1.0 + tl.exp(-tl.abs(f)))
@@ -134,7 +143,7 @@ def _chunk_state_kernel(U, F, BM, CM, S, G,
         for k in range(start, end):
             ox, on, u, log_a, a, one_minus_a, bm, cm = _load_token(
                 k, U, F, BM, CM, L, INNER, base_x, base_n, sx_o, sx_i, sn_o, sn_i,
-                offs_d, lanes, mask_d, lanes < N, REVERSE)
+                offs_d, lanes, mask_d, lanes < N, REVERSE, READ_CM=False)
             h = a[:, None] * h + (one_minus_a * u)[:, None] * bm[None, :]
             log_decay += log_a
         tl.store(S + row[:, None] * N + lanes[None, :], h, mask=mask_d[:, None] & (lanes < N)[None, :])
@@ -235,7 +244,7 @@ def _chunk_adjoint_kernel(U, F, BM, CM, Z, GOUT, R,
         k = end - 1 - (i - start)
         ox, on, u, log_a, a, one_minus_a, bm, cm = _load_token(
             k, U, F, BM, CM, L, INNER, base_x, base_n, sx_o, sx_i, sn_o, sn_i,
-            offs_d, offs_n, mask_d, mask_n, REVERSE)
+            offs_d, offs_n, mask_d, mask_n, REVERSE, READ_U_BM=False)
         dy, gate = _output_grad(GOUT, Z, ox, offs_d, mask_d, HAS_Z)
         mu = a[:, None] * (mu + dy[:, None] * cm[None, :])
 
@@ -243,8 +252,9 @@ def _chunk_adjoint_kernel(U, F, BM, CM, Z, GOUT, R,
     tl.store(R + row[:, None] * N + offs_n[None, :], mu, mask=mask_d[:, None] & mask_n[None, :])
 
 
-# One warp, no candidate: two and four warps spill (docs/kernels.md, compile figures).
-@triton.autotune(configs=kernel_configs("gated_scan_chunk_backward", {"num_warps": 1}),
+# Two warps, no candidate, for the 64 channels of a block (32 beyond 16 state lanes): 32 channels at N <= 16
+# spilled at two warps; 64 spill 1.4-1.7 KB at one warp, 8-24 B at four (docs/kernels.md, compile figures).
+@triton.autotune(configs=kernel_configs("gated_scan_chunk_backward", {"num_warps": 2}),
                  key=["D", "BLOCK_N", "CHUNK"])
 @triton.jit
 def _chunk_backward_kernel(U, F, BM, CM, Z, DSKIP, GOUT, H, H0, M, DHN,

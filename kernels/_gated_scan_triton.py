@@ -27,8 +27,11 @@ def carry_block() -> int:
 
 
 def _backward_block_d(block_n: int) -> int:
-    # fixed (not tuned): the dBm/dCm partial buffers are sized by the number of channel blocks
-    return 32 if block_n <= 16 else 16
+    """Channels per program of the chunk backward (at 2 warps), fixed (not tuned): the dBm/dCm partial
+    buffers are sized by the number of channel blocks, and each block writes a float32 [B, L, N] partial
+    of both that the sum kernel reads back, so wide blocks cut that traffic (D=192: 3 blocks, not 6 at 32).
+    Beyond 16 state lanes 64 channels take 241-248 registers on sm_90a (N=64); 32 take at most 220."""
+    return 64 if block_n <= 16 else 32
 
 
 class _Geometry:
@@ -166,6 +169,9 @@ def _setup_context(ctx, inputs, output):
     _, _, ends, log_decay = output
     ctx.save_for_backward(u, f, bm, cm, d_skip, z, h0, ends, log_decay)
     ctx.layout = (column_major, reverse)
+    # Unused outputs get None, not zeros: autograd would otherwise write a zero gradient for the
+    # chunk states and decays (4 * NC * D * (N + 1) bytes per sequence) that the backward ignores.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_final, _grad_ends, _grad_log_decay):

@@ -80,7 +80,8 @@ def test_representative_kernels_compile_and_report():
     # and the routing at E=20, k=4; sm_80: the fused backward at the widest width the automatic
     # path gives it; on both, what spilled or went over the register margin at users' shapes before
     # its configurations changed: the grouped hidden gradient at D=100 (swiglu without bias, relu), the
-    # top-k score backward at E=40, k=8, the scan's state and carry kernels at D=100, N=12, and the
+    # top-k score backward at E=40, k=8, the scan's state, carry and backward kernels at D=100, N=12
+    # (the backward at 64 channels and 2 warps, where 32 channels spilled 8 B at 2 warps), and the
     # fused dW1 in float32 at m2ir-small's D=32 on sm_90a (255 registers on Triton 3.6 at 4 warps), and
     # the aligned hidden gradient on sm_80 with geglu_tanh (242 registers at 64 rows on 3.6) and at
     # MiM-DiT-S in float32 (16 B spilled at 32 rows and the full K step on 3.9); on sm_80 in float32 the
@@ -100,12 +101,14 @@ def test_representative_kernels_compile_and_report():
                               kernels=["_grouped_hidden_grad_kernel"], jobs=2)
     rows += run_compile_check(cases=["U100-swiglu-nobias", "U100-relu", "route-E40-k8", "scan-D100-N12"],
                               dtypes=["bf16"], kernels=["_grouped_hidden_grad_kernel", "_topk_scores_bwd_kernel",
-                                                        "_chunk_state_kernel", "_chunk_carry_kernel"], jobs=2)
+                                                        "_chunk_state_kernel", "_chunk_carry_kernel",
+                                                        "_chunk_backward_kernel"], jobs=2)
     assert {r["triton"] for r in rows} == {triton.__version__}
     kernels = {r["kernel"] for r in rows}
     assert {"_fused_fwd_kernel", *_FUSED_BACKWARD, "_topk_scores_fwd_kernel", "_grouped_matmul_kernel",
             "_grouped_hidden_grad_kernel", "_grouped_xty_kernel", "_topk_scores_bwd_kernel",
-            "_dispatch_rank_kernel", "_dispatch_scatter_kernel", "_chunk_state_kernel", "_chunk_carry_kernel"} <= kernels
+            "_dispatch_rank_kernel", "_dispatch_scatter_kernel", "_chunk_state_kernel", "_chunk_carry_kernel",
+            "_chunk_backward_kernel"} <= kernels
     # swiglu's up-projection (gate and up halves in one grouped matmul) is among the builds
     swiglu = TRITON_CODES["swiglu"]
     assert any(r["constexprs"]["ACT"] == swiglu for r in rows if r["kernel"] == "_grouped_matmul_kernel")
@@ -120,6 +123,8 @@ def test_representative_kernels_compile_and_report():
             and "m2ir-small-32/fp32" in r["cases"]} == {"_fused_bwd_rows_f32"}
     assert {r["tuner"] for r in rows if r["kernel"] == "_grouped_matmul_kernel" and "U100-swiglu/fp32" in r["cases"]
             and r["constexprs"]["ACT"] == swiglu} == {"_grouped_matmul_unaligned_gated_f32"}
+    assert {(r["num_warps"], r["constexprs"]["BLOCK_D"]) for r in rows if r["kernel"] == "_chunk_backward_kernel"} \
+        == {(2, 64)}
     assert [r["error"] for r in rows if r["error"]] == []
     for r in rows:  # every dot is on tensor cores, and the SASS has their instructions
         assert all(d["kind"] != "fma" for d in r["dots"]), r
