@@ -48,6 +48,8 @@ _NO_TRAFFIC = {
 }
 # Ops that write their first argument without reading it.
 _WRITE_ONLY_FIRST = {"copy_", "fill_", "zero_"}
+# Factories that take only the dtype and device of their tensor argument: they write their output alone.
+_READ_NOTHING = {"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like"}
 # Ops that read only the source elements they gather (at most as many as they write).
 _GATHERS = {"index_select", "gather", "embedding", "index"}
 
@@ -237,7 +239,7 @@ class Counter:
         values = {arg.name: (args[i] if i < len(args) else kwargs.get(arg.name)) for i, arg in enumerate(schema_args)}
         outputs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         out_bytes = sum(t.numel() * t.element_size() for t in outputs)
-        for position, arg in enumerate(schema_args):
+        for position, arg in enumerate(schema_args if name not in _READ_NOTHING else ()):
             tensors = [t for t in torch.utils._pytree.tree_leaves(values[arg.name]) if isinstance(t, torch.Tensor)]
             for t in tensors:
                 if arg.name in written_args:

@@ -99,8 +99,9 @@ def test_aten_ops():
         x.expand(4, 64, 32).contiguous()
         dst.copy_(x)
         x.index_select(0, idx)
+        x.new_zeros(2, 3)
 
-    mm, expand, copy, gather = count_launches(step)
+    mm, expand, copy, gather, zeros = count_launches(step)
     assert mm.name == "aten.mm" and mm.flops == 2 * 64 * 32 * 16
     assert (mm.read_distinct, mm.write_distinct) == (4 * (64 * 32 + 32 * 16), 4 * 64 * 16)
     assert expand.name == "aten.clone" and expand.read_distinct == 4 * 64 * 32
@@ -108,6 +109,8 @@ def test_aten_ops():
     assert copy.name == "aten.copy_" and (copy.read_distinct, copy.write_distinct) == (4 * 64 * 32, 2 * 64 * 32)
     # a gather reads the rows it takes (2 x 32 floats) and the indices (2 int64)
     assert gather.read_distinct == 4 * 2 * 32 + 8 * 2 and gather.write_distinct == 4 * 2 * 32
+    # a factory reads only its argument's dtype and device: it writes its output alone
+    assert zeros.name == "aten.new_zeros" and (zeros.read_distinct, zeros.write_distinct) == (0, 4 * 2 * 3)
 
 
 def test_extrapolation_is_exact_on_multi_affine_counts_and_refuses_others():
