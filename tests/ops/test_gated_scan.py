@@ -170,12 +170,14 @@ def check_gradients(backend, call, reference, inputs):
 
 
 # L40-D80-N12: two channel blocks of the Triton backward (64 lanes, then 16 of 64), whose dBm/dCm
-# partials are summed; conftest's 16-token chunks make L64 and L300 several chunks.
+# partials are summed, and L24-D40-N20 two of 32 (its block beyond 16 state lanes); conftest's
+# 16-token chunks make L64 and L300 several chunks.
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("shape, reverse", [((2, 1, 6, 4), False), ((2, 5, 7, 4), True),
                                             ((1, 64, 48, 16), False), ((1, 300, 3, 4), True),
-                                            ((2, 40, 80, 12), True)],
-                         ids=["L1", "L5-reverse", "L64-D48-N16", "L300-reverse", "L40-D80-N12-reverse"])
+                                            ((2, 40, 80, 12), True), ((1, 24, 40, 20), False)],
+                         ids=["L1", "L5-reverse", "L64-D48-N16", "L300-reverse", "L40-D80-N12-reverse",
+                              "L24-D40-N20"])
 def test_gradients_match_reference(backend, shape, reverse):
     batch, length, dim, state = shape
     inputs = scan_inputs((batch, length), dim, state, seed=length)
