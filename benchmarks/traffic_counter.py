@@ -239,7 +239,8 @@ class Counter:
         values = {arg.name: (args[i] if i < len(args) else kwargs.get(arg.name)) for i, arg in enumerate(schema_args)}
         outputs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         out_bytes = sum(t.numel() * t.element_size() for t in outputs)
-        for position, arg in enumerate(schema_args if name not in _READ_NOTHING else ()):
+        accessed_args = () if name in _READ_NOTHING else schema_args
+        for position, arg in enumerate(accessed_args):
             tensors = [t for t in torch.utils._pytree.tree_leaves(values[arg.name]) if isinstance(t, torch.Tensor)]
             for t in tensors:
                 if arg.name in written_args:

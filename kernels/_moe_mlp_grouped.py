@@ -246,9 +246,8 @@ _grouped_matmul_unaligned = _unaligned_matmul_tuner(narrow_block_m=64)
 _grouped_matmul_unaligned_gated_f32 = _unaligned_matmul_tuner(narrow_block_m=32)
 # Its column-block count sizes the partial dL/dw buffer, so BLOCK_N stays fixed across configs.
 _HIDDEN_GRAD_BLOCK_N = 64
-# 8 warps at the default on sm_90+. Below sm_90 32-row tiles at 4 warps: 64 rows at 8 warps held
-# 229-242 registers (geglu_tanh, S3) or spilled (relu2 in fp32) on Triton 3.6, and 32 rows at 8
-# warps, which Triton 3.9 holds to 80-118 registers, spilled there (docs/kernels.md, compile figures).
+
+
 def _kept_gated_default_only(configs: list, named_args: dict, **kwargs) -> list:
     """sm_90+ hidden gradient: the default only where it reads a gated activation's kept z
     (``LOAD_Z``, ``recompute_hidden=False``): both candidates spill there, 336-392 B at 255 registers
@@ -256,6 +255,9 @@ def _kept_gated_default_only(configs: list, named_args: dict, **kwargs) -> list:
     return configs[:1] if kwargs["LOAD_Z"] and kwargs["ACT"] >= GATED_BASE else configs
 
 
+# 8 warps at the default on sm_90+. Below sm_90 32-row tiles at 4 warps: 64 rows at 8 warps held
+# 229-242 registers (geglu_tanh, S3) or spilled (relu2 in fp32) on Triton 3.6, and 32 rows at 8
+# warps, which Triton 3.9 holds to 80-118 registers, spilled there (docs/kernels.md, compile figures).
 _grouped_hidden_grad = arch_autotune(
     _grouped_hidden_grad_kernel, "moe_grouped_hidden_grad", key=["D", "H", "DO", "E", "ACT", "LOAD_Z"],
     wide=({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
