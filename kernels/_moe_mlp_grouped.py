@@ -9,9 +9,9 @@ import triton
 import triton.language as tl
 
 from ._tuning import aligned, arch_autotune
-from .activations import GATED_BASE
-from ._moe_mlp_tiles import (_Dispatch, _expert_rows, _expert_tile, _hidden, _hidden_grads, _load_matrix,
-                             GATED, _load_rows, _row_splits, _w1_columns, _Weights)
+from .activations import GATED_BASE, TRITON_CODES
+from ._moe_mlp_tiles import (_activation, _Dispatch, _expert_rows, _expert_tile, _hidden, _hidden_grads,
+                             _load_matrix, GATED, _load_rows, _row_splits, _w1_columns, _Weights)
 from ._reductions import split_partials, sum_splits
 
 # The constexprs of no activation (the second layer's and dx's GEMMs): ACT 0 is the identity.
@@ -125,12 +125,12 @@ def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w
                                 LIMIT: tl.constexpr, ALPHA: tl.constexpr, UP_OFFSET: tl.constexpr,
                                 CLAMP_AFTER: tl.constexpr,
                                 GATE_SOFTCAP: tl.constexpr, UP_SOFTCAP: tl.constexpr, INTERLEAVED: tl.constexpr,
-                                LOAD_Z: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                                LOAD_Z: tl.constexpr, STORE_H: tl.constexpr, BLOCK_E: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """For rows p of one expert and hidden columns n: recompute z = x W1 + b1 (LOAD_Z: read it from
-    z [A, W1's width] in expert order, as the forward stored it) and G = g W2^T, store h [p, n],
-    dz [p, W1's columns of n (gate and up for a gated activation)] in expert order and the partial
-    dL/dw_a = sum_n h G (+ g . b2 in column block 0) at dweights[pid_n, a]."""
+    z [A, W1's width] in expert order, as the forward stored it) and G = g W2^T, store h [p, n]
+    (STORE_H), dz [p, W1's columns of n (gate and up for a gated activation)] in expert order and
+    the partial dL/dw_a = sum_n h G (+ g . b2 in column block 0) at dweights[pid_n, a]."""
     expert, start, end = _expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, BLOCK_E)
     if expert >= E:
         return
@@ -165,8 +165,9 @@ def _grouped_hidden_grad_kernel(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w
     tl.store(dweights_ptr + pid_n.to(tl.int64) * A + a, dw, mask=row_mask)
     dz, dz_up = _hidden_grads(z, z_up, w[:, None] * g, ACT, LIMIT, ALPHA, UP_OFFSET,
                               CLAMP_AFTER, GATE_SOFTCAP, UP_SOFTCAP)
-    tl.store(h_ptr + rows[:, None] * H + n[None, :], h.to(h_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & (n[None, :] < H))
+    if STORE_H:
+        tl.store(h_ptr + rows[:, None] * H + n[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & (n[None, :] < H))
     _store_halves(dz_ptr, rows, row_mask, n, H, dz, dz_up, INTERLEAVED, ACT)
 
 
@@ -175,10 +176,12 @@ def _grouped_xty_kernel(x_ptr, y_ptr, weights_ptr, order_ptr, offsets_ptr, out_p
                         KX, NY, E, TOPK, SPLITS,
                         stride_xm, stride_xk, stride_ym, stride_yn,
                         GATHER_X: tl.constexpr, GATHER_Y: tl.constexpr, SCALE_Y: tl.constexpr,
-                        HAS_DBIAS: tl.constexpr,
+                        HAS_DBIAS: tl.constexpr, ACT_X: tl.constexpr, ALPHA_X: tl.constexpr,
                         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Float32 partials out[s, e] = sum_p X[row_x(p)]^T (c_p Y[row_y(p)]) over part s of expert
-    e's rows, and dbias[s, e] = sum_p c_p Y[row_y(p)]; c_p = w_a (SCALE_Y) or 1. Row maps as in
+    """Float32 partials out[s, e] = sum_p act(X[row_x(p)])^T (c_p Y[row_y(p)]) over part s of
+    expert e's rows, and dbias[s, e] = sum_p c_p Y[row_y(p)]; c_p = w_a (SCALE_Y) or 1, act the
+    plain activation ACT_X (0: none) applied to X as loaded and rounded back to its dtype (X = z
+    gives the h = act(z) that the hidden-gradient kernel would have stored). Row maps as in
     _grouped_matmul_kernel. Buffers out [S, E, KX, NY] and dbias [S, E, NY] are contiguous."""
     pid_es, pid_i, pid_j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     expert, split = pid_es // SPLITS, pid_es % SPLITS
@@ -199,6 +202,8 @@ def _grouped_xty_kernel(x_ptr, y_ptr, weights_ptr, order_ptr, offsets_ptr, out_p
         rows_y = a // TOPK if GATHER_Y else p.to(tl.int64)
         x_t = tl.load(x_ptr + rows_x[None, :] * stride_xm + i[:, None] * stride_xk,
                       mask=row_mask[None, :] & (i[:, None] < KX), other=0.0)
+        if ACT_X != 0:  # masked entries stay 0: every plain activation maps 0 to 0
+            x_t = _activation(x_t.to(tl.float32), ACT_X, ALPHA_X).to(x_ptr.dtype.element_ty)
         y = _load_rows(y_ptr, rows_y, row_mask, j, NY, stride_ym, stride_yn)
         if SCALE_Y:
             y = (tl.load(weights_ptr + a, mask=row_mask, other=0.0)[:, None] * y.to(tl.float32)).to(x_t.dtype)
@@ -275,14 +280,26 @@ def _xty_candidates(configs: list, named_args: dict, **kwargs) -> list:
     """Grouped xty: the default only where a width or row stride is off a multiple of 16
     (``_tuning.aligned``), where both candidates spill; in float32 no configuration holding more
     than 32 operand elements a thread (BLOCK_P (BLOCK_I + BLOCK_J) / threads): the 4-warp
-    64 x 128 x 64 candidate (96) spills 12-52 B on sm_80 and sm_90a under Triton 3.6
-    (docs/kernels.md, compile figures). The default (first) is always kept."""
+    64 x 128 x 64 candidate (96) spills 12-52 B on sm_80 and sm_90a under Triton 3.6; with an
+    activation in X's load (``ACT_X``) the default only: both candidates spilled with GELU's (24-1,144 B,
+    S2 bf16/fp16, sm_80 and sm_90a) (docs/kernels.md, compile figures). The default (first) is always kept."""
     widths = (named_args[name] for name in ("KX", "NY", "stride_xm", "stride_xk", "stride_ym", "stride_yn"))
-    if not aligned(*widths):
+    if not aligned(*widths) or kwargs["ACT_X"]:
         return configs[:1]
     if named_args["x_ptr"].dtype == torch.float32:
-        return configs[:1] + [c for c in configs[1:] if _operand_elements_per_thread(c) <= 32]
+        return _at_most_32_operand_elements(configs)
     return configs
+
+
+def _xty_candidates_narrow(configs: list, named_args: dict, **kwargs) -> list:
+    """``_xty_candidates`` below sm_90, where 32 operand elements a thread bound every dtype: the
+    4-warp 64 x 128 x 64 candidate spilled 20 B in bf16 and fp16 too (S2, F256; sm_80, Triton 3.6)."""
+    return _at_most_32_operand_elements(_xty_candidates(configs, named_args, **kwargs))
+
+
+def _at_most_32_operand_elements(configs: list) -> list:
+    """The default and the candidates holding at most 32 operand elements a thread."""
+    return configs[:1] + [c for c in configs[1:] if _operand_elements_per_thread(c) <= 32]
 
 
 def _operand_elements_per_thread(config) -> int:
@@ -294,18 +311,23 @@ _XTY_CANDIDATES = [{"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_P": 32, "num_warps": 
                    {"BLOCK_I": 64, "BLOCK_J": 128, "BLOCK_P": 64, "num_warps": 4, "num_stages": 4}]
 # Below sm_90 the default at 8 warps: at 4 it spills in fp16 on sm_80 (docs/kernels.md, compile figures).
 _grouped_xty = arch_autotune(
-    _grouped_xty_kernel, "moe_grouped_xty", key=["KX", "NY", "E", "SPLITS"],
+    _grouped_xty_kernel, "moe_grouped_xty", key=["KX", "NY", "E", "SPLITS", "ACT_X"],
     wide=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 4, "num_stages": 3}, _XTY_CANDIDATES),
     narrow=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 8, "num_stages": 3}, _XTY_CANDIDATES),
-    wide_prune=_xty_candidates, narrow_prune=_xty_candidates)
+    wide_prune=_xty_candidates, narrow_prune=_xty_candidates_narrow)
 
 
 # Float32 at a width or stride off a multiple of 16: half the row step, as the default's element-wise
 # loaded float32 tiles spill (docs/kernels.md, compile figures).
 _grouped_xty_unaligned_f32 = arch_autotune(
-    _grouped_xty_kernel, "moe_grouped_xty", key=["KX", "NY", "E", "SPLITS"],
+    _grouped_xty_kernel, "moe_grouped_xty", key=["KX", "NY", "E", "SPLITS", "ACT_X"],
     wide=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 16, "num_warps": 4, "num_stages": 3}, []),
     narrow=({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 16, "num_warps": 8, "num_stages": 3}, []))
+
+
+# silu and gelu_tanh: the aligned hidden-gradient default spilled 16 B with them in float32 at F256
+# (sm_80, Triton 3.6), and 128 registers on 3.9.
+_SIGMOID_PLAIN = (TRITON_CODES["silu"], TRITON_CODES["gelu_tanh"])
 
 
 def _bounded(act: dict) -> bool:
@@ -324,9 +346,10 @@ def _matmul_aligned(a: torch.Tensor, b_strides, out_row_stride: int, n: int, k_d
 
 def _hidden_grad_aligned(x: torch.Tensor, dy_strides, w: _Weights, act: dict) -> bool:
     """Whether the hidden-gradient launch takes the aligned tiles (``_grouped_hidden_grad``)."""
-    # Gated in float32, or clamped (softcapped assumed alike): the aligned default spills
-    # (docs/kernels.md, compile figures).
-    heavy = act["ACT"] >= GATED_BASE and (x.dtype == torch.float32 or _bounded(act))
+    # Gated in float32, or clamped (softcapped assumed alike), and the sigmoid-based plain
+    # activations in float32: the aligned default spills (docs/kernels.md, compile figures).
+    heavy = ((act["ACT"] >= GATED_BASE and (x.dtype == torch.float32 or _bounded(act)))
+             or (x.dtype == torch.float32 and act["ACT"] in _SIGMOID_PLAIN))
     return aligned(x.shape[1], w.hidden, w.w2.shape[2], *x.stride(), *dy_strides, *w.w1.stride(),
                    *w.w2.stride()) and not heavy
 
@@ -343,6 +366,16 @@ def keeps_z(x: torch.Tensor, w: _Weights, act: dict) -> bool:
     H = w.hidden
     return (_matmul_aligned(x, w.w1.stride(), H, H, x.shape[1], act)
             and _hidden_grad_aligned(x, (w.w2.shape[2], 1), w, act))
+
+
+def _h_from_z(z: torch.Tensor, dy: torch.Tensor, d_out: int, act: dict) -> bool:
+    """Whether dW2's kernel forms h from the kept z (``ACT_X``) rather than reading a stored h: for
+    a plain activation, in bfloat16 or float16, where that launch takes the aligned tiles. The
+    activation in the kernel's operand load measured over the register budget elsewhere: 242
+    registers at U100/U300 gelu (sm_90a) and 12 B spilled at m2ir-96 (sm_80) on Triton 3.6, 24 B
+    spilled in float32 at S2 and F256 gelu (sm_80, Triton 3.9) (docs/kernels.md, compile figures)."""
+    return (act["ACT"] < GATED_BASE and z.dtype != torch.float32
+            and aligned(z.shape[1], d_out, *z.stride(), *dy.stride()))
 
 
 def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | None, out, n: int, k_dim: int, *,
@@ -363,9 +396,10 @@ def _grouped_matmul_launch(d: _Dispatch, a, b, b_strides, bias: torch.Tensor | N
 
 
 def _grouped_xty_launch(d: _Dispatch, x, y, kx: int, ny: int, *, gather_x: bool, gather_y: bool,
-                        scale_y: bool, dtype: torch.dtype, bias_dtype: torch.dtype | None):
-    """(sum_p X^T (c Y) per expert [E, kx, ny] in ``dtype``, its column sums [E, ny] in
-    ``bias_dtype``, or None without one), accumulated in float32."""
+                        scale_y: bool, dtype: torch.dtype, bias_dtype: torch.dtype | None, act: dict = _NO_ACTIVATION):
+    """(sum_p act(X)^T (c Y) per expert [E, kx, ny] in ``dtype``, its column sums [E, ny] in
+    ``bias_dtype``, or None without one), accumulated in float32; ``act``: a plain activation's
+    constexprs, applied to X as loaded (``_NO_ACTIVATION``: X itself)."""
     splits = _row_splits(d.num_assignments, d.num_experts, triton.cdiv(kx, 64) * triton.cdiv(ny, 64), x.device)
     want_dbias = bias_dtype is not None
     out = split_partials(splits, (d.num_experts, kx, ny), dtype, x.device)
@@ -375,7 +409,8 @@ def _grouped_xty_launch(d: _Dispatch, x, y, kx: int, ny: int, *, gather_x: bool,
     tuned = _grouped_xty_unaligned_f32 if unaligned_f32 else _grouped_xty
     tuned.for_device(x.device)[grid](x, y, d.weights, d.order, d.offsets, out, dbias, kx, ny, d.num_experts, d.top_k,
                                      splits, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                                     GATHER_X=gather_x, GATHER_Y=gather_y, SCALE_Y=scale_y, HAS_DBIAS=want_dbias)
+                                     GATHER_X=gather_x, GATHER_Y=gather_y, SCALE_Y=scale_y, HAS_DBIAS=want_dbias,
+                                     ACT_X=act["ACT"], ALPHA_X=act["ALPHA"])
     return sum_splits(out, dtype), (sum_splits(dbias, bias_dtype) if want_dbias else None)
 
 
@@ -399,24 +434,31 @@ def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool
                       z: torch.Tensor | None = None):
     """(dx by assignment or None, dL/dw by assignment, (dw1, db1, dw2, db2) or Nones); ``z``: the
     forward's pre-activation (``_forward_grouped(keep_z=True)``), read instead of recomputed, but for
-    a gated activation whose launch takes the unaligned tiles (a strided dy; see ``keeps_z``)."""
+    a gated activation whose launch takes the unaligned tiles (a strided dy; see ``keeps_z``).
+
+    The hidden layer h that dW2 = h^T (w g) reads is stored by the hidden-gradient kernel, except
+    where no weight gradient is asked for and where z is kept for a plain activation in 16 bits
+    at aligned widths (``_h_from_z``): then dW2's kernel forms h = act(z) from z as it loads it
+    (as wide as h), and h is never written."""
     D, H, DO, E, A = x.shape[1], w.hidden, w.w2.shape[2], d.num_experts, d.num_assignments
     b1, stride_b1e, stride_b1h = w.b1_args()
     b2, stride_b2e, stride_b2d = w.b2_args()
     column_blocks = triton.cdiv(H, _HIDDEN_GRAD_BLOCK_N)
-    hidden = torch.empty(A, H, dtype=x.dtype, device=x.device)
     dz = torch.empty(A, w.w1.shape[2], dtype=x.dtype, device=x.device)
     dweights = torch.empty(column_blocks, A, dtype=torch.float32, device=x.device)
     aligned_launch = _hidden_grad_aligned(x, dy.stride(), w, act)
     tuned = _grouped_hidden_grad if aligned_launch else _grouped_hidden_grad_unaligned
     if not aligned_launch and act["ACT"] >= GATED_BASE:
         z = None
+    h_from_z = z is not None and _h_from_z(z, dy, DO, act)
+    hidden = torch.empty(A, H, dtype=x.dtype, device=x.device) if need_weights and not h_from_z else None
     tuned.for_device(x.device)[d.row_grid(lambda meta: column_blocks)](
-        x, dy, w.w1, b1, w.w2, b2, d.weights, d.order, d.offsets, dz if z is None else z, hidden, dz, dweights,
+        x, dy, w.w1, b1, w.w2, b2, d.weights, d.order, d.offsets, dz if z is None else z,
+        dz if hidden is None else hidden, dz, dweights,
         D, H, DO, E, d.top_k, A, *x.stride(), *dy.stride(), *w.w1.stride(), stride_b1e, stride_b1h,
         *w.w2.stride(), stride_b2e, stride_b2d,
-        HAS_B1=w.b1 is not None, HAS_B2=w.b2 is not None, **act, LOAD_Z=z is not None, BLOCK_E=d.block_e,
-        BLOCK_N=_HIDDEN_GRAD_BLOCK_N)
+        HAS_B1=w.b1 is not None, HAS_B2=w.b2 is not None, **act, LOAD_Z=z is not None, STORE_H=hidden is not None,
+        BLOCK_E=d.block_e, BLOCK_N=_HIDDEN_GRAD_BLOCK_N)
     dx = None
     if need_dx:
         dx = torch.empty(A, D, dtype=x.dtype, device=x.device)
@@ -425,8 +467,9 @@ def _backward_grouped(d: _Dispatch, x, dy, w: _Weights, act: dict, need_dx: bool
                                gather=False, scatter=True, act=_NO_ACTIVATION, scale=False)
     grads = (None,) * 4
     if need_weights:
-        dw2, db2 = _grouped_xty_launch(d, hidden, dy, H, DO, gather_x=False, gather_y=True, scale_y=True,
-                                       dtype=w.w2.dtype, bias_dtype=None if w.b2 is None else w.b2.dtype)
+        dw2, db2 = _grouped_xty_launch(d, z if h_from_z else hidden, dy, H, DO, gather_x=False, gather_y=True,
+                                       scale_y=True, dtype=w.w2.dtype, bias_dtype=None if w.b2 is None else w.b2.dtype,
+                                       act=act if h_from_z else _NO_ACTIVATION)
         dw1, db1 = _grouped_xty_launch(d, x, dz, D, w.w1.shape[2], gather_x=True, gather_y=False, scale_y=False,
                                        dtype=w.w1.dtype, bias_dtype=None if w.b1 is None else w.b1.dtype)
         grads = (dw1, db1, dw2, db2)

@@ -19,6 +19,8 @@ the hidden-gradient kernel repeats the up-projection's GEMM x W1). With ``keep_z
 ``recompute_hidden=False``) the grouped path's up-projection also writes z [T*k, W1's width] in the
 input dtype, in expert order, which autograd keeps and the backward reads instead: one GEMM fewer
 (S2: 14% of the step's FLOPs) for k * W1's width values per token kept, the trade SonicMoE makes.
+With a plain activation z is also all dW2 needs: its kernel forms h = act(z) as it loads z, and the
+hidden-gradient kernel writes no h (one [T*k, H] write fewer).
 The fused path ignores ``keep_z``: its hidden layer never reaches global memory, and storing z there
 would add the [T*k, H] write that path exists to avoid; so does the grouped path for a gated
 activation on its unaligned tiles (``_moe_mlp_grouped.keeps_z``).

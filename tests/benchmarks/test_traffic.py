@@ -191,3 +191,28 @@ def test_kept_hidden_trades_the_recomputed_gemm_for_z():
         else:
             assert change == {"read_distinct": 0, "write_distinct": 0, "flops": 0}, a.name
     assert up_projection
+
+
+def test_kept_hidden_with_a_plain_activation_writes_no_hidden_layer():
+    """``recompute_hidden=False`` with a plain activation (gelu) on the grouped path: besides the
+    trade above (z written forward, read by the hidden-gradient kernel instead of x, W1 and b1,
+    2 A D H FLOPs fewer), the hidden-gradient kernel no longer writes h [A, H]: dW2's kernel reads
+    z in its place (as many bytes) and forms h = gelu(z) as it loads it. Every other launch is the same."""
+    shape = traffic.MoEShape("t-grouped-gelu", 128, 160, 64, 4, 2, "gelu")
+    lean, kept = (traffic.count_small(shape, recompute_hidden=r) for r in (True, False))
+    T, D, E, H = shape.tokens, shape.dim, shape.experts, shape.hidden
+    A = T * shape.top_k
+    assert [(l.name, l.phase) for l in lean] == [(l.name, l.phase) for l in kept]
+    seen = []
+    for a, b in zip(lean, kept):
+        change = {q: getattr(b, q) - getattr(a, q) for q in ("read_distinct", "write_distinct", "flops")}
+        if a.name == "_grouped_matmul_kernel" and a.phase == "forward" and change["write_distinct"]:
+            assert change == {"read_distinct": 0, "write_distinct": 2 * A * H, "flops": 0}
+            seen.append("up-projection")
+        elif a.name == "_grouped_hidden_grad_kernel":
+            assert change == {"read_distinct": 2 * (A * H - T * D - E * D * H - E * H), "write_distinct": -2 * A * H,
+                              "flops": -2 * A * D * H}
+            seen.append("hidden gradient")
+        else:  # dW2's kernel included: it reads z [A, H] where it read h [A, H]
+            assert change == {"read_distinct": 0, "write_distinct": 0, "flops": 0}, a.name
+    assert seen == ["up-projection", "hidden gradient"]

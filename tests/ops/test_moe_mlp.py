@@ -180,12 +180,13 @@ def test_kept_hidden_is_one_more_saved_tensor_of_z(monkeypatch, path, activation
 
 
 @pytest.mark.skipif("triton" not in backends(), reason="needs the Triton backend")
-@pytest.mark.parametrize("activation", ["swiglu", "geglu", "geglu_tanh",
+@pytest.mark.parametrize("activation", ["gelu", "silu", "relu", "gelu_tanh", "relu2", "swiglu", "geglu", "geglu_tanh",
                                         ActivationSpec("swiglu", alpha=1.702, up_offset=1.0, interleaved=True)])
-def test_kept_gated_hidden_matches_oracle(monkeypatch, activation):
-    """The gated activations whose z the grouped path keeps (widths multiples of 16, float16, no
-    clamp or softcap; float32 and the clamped specs recompute z), against the oracle, with an
-    expert that gets no token; that z is kept is checked by the saved storages."""
+def test_kept_hidden_matches_oracle(monkeypatch, activation):
+    """z kept at widths multiples of 16 in float16, against the oracle, with an expert that gets no
+    token: for the plain activations dW2's kernel forms h = act(z) as it loads z (no h is stored),
+    for the gated ones (no clamp or softcap; float32 and the clamped specs recompute z) the hidden
+    gradient stores h from z; that z is kept is checked by the saved storages."""
     monkeypatch.setenv("MOE_RESTORE_MLP_PATH", "grouped")
     problem = make_problem(45, 32, 48, 6, 2, 32, activation, True, "softmax", torch.float16, seed=9)
     problem[1][:, 5] = -50.0  # expert 5 gets no token

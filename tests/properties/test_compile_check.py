@@ -81,7 +81,9 @@ def test_representative_kernels_compile_and_report():
     # path gives it; on both, what spilled or went over the register margin at users' shapes before
     # its configurations changed: the grouped hidden gradient at D=100 (swiglu without bias, relu), the
     # top-k score backward at E=40, k=8, the scan's state, carry and backward kernels at D=100, N=12
-    # (the backward at 64 channels and 2 warps, where 32 channels spilled 8 B at 2 warps), and the
+    # (the backward at 64 channels and 2 warps, where 32 channels spilled 8 B at 2 warps), dW2's
+    # product with GELU in its operand load at F256 in bf16 (sm_80, where float32 spilled 24 B and so
+    # still reads a stored h), and the
     # fused dW1 in float32 at m2ir-small's D=32 on sm_90a (255 registers on Triton 3.6 at 4 warps), and
     # the aligned hidden gradient on sm_80 with geglu_tanh (242 registers at 64 rows on 3.6) and at
     # MiM-DiT-S in float32 (16 B spilled at 32 rows and the full K step on 3.9); on sm_80 in float32 the
@@ -99,6 +101,7 @@ def test_representative_kernels_compile_and_report():
     rows += run_compile_check(targets=(80,), cases=["S1"], dtypes=["bf16"], kernels=_FUSED_BACKWARD, jobs=2)
     rows += run_compile_check(targets=(80,), cases=["spec-geglu_tanh-S1", "nested-mim-dit-s"], dtypes=["bf16", "fp32"],
                               kernels=["_grouped_hidden_grad_kernel"], jobs=2)
+    rows += run_compile_check(targets=(80,), cases=["F256"], dtypes=["bf16"], kernels=["_grouped_xty_kernel"], jobs=2)
     rows += run_compile_check(cases=["U100-swiglu-nobias", "U100-relu", "route-E40-k8", "scan-D100-N12"],
                               dtypes=["bf16"], kernels=["_grouped_hidden_grad_kernel", "_topk_scores_bwd_kernel",
                                                         "_chunk_state_kernel", "_chunk_carry_kernel",
@@ -123,6 +126,8 @@ def test_representative_kernels_compile_and_report():
             and "m2ir-small-32/fp32" in r["cases"]} == {"_fused_bwd_rows_f32"}
     assert {r["tuner"] for r in rows if r["kernel"] == "_grouped_matmul_kernel" and "U100-swiglu/fp32" in r["cases"]
             and r["constexprs"]["ACT"] == swiglu} == {"_grouped_matmul_unaligned_gated_f32"}
+    # dW2's product that applies GELU to the kept z as it loads it (recompute_hidden=False)
+    assert any(r["constexprs"]["ACT_X"] == TRITON_CODES["gelu"] for r in rows if r["kernel"] == "_grouped_xty_kernel")
     assert {(r["num_warps"], r["constexprs"]["BLOCK_D"]) for r in rows if r["kernel"] == "_chunk_backward_kernel"} \
         == {(2, 64)}
     assert [r["error"] for r in rows if r["error"]] == []
