@@ -192,10 +192,19 @@ def _nested_scores_setup(ctx, inputs, output):
     group_logits, expert_logits, _k_groups, k_experts, renormalize = inputs
     ctx.save_for_backward(group_logits, expert_logits, output[1], output[3])
     ctx.config = (k_experts, renormalize)
+    # else autograd writes zero "gradients" of the int64 experts, groups and count before backward
+    ctx.set_materialize_grads(False)
 
 
 def _nested_scores_grad(ctx, dweights, _dexperts, dgroup_weights, _dgroups, _dbad):
+    if dweights is None and dgroup_weights is None:  # neither weight reached a loss
+        return None, None, None, None, None
     group_logits, expert_logits, experts, groups = ctx.saved_tensors
+    # a weight that reached no loss has a zero gradient (float32, the weights' dtype and shape)
+    if dweights is None:
+        dweights = experts.new_zeros(experts.shape, dtype=torch.float32)
+    if dgroup_weights is None:
+        dgroup_weights = groups.new_zeros(groups.shape, dtype=torch.float32)
     dgroup_logits, dexpert_logits = nested_scores_backward(dweights, dgroup_weights, group_logits, expert_logits,
                                                            experts, groups, *ctx.config)
     return dgroup_logits, dexpert_logits, None, None, None

@@ -260,9 +260,13 @@ def _topk_scores_setup(ctx, inputs, output):
     logits, _k, sigmoid, renormalize = inputs
     ctx.save_for_backward(logits, output[1])
     ctx.flags = (sigmoid, renormalize)
+    # else autograd writes zero "gradients" of the int64 experts and count (T*k*8 bytes) before backward
+    ctx.set_materialize_grads(False)
 
 
 def _topk_scores_grad(ctx, dweights, _dexperts, _dbad):
+    if dweights is None:  # the weights reached no loss
+        return None, None, None, None
     logits, experts = ctx.saved_tensors
     return topk_scores_backward(dweights, logits, experts, *ctx.flags), None, None, None
 

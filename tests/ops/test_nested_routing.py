@@ -66,6 +66,28 @@ def check_against_oracle(gl, el, k_g, k_e, renormalize, backend, dtype=torch.flo
     return r, del_
 
 
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("used", ["weights", "group_weights"])
+def test_gradient_from_one_of_the_two_weights(backend, used):
+    """A loss that reads only the weights, or only the group weights: the unused one gets no
+    gradient from autograd (the Triton op takes it as zero), and both logits' gradients match
+    the oracle's float64 autograd of the same loss."""
+    T, G, k_g, E, k_e = 19, 5, 2, 4, 2
+    gl, el = random_logits(T, G, E, seed=31)
+    gl_dev, el_dev = gl.to(DEVICE).requires_grad_(), el.to(DEVICE).requires_grad_()
+    gl64, el64 = gl.double().requires_grad_(), el.double().requires_grad_()
+    want_w, _, want_q, _ = naive.nested_route(gl64, el64, k_g, k_e, renormalize=True)
+    r = nested_route(gl_dev, el_dev, k_g, k_e, renormalize=True, backend=backend)
+    got, want = (r.weights, want_w) if used == "weights" else (r.group_weights, want_q)
+    c = torch.randn(got.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grads = torch.autograd.grad((got * c.float().to(DEVICE)).sum(), (gl_dev, el_dev), allow_unused=True)
+    want_grads = torch.autograd.grad((want * c).sum(), (gl64, el64), allow_unused=True)
+    for name, g, w in zip(("group_logits", "expert_logits"), grads, want_grads):
+        w = torch.zeros_like(el64 if name == "expert_logits" else gl64) if w is None else w
+        g = torch.zeros_like(w) if g is None else g
+        assert_close(g, w, torch.float32, backend=backend, what=f"d {name}")
+
+
 def k_choices(n: int) -> list[int]:
     return sorted({1, min(2, n), n})
 
