@@ -193,6 +193,32 @@ def test_gradients_match_reference(backend, shape, reverse):
 
 
 @pytest.mark.parametrize("backend", backends())
+def test_float16_gradients(backend):
+    """float16 inputs: every gradient in its dtype (d_skip and h0 float32) against the float64
+    oracle of the same (rounded) inputs, over several chunks, two channel blocks and in reverse."""
+    inputs = scan_inputs((2, 40), 80, 12, dtype=torch.float16, seed=8)
+
+    def call(u, f, Bm, Cm, d_skip, z, h0):
+        return gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, reverse=True, return_final_state=True,
+                          backend=backend)
+
+    def reference(u, f, Bm, Cm, d_skip, z, h0):
+        return naive.gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, reverse=True)
+
+    ours = [t.detach().clone().requires_grad_() for t in inputs]
+    refs = [t.detach().double().requires_grad_() for t in inputs]
+    ref_outputs = reference(*refs)
+    g = torch.Generator(device=DEVICE).manual_seed(12)
+    weights = [torch.randn(r.shape, generator=g, device=DEVICE, dtype=r.dtype) for r in ref_outputs]
+    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref_outputs, weights)), refs)
+    with poisoned_allocations():
+        grads = torch.autograd.grad(sum((o.double() * w).sum() for o, w in zip(call(*ours), weights)), ours)
+    for name, grad, ref in zip("u f Bm Cm d_skip z h0".split(), grads, ref_grads):
+        assert grad.dtype == (torch.float32 if name in ("d_skip", "h0") else torch.float16)
+        assert_close(grad, ref, torch.float16, backend=backend, what=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", backends())
 def test_gradients_without_optional_inputs(backend):
     """Only u, f, Bm, Cm, and only the output used (no final-state gradient)."""
     inputs = scan_inputs((2, 23), 6, 3, seed=3)[:4]
