@@ -203,7 +203,7 @@ def test_fused_backward_tiles_follow_the_tensor_core_generation():
 
 def test_xty_candidates_are_pruned_at_unaligned_widths():
     import triton
-    from moe_restore.kernels._moe_mlp_grouped import _XTY_CANDIDATES, _xty_candidates
+    from moe_restore.kernels._moe_mlp_grouped import _XTY_CANDIDATES, _xty_candidates, _xty_candidates_narrow
 
     def config(c):
         return triton.Config({k: v for k, v in c.items() if k.startswith("BLOCK")}, num_warps=c["num_warps"])
@@ -211,10 +211,10 @@ def test_xty_candidates_are_pruned_at_unaligned_widths():
     default = config({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_P": 32, "num_warps": 4})
     configs = [default] + [config(c) for c in _XTY_CANDIDATES]
 
-    def kept(kx, ny, stride_xm=None, stride_ym=None, dtype=torch.bfloat16):
-        return _xty_candidates(configs, {"KX": kx, "NY": ny, "stride_xm": stride_xm or kx, "stride_xk": 1,
-                                         "stride_ym": stride_ym or ny, "stride_yn": 1,
-                                         "x_ptr": torch.empty(0, dtype=dtype)})
+    def kept(kx, ny, stride_xm=None, stride_ym=None, dtype=torch.bfloat16, act_x=0, prune=_xty_candidates):
+        return prune(configs, {"KX": kx, "NY": ny, "stride_xm": stride_xm or kx, "stride_xk": 1,
+                               "stride_ym": stride_ym or ny, "stride_yn": 1, "x_ptr": torch.empty(0, dtype=dtype)},
+                     ACT_X=act_x)
 
     assert kept(768, 2048) == configs
     assert kept(64, 32, stride_ym=0) == configs  # a broadcast dy (row stride 0)
@@ -225,6 +225,12 @@ def test_xty_candidates_are_pruned_at_unaligned_widths():
     # float32: the 4-warp 64 x 128 x 64 candidate (96 operand elements a thread) spilled on Triton 3.6
     fp32 = kept(768, 2048, dtype=torch.float32)
     assert fp32 == [configs[0], configs[1]] and configs[2].kwargs["BLOCK_P"] == 64 and configs[2].num_warps == 4
+    # below sm_90 that candidate spilled in 16 bits too (20 B, Triton 3.6), and with an activation in
+    # X's load (dW2 forming h from z) both candidates spilled: the default only
+    assert kept(768, 2048, prune=_xty_candidates_narrow) == [configs[0], configs[1]]
+    assert kept(768, 2048, dtype=torch.float32, prune=_xty_candidates_narrow) == [configs[0], configs[1]]
+    for prune in (_xty_candidates, _xty_candidates_narrow):
+        assert kept(768, 2048, act_x=TRITON_CODES["gelu"], prune=prune) == [default]
 
 
 def test_hidden_grad_takes_its_default_only_for_a_kept_gated_z():
