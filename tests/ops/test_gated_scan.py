@@ -151,10 +151,11 @@ def test_2d_reads_strided_inputs(backend):
 
 
 # ---------------------------------------------------------------- gradients ---------------
-def check_gradients(backend, call, reference, inputs):
+def check_gradients(backend, call, reference, inputs, dtype=torch.float32):
     """Gradients of <out, g_out> (+ <final state, g_final>) w.r.t. every input, against the
-    float64 oracle's autograd. (Each gradient has several elements: the error is norm-wise, and a
-    one-element gradient that is a cancelling sum would measure float32 rounding, not the op.)"""
+    float64 oracle's autograd, at ``dtype``'s tolerance. (Each gradient has several elements: the
+    error is norm-wise, and a one-element gradient that is a cancelling sum would measure float32
+    rounding, not the op.)"""
     ours = [t.detach().clone().requires_grad_() for t in inputs]
     refs = [t.detach().double().requires_grad_() for t in inputs]
     ref_outputs = reference(*refs)
@@ -166,7 +167,7 @@ def check_gradients(backend, call, reference, inputs):
         grads = torch.autograd.grad(sum((o.double() * w).sum() for o, w in zip(outputs, weights)), ours)
     for name, grad, ref in zip("u f Bm Cm d_skip z h0".split(), grads, ref_grads):
         assert grad.dtype == ours[0].dtype or name in ("d_skip", "h0")
-        assert_close(grad, ref, torch.float32, backend=backend, what=f"d{name}")
+        assert_close(grad, ref, dtype, backend=backend, what=f"d{name}")
 
 
 # L40-D80-N12: two channel blocks of the Triton backward (64 lanes, then 16 of 64), whose dBm/dCm
@@ -205,17 +206,7 @@ def test_float16_gradients(backend):
     def reference(u, f, Bm, Cm, d_skip, z, h0):
         return naive.gated_scan(u, f, Bm, Cm, d_skip=d_skip, z=z, h0=h0, reverse=True)
 
-    ours = [t.detach().clone().requires_grad_() for t in inputs]
-    refs = [t.detach().double().requires_grad_() for t in inputs]
-    ref_outputs = reference(*refs)
-    g = torch.Generator(device=DEVICE).manual_seed(12)
-    weights = [torch.randn(r.shape, generator=g, device=DEVICE, dtype=r.dtype) for r in ref_outputs]
-    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref_outputs, weights)), refs)
-    with poisoned_allocations():
-        grads = torch.autograd.grad(sum((o.double() * w).sum() for o, w in zip(call(*ours), weights)), ours)
-    for name, grad, ref in zip("u f Bm Cm d_skip z h0".split(), grads, ref_grads):
-        assert grad.dtype == (torch.float32 if name in ("d_skip", "h0") else torch.float16)
-        assert_close(grad, ref, torch.float16, backend=backend, what=f"d{name}")
+    check_gradients(backend, call, reference, inputs, dtype=torch.float16)
 
 
 @pytest.mark.parametrize("backend", backends())
