@@ -210,21 +210,30 @@ def _plain(z: torch.Tensor, kind: str, alpha: float = 1.0) -> torch.Tensor:
     return F.relu(z).square()  # relu2
 
 
-def _plain_backward(dh: torch.Tensor, z: torch.Tensor, kind: str, alpha: float = 1.0) -> torch.Tensor:
+def _plain_backward(dh: torch.Tensor, z: torch.Tensor, kind: str, alpha: float = 1.0,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """act'(z) dh, written into ``out`` where given (a view of a wider buffer: no copy after)."""
     if kind == "silu":
         if alpha == 1.0:
-            return torch.ops.aten.silu_backward(dh, z)
+            return _into(torch.ops.aten.silu_backward, out, dh, z)
         s = torch.sigmoid(alpha * z)  # d/dz z s(alpha z) = s (1 + alpha z (1 - s))
-        return dh * s * (1 + alpha * z * (1 - s))
-    if kind == "gelu":  # d/dz z Phi(z) = Phi(z) + z phi(z)
+        return torch.mul(dh * s, 1 + alpha * z * (1 - s), out=out)
+    if kind == "gelu":  # d/dz z Phi(z) = Phi(z) + z phi(z), computed in Phi's dtype, rounded to dh's
         cdf = _normal_cdf(z)
         zf = z.to(cdf.dtype)
-        return (dh * (cdf + zf * torch.exp(-0.5 * zf * zf) * (1 / math.sqrt(2 * math.pi)))).to(dh.dtype)
+        derivative = cdf + zf * torch.exp(-0.5 * zf * zf) * (1 / math.sqrt(2 * math.pi))
+        return torch.mul(dh, derivative, out=out) if out is not None else (dh * derivative).to(dh.dtype)
     if kind == "gelu_tanh":
-        return torch.ops.aten.gelu_backward(dh, z, approximate="tanh")
+        return _into(torch.ops.aten.gelu_backward, out, dh, z, approximate="tanh")
     if kind == "relu":
-        return torch.ops.aten.threshold_backward(dh, z, 0)
-    return torch.ops.aten.threshold_backward(2 * z * dh, z, 0)  # relu2: 2 max(z, 0)
+        return _into(torch.ops.aten.threshold_backward, out, dh, z, 0)
+    return _into(torch.ops.aten.threshold_backward, out, 2 * z * dh, z, 0)  # relu2: 2 max(z, 0)
+
+
+def _into(op, out: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
+    """A backward op (silu_backward, gelu_backward, threshold_backward) into ``out``, by its
+    ``grad_input`` overload, or into a new tensor."""
+    return op.default(*args, **kwargs) if out is None else op.grad_input(*args, **kwargs, grad_input=out)
 
 
 def _softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -265,22 +274,28 @@ def activate_and_backward(dh: torch.Tensor, z: torch.Tensor, activation: Activat
     if not spec.gated:
         return _plain(z, spec.kind), _plain_backward(dh, z, spec.kind)
     gate, gate_in, f, f_out, up, up_factor = _gate_parts(z, spec)
-    d_f = dh * up_factor
-    d_up = dh * f_out
-    if spec.limit is not None:
-        limit = spec.limit
-        d_f = d_f * (f <= limit) if spec.clamp_after else d_f
-        d_up = d_up * ((up >= -limit) & (up <= limit))
+    # Eager: both halves are written into one dz (no join copy), each chain ending in an op with
+    # an out. Dynamo takes no out= into a strided view: compiled, the halves are joined.
+    dz = None if torch.compiler.is_compiling() else torch.empty_like(z)
+    d_gate, d_up = (None, None) if dz is None else _split(dz, spec)
+    limit = spec.limit
+    up_scale = f_out
+    if limit is not None:
+        up_scale = up_scale * ((up >= -limit) & (up <= limit))
     if spec.up_softcap is not None:
-        d_up = d_up * (1 - torch.tanh(up / spec.up_softcap).square())
+        up_scale = up_scale * (1 - torch.tanh(up / spec.up_softcap).square())
+    d_up = torch.mul(dh, up_scale, out=d_up)
+    d_f = dh * up_factor
+    if limit is not None and spec.clamp_after:
+        d_f = d_f * (f <= limit)
+    if limit is not None and not spec.clamp_after:  # a 0/1 factor: before f' or after, the same
+        d_f = d_f * (gate <= limit)
     if spec.gate_softcap is not None:
         t, s = torch.tanh(gate_in / spec.gate_softcap), torch.sigmoid(spec.alpha * gate_in)
-        d_gate = d_f * ((1 - t.square()) * s + spec.gate_softcap * t * spec.alpha * s * (1 - s))
+        d_gate = torch.mul(d_f, (1 - t.square()) * s + spec.gate_softcap * t * spec.alpha * s * (1 - s), out=d_gate)
     else:
-        d_gate = _plain_backward(d_f, gate_in, _GATE_OF[spec.kind], spec.alpha)
-    if spec.limit is not None and not spec.clamp_after:
-        d_gate = d_gate * (gate <= spec.limit)
-    return f_out * up_factor, _join(d_gate, d_up, spec)
+        d_gate = _plain_backward(d_f, gate_in, _GATE_OF[spec.kind], spec.alpha, out=d_gate)
+    return f_out * up_factor, dz if dz is not None else _join(d_gate, d_up, spec)
 
 
 def triton_code(activation: Activation) -> int:

@@ -106,6 +106,28 @@ def test_clamps_cut_the_gradient_where_torch_clamp_does():
                                  ActivationSpec("swiglu", limit=limit))[1][3] == 0  # gate 2 > limit
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", [n for n, s in SPECS.items() if s.gated] + ["swiglu"])
+def test_gated_derivative_written_in_place_equals_the_joined_one(monkeypatch, name, dtype):
+    """Eager, a gated spec's dz is written half by half into one buffer (no join copy); traced
+    by Dynamo, which takes no out= into a strided view, the halves are joined. act(z) is the same
+    bit for bit; dz within an ulp (an elementwise kernel writing a strided view can take
+    PyTorch's scalar loop where a contiguous output takes the vectorised one)."""
+    from moe_restore.kernels.activations import activate_and_backward
+
+    spec = SPECS.get(name, name)
+    gen = torch.Generator().manual_seed(3)
+    z = (torch.randn(37, 2 * 11, generator=gen) * 2).to(dtype)
+    dh = torch.randn(37, 11, generator=gen).to(dtype)
+    in_place = activate_and_backward(dh, z, spec)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    joined = activate_and_backward(dh, z, spec)
+    assert torch.equal(in_place[0], joined[0])
+    assert in_place[1].dtype == dtype and in_place[1].shape == z.shape
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(in_place[1], joined[1], rtol=2 * ulp, atol=2 * ulp * dh.abs().max().item())
+
+
 @pytest.mark.parametrize("spec", list(SPECS.values()) + ["gelu", "swiglu", "relu"])
 def test_canonical_string_round_trips(spec):
     text = check_activation(spec)
