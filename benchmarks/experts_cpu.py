@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import random
+import resource
 import statistics
 import time
 from typing import Callable
@@ -87,25 +88,32 @@ def bench_shape(T: int, D: int, I: int, E: int, k: int, rounds: int, flush_mib: 
         runs[name, "fwd"] = lambda name=name: _call(experts, name, x, index, weights, None)
         runs[name, "fwd+bwd"] = lambda name=name: _call(experts, name, x, index, weights, dy)
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    page_faults: dict[tuple[str, str], list[int]] = {key: [] for key in runs}
     keys = list(runs)
     order = random.Random(T * 1000 + D)  # the same shuffles every run of this shape
     flush = torch.zeros(flush_mib << 18)  # flush_mib MiB of float32
     for r in range(rounds + 1):
         order.shuffle(keys)
         for key in keys:
+            # No gradient before any call, as after optimizer.zero_grad(): a backward that found
+            # the last run's .grad would add into it (12 MiB at T4) where the first run of the
+            # round only stores its own.
+            x.grad = None
+            experts.zero_grad(set_to_none=True)
             flush.add_(1.0)  # every cache line of the buffer written: the previous run's data evicted
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.process_time()
             runs[key]()
             if r:
                 samples[key].append((time.process_time() - start) * 1e3)
-        x.grad = None
-        experts.zero_grad(set_to_none=True)
+                page_faults[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
     rows = []
     for (name, what), times in samples.items():
         p25, p50, p75 = _quartiles(times)
         ours = statistics.median(samples["moe_restore_torch", what])
         rows.append(dict(shape=f"T{T} D{D} I{I} E{E} k{k}", implementation=name, what=what, median_ms=p50,
-                         p25_ms=p25, p75_ms=p75, vs_ours=p50 / ours, rel_err_vs_eager=err[name], samples_ms=times))
+                         p25_ms=p25, p75_ms=p75, vs_ours=p50 / ours, rel_err_vs_eager=err[name], samples_ms=times,
+                         minor_page_faults=statistics.median(page_faults[name, what])))
     return rows
 
 
