@@ -222,7 +222,8 @@ def _plain_backward(dh: torch.Tensor, z: torch.Tensor, kind: str, alpha: float =
         cdf = _normal_cdf(z)
         zf = z.to(cdf.dtype)
         derivative = cdf + zf * torch.exp(-0.5 * zf * zf) * (1 / math.sqrt(2 * math.pi))
-        return torch.mul(dh, derivative, out=out) if out is not None else (dh * derivative).to(dh.dtype)
+        # one pass: the product in Phi's dtype, rounded to dh's as it is stored
+        return torch.mul(dh, derivative, out=torch.empty_like(dh) if out is None else out)
     if kind == "gelu_tanh":
         return _into(torch.ops.aten.gelu_backward, out, dh, z, approximate="tanh")
     if kind == "relu":
@@ -286,10 +287,8 @@ def activate_and_backward(dh: torch.Tensor, z: torch.Tensor, activation: Activat
         up_scale = up_scale * (1 - torch.tanh(up / spec.up_softcap).square())
     d_up = torch.mul(dh, up_scale, out=d_up)
     d_f = dh * up_factor
-    if limit is not None and spec.clamp_after:
-        d_f = d_f * (f <= limit)
-    if limit is not None and not spec.clamp_after:  # a 0/1 factor: before f' or after, the same
-        d_f = d_f * (gate <= limit)
+    if limit is not None:  # the clamp's 0/1 factor; before f' (not clamp_after) or after, the same
+        d_f = d_f * ((f <= limit) if spec.clamp_after else (gate <= limit))
     if spec.gate_softcap is not None:
         t, s = torch.tanh(gate_in / spec.gate_softcap), torch.sigmoid(spec.alpha * gate_in)
         d_gate = torch.mul(d_f, (1 - t.square()) * s + spec.gate_softcap * t * spec.alpha * s * (1 - s), out=d_gate)
