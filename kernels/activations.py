@@ -286,15 +286,17 @@ def activate_and_backward(dh: torch.Tensor, z: torch.Tensor, activation: Activat
     if spec.up_softcap is not None:
         up_scale = up_scale * (1 - torch.tanh(up / spec.up_softcap).square())
     d_up = torch.mul(dh, up_scale, out=d_up)
-    d_f = dh * up_factor
+    # d gate's half holds dh (up + up_offset) until f' multiplies it in place: no [N, H] temporary
+    d_f = torch.mul(dh, up_factor, out=d_gate)
     if limit is not None:  # the clamp's 0/1 factor; before f' (not clamp_after) or after, the same
-        d_f = d_f * ((f <= limit) if spec.clamp_after else (gate <= limit))
+        d_f = d_f.mul_((f <= limit) if spec.clamp_after else (gate <= limit))
     if spec.gate_softcap is not None:
         t, s = torch.tanh(gate_in / spec.gate_softcap), torch.sigmoid(spec.alpha * gate_in)
         d_gate = torch.mul(d_f, (1 - t.square()) * s + spec.gate_softcap * t * spec.alpha * s * (1 - s), out=d_gate)
     else:
         d_gate = _plain_backward(d_f, gate_in, _GATE_OF[spec.kind], spec.alpha, out=d_gate)
-    return f_out * up_factor, dz if dz is not None else _join(d_gate, d_up, spec)
+    # f_out is this call's own tensor and read for the last time: act(z) takes its memory
+    return f_out.mul_(up_factor), dz if dz is not None else _join(d_gate, d_up, spec)
 
 
 def triton_code(activation: Activation) -> int:
