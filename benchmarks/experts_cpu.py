@@ -17,8 +17,9 @@ inference ratio of grouped_mm to ours was 0.85-0.87 at three of the four shapes 
 listed first and 1.09-1.21 with grouped_mm listed first, the same code.
 
 ``fwd``: inference (no autograd); ``fwd+bwd``: a training forward and its backward to the hidden
-states and the expert weights. Reported: median and interquartile range (p25-p75) in ms, and
-each implementation's median over ours. CPU figures: they compare implementations on this
+states and the expert weights; ``bwd``: the backward of those same calls, timed apart (its
+``minor_page_faults`` is None: faults are counted per call). Reported: median and interquartile
+range (p25-p75) in ms, and each implementation's median over ours. CPU figures: they compare implementations on this
 machine, they are not kernel speeds. ``--json PATH`` also writes every row, every sample, the
 load average at the start and end and the versions of torch and transformers.
 """
@@ -56,13 +57,18 @@ def _experts(D: int, I: int, E: int, seed: int = 0) -> torch.nn.Module:
     return experts
 
 
-def _call(experts, name: str, x, index, weights, dy: torch.Tensor | None) -> None:
+def _call(experts, name: str, x, index, weights, dy: torch.Tensor | None) -> float | None:
+    """One inference call (``dy`` None), or a training forward and backward; for the latter the
+    backward's own process time in seconds, so that forward and backward can be told apart."""
     experts.config._experts_implementation = name
     if dy is None:
         with torch.no_grad():
             experts(x, index, weights)
-    else:
-        experts(x, index, weights).backward(dy)
+        return None
+    y = experts(x, index, weights)
+    start = time.process_time()
+    y.backward(dy)
+    return time.process_time() - start
 
 
 def _quartiles(samples: list[float]) -> tuple[float, float, float]:
@@ -88,6 +94,7 @@ def bench_shape(T: int, D: int, I: int, E: int, k: int, rounds: int, flush_mib: 
         runs[name, "fwd"] = lambda name=name: _call(experts, name, x, index, weights, None)
         runs[name, "fwd+bwd"] = lambda name=name: _call(experts, name, x, index, weights, dy)
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    samples.update({(name, "bwd"): [] for name in IMPLEMENTATIONS})  # the backward of each fwd+bwd call
     page_faults: dict[tuple[str, str], list[int]] = {key: [] for key in runs}
     keys = list(runs)
     order = random.Random(T * 1000 + D)  # the same shuffles every run of this shape
@@ -103,17 +110,19 @@ def bench_shape(T: int, D: int, I: int, E: int, k: int, rounds: int, flush_mib: 
             flush.add_(1.0)  # every cache line of the buffer written: the previous run's data evicted
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.process_time()
-            runs[key]()
+            backward = runs[key]()
             if r:
                 samples[key].append((time.process_time() - start) * 1e3)
                 page_faults[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+                if backward is not None:
+                    samples[key[0], "bwd"].append(backward * 1e3)
     rows = []
     for (name, what), times in samples.items():
         p25, p50, p75 = _quartiles(times)
         ours = statistics.median(samples["moe_restore_torch", what])
         rows.append(dict(shape=f"T{T} D{D} I{I} E{E} k{k}", implementation=name, what=what, median_ms=p50,
                          p25_ms=p25, p75_ms=p75, vs_ours=p50 / ours, rel_err_vs_eager=err[name], samples_ms=times,
-                         minor_page_faults=statistics.median(page_faults[name, what])))
+                         minor_page_faults=statistics.median(page_faults[name, what]) if what != "bwd" else None))
     return rows
 
 
@@ -135,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in SHAPES:
         rows = bench_shape(*shape, rounds=args.rounds, flush_mib=args.flush_mib)
         every_row += rows
-        for what in ("fwd", "fwd+bwd"):
+        for what in ("fwd", "fwd+bwd", "bwd"):
             cells = [f"{r['median_ms']:.2f} [{r['p25_ms']:.2f}-{r['p75_ms']:.2f}] ({r['vs_ours']:.2f}x)"
                      for name in IMPLEMENTATIONS for r in rows if r["implementation"] == name and r["what"] == what]
             print(f"| {rows[0]['shape']} | {what} | " + " | ".join(cells) + " |")

@@ -134,6 +134,25 @@ def test_cpu_step_times_are_wall_times_whose_parts_add_up():
         cpu_step_times([(lambda: None, lambda _: None)], rounds=4)
 
 
+def test_experts_cpu_times_the_backward_apart_within_each_training_call():
+    """Every implementation gets an inference, a training and a backward row; each backward sample
+    is part of the training call it was timed in, so it is at most that call's time; every
+    implementation computes the eager loop's function."""
+    pytest.importorskip("transformers")
+    from moe_restore.benchmarks.experts_cpu import IMPLEMENTATIONS, bench_shape
+
+    rows = bench_shape(4, 16, 16, 4, 2, rounds=3, flush_mib=1)
+    table = {(r["implementation"], r["what"]): r for r in rows}
+    assert set(table) == {(name, what) for name in IMPLEMENTATIONS for what in ("fwd", "fwd+bwd", "bwd")}
+    for name in IMPLEMENTATIONS:
+        step, backward = table[name, "fwd+bwd"], table[name, "bwd"]
+        assert len(backward["samples_ms"]) == len(step["samples_ms"]) == 3
+        assert all(0 < b <= s for b, s in zip(backward["samples_ms"], step["samples_ms"]))
+        assert backward["minor_page_faults"] is None and step["minor_page_faults"] is not None
+        assert step["rel_err_vs_eager"] < 1e-5
+    assert all(table["moe_restore_torch", what]["vs_ours"] == 1.0 for what in ("fwd", "fwd+bwd", "bwd"))
+
+
 def test_saved_bytes_counts_each_storage_once():
     # z = x @ w saves x and w (input, parameter: skipped); sin saves z; the product saves sin(z)
     # and a view of z (z's storage, already counted): two [T, N] float32 storages in all.
