@@ -19,9 +19,10 @@ listed first and 1.09-1.21 with grouped_mm listed first, the same code.
 ``fwd``: inference (no autograd); ``fwd+bwd``: a training forward and its backward to the hidden
 states and the expert weights; ``bwd``: the backward of those same calls, timed apart (its
 ``minor_page_faults`` is None: faults are counted per call). Reported: median and interquartile
-range (p25-p75) in ms, and each implementation's median over ours. CPU figures: they compare implementations on this
-machine, they are not kernel speeds. ``--json PATH`` also writes every row, every sample, the
-load average at the start and end and the versions of torch and transformers.
+range (p25-p75) in ms, and each implementation's median over ours. CPU figures: they compare
+implementations on this machine, they are not kernel speeds. ``--json PATH`` also writes every
+row, every sample, the load average at the start and end and the versions of torch and
+transformers.
 """
 from __future__ import annotations
 
